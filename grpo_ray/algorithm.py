@@ -1,0 +1,191 @@
+"""Pure GRPO math: advantages, log-probabilities, KL, clipped policy loss, token aggregation.
+
+Imports torch only: no Ray, no config objects, so every function is testable by hand.
+Shapes use B = sequences in the (micro-)batch, T = padded response length, V = vocabulary.
+
+References
+- GRPO: Shao et al. 2024, "DeepSeekMath" (arXiv:2402.03300), eq. 3 and 4.
+- DeepSeek-R1 (arXiv:2501.12948): epsilon=10, beta=0.001, group_size=16.
+- DAPO: Yu et al. 2025 (arXiv:2503.14476): clip-higher, token-mean aggregation.
+- Dr. GRPO: Liu et al. 2025 (arXiv:2503.20783): no std scaling, constant normaliser.
+- RLOO: Ahmadian et al. 2024 (arXiv:2402.14740): leave-one-out baseline.
+- k3 KL estimator: J. Schulman, "Approximating KL Divergence" (2020).
+- Dual clip: Ye et al. 2020 (arXiv:1912.09729).
+"""
+from __future__ import annotations
+
+import torch
+
+ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+AGGREGATIONS = ("seq_mean", "token_mean", "constant")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, eps: float = 1e-8, estimator: str = "grpo"
+) -> torch.Tensor:
+    """Per-completion advantage from its group's rewards.
+
+    rewards: [num_prompts * group_size], the group of prompt p is rewards[p*G:(p+1)*G].
+    returns: [num_prompts * group_size], float32.
+
+    grpo:    (r - mean) / (std + eps), population std, so [0,1,1,0] -> [-1,1,1,-1] and a
+             group of equal rewards gives zeros (no signal, no gradient).
+    dr_grpo: r - mean (Dr. GRPO drops the std division, which up-weights easy/hard groups).
+    rloo:    r - mean of the other G-1 rewards of the group (leave-one-out baseline).
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards must be a flat tensor of num_prompts * group_size values; got shape "
+            f"{tuple(rewards.shape)} with group_size={group_size}"
+        )
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r}; allowed: {', '.join(ESTIMATORS)}")
+    grouped = rewards.float().view(-1, group_size)  # [P, G]
+    mean = grouped.mean(dim=1, keepdim=True)
+    if estimator == "grpo":
+        std = grouped.std(dim=1, unbiased=False, keepdim=True)
+        adv = (grouped - mean) / (std + eps)
+    elif estimator == "dr_grpo":
+        adv = grouped - mean
+    else:
+        if group_size < 2:
+            raise ValueError("estimator='rloo' needs group_size >= 2")
+        others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+        adv = grouped - others
+    return adv.reshape(-1)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token_ids) under logits. logits: [B, T, V]; token_ids: [B, T] -> [B, T] float32."""
+    logits = logits.float()
+    picked = torch.gather(logits, -1, token_ids.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical at each position. logits: [B, T, V] -> [B, T] float32."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || ref) on the sampled tokens.
+
+    exp(ref - logp) - (ref - logp) - 1: unbiased (E_policy[exp(ref-logp)] = 1), always >= 0.
+    logprobs, ref_logprobs: [B, T] -> [B, T]. The log-ratio is clamped to +-20 only to keep
+    exp() finite on padding or wildly off tokens; inside that range the value is exact.
+    """
+    delta = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+    return torch.exp(delta) - delta - 1.0
+
+
+def loss_normalizer(response_mask: torch.Tensor, aggregation: str, max_tokens: int | None = None) -> float:
+    """The denominator `aggregate` divides by, computed once over the WHOLE batch of a step.
+
+    response_mask: [B, T]. Passing this number to every micro-batch (on every rank) makes the sum
+    of the micro-batch losses equal the full-batch loss, so gradients do not depend on the split.
+    seq_mean -> number of sequences; token_mean -> number of response tokens;
+    constant -> number of sequences * max_tokens (Dr. GRPO's fixed budget; default: T).
+    """
+    if aggregation == "seq_mean":
+        return float(response_mask.shape[0])
+    if aggregation == "token_mean":
+        return float(response_mask.sum().clamp(min=1).item())
+    if aggregation == "constant":
+        return float(response_mask.shape[0] * (max_tokens or response_mask.shape[1]))
+    raise ValueError(f"aggregation={aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+
+
+def aggregate(
+    values: torch.Tensor, response_mask: torch.Tensor, aggregation: str, normalizer: float | None = None
+) -> torch.Tensor:
+    """Reduce per-token values [B, T] to a scalar.
+
+    seq_mean (DeepSeekMath eq. 3): sum_i (sum_t v_it / |o_i|) / normalizer
+    token_mean (DAPO eq. 8):       sum_it v_it / normalizer
+    constant (Dr. GRPO):           sum_it v_it / normalizer
+    With normalizer=None the batch's own (`loss_normalizer` of this mask) is used.
+    """
+    mask = response_mask.to(values.dtype)
+    if normalizer is None:
+        normalizer = loss_normalizer(response_mask, aggregation)
+    if aggregation == "seq_mean":
+        per_seq = (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return per_seq.sum() / normalizer
+    if aggregation in ("token_mean", "constant"):
+        return (values * mask).sum() / normalizer
+    raise ValueError(f"aggregation={aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values where mask is 1 (0 if the mask is empty). [B, T], [B, T] -> scalar."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    aggregation: str = "seq_mean",
+    normalizer: float | None = None,
+    clip_ratio_c: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO clipped surrogate with a k3 KL penalty in the loss (not in the reward).
+
+    logprobs:      [B, T] current policy, with grad.
+    old_logprobs:  [B, T] the SAMPLING policy's, recorded at rollout time and reused for every
+                   mini-batch and epoch. Recomputing them at update time makes ratio == 1, and
+                   clipping never acts.
+    ref_logprobs:  [B, T] frozen reference policy (None when beta == 0).
+    advantages:    [B] per sequence (broadcast over tokens) or [B, T] per token.
+    response_mask: [B, T] 1 on response tokens that count, 0 on padding.
+
+    per token: -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A) + beta * k3, with r = exp(logp - old).
+    clip_ratio_c (dual clip): for A < 0 the surrogate term is capped at -clip_ratio_c * A.
+    Returns the scalar loss and detached token-mean metrics over this batch's response tokens.
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    advantages = advantages.to(logprobs.dtype)
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    surrogate = -ratio * advantages
+    surrogate_clipped = -ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * advantages
+    pg = torch.maximum(surrogate, surrogate_clipped)
+    if clip_ratio_c is not None:
+        if clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c={clip_ratio_c}; dual clip needs a value > 1 (e.g. 3.0)")
+        pg = torch.where(advantages < 0, torch.minimum(pg, -clip_ratio_c * advantages), pg)
+    per_token = pg
+    if beta != 0.0:
+        if ref_logprobs is None:
+            raise ValueError("beta != 0 needs ref_logprobs")
+        kl = kl_k3(logprobs, ref_logprobs)
+        per_token = per_token + beta * kl
+    else:
+        kl = kl_k3(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(logprobs)
+    loss = aggregate(per_token, response_mask, aggregation, normalizer)
+
+    with torch.no_grad():
+        mask = response_mask.bool()
+        low = (ratio < 1.0 - eps_low) & (advantages < 0)  # clip acting: no gradient
+        high = (ratio > 1.0 + eps_high) & (advantages > 0)
+        masked_ratio = ratio[mask] if mask.any() else ratio.new_ones(1)
+        metrics = {
+            "pg_loss": aggregate(pg.detach(), response_mask, aggregation, normalizer),
+            "kl": masked_mean(kl.detach(), response_mask),
+            "clip/low": masked_mean(low.float(), response_mask),
+            "clip/high": masked_mean(high.float(), response_mask),
+            "ratio/mean": masked_mean(ratio.detach(), response_mask),
+            "ratio/max": masked_ratio.max(),
+            "ratio/min": masked_ratio.min(),
+        }
+    return loss, metrics

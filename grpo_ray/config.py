@@ -1,0 +1,267 @@
+"""One typed, validated config tree, loaded from configs/*.yaml plus dotted command-line
+overrides (`algo.beta=0.01`). Unknown keys and bad values are errors that name the dotted key,
+the value and what is allowed. Defaults follow the DeepSeek-R1 recipe (arXiv:2501.12948).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _f(default, *, lo=None, hi=None, lo_open=False, doc=""):
+    """A field with bounds checked at load time (lo_open: value must be > lo, not >=)."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    output_dir: str = _f("runs", doc="relative paths resolve against the cwd (under `ray job submit`: ~/grpo-ray)")
+    seed: int = 0
+    log_every: int = _f(1, lo=1)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("builtin:tiny", doc="a Hugging Face model folder, or builtin:tiny (built and warm-started locally)")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    hidden_size: int = _f(128, lo=32)  # builtin:tiny only
+    num_layers: int = _f(2, lo=1)
+    num_heads: int = _f(4, lo=1)
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm start of builtin:tiny: GRPO needs a base model that is sometimes right."""
+    steps: int = _f(1200, lo=0)
+    batch_size: int = _f(64, lo=1)
+    lr: float = _f(3e-3, lo=0.0, lo_open=True)
+    label_noise: float = _f(0.7, lo=0.0, hi=0.95, doc="fraction of SFT answers replaced by near misses")
+
+
+@dataclass
+class DataConfig:
+    task: Literal["arithmetic", "jsonl"] = "arithmetic"
+    train_path: str = ""  # jsonl only
+    eval_path: str = ""
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    max_operand: int = _f(49, lo=1)  # arithmetic only
+    eval_fraction: float = _f(0.1, lo=0.0, hi=0.9, lo_open=True)
+
+
+@dataclass
+class AlgoConfig:
+    group_size: int = _f(16, lo=2, doc="completions per prompt (DeepSeek-R1: 16)")
+    epsilon: float = _f(10.0, lo=0.0, lo_open=True, doc="clip range (DeepSeek-R1: 10; PPO: 0.2)")
+    epsilon_high: float | None = _f(None, lo=0.0, lo_open=True, doc="upper clip; null = epsilon")
+    beta: float = _f(0.001, lo=0.0, doc="k3 KL coefficient in the loss")
+    kl_stop: float = _f(0.1, lo=0.0, lo_open=True, doc="stop when the mean KL exceeds this")
+    estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    aggregation: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
+    clip_ratio_c: float | None = _f(None, lo=1.0, lo_open=True, doc="dual clip for A < 0; null = off")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = _f(16, lo=1)
+    temperature: float = _f(1.0, lo=0.0, lo_open=True)
+    top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
+    max_new_tokens: int = _f(16, lo=1)
+    num_generators: int = _f(1, lo=1)
+    max_model_len: int = _f(512, lo=16)
+    kv_cache_mb: int = _f(256, lo=16)
+
+
+@dataclass
+class LearnerConfig:
+    lr: float = _f(1e-4, lo=0.0, lo_open=True)
+    warmup_steps: int = _f(5, lo=0, doc="linear learning-rate warm-up, in optimizer steps")
+    weight_decay: float = _f(0.0, lo=0.0)
+    grad_clip: float = _f(1.0, lo=0.0)
+    micro_batch_size: int = _f(64, lo=1)
+    zero_stage: int = _f(0, lo=0, hi=3)
+    num_ranks: int = _f(1, lo=1)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(60, lo=0)
+    eval_every: int = _f(20, lo=0, doc="0 = only at start and end")
+
+
+@dataclass
+class EvalConfig:
+    num_prompts: int = _f(64, lo=1)
+    samples: int = _f(16, lo=1, doc="completions per prompt for unbiased pass@k")
+    ks: list = _f([1, 10])
+    temperature: float = _f(1.0, lo=0.0, lo_open=True)
+
+
+@dataclass
+class ResourcesConfig:
+    """Fractional CPUs: on 2 cores, whole-CPU requests can starve other actors into a hang."""
+    generator_cpus: float = _f(0.25, lo=0.0)
+    learner_cpus: float = _f(0.25, lo=0.0)
+    reference_cpus: float = _f(0.25, lo=0.0)
+    verifier_cpus: float = _f(0.1, lo=0.0)
+    num_verifiers: int = _f(1, lo=1)
+    torch_threads: int = _f(2, lo=1)
+    vllm_cpu_threads: str = "0-1"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    @property
+    def epsilon_high(self) -> float:
+        return self.algo.epsilon if self.algo.epsilon_high is None else self.algo.epsilon_high
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
+    """Check value against the annotation; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)), source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} ({source}): allowed values are {', '.join(map(repr, args))}")
+        return value
+    if typ is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # run.name=123
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+    }[typ if typ in (bool, int, float, str) else list]
+    if not ok(value):
+        name = getattr(typ, "__name__", str(typ))
+        raise ConfigError(f"{key}={value!r} ({source}): expected {name}, got {type(value).__name__}")
+    return float(value) if typ is float else value
+
+
+def _check_bounds(key: str, value: Any, meta: dict, source: str) -> None:
+    if value is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} ({source}): must be a finite number{_doc(meta)}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        op = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(f"{key}={value!r} ({source}): must be {op} {lo}{_doc(meta)}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}={value!r} ({source}): must be <= {hi}{_doc(meta)}")
+
+
+def _doc(meta: dict) -> str:
+    return f" ({meta['doc']})" if meta.get("doc") else ""
+
+
+def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} ({source}): expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{key}' ({source}){hint}")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            _apply(current, v, key + ".", source)
+            continue
+        value = _coerce(key, v, hints[k], source)
+        _check_bounds(key, value, fields[k].metadata, source)
+        setattr(obj, k, value)
+
+
+def _validate(cfg: Config) -> None:
+    """Checks that span several keys."""
+    if cfg.data.task == "jsonl" and not cfg.data.train_path:
+        raise ConfigError("data.task='jsonl' needs data.train_path (a .jsonl file with prompt and answer fields)")
+    if cfg.model.path == "builtin:tiny" and cfg.data.task != "arithmetic":
+        raise ConfigError("model.path='builtin:tiny' is warm-started on the arithmetic task; set data.task=arithmetic "
+                          "or point model.path at a Hugging Face model folder")
+    if not cfg.eval.ks or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in cfg.eval.ks):
+        raise ConfigError(f"eval.ks={cfg.eval.ks!r}: expected a list of integers >= 1")
+    if max(cfg.eval.ks) > cfg.eval.samples:
+        raise ConfigError(f"eval.ks={cfg.eval.ks!r} needs eval.samples >= {max(cfg.eval.ks)} "
+                          f"(pass@k is estimated from `samples` completions), got {cfg.eval.samples}")
+    if cfg.learner.num_ranks > 1 and cfg.rollout.prompts_per_step * cfg.algo.group_size % cfg.learner.num_ranks:
+        raise ConfigError(f"learner.num_ranks={cfg.learner.num_ranks} must divide rollout.prompts_per_step * "
+                          f"algo.group_size = {cfg.rollout.prompts_per_step * cfg.algo.group_size}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected dotted.key=value, e.g. algo.beta=0.01")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML file <- overrides, each value checked as it is applied."""
+    cfg = Config()
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        _apply(cfg, data, "", path)
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, _nest(key, value), "", "command line")
+    _validate(cfg)
+    return cfg

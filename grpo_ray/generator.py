@@ -1,0 +1,78 @@
+"""Generator role: a vLLM engine that samples group_size completions per prompt and returns the
+token ids with the sampler's own per-token logprobs (the `old_logprobs` of GRPO's ratio).
+
+A plain class: Ray wraps it with `ray.remote` where actors are created (see `cluster_actors`).
+The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): no extra process per actor, and
+weights can be swapped in place through the worker's `reload_weights`.
+"""
+from __future__ import annotations
+
+import os
+
+from .records import Rollout
+from .weight_sync import WeightBucket, unpack_bucket
+
+
+def _vllm_env(threads: str | None) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    if threads:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", threads)
+
+
+def _reload(worker, buckets):
+    """Runs inside the vLLM worker (collective_rpc): load named tensors into the live model."""
+    weights = [item for bucket in buckets for item in unpack_bucket(bucket)]
+    worker.reload_weights(weights_iterator=weights)
+    return len(weights)
+
+
+class Generator:
+    def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512,
+                 kv_cache_mb: int = 256, seed: int = 0, cpu_threads: str | None = None,
+                 max_num_seqs: int = 256):
+        _vllm_env(cpu_threads)
+        from vllm import LLM
+
+        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
+                       kv_cache_memory_bytes=kv_cache_mb << 20, seed=seed, max_num_seqs=max_num_seqs,
+                       enable_prefix_caching=False)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.weight_version = 0
+
+    def generate(self, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int,
+                 top_p: float = 1.0, seed: int | None = None) -> Rollout:
+        """n completions per prompt, grouped contiguously: completion i answers prompt i // n.
+        With a seed, prompt j's completions use seeds seed + j*n ... seed + j*n + n-1 (vLLM gives
+        child k of a request seed + k), so no two completions share a random stream."""
+        from vllm import SamplingParams
+
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                 logprobs=0, seed=None if seed is None else seed + j * n)
+                  for j in range(len(prompts))]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        prompt_ids, response_ids, logprobs, texts, truncated = [], [], [], [], []
+        for out in outputs:
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                prompt_ids.append(list(out.prompt_token_ids))
+                response_ids.append(ids)
+                # logprobs=0: each position's dict holds just the sampled token
+                logprobs.append([pos[tok].logprob for tok, pos in zip(ids, c.logprobs)])
+                texts.append(c.text)
+                truncated.append(c.finish_reason == "length")
+        return Rollout(prompt_ids, response_ids, logprobs, texts, truncated, self.weight_version)
+
+    def update_weights(self, buckets: list[WeightBucket], version: int) -> int:
+        """Load the learner's weights into the running engine; returns tensors loaded."""
+        loaded = self.llm.collective_rpc(_reload, args=(buckets,))[0]
+        # Cached KV blocks were computed with the old weights (stale blocks gave logprob errors
+        # up to 2.3 here); prefix caching is off, but reset anyway in case a user turns it on.
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+        return loaded
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,88 @@
+"""Training and evaluation statistics (torch and numpy only) and the metrics file writer."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021, Codex paper): 1 - C(n-c, k) / C(n, k), computed as a
+    running product so it stays exact for large n instead of overflowing binomials."""
+    n, c = int(num_samples), int(num_correct)
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def mean_pass_at_k(num_samples: list[int], num_correct: list[int], k: int) -> float:
+    return float(np.mean([pass_at_k(n, c, k) for n, c in zip(num_samples, num_correct)]))
+
+
+def reward_stats(rewards: torch.Tensor, group_size: int) -> dict[str, float]:
+    """rewards: [num_prompts * group_size], groups contiguous.
+
+    reward/std is the mean within-group std (population), as TRL logs it: it is what the
+    advantages are normalised by, and what the guide's < 0.3 / > 2.0 thresholds speak about.
+    """
+    groups = rewards.float().view(-1, group_size)
+    std = groups.std(dim=1, unbiased=False)
+    zero = std < 1e-6
+    top, bottom = groups.max(dim=1).values, groups.min(dim=1).values
+    return {
+        "reward/mean": float(groups.mean()),
+        "reward/std": float(std.mean()),
+        "reward/batch_std": float(rewards.float().std(unbiased=False)),
+        "reward/frac_zero_std": float(zero.float().mean()),
+        # zero-std groups split by cause: all solved (too easy) vs all failed (too hard)
+        "reward/frac_all_max": float((zero & (top >= rewards.max())).float().mean()),
+        "reward/frac_all_min": float((zero & (bottom <= rewards.min())).float().mean()),
+    }
+
+
+def advantage_variance(advantages: torch.Tensor) -> float:
+    """Population variance of the advantages (guide target: 0.5-1.5). Zero-std groups contribute
+    zeros, so a batch with many of them shows a low variance: little learning signal."""
+    return float(advantages.float().var(unbiased=False))
+
+
+def threshold_warnings(m: dict[str, float], kl_stop: float) -> list[str]:
+    """The guide's monitoring thresholds, in plain words with causes and fixes."""
+    out = []
+    std = m.get("reward/std", float("nan"))
+    if std < 0.3:
+        out.append(f"low reward variance (std {std:.2f} < 0.3): {m.get('reward/frac_all_max', 0):.0%} of groups all "
+                   f"solved, {m.get('reward/frac_all_min', 0):.0%} all failed; raise temperature, use harder/easier "
+                   "prompts, or check the verifier is not too strict or too lax")
+    elif std > 2.0:
+        out.append(f"high reward variance (std {std:.2f} > 2.0): noisy verifier, group too small, or prompts too "
+                   "diverse; increase algo.group_size or filter outliers")
+    var = m.get("advantage/variance", float("nan"))
+    if not math.isnan(var) and not 0.5 <= var <= 1.5:
+        out.append(f"advantage variance {var:.2f} outside 0.5-1.5 (many equal-reward groups carry no signal)")
+    if m.get("kl", 0.0) > kl_stop:
+        out.append(f"KL {m['kl']:.4f} > algo.kl_stop={kl_stop}: the policy drifted too far from the reference")
+    return out
+
+
+class MetricsLog:
+    """Append-only JSONL: one flushed line per record, so a crash loses at most the line being
+    written and a resumed run appends instead of overwriting."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._f = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._f.write(json.dumps(clean) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()

@@ -1,0 +1,103 @@
+"""Typed records passed between the driver and the actors.
+
+One vocabulary throughout: `logprobs` (current policy), `old_logprobs` (the sampler's, recorded at
+rollout time), `ref_logprobs` (frozen reference), `advantages`, `response_mask`.
+Shapes: B = completions in the batch, P = padded prompt length, T = padded response length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """Completions of one step; completion i answers prompt i // group_size (groups contiguous)."""
+    prompt_ids: list[list[int]]      # [B][prompt_len_i]
+    response_ids: list[list[int]]    # [B][response_len_i], EOS included when sampled
+    old_logprobs: list[list[float]]  # [B][response_len_i], the sampler's logprob of each token
+    texts: list[str]                 # [B] decoded responses
+    truncated: list[bool]            # [B] stopped by max_new_tokens rather than EOS
+    weight_version: int = 0          # learner step whose weights sampled this rollout
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @staticmethod
+    def concat(parts: list["Rollout"]) -> "Rollout":
+        versions = {p.weight_version for p in parts}
+        if len(versions) > 1:
+            raise RuntimeError(f"generators sampled with different weight versions {sorted(versions)}")
+        return Rollout(
+            prompt_ids=[x for p in parts for x in p.prompt_ids],
+            response_ids=[x for p in parts for x in p.response_ids],
+            old_logprobs=[x for p in parts for x in p.old_logprobs],
+            texts=[x for p in parts for x in p.texts],
+            truncated=[x for p in parts for x in p.truncated],
+            weight_version=versions.pop() if versions else 0,
+        )
+
+
+@dataclass
+class TrainBatch:
+    """Padded tensors for the reference and the learner: prompts left-padded, responses
+    right-padded, so every response starts at column P and logits[:, P-1:P+T-1] predict it."""
+    input_ids: torch.Tensor          # [B, P+T] long
+    attention_mask: torch.Tensor     # [B, P+T] long, 0 on padding
+    response_mask: torch.Tensor      # [B, T] float, 1 on response tokens that count in the loss
+    old_logprobs: torch.Tensor       # [B, T] float32
+    advantages: torch.Tensor         # [B] float32
+    prompt_len: int                  # P
+    ref_logprobs: torch.Tensor | None = None  # [B, T] float32, filled by the reference
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_ids(self) -> torch.Tensor:  # [B, T]
+        return self.input_ids[:, self.prompt_len:]
+
+    @staticmethod
+    def from_rollout(rollout: Rollout, advantages: torch.Tensor, pad_id: int) -> "TrainBatch":
+        B = len(rollout)
+        P = max(len(p) for p in rollout.prompt_ids)
+        T = max(1, max(len(r) for r in rollout.response_ids))
+        input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, P + T), dtype=torch.long)
+        response_mask = torch.zeros((B, T), dtype=torch.float32)
+        old_logprobs = torch.zeros((B, T), dtype=torch.float32)
+        for i, (p, r, lp) in enumerate(zip(rollout.prompt_ids, rollout.response_ids, rollout.old_logprobs)):
+            input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+            attention_mask[i, P - len(p):P] = 1
+            if r:
+                input_ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+                attention_mask[i, P:P + len(r)] = 1
+                response_mask[i, :len(r)] = 1.0
+                old_logprobs[i, :len(r)] = torch.tensor(lp, dtype=torch.float32)
+        return TrainBatch(input_ids, attention_mask, response_mask, old_logprobs,
+                          advantages.float(), P)
+
+    def select(self, rows: slice | torch.Tensor) -> "TrainBatch":
+        """Rows of the batch with all-padding columns trimmed on both sides (less compute)."""
+        am = self.attention_mask[rows]
+        P, T = self.prompt_len, self.response_mask.shape[1]
+        used_prompt = am[:, :P].any(dim=0).nonzero()
+        start = int(used_prompt[0]) if len(used_prompt) else P - 1
+        used_resp = self.response_mask[rows].any(dim=0).nonzero()
+        end = int(used_resp[-1]) + 1 if len(used_resp) else 1
+        ref = self.ref_logprobs[rows][:, :end] if self.ref_logprobs is not None else None
+        return TrainBatch(self.input_ids[rows][:, start:P + end], am[:, start:P + end],
+                          self.response_mask[rows][:, :end], self.old_logprobs[rows][:, :end],
+                          self.advantages[rows], P - start, ref)
+
+    def micro_batches(self, size: int) -> list["TrainBatch"]:
+        return [self.select(slice(i, i + size)) for i in range(0, self.size, size)]
+
+
+@dataclass
+class Score:
+    reward: float
+    reason: str
+    components: dict[str, float] = field(default_factory=dict)

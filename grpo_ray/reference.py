@@ -1,0 +1,24 @@
+"""Reference role: the frozen initial policy, giving per-token logprobs for the KL term."""
+from __future__ import annotations
+
+import torch
+
+from .modeling import batched_logprobs, load_causal_lm
+from .records import TrainBatch
+from .weight_sync import WeightBucket, unpack_bucket
+
+
+class Reference:
+    def __init__(self, model_path: str, *, dtype: str = "float32", threads: int = 2, micro_batch_size: int = 64):
+        torch.set_num_threads(threads)
+        self.model = load_causal_lm(model_path, dtype).eval().requires_grad_(False)
+        self.micro_batch_size = micro_batch_size
+
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """ref_logprobs [B, T] for the batch's responses (0 on padding)."""
+        return batched_logprobs(self.model, batch, self.micro_batch_size)
+
+    def load_weights(self, buckets: list[WeightBucket]) -> None:
+        """Reset the reference to the given policy (DeepSeek-R1 does this every 400 steps)."""
+        state = {name: t for b in buckets for name, t in unpack_bucket(b)}
+        self.model.load_state_dict(state, strict=False)

@@ -1,0 +1,37 @@
+"""Fan-out helpers the driver uses every step: split prompts across generators and completions
+across verifiers, run them in parallel, and put the results back in order."""
+from __future__ import annotations
+
+import ray
+
+
+def split(items: list, parts: int) -> list[list]:
+    """Contiguous, near-equal chunks (empty ones dropped)."""
+    size, rem = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < rem)
+        out.append(items[start:end])
+        start = end
+    return [c for c in out if c]
+
+
+def sample(generators: list, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int,
+           top_p: float, seed: int):
+    """Prompts split across generators, sampled in parallel; returns one Rollout, in order."""
+    from .records import Rollout
+
+    chunks = split(prompts, len(generators))
+    refs, offset = [], 0
+    for gen, chunk in zip(generators, chunks):
+        refs.append(gen.generate.remote(chunk, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
+                                        top_p=top_p, seed=seed + offset * n))
+        offset += len(chunk)
+    return Rollout.concat(ray.get(refs))
+
+
+def score(verifiers: list, records: list[dict], responses: list[str]) -> list:
+    """Scores for (records[i], responses[i]), split across the verifier actors."""
+    pairs = list(zip(records, responses))
+    refs = [v.score.remote([r for r, _ in c], [t for _, t in c]) for v, c in zip(verifiers, split(pairs, len(verifiers)))]
+    return [s for part in ray.get(refs) for s in part]

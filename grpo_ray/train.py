@@ -1,0 +1,227 @@
+"""The driver: one GRPO loop over Ray actors, readable top to bottom.
+
+    generate -> verify -> reference logprobs -> advantages -> learner update -> weight sync -> log
+
+Run as `grpo-ray train configs/default.yaml [dotted.key=value ...]` or `python -m grpo_ray.train ...`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+
+import ray
+import torch
+import yaml
+
+from .actors import Roles, in_ray_job, init_ray, start_roles, stop_roles
+from .algorithm import group_advantages, loss_normalizer
+from .config import Config
+from .data import PromptSampler, load_datasets
+from .evaluation import evaluate
+from .metrics import MetricsLog, advantage_variance, reward_stats, threshold_warnings
+from .modeling import load_tokenizer
+from .records import Rollout, TrainBatch
+from .rollout import sample, score, split
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.times[f"time/{name}"] = time.perf_counter() - t
+
+    def metrics(self) -> dict[str, float]:
+        step = time.perf_counter() - self._start
+        return {**self.times, "time/step": step, "time/overhead": step - sum(self.times.values())}
+
+
+# ---------------------------------------------------------------- the step
+def train_step(step: int, cfg: Config, roles: Roles, records: list[dict], pad_id: int) -> dict:
+    G, timer = cfg.algo.group_size, PhaseTimer()
+    with timer("generate"):
+        rollout = generate(roles, cfg, [r["prompt"] for r in records], seed=cfg.run.seed * 1_000_003 + step * 10_007)
+    with timer("verify"):
+        scores = score(roles.verifiers, [r for r in records for _ in range(G)], rollout.texts)
+    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
+    advantages = group_advantages(rewards, G, estimator=cfg.algo.estimator)
+    batch = TrainBatch.from_rollout(rollout, advantages, pad_id)
+    with timer("reference"):
+        batch.ref_logprobs = ray.get(roles.reference.logprobs.remote(batch))
+    with timer("learner"):
+        stats = update_policy(roles, cfg, batch)
+    with timer("sync"):
+        sync_weights(roles, cfg, version=step)
+    return {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **stats, **timer.metrics()}
+
+
+# ---------------------------------------------------------------- the phases
+def generate(roles: Roles, cfg: Config, prompts: list[str], seed: int) -> Rollout:
+    r = cfg.rollout
+    return sample(roles.generators, prompts, n=cfg.algo.group_size, temperature=r.temperature,
+                  max_new_tokens=r.max_new_tokens, top_p=r.top_p, seed=seed)
+
+
+def update_policy(roles: Roles, cfg: Config, batch: TrainBatch) -> dict:
+    """One optimizer step; with M learner ranks each takes a contiguous 1/M of the batch. All
+    divide by the normaliser of the WHOLE batch so the gradient is independent of the split."""
+    normalizer = loss_normalizer(batch.response_mask, cfg.algo.aggregation, cfg.rollout.max_new_tokens)
+    rows = split(list(range(batch.size)), len(roles.learners))
+    shards = [batch.select(slice(r[0], r[-1] + 1)) for r in rows]
+    results = ray.get([lr.update.remote(s, normalizer) for lr, s in zip(roles.learners, shards)])
+    return combine_rank_metrics(results)
+
+
+def sync_weights(roles: Roles, cfg: Config, version: int) -> None:
+    """Learner weights -> every generator: one ObjectRef of buckets, stored once in the object
+    store and read by each generator (no per-parameter calls)."""
+    ranks = roles.learners if cfg.learner.zero_stage == 3 else roles.learners[:1]  # ZeRO-3: all ranks gather
+    buckets = [lr.weight_buckets.remote(cfg.model.dtype) for lr in ranks][0]
+    ray.get([g.update_weights.remote(buckets, version) for g in roles.generators])
+
+
+def rollout_metrics(rollout: Rollout, rewards: torch.Tensor, advantages: torch.Tensor, group_size: int) -> dict:
+    lengths = torch.tensor([len(r) for r in rollout.response_ids], dtype=torch.float32)
+    return {**reward_stats(rewards, group_size),
+            "advantage/variance": advantage_variance(advantages),
+            "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
+            "response_length/min": float(lengths.min()),
+            "truncated/frac": sum(rollout.truncated) / max(len(rollout), 1),
+            "weight_version": rollout.weight_version}
+
+
+def combine_rank_metrics(results: list[dict]) -> dict:
+    """Token-weighted means across learner ranks; sums for the loss; extremes for ratio bounds."""
+    if len(results) == 1:
+        return results[0]
+    tokens = sum(r["tokens"] for r in results)
+    out = {}
+    for k in results[0]:
+        vals = [r[k] for r in results]
+        if k in ("loss", "pg_loss", "tokens"):
+            out[k] = sum(vals)
+        elif k == "ratio/max" or k == "ratio/min":
+            out[k] = max(vals) if k == "ratio/max" else min(vals)
+        else:
+            out[k] = sum(v * r["tokens"] for v, r in zip(vals, results)) / max(tokens, 1.0)
+    return out
+
+
+# ---------------------------------------------------------------- the run
+def resolve_run_dir(cfg: Config) -> str:
+    """Absolute run directory. Under `ray job submit` the cwd is Ray's temporary copy of the
+    working dir, which is deleted later: relative paths then go under ~/grpo-ray instead."""
+    base = os.path.expanduser("~/grpo-ray") if in_ray_job() else os.getcwd()
+    out = cfg.run.output_dir if os.path.isabs(cfg.run.output_dir) else os.path.join(base, cfg.run.output_dir)
+    return os.path.join(os.path.abspath(out), cfg.run.name)
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def prepare_model(cfg: Config, train_records: list[dict], run_dir: str, log) -> str:
+    if cfg.model.path != "builtin:tiny":
+        return cfg.model.path
+    from .warmstart import builtin_model
+
+    return builtin_model(cfg, train_records, os.path.join(os.path.dirname(run_dir), ".cache"), log)
+
+
+def save_policy(roles: Roles, run_dir: str, model_path: str, name: str) -> str:
+    """Policy in Hugging Face format (loadable by transformers and vLLM), written atomically."""
+    final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ray.get(roles.learners[0].save_pretrained.remote(tmp))
+    load_tokenizer(model_path).save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def summary_line(m: dict, steps: int) -> str:
+    t = " ".join(f"{k[5:]} {m[k]:.2f}" for k in ("time/generate", "time/verify", "time/reference",
+                                                  "time/learner", "time/sync"))
+    return (f"step {m['step']}/{steps} | reward {m['reward/mean']:.3f} (std {m['reward/std']:.2f}) | "
+            f"kl {m['kl']:.4f} | clip {m['clip/low']:.3f}/{m['clip/high']:.3f} | ent {m['entropy']:.2f} | "
+            f"len {m['response_length/mean']:.1f} | {m['time/step']:.2f}s ({t})")
+
+
+def train(cfg: Config, address: str | None = None) -> str:
+    """Run GRPO as configured; returns the run directory."""
+    from tqdm import tqdm
+
+    run_dir = resolve_run_dir(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    log = tqdm.write
+    log(f"run directory: {run_dir}")
+    write_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    train_records, eval_records = load_datasets(cfg.data, cfg.run.seed)
+    eval_records = eval_records[:cfg.eval.num_prompts]
+    model_path = prepare_model(cfg, train_records, run_dir, log)
+    pad_id = load_tokenizer(model_path).pad_token_id
+    init_ray(address)
+    t0 = time.perf_counter()
+    roles = start_roles(cfg, model_path)
+    log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
+        f"{cfg.resources.num_verifiers} verifier(s), reference, {cfg.learner.num_ranks} learner rank(s)")
+    metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
+    sampler = PromptSampler(train_records, cfg.run.seed)
+
+    def run_eval(step: int) -> None:
+        m, _ = evaluate(roles.generators, roles.verifiers, eval_records, samples=cfg.eval.samples, ks=cfg.eval.ks,
+                        temperature=cfg.eval.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
+        metrics_log.write({"step": step, **m})
+        log(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in m.items()))
+
+    try:
+        run_eval(0)
+        active_warnings: set[str] = set()
+        bar = tqdm(range(1, cfg.train.steps + 1), desc="grpo", unit="step", file=sys.stderr)
+        for step in bar:
+            m = train_step(step, cfg, roles, sampler.next(cfg.rollout.prompts_per_step), pad_id)
+            metrics_log.write(m)
+            if step % cfg.run.log_every == 0:
+                log(summary_line(m, cfg.train.steps))
+            for w in threshold_warnings(m, cfg.algo.kl_stop):
+                kind = w.split(" (")[0]
+                if kind not in active_warnings:  # say it when it starts, not every step
+                    log(f"warning: {w}")
+                    metrics_log.write({"step": step, "event": "warning", "message": w})
+                active_warnings.add(kind)
+            active_warnings &= {w.split(" (")[0] for w in threshold_warnings(m, cfg.algo.kl_stop)}
+            if m["kl"] > cfg.algo.kl_stop:
+                msg = f"stopping: KL {m['kl']:.4f} > algo.kl_stop={cfg.algo.kl_stop} at step {step}"
+                log(msg)
+                metrics_log.write({"step": step, "event": "kl_stop", "message": msg})
+                break
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
+                run_eval(step)
+        run_eval(step if cfg.train.steps else 0)
+        log(f"final policy: {save_policy(roles, run_dir, model_path, 'final_model')}")
+    finally:
+        metrics_log.close()
+        stop_roles(roles)
+    log(f"run directory: {run_dir}")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .cli import main as cli_main
+
+    cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Bucketed weight transfer from the learner to the generators.
+
+The learner packs its parameters into a few large contiguous byte buffers (buckets) instead of
+one message per tensor; Ray stores each bucket once in the object store and every generator on a
+node maps the same shared-memory copy (numpy buffers are zero-copy in Ray). The generator turns
+each bucket back into named tensors (views, no copy) and loads them into the running engine.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class WeightBucket:
+    data: np.ndarray  # [nbytes] uint8, the tensors back to back
+    # (name, torch dtype name, shape, byte offset, nbytes) per tensor
+    entries: list[tuple[str, str, tuple[int, ...], int, int]] = field(default_factory=list)
+
+
+def pack_state_dict(named_tensors, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None) -> list[WeightBucket]:
+    """Pack (name, tensor) pairs into buckets of at most bucket_bytes (a larger tensor gets a
+    bucket of its own). dtype: cast floating tensors (e.g. to the generator's bf16) on the way."""
+    buckets: list[WeightBucket] = []
+    pending: list[tuple[str, torch.Tensor]] = []
+    size = 0
+
+    def flush():
+        nonlocal pending, size
+        if not pending:
+            return
+        data = np.empty(size, dtype=np.uint8)
+        entries, offset = [], 0
+        for name, t in pending:
+            nbytes = t.numel() * t.element_size()
+            data[offset:offset + nbytes] = t.reshape(-1).view(torch.uint8).numpy()
+            entries.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
+            offset += nbytes
+        buckets.append(WeightBucket(data, entries))
+        pending, size = [], 0
+
+    for name, tensor in named_tensors:
+        t = tensor.detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > bucket_bytes:
+            flush()
+        pending.append((name, t))
+        size += nbytes
+    flush()
+    return buckets
+
+
+def unpack_bucket(bucket: WeightBucket):
+    """Yield (name, tensor) views into the bucket's buffer, no copy. A bucket fetched from Ray's
+    object store is read-only shared memory: the views are only read (the engine copies them into
+    its own parameters), so torch's non-writable warning is silenced rather than paid for."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(bucket.data)
+    for name, dtype, shape, offset, nbytes in bucket.entries:
+        yield name, raw[offset:offset + nbytes].view(getattr(torch, dtype)).view(shape)

@@ -1,0 +1,303 @@
+"""Tests for grpo_ray/config.py: defaults, YAML + dotted overrides, and error messages."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grpo_ray.config import Config, ConfigError, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_YAML = REPO / "configs" / "default.yaml"
+
+
+def write_yaml(tmp_path: Path, text: str, name: str = "cfg.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults_are_deepseek_r1_recipe():
+    cfg = load_config()
+    assert cfg.algo.group_size == 16
+    assert cfg.algo.epsilon == 10.0
+    assert cfg.algo.epsilon_high is None
+    assert cfg.epsilon_high == 10.0
+    assert cfg.algo.beta == 0.001
+    assert cfg.rollout.temperature == 1.0
+    assert cfg.algo.kl_stop == 0.1
+
+
+def test_epsilon_high_follows_epsilon_unless_set():
+    assert load_config(None, ["algo.epsilon=0.2"]).epsilon_high == 0.2
+    cfg = load_config(None, ["algo.epsilon=0.2", "algo.epsilon_high=0.28"])
+    assert cfg.algo.epsilon == 0.2
+    assert cfg.epsilon_high == 0.28
+    # explicit null restores "same as epsilon"
+    cfg = load_config(None, ["algo.epsilon_high=0.28", "algo.epsilon_high=null"])
+    assert cfg.algo.epsilon_high is None
+    assert cfg.epsilon_high == 10.0
+
+
+def test_to_dict_round_trips_sections():
+    d = load_config(None, ["algo.beta=0.5"]).to_dict()
+    assert d["algo"]["beta"] == 0.5
+    assert d["algo"]["group_size"] == 16
+    assert set(d) == {"run", "model", "warmstart", "data", "algo", "rollout", "learner", "train", "eval",
+                      "resources"}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_default_yaml():
+    """Every value in configs/default.yaml lands in the config; every other key keeps its default.
+    (Compared with the file itself, so retuning the file does not break the test.)"""
+    assert DEFAULT_YAML.is_file()
+    cfg = load_config(str(DEFAULT_YAML))
+    assert isinstance(cfg, Config)
+    data = yaml.safe_load(DEFAULT_YAML.read_text())
+    assert data, "default.yaml is empty"
+    got, defaults = cfg.to_dict(), Config().to_dict()
+    for section, values in defaults.items():
+        for key, default in values.items():
+            expected = data.get(section, {}).get(key, default)
+            assert got[section][key] == expected, f"{section}.{key}"
+    assert cfg.data.task == "arithmetic"
+    assert cfg.model.path == "builtin:tiny"
+
+
+def test_yaml_nested_key_then_overrides_in_order(tmp_path):
+    path = write_yaml(tmp_path, "algo:\n  beta: 0.01\n  group_size: 8\nrollout:\n  temperature: 0.7\n")
+    cfg = load_config(path)
+    assert cfg.algo.beta == 0.01
+    assert cfg.algo.group_size == 8
+    assert cfg.rollout.temperature == 0.7
+    assert cfg.algo.epsilon == 10.0  # sibling keys untouched
+
+    cfg = load_config(path, ["algo.beta=0.02", "rollout.temperature=0.9", "algo.beta=0.03"])
+    assert cfg.algo.beta == 0.03  # later override wins over earlier override and over the file
+    assert cfg.rollout.temperature == 0.9
+    assert cfg.algo.group_size == 8  # file value not overridden survives
+
+
+def test_int_accepted_for_float_fields(tmp_path):
+    cfg = load_config(None, ["algo.beta=1", "learner.lr=2"])
+    assert cfg.algo.beta == 1.0 and isinstance(cfg.algo.beta, float)
+    assert cfg.learner.lr == 2.0 and isinstance(cfg.learner.lr, float)
+    path = write_yaml(tmp_path, "algo:\n  epsilon: 3\n")
+    cfg = load_config(path)
+    assert cfg.algo.epsilon == 3.0 and isinstance(cfg.algo.epsilon, float)
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, ""))
+    assert cfg.algo.group_size == 16
+
+
+def test_jsonl_task_with_train_path_and_hf_model():
+    cfg = load_config(None, ["data.task=jsonl", "data.train_path=/tmp/x.jsonl", "model.path=/models/qwen"])
+    assert cfg.data.task == "jsonl"
+    assert cfg.data.train_path == "/tmp/x.jsonl"
+
+
+# --------------------------------------------------------------------------- parse_override
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("algo.beta=0.01", ("algo.beta", 0.01)),
+    ("algo.group_size=8", ("algo.group_size", 8)),
+    ("eval.ks=[1, 4]", ("eval.ks", [1, 4])),
+    ("algo.epsilon_high=null", ("algo.epsilon_high", None)),
+    ("run.name=a=b", ("run.name", "a=b")),  # split on the first '=' only
+    ("run.name=", ("run.name", "")),
+    (" algo.beta =0.5", ("algo.beta", 0.5)),
+])
+def test_parse_override(text, expected):
+    assert parse_override(text) == expected
+
+
+def test_parse_override_without_equals():
+    with pytest.raises(ConfigError, match="algo.beta") as e:
+        parse_override("algo.beta")
+    assert "dotted.key=value" in str(e.value)
+
+
+def test_override_without_equals_in_load_config():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["algo.group_size"])
+
+
+def test_override_invalid_yaml_value():
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_override("eval.ks=[1, 2")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unknown_key_in_file_names_key_path_and_suggestion(tmp_path):
+    path = write_yaml(tmp_path, "algo:\n  betta: 0.01\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "algo.betta" in msg
+    assert path in msg
+    assert "did you mean 'algo.beta'" in msg
+
+
+def test_unknown_top_level_section_in_file(tmp_path):
+    path = write_yaml(tmp_path, "zzzqqq:\n  a: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "zzzqqq" in msg and path in msg
+    assert "known keys" in msg and "algo" in msg
+
+
+def test_unknown_key_on_command_line():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["algo.gruop_size=8"])
+    msg = str(e.value)
+    assert "algo.gruop_size" in msg
+    assert "command line" in msg
+    assert "did you mean 'algo.group_size'" in msg
+
+
+def test_negative_group_size():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["algo.group_size=-4"])
+    msg = str(e.value)
+    assert "algo.group_size" in msg
+    assert "-4" in msg
+    assert ">= 2" in msg
+
+
+def test_group_size_lower_bound_is_inclusive():
+    assert load_config(None, ["algo.group_size=2"]).algo.group_size == 2
+    with pytest.raises(ConfigError, match="algo.group_size"):
+        load_config(None, ["algo.group_size=1"])
+
+
+def test_open_lower_bound_rejects_zero():
+    with pytest.raises(ConfigError, match=r"algo\.epsilon=0.*must be > 0"):
+        load_config(None, ["algo.epsilon=0"])
+    with pytest.raises(ConfigError, match=r"rollout\.temperature"):
+        load_config(None, ["rollout.temperature=0"])
+    # beta has a closed bound: 0 is allowed (no KL penalty)
+    assert load_config(None, ["algo.beta=0"]).algo.beta == 0.0
+
+
+def test_upper_bound():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["rollout.top_p=1.5"])
+    assert "rollout.top_p" in str(e.value) and "1.5" in str(e.value) and "<= 1.0" in str(e.value)
+
+
+def test_bad_value_in_file_names_file(tmp_path):
+    path = write_yaml(tmp_path, "algo:\n  group_size: -4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "algo.group_size" in msg and "-4" in msg and path in msg
+
+
+def test_wrong_type():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["algo.beta=abc"])
+    msg = str(e.value)
+    assert "algo.beta" in msg and "abc" in msg
+    assert "expected float" in msg
+
+
+def test_bool_not_accepted_for_int():
+    with pytest.raises(ConfigError, match=r"algo\.group_size.*expected int, got bool"):
+        load_config(None, ["algo.group_size=true"])
+
+
+def test_section_given_a_scalar():
+    with pytest.raises(ConfigError, match=r"algo .*expected a mapping"):
+        load_config(None, ["algo=5"])
+
+
+def test_bad_literal_lists_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["algo.aggregation=foo"])
+    msg = str(e.value)
+    assert "algo.aggregation" in msg and "foo" in msg
+    for allowed in ("seq_mean", "token_mean", "constant"):
+        assert allowed in msg
+
+
+def test_eval_ks_larger_than_samples():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["eval.samples=4"])  # default ks = [1, 10]
+    msg = str(e.value)
+    assert "eval.ks" in msg and "eval.samples" in msg and "10" in msg
+    # equal is fine
+    assert load_config(None, ["eval.samples=10"]).eval.samples == 10
+
+
+def test_eval_ks_must_be_positive_ints():
+    with pytest.raises(ConfigError, match="eval.ks"):
+        load_config(None, ["eval.ks=[0, 1]"])
+    with pytest.raises(ConfigError, match="eval.ks"):
+        load_config(None, ["eval.ks=[1.5]"])
+
+
+def test_missing_config_file(tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(missing)
+    assert missing in str(e.value)
+    assert "does not exist" in str(e.value)
+
+
+def test_invalid_yaml_file(tmp_path):
+    path = write_yaml(tmp_path, "algo:\n  beta: [0.1\n  group_size: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert path in str(e.value)
+    assert "not valid YAML" in str(e.value)
+
+
+def test_jsonl_task_needs_train_path():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.task=jsonl"])
+    assert "data.train_path" in str(e.value)
+
+
+def test_builtin_tiny_needs_arithmetic():
+    with pytest.raises(ConfigError, match="builtin:tiny"):
+        load_config(None, ["data.task=jsonl", "data.train_path=x.jsonl"])
+
+
+def test_num_ranks_must_divide_batch():
+    with pytest.raises(ConfigError, match="learner.num_ranks=3"):
+        load_config(None, ["learner.num_ranks=3"])  # 16 * 16 = 256 is not divisible by 3
+    assert load_config(None, ["learner.num_ranks=4"]).learner.num_ranks == 4
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# --------------------------------------------------------------------------- known bugs
+
+
+def test_scientific_notation_override():
+    assert load_config(None, ["algo.beta=1e-3"]).algo.beta == pytest.approx(1e-3)
+
+
+def test_empty_eval_ks_names_key():
+    with pytest.raises(ConfigError, match="eval.ks"):
+        load_config(None, ["eval.ks=[]"])
+
+
+def test_nan_rejected():
+    with pytest.raises(ConfigError, match="algo.epsilon"):
+        load_config(None, ["algo.epsilon=.nan"])

@@ -1,0 +1,253 @@
+"""Tests for grpo_ray/data.py (JSONL loading, dataset split, PromptSampler) and grpo_ray/tasks.py."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from grpo_ray.config import DataConfig
+from grpo_ray.data import DataError, PromptSampler, load_datasets, load_jsonl
+from grpo_ray.tasks import arithmetic_prompt, arithmetic_records, arithmetic_response, tokenizer_corpus
+
+GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl"
+
+
+def write_jsonl(tmp_path: Path, lines: list, name: str = "d.jsonl") -> str:
+    p = tmp_path / name
+    p.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return str(p)
+
+
+# --------------------------------------------------------------------------- load_jsonl
+
+
+def test_load_jsonl_good_file(tmp_path):
+    path = write_jsonl(tmp_path, [
+        {"prompt": "1+1?", "answer": "2"},
+        "",  # blank lines are skipped
+        {"prompt": "2+2?", "answer": 4, "extra": "kept"},
+        {"prompt": "q", "answer": "a", "task": "my.mod:fn"},
+    ])
+    recs = load_jsonl(path)
+    assert len(recs) == 3
+    assert recs[0] == {"prompt": "1+1?", "answer": "2", "task": "math"}
+    assert recs[1]["answer"] == 4  # answer kept as given
+    assert recs[1]["extra"] == "kept"
+    assert recs[1]["task"] == "math"
+    assert recs[2]["task"] == "my.mod:fn"  # an explicit task is not overwritten
+
+
+def test_missing_answer_field_names_path_line_and_key(tmp_path):
+    path = write_jsonl(tmp_path, [
+        {"prompt": "a", "answer": "1"},
+        {"prompt": "b", "answer": "2"},
+        {"prompt": "c", "solution": "3"},
+    ])
+    with pytest.raises(DataError) as e:
+        load_jsonl(path)
+    msg = str(e.value)
+    assert f"{path}:3" in msg
+    assert "'answer'" in msg
+
+
+def test_empty_answer_is_missing(tmp_path):
+    path = write_jsonl(tmp_path, [{"prompt": "a", "answer": ""}])
+    with pytest.raises(DataError, match=re.escape(f"{path}:1") + ".*'answer'"):
+        load_jsonl(path)
+
+
+def test_missing_prompt_field(tmp_path):
+    path = write_jsonl(tmp_path, [{"question": "a", "answer": "1"}])
+    with pytest.raises(DataError) as e:
+        load_jsonl(path)
+    assert f"{path}:1" in str(e.value) and "'prompt'" in str(e.value)
+
+
+def test_non_json_line_names_path_and_line(tmp_path):
+    path = write_jsonl(tmp_path, [{"prompt": "a", "answer": "1"}, "{not json", {"prompt": "b", "answer": "2"}])
+    with pytest.raises(DataError) as e:
+        load_jsonl(path)
+    assert f"{path}:2" in str(e.value)
+    assert "not valid JSON" in str(e.value)
+
+
+def test_non_object_line(tmp_path):
+    path = write_jsonl(tmp_path, [[1, 2]])
+    with pytest.raises(DataError, match=re.escape(f"{path}:1") + ".*expected a JSON object"):
+        load_jsonl(path)
+
+
+def test_missing_file_and_empty_file(tmp_path):
+    with pytest.raises(DataError, match="cannot read dataset"):
+        load_jsonl(str(tmp_path / "missing.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="no rows"):
+        load_jsonl(str(empty))
+
+
+def test_key_remapping(tmp_path):
+    path = write_jsonl(tmp_path, [{"question": "How many?", "target": "#### 7"}])
+    recs = load_jsonl(path, prompt_key="question", answer_key="target")
+    assert recs[0]["prompt"] == "How many?"
+    assert recs[0]["answer"] == "#### 7"
+    assert recs[0]["question"] == "How many?"  # original fields are kept
+    # with the default keys the same file is an error naming the missing key
+    with pytest.raises(DataError, match="'prompt'"):
+        load_jsonl(path)
+
+
+def test_gsm8k_loads_with_question_key():
+    if not GSM8K_TEST.is_file():
+        pytest.skip(f"{GSM8K_TEST} not present")
+    recs = load_jsonl(str(GSM8K_TEST), prompt_key="question", answer_key="answer")
+    assert len(recs) == 1319
+    assert all(r["prompt"] == r["question"] and r["task"] == "math" for r in recs)
+    assert all("####" in r["answer"] for r in recs)
+    assert recs[0]["prompt"].startswith("Janet")
+    # GSM8K has no 'prompt' field: the default keys fail on the first row
+    with pytest.raises(DataError, match=re.escape(f"{GSM8K_TEST}:1") + ".*'prompt'"):
+        load_jsonl(str(GSM8K_TEST))
+
+
+# --------------------------------------------------------------------------- load_datasets
+
+
+def test_load_datasets_jsonl_split(tmp_path):
+    path = write_jsonl(tmp_path, [{"prompt": f"p{i}", "answer": str(i)} for i in range(20)])
+    cfg = DataConfig(task="jsonl", train_path=path, eval_fraction=0.25)
+    train, held = load_datasets(cfg, seed=3)
+    assert len(held) == 5 and len(train) == 15
+    assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in held)
+    assert {r["prompt"] for r in train + held} == {f"p{i}" for i in range(20)}
+    # deterministic for a seed
+    train2, held2 = load_datasets(cfg, seed=3)
+    assert train2 == train and held2 == held
+
+
+def test_load_datasets_jsonl_with_eval_path(tmp_path):
+    tr = write_jsonl(tmp_path, [{"q": "a", "a": "1"}, {"q": "b", "a": "2"}], "train.jsonl")
+    ev = write_jsonl(tmp_path, [{"q": "c", "a": "3"}], "eval.jsonl")
+    cfg = DataConfig(task="jsonl", train_path=tr, eval_path=ev, prompt_key="q", answer_key="a")
+    train, held = load_datasets(cfg, seed=0)
+    assert [r["prompt"] for r in train] == ["a", "b"]
+    assert [r["prompt"] for r in held] == ["c"]
+
+
+def test_load_datasets_arithmetic():
+    cfg = DataConfig(task="arithmetic", max_operand=9, eval_fraction=0.1)
+    train, held = load_datasets(cfg, seed=1)
+    assert (train, held) == arithmetic_records(9, 1, 0.1)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+_PROMPT = re.compile(r"^Q: (\d+)\+(\d+)=\?\nA:$")
+
+
+@pytest.mark.parametrize("max_operand,frac", [(9, 0.1), (49, 0.1), (5, 0.5)])
+def test_arithmetic_split(max_operand, frac):
+    train, held = arithmetic_records(max_operand, seed=0, eval_fraction=frac)
+    n = (max_operand + 1) ** 2
+    assert len(train) + len(held) == n
+    assert len(held) == max(1, int(n * frac))
+    train_prompts = {r["prompt"] for r in train}
+    held_prompts = {r["prompt"] for r in held}
+    assert len(train_prompts) == len(train) and len(held_prompts) == len(held)
+    assert train_prompts.isdisjoint(held_prompts)
+    pairs = set()
+    for r in train + held:
+        m = _PROMPT.match(r["prompt"])
+        assert m, r["prompt"]
+        a, b = int(m.group(1)), int(m.group(2))
+        assert r["answer"] == str(a + b)
+        assert r["task"] == "math"
+        pairs.add((a, b))
+    assert pairs == {(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)}
+
+
+def test_arithmetic_split_deterministic_and_seeded():
+    assert arithmetic_records(20, 7, 0.1) == arithmetic_records(20, 7, 0.1)
+    assert arithmetic_records(20, 7, 0.1)[1] != arithmetic_records(20, 8, 0.1)[1]
+
+
+def test_arithmetic_prompt_and_response_shape():
+    assert arithmetic_prompt(3, 4) == "Q: 3+4=?\nA:"
+    assert arithmetic_response(7) == " #### 7"
+    corpus = tokenizer_corpus(9)
+    assert arithmetic_prompt(0, 0) + arithmetic_response(0) in corpus
+    assert any("####" in line for line in corpus)
+
+
+def test_arithmetic_answers_verify_with_math_verifier():
+    from grpo_ray.verifiers import verify
+    train, _ = arithmetic_records(9, 0, 0.1)
+    for r in train[:20]:
+        assert verify(r, arithmetic_response(int(r["answer"]))).reward == 1.0
+        assert verify(r, arithmetic_response(int(r["answer"]) + 1)).reward == 0.0
+
+
+# --------------------------------------------------------------------------- PromptSampler
+
+
+def _records(n):
+    return [{"prompt": f"p{i}", "answer": str(i)} for i in range(n)]
+
+
+def _prompts(batch):
+    return [r["prompt"] for r in batch]
+
+
+def test_sampler_deterministic_for_seed():
+    recs = _records(10)
+    a, b = PromptSampler(recs, seed=5), PromptSampler(recs, seed=5)
+    assert _prompts(a.next(25)) == _prompts(b.next(25))
+    c = PromptSampler(recs, seed=6)
+    assert _prompts(PromptSampler(recs, seed=5).next(10)) != _prompts(c.next(10))
+
+
+def test_sampler_epochs_are_permutations():
+    recs = _records(7)
+    s = PromptSampler(recs, seed=1)
+    drawn = _prompts(s.next(7 * 4))
+    epochs = [drawn[i * 7:(i + 1) * 7] for i in range(4)]
+    for ep in epochs:
+        assert sorted(ep) == sorted(r["prompt"] for r in recs)
+    assert len({tuple(ep) for ep in epochs}) > 1  # reshuffled between epochs
+    assert s.state_dict() == {"epoch": 3, "position": 7}
+
+
+def test_sampler_batches_cross_epoch_boundary():
+    recs = _records(5)
+    s = PromptSampler(recs, seed=2)
+    first = _prompts(s.next(3))
+    second = _prompts(s.next(3))  # 2 from epoch 0, 1 from epoch 1
+    assert sorted(first + second[:2]) == sorted(r["prompt"] for r in recs)
+    assert s.state_dict() == {"epoch": 1, "position": 1}
+
+
+@pytest.mark.parametrize("done", [0, 1, 2, 3, 5, 7])
+def test_sampler_resume_matches_uninterrupted(done):
+    """Interrupt after `done` batches of 3 from 7 records (mid-epoch and at epoch boundaries)."""
+    recs = _records(7)
+    full = PromptSampler(recs, seed=11)
+    reference = [_prompts(full.next(3)) for _ in range(8)]
+
+    s = PromptSampler(recs, seed=11)
+    got = [_prompts(s.next(3)) for _ in range(done)]
+    state = json.loads(json.dumps(s.state_dict()))  # survives a checkpoint round trip
+    resumed = PromptSampler(recs, seed=11)
+    resumed.next(2)  # a fresh sampler that already drew something is overwritten by the state
+    resumed.load_state_dict(state)
+    got += [_prompts(resumed.next(3)) for _ in range(8 - done)]
+    assert got == reference
+
+
+def test_sampler_returns_record_objects():
+    recs = _records(3)
+    s = PromptSampler(recs, seed=0)
+    out = s.next(3)
+    assert all(any(o is r for r in recs) for o in out)

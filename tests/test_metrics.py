@@ -1,0 +1,71 @@
+import json
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from grpo_ray.metrics import (MetricsLog, advantage_variance, mean_pass_at_k, pass_at_k, reward_stats,
+                              threshold_warnings)
+
+
+def _exact_pass_at_k(n, c, k):
+    if n - c < k:
+        return 1.0
+    return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
+
+
+def test_pass_at_k_hand_values():
+    assert pass_at_k(10, 0, 1) == 0.0
+    assert pass_at_k(10, 10, 10) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)        # pass@1 is c/n
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert pass_at_k(16, 1, 10) == pytest.approx(10 / 16)
+
+
+def test_pass_at_k_is_stable_for_large_n():
+    for n, c, k in [(1000, 3, 100), (500, 1, 10), (200, 150, 100)]:
+        assert pass_at_k(n, c, k) == pytest.approx(_exact_pass_at_k(n, c, k), rel=1e-9)
+
+
+def test_pass_at_k_needs_enough_samples():
+    with pytest.raises(ValueError, match="pass@10"):
+        pass_at_k(5, 1, 10)
+
+
+def test_mean_pass_at_k_averages_problems():
+    assert mean_pass_at_k([4, 4], [0, 4], 1) == pytest.approx(0.5)
+
+
+def test_reward_stats_per_group():
+    s = reward_stats(torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0]), group_size=4)
+    assert s["reward/mean"] == pytest.approx(0.75)
+    assert s["reward/std"] == pytest.approx(0.25)  # mean of within-group stds 0.5 and 0
+    assert s["reward/frac_zero_std"] == 0.5
+    assert s["reward/frac_all_max"] == 0.5 and s["reward/frac_all_min"] == 0.0
+
+
+def test_advantage_variance():
+    assert advantage_variance(torch.tensor([-1.0, 1.0, 1.0, -1.0, 0, 0, 0, 0])) == pytest.approx(0.5)
+
+
+def test_threshold_warnings_follow_the_guide():
+    ok = {"reward/std": 0.5, "advantage/variance": 1.0, "kl": 0.01}
+    assert threshold_warnings(ok, kl_stop=0.1) == []
+    low = threshold_warnings({**ok, "reward/std": 0.1}, kl_stop=0.1)
+    assert len(low) == 1 and "low reward variance" in low[0] and "temperature" in low[0]
+    assert "high reward variance" in threshold_warnings({**ok, "reward/std": 2.5}, 0.1)[0]
+    assert "advantage variance" in threshold_warnings({**ok, "advantage/variance": 0.2}, 0.1)[0]
+    assert "KL" in threshold_warnings({**ok, "kl": 0.2}, 0.1)[0]
+
+
+def test_metrics_log_appends_and_writes_nan_as_null(tmp_path):
+    path = str(tmp_path / "m.jsonl")
+    log = MetricsLog(path)
+    log.write({"step": 1, "kl": float("nan")})
+    log.close()
+    log = MetricsLog(path)
+    log.write({"step": 2, "kl": 0.5})
+    log.close()
+    rows = [json.loads(line) for line in open(path)]
+    assert rows == [{"step": 1, "kl": None}, {"step": 2, "kl": 0.5}]

@@ -1,0 +1,64 @@
+"""TrainBatch padding/trimming, the shared forward pass, and weight-bucket packing (no Ray)."""
+import numpy as np
+import pytest
+import torch
+
+from grpo_ray.modeling import batched_logprobs, load_causal_lm, response_logprobs
+from grpo_ray.records import Rollout, TrainBatch
+from grpo_ray.weight_sync import pack_state_dict, unpack_bucket
+
+
+def _rollout():
+    return Rollout(prompt_ids=[[5, 6, 7], [8], [9, 10]], response_ids=[[11, 12], [13, 14, 15, 16], []],
+                   old_logprobs=[[-0.1, -0.2], [-1.0, -1.1, -1.2, -1.3], []], texts=["a", "b", ""],
+                   truncated=[False, True, False])
+
+
+def test_train_batch_layout():
+    b = TrainBatch.from_rollout(_rollout(), torch.tensor([1.0, -1.0, 0.0]), pad_id=0)
+    assert b.prompt_len == 3 and b.response_mask.shape == (3, 4)
+    assert b.input_ids[0].tolist() == [5, 6, 7, 11, 12, 0, 0]          # prompt left-aligned to column P
+    assert b.input_ids[1].tolist() == [0, 0, 8, 13, 14, 15, 16]
+    assert b.attention_mask[1].tolist() == [0, 0, 1, 1, 1, 1, 1]
+    assert b.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
+    assert b.old_logprobs[1].tolist() == pytest.approx([-1.0, -1.1, -1.2, -1.3])
+    assert b.response_ids[0].tolist() == [11, 12, 0, 0]
+
+
+def test_select_trims_padding_columns():
+    b = TrainBatch.from_rollout(_rollout(), torch.tensor([1.0, -1.0, 0.0]), pad_id=0)
+    first = b.select(slice(0, 1))
+    assert first.prompt_len == 3 and first.response_mask.shape == (1, 2)
+    assert first.input_ids.tolist() == [[5, 6, 7, 11, 12]]
+    third = b.select(slice(2, 3))
+    assert third.prompt_len == 2 and third.input_ids[0, :2].tolist() == [9, 10]
+
+
+def test_padded_logprobs_equal_unpadded(tiny_model_dir):
+    """Left padding + position ids from the mask reproduce each sequence's own forward pass."""
+    model = load_causal_lm(tiny_model_dir).eval()
+    ro = _rollout()
+    b = TrainBatch.from_rollout(ro, torch.zeros(3), pad_id=0)
+    padded = batched_logprobs(model, b, micro_batch_size=2)
+    for i in range(2):
+        alone = TrainBatch.from_rollout(Rollout([ro.prompt_ids[i]], [ro.response_ids[i]], [ro.old_logprobs[i]],
+                                                ["x"], [False]), torch.zeros(1), pad_id=0)
+        with torch.no_grad():
+            lp, ent = response_logprobs(model, alone, with_entropy=True)
+        n = len(ro.response_ids[i])
+        assert torch.allclose(padded[i, :n], lp[0], atol=1e-5)
+        assert ent.shape == lp.shape and (ent >= 0).all()
+    assert padded[2].abs().sum() == 0  # an empty response contributes nothing
+
+
+def test_weight_buckets_round_trip_and_split():
+    tensors = [("a", torch.randn(3, 4)), ("b", torch.arange(10, dtype=torch.int64)), ("c", torch.randn(100))]
+    buckets = pack_state_dict(tensors, bucket_bytes=64)
+    assert len(buckets) == 3  # each tensor exceeds 64 bytes with the previous one
+    out = dict(x for bk in buckets for x in unpack_bucket(bk))
+    for name, t in tensors:
+        assert out[name].dtype == t.dtype and torch.equal(out[name], t)
+    one = pack_state_dict(tensors)
+    assert len(one) == 1 and isinstance(one[0].data, np.ndarray)
+    half = dict(unpack_bucket(pack_state_dict(tensors, dtype=torch.bfloat16)[0]))
+    assert half["a"].dtype == torch.bfloat16 and half["b"].dtype == torch.int64
