@@ -47,10 +47,11 @@ class ModelConfig:
 @dataclass
 class WarmStartConfig:
     """Supervised warm start of builtin:tiny: GRPO needs a base model that is sometimes right."""
-    steps: int = _f(1200, lo=0)
+    steps: int = _f(1500, lo=0)
     batch_size: int = _f(64, lo=1)
     lr: float = _f(3e-3, lo=0.0, lo_open=True)
-    label_noise: float = _f(0.7, lo=0.0, hi=0.95, doc="fraction of SFT answers replaced by near misses")
+    show_work: float = _f(0.3, lo=0.0, hi=1.0, doc="fraction of SFT examples that show their work")
+    label_noise: float = _f(0.9, lo=0.0, hi=1.0, doc="fraction of hasty SFT answers that are random guesses")
 
 
 @dataclass
@@ -70,7 +71,8 @@ class AlgoConfig:
     epsilon: float = _f(10.0, lo=0.0, lo_open=True, doc="clip range (DeepSeek-R1: 10; PPO: 0.2)")
     epsilon_high: float | None = _f(None, lo=0.0, lo_open=True, doc="upper clip; null = epsilon")
     beta: float = _f(0.001, lo=0.0, doc="k3 KL coefficient in the loss")
-    kl_stop: float = _f(0.1, lo=0.0, lo_open=True, doc="stop when the mean KL exceeds this")
+    kl_stop: float = _f(0.1, lo=0.0, lo_open=True, doc="stop when the KL (median of the last kl_window steps) exceeds this")
+    kl_window: int = _f(5, lo=1, doc="steps in the KL stop rule's median; 1 = stop on any single step")
     estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     aggregation: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
     clip_ratio_c: float | None = _f(None, lo=1.0, lo_open=True, doc="dual clip for A < 0; null = off")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -188,6 +189,10 @@ def train(cfg: Config, address: str | None = None) -> str:
     try:
         run_eval(0)
         active_warnings: set[str] = set()
+        # k3 is unbiased but heavy-tailed: one rarely sampled token can lift a batch's mean KL
+        # tenfold. The stop rule reads the median of recent steps, so drift stops the run and a
+        # single outlier batch does not.
+        recent_kl: list[float] = []
         bar = tqdm(range(1, cfg.train.steps + 1), desc="grpo", unit="step", file=sys.stderr)
         for step in bar:
             m = train_step(step, cfg, roles, sampler.next(cfg.rollout.prompts_per_step), pad_id)
@@ -201,8 +206,10 @@ def train(cfg: Config, address: str | None = None) -> str:
                     metrics_log.write({"step": step, "event": "warning", "message": w})
                 active_warnings.add(kind)
             active_warnings &= {w.split(" (")[0] for w in threshold_warnings(m, cfg.algo.kl_stop)}
-            if m["kl"] > cfg.algo.kl_stop:
-                msg = f"stopping: KL {m['kl']:.4f} > algo.kl_stop={cfg.algo.kl_stop} at step {step}"
+            recent_kl = (recent_kl + [m["kl"]])[-cfg.algo.kl_window:]
+            if len(recent_kl) == cfg.algo.kl_window and statistics.median(recent_kl) > cfg.algo.kl_stop:
+                msg = (f"stopping: KL median {statistics.median(recent_kl):.4f} over the last {cfg.algo.kl_window} "
+                       f"steps > algo.kl_stop={cfg.algo.kl_stop} at step {step}")
                 log(msg)
                 metrics_log.write({"step": step, "event": "kl_stop", "message": msg})
                 break

@@ -2,10 +2,14 @@
 supervised pass on the arithmetic task.
 
 GRPO improves a policy that is sometimes right; a random model never is, so its groups all score
-0 and every advantage is 0. The warm start trains on answers of which `label_noise` are near
-misses (off by 1, 2 or 10): the model learns where the answer lies but puts only ~1/3 of its
-probability on the right one, like a weak base model. Held-out pass@1 starts around 20-30%, and
-GRPO's job is to sharpen it. The result is cached by a hash of everything that shapes it.
+0 and every advantage is 0. The warm start makes a base model that can reason but often does
+not: for its first 80% of steps every example is careful, showing its work (' 37+48=85 #### 85',
+always right), which teaches the arithmetic; the last 20% mix in a hasty style, keeping the
+careful one in only a `show_work` fraction of examples. The hasty one (' #### 61') whose answer is a random
+guess with probability `label_noise` (random rather than near misses, so the hasty examples do
+not blur the arithmetic the careful ones teach). Held-out pass@1 starts around 20-40%; GRPO learns that showing
+the work pays (the first response token decides), so reward and response length rise together,
+as in DeepSeek-R1-Zero. The result is cached by a hash of everything that shapes it.
 """
 from __future__ import annotations
 
@@ -16,22 +20,24 @@ import random
 import shutil
 import time
 
-from .tasks import arithmetic_response, tokenizer_corpus
+from .tasks import arithmetic_response, arithmetic_work, tokenizer_corpus
 from .tiny_model import TinyShape, build_tiny_model
 
-_NEAR_MISSES = (-10, -2, -1, 1, 2, 10)
 
 
-def _sft_batch(tokenizer, records, rng, label_noise):
+def _sft_batch(tokenizer, records, rng, ws, max_operand, show_work):
     import torch
 
     seqs = []
     for r in records:
         answer = int(r["answer"])
-        if rng.random() < label_noise:
-            answer += rng.choice(_NEAR_MISSES)
+        if rng.random() < show_work:
+            response = arithmetic_response(answer, arithmetic_work(r))
+        else:
+            guess = rng.randint(0, 2 * max_operand) if rng.random() < ws.label_noise else answer
+            response = arithmetic_response(guess)
         prompt = tokenizer(r["prompt"])["input_ids"]
-        completion = tokenizer(arithmetic_response(answer))["input_ids"] + [tokenizer.eos_token_id]
+        completion = tokenizer(response)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append((prompt, completion))
     L = max(len(p) + len(c) for p, c in seqs)
     ids = torch.full((len(seqs), L), tokenizer.pad_token_id)
@@ -45,7 +51,8 @@ def _sft_batch(tokenizer, records, rng, label_noise):
     return ids, mask, labels
 
 
-def supervised_warm_start(model_dir: str, train_records: list[dict], ws, seed: int, log=print) -> None:
+def supervised_warm_start(model_dir: str, train_records: list[dict], ws, seed: int, max_operand: int,
+                          log=print) -> None:
     """Fine-tune the model in model_dir in place (AdamW, linear warm-up then decay)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,7 +67,8 @@ def supervised_warm_start(model_dir: str, train_records: list[dict], ws, seed: i
         for g in opt.param_groups:
             g["lr"] = ws.lr * min(1.0, (step + 1) / 50) * (1.0 - step / ws.steps)
         ids, mask, labels = _sft_batch(tokenizer, rng.sample(train_records, min(ws.batch_size, len(train_records))),
-                                       rng, ws.label_noise)
+                                       rng, ws, max_operand,
+                                       1.0 if step < 0.8 * ws.steps else ws.show_work)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         opt.step()
@@ -74,7 +82,7 @@ def builtin_model(cfg, train_records: list[dict], cache_root: str, log=print) ->
     """Path of the warm-started builtin:tiny model, built once per configuration."""
     key = json.dumps({"model": vars(cfg.model), "warmstart": vars(cfg.warmstart),
                       "max_operand": cfg.data.max_operand, "eval_fraction": cfg.data.eval_fraction,
-                      "seed": cfg.run.seed, "version": 1}, sort_keys=True)
+                      "seed": cfg.run.seed, "version": 5}, sort_keys=True)
     path = os.path.join(cache_root, "builtin-tiny-" + hashlib.sha256(key.encode()).hexdigest()[:12])
     if os.path.isfile(os.path.join(path, "done")):
         log(f"base model: {path} (cached)")
@@ -89,7 +97,7 @@ def builtin_model(cfg, train_records: list[dict], cache_root: str, log=print) ->
                       intermediate_size=4 * cfg.model.hidden_size)
     build_tiny_model(tmp, tokenizer_corpus(cfg.data.max_operand), shape, seed=cfg.run.seed)
     if cfg.warmstart.steps:
-        supervised_warm_start(tmp, train_records, cfg.warmstart, cfg.run.seed, log)
+        supervised_warm_start(tmp, train_records, cfg.warmstart, cfg.run.seed, cfg.data.max_operand, log)
     open(os.path.join(tmp, "done"), "w").close()
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # atomic: a crash mid-build never leaves a half model behind the cache key
