@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides, args.config = [args.config, *args.overrides], DEFAULT_CONFIG
     try:
         args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, OSError) as e:
         print(f"grpo-ray: error: {e}", file=sys.stderr)
         sys.exit(2)
 

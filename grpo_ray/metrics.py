@@ -71,6 +71,34 @@ def threshold_warnings(m: dict[str, float], kl_stop: float) -> list[str]:
     return out
 
 
+class Monitor:
+    """Per-step checks against the guide's thresholds.
+
+    Warnings are reported when they start, not on every step they persist. The KL stop reads the
+    median of the last `kl_window` steps: k3 is unbiased but heavy-tailed (one rarely sampled
+    token can lift a batch's mean tenfold), so sustained drift stops the run and a single outlier
+    batch does not.
+    """
+
+    def __init__(self, kl_stop: float, kl_window: int):
+        self.kl_stop, self.kl_window = kl_stop, kl_window
+        self.active: set[str] = set()
+        self.recent_kl: list[float] = []
+
+    def check(self, m: dict[str, float]) -> tuple[list[str], str | None]:
+        """Returns (new warnings, stop reason or None)."""
+        warnings = threshold_warnings(m, self.kl_stop)
+        kinds = {w.split(" (")[0]: w for w in warnings}
+        new = [w for kind, w in kinds.items() if kind not in self.active]
+        self.active = set(kinds)
+        self.recent_kl = (self.recent_kl + [m["kl"]])[-self.kl_window:]
+        median = float(np.median(self.recent_kl))
+        if len(self.recent_kl) == self.kl_window and median > self.kl_stop:
+            return new, (f"KL median {median:.4f} over the last {self.kl_window} steps > algo.kl_stop="
+                         f"{self.kl_stop}")
+        return new, None
+
+
 class MetricsLog:
     """Append-only JSONL: one flushed line per record, so a crash loses at most the line being
     written and a resumed run appends instead of overwriting."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from .algorithm import group_advantages, loss_normalizer
 from .config import Config
 from .data import PromptSampler, load_datasets
 from .evaluation import evaluate
-from .metrics import MetricsLog, advantage_variance, reward_stats, threshold_warnings
+from .metrics import MetricsLog, Monitor, advantage_variance, reward_stats
 from .modeling import load_tokenizer
 from .records import Rollout, TrainBatch
 from .rollout import sample, score, split
@@ -125,6 +124,16 @@ def resolve_run_dir(cfg: Config) -> str:
     return os.path.join(os.path.abspath(out), cfg.run.name)
 
 
+def create_run_dir(cfg: Config) -> str:
+    run_dir = resolve_run_dir(cfg)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        write_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except OSError as e:
+        raise OSError(f"run directory {run_dir!r} is not writable ({e.strerror}); set run.output_dir") from None
+    return run_dir
+
+
 def write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -163,13 +172,12 @@ def train(cfg: Config, address: str | None = None) -> str:
     """Run GRPO as configured; returns the run directory."""
     from tqdm import tqdm
 
-    run_dir = resolve_run_dir(cfg)
-    os.makedirs(run_dir, exist_ok=True)
     log = tqdm.write
-    log(f"run directory: {run_dir}")
-    write_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # Bad data fails here, before anything is written.
     train_records, eval_records = load_datasets(cfg.data, cfg.run.seed)
     eval_records = eval_records[:cfg.eval.num_prompts]
+    run_dir = create_run_dir(cfg)
+    log(f"run directory: {run_dir}")
     model_path = prepare_model(cfg, train_records, run_dir, log)
     pad_id = load_tokenizer(model_path).pad_token_id
     init_ray(address)
@@ -188,34 +196,25 @@ def train(cfg: Config, address: str | None = None) -> str:
 
     try:
         run_eval(0)
-        active_warnings: set[str] = set()
-        # k3 is unbiased but heavy-tailed: one rarely sampled token can lift a batch's mean KL
-        # tenfold. The stop rule reads the median of recent steps, so drift stops the run and a
-        # single outlier batch does not.
-        recent_kl: list[float] = []
+        monitor = Monitor(cfg.algo.kl_stop, cfg.algo.kl_window)
         bar = tqdm(range(1, cfg.train.steps + 1), desc="grpo", unit="step", file=sys.stderr)
         for step in bar:
             m = train_step(step, cfg, roles, sampler.next(cfg.rollout.prompts_per_step), pad_id)
             metrics_log.write(m)
             if step % cfg.run.log_every == 0:
                 log(summary_line(m, cfg.train.steps))
-            for w in threshold_warnings(m, cfg.algo.kl_stop):
-                kind = w.split(" (")[0]
-                if kind not in active_warnings:  # say it when it starts, not every step
-                    log(f"warning: {w}")
-                    metrics_log.write({"step": step, "event": "warning", "message": w})
-                active_warnings.add(kind)
-            active_warnings &= {w.split(" (")[0] for w in threshold_warnings(m, cfg.algo.kl_stop)}
-            recent_kl = (recent_kl + [m["kl"]])[-cfg.algo.kl_window:]
-            if len(recent_kl) == cfg.algo.kl_window and statistics.median(recent_kl) > cfg.algo.kl_stop:
-                msg = (f"stopping: KL median {statistics.median(recent_kl):.4f} over the last {cfg.algo.kl_window} "
-                       f"steps > algo.kl_stop={cfg.algo.kl_stop} at step {step}")
-                log(msg)
-                metrics_log.write({"step": step, "event": "kl_stop", "message": msg})
+            warnings, stop = monitor.check(m)
+            for w in warnings:
+                log(f"warning: {w}")
+                metrics_log.write({"step": step, "event": "warning", "message": w})
+            if stop:
+                log(f"stopping at step {step}: {stop}")
+                metrics_log.write({"step": step, "event": "kl_stop", "message": stop})
                 break
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
                 run_eval(step)
-        run_eval(step if cfg.train.steps else 0)
+        if cfg.train.steps:
+            run_eval(step)
         log(f"final policy: {save_policy(roles, run_dir, model_path, 'final_model')}")
     finally:
         metrics_log.close()

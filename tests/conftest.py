@@ -20,12 +20,17 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_corpus(49), seed=0)
 
 
-@pytest.fixture(scope="session")
+sys.path.insert(0, str(REPO / "tests"))  # reward_fns, for user-verifier tests
+
+
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance for the session's actor tests (never joins another cluster)."""
+    """A local Ray instance per test module (never joins another cluster). Module scope, not
+    session: test_job_submit's `ray stop` stops every Ray on the machine, and a driver whose
+    raylet dies exits at once, so no in-process Ray may be alive while it runs."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+             runtime_env={"env_vars": {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}})
     yield ray
     ray.shutdown()

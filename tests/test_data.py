@@ -9,7 +9,8 @@ import pytest
 
 from grpo_ray.config import DataConfig
 from grpo_ray.data import DataError, PromptSampler, load_datasets, load_jsonl
-from grpo_ray.tasks import arithmetic_prompt, arithmetic_records, arithmetic_response, tokenizer_corpus
+from grpo_ray.tasks import (arithmetic_prompt, arithmetic_records, arithmetic_response, arithmetic_work,
+                            tokenizer_corpus)
 
 GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl"
 
@@ -176,9 +177,10 @@ def test_arithmetic_split_deterministic_and_seeded():
 
 def test_arithmetic_prompt_and_response_shape():
     assert arithmetic_prompt(3, 4) == "Q: 3+4=?\nA:"
-    assert arithmetic_response(7) == " #### 7"
+    assert arithmetic_response(7) == " #### 7"  # hasty
+    assert arithmetic_response(7, arithmetic_work({"a": 3, "b": 4})) == " 3+4=7 #### 7"  # careful
     corpus = tokenizer_corpus(9)
-    assert arithmetic_prompt(0, 0) + arithmetic_response(0) in corpus
+    assert arithmetic_prompt(0, 0) + arithmetic_response(0, "0+0=0") in corpus
     assert any("####" in line for line in corpus)
 
 

@@ -69,3 +69,24 @@ def test_metrics_log_appends_and_writes_nan_as_null(tmp_path):
     log.close()
     rows = [json.loads(line) for line in open(path)]
     assert rows == [{"step": 1, "kl": None}, {"step": 2, "kl": 0.5}]
+
+
+def test_monitor_reports_warnings_once_and_stops_on_sustained_kl_only():
+    from grpo_ray.metrics import Monitor
+
+    mon = Monitor(kl_stop=0.1, kl_window=3)
+    ok = {"reward/std": 0.5, "advantage/variance": 1.0, "kl": 0.01}
+    assert mon.check(ok) == ([], None)
+    new, stop = mon.check({**ok, "reward/std": 0.1})
+    assert len(new) == 1 and stop is None
+    assert mon.check({**ok, "reward/std": 0.1}) == ([], None)  # persisting: not repeated
+    mon.check(ok)
+    assert len(mon.check({**ok, "reward/std": 0.1})[0]) == 1   # returns after clearing: reported again
+    # one outlier batch (k3's heavy tail) does not stop the run; a sustained drift does
+    mon = Monitor(kl_stop=0.1, kl_window=3)
+    for kl in (0.02, 0.9, 0.03):
+        _, stop = mon.check({**ok, "kl": kl})
+    assert stop is None
+    for kl in (0.2, 0.15):
+        _, stop = mon.check({**ok, "kl": kl})
+    assert stop is not None and "algo.kl_stop=0.1" in stop

@@ -1,0 +1,72 @@
+"""Real Ray actors around real vLLM and DeepSpeed engines (slow: engines start in ~15-30 s)."""
+import pytest
+import torch
+
+from grpo_ray.algorithm import loss_normalizer
+from grpo_ray.records import TrainBatch
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [f"Q: {a}+{b}=?\nA:" for a, b in [(1, 2), (13, 29), (40, 7), (25, 25)]]
+LOSS = dict(eps_low=0.2, eps_high=0.2, beta=0.001, aggregation="seq_mean")
+
+
+@pytest.fixture(scope="module")
+def engines(ray_local, tiny_model_dir):
+    from grpo_ray.generator import Generator
+    from grpo_ray.learner import Learner
+    from grpo_ray.reference import Reference
+
+    ray = ray_local
+    gen = ray.remote(Generator).options(num_cpus=0.25).remote(tiny_model_dir, cpu_threads="0-1", seed=0)
+    learner = ray.remote(Learner).options(num_cpus=0.25).remote(tiny_model_dir, lr=1e-2, loss_kwargs=LOSS,
+                                                                micro_batch_size=16, master_port=29611)
+    ref = ray.remote(Reference).options(num_cpus=0.25).remote(tiny_model_dir, micro_batch_size=16)
+    ray.get([gen.ready.remote(), learner.__ray_ready__.remote(), ref.__ray_ready__.remote()])
+    yield ray, gen, learner, ref
+    for a in (gen, learner, ref):
+        ray.kill(a)
+
+
+def _batch(rollout, advantages=None):
+    adv = torch.randn(len(rollout), generator=torch.Generator().manual_seed(0)) if advantages is None else advantages
+    return TrainBatch.from_rollout(rollout, adv, pad_id=0)
+
+
+def _max_diff(a, b, mask):
+    return float(((a - b).abs() * mask).max())
+
+
+def test_generator_returns_groups_with_sampler_logprobs(engines):
+    ray, gen, learner, ref = engines
+    ro = ray.get(gen.generate.remote(PROMPTS, n=4, temperature=1.0, max_new_tokens=8, seed=1))
+    assert len(ro) == 16 and ro.prompt_ids[0] == ro.prompt_ids[3] != ro.prompt_ids[4]
+    assert all(len(lp) == len(ids) > 0 for lp, ids in zip(ro.old_logprobs, ro.response_ids))
+    assert all(x <= 0 for lp in ro.old_logprobs for x in lp)
+    assert len(set(map(tuple, ro.response_ids[:4]))) > 1  # a group's samples differ (distinct seeds)
+    again = ray.get(gen.generate.remote(PROMPTS, n=4, temperature=1.0, max_new_tokens=8, seed=1))
+    assert again.response_ids == ro.response_ids  # and are reproducible
+    # before any update, generator, learner and reference agree on the sampled tokens' logprobs
+    b = _batch(ro)
+    assert _max_diff(ray.get(learner.logprobs.remote(b)), b.old_logprobs, b.response_mask) < 1e-4
+    assert _max_diff(ray.get(ref.logprobs.remote(b)), b.old_logprobs, b.response_mask) < 1e-4
+
+
+def test_after_sync_generator_samples_from_the_learners_weights(engines):
+    ray, gen, learner, ref = engines
+    ro = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=2))
+    b = _batch(ro)
+    b.ref_logprobs = ray.get(ref.logprobs.remote(b))
+    stats = ray.get(learner.update.remote(b, loss_normalizer(b.response_mask, "seq_mean")))
+    assert stats["grad_norm"] > 0 and stats["tokens"] == float(b.response_mask.sum())
+    # the update moved the policy: the generator's (stale) logprobs no longer match the learner
+    stale = _max_diff(ray.get(learner.logprobs.remote(b)), b.old_logprobs, b.response_mask)
+    assert stale > 1e-2
+    n = ray.get(gen.update_weights.remote(learner.weight_buckets.remote(), 1))
+    assert n >= 20
+    ro2 = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=3))
+    assert ro2.weight_version == 1
+    b2 = _batch(ro2)
+    assert _max_diff(ray.get(learner.logprobs.remote(b2)), b2.old_logprobs, b2.response_mask) < 1e-4
+    # the reference stays frozen at the initial policy
+    assert _max_diff(ray.get(ref.logprobs.remote(b2)), b2.old_logprobs, b2.response_mask) > 1e-2
