@@ -64,7 +64,7 @@ def threshold_warnings(m: dict[str, float], kl_stop: float) -> list[str]:
                    "diverse; increase algo.group_size or filter outliers")
     var = m.get("advantage/variance", float("nan"))
     if not math.isnan(var) and not 0.5 <= var <= 1.5:
-        out.append(f"advantage variance {var:.2f} outside 0.5-1.5 (many equal-reward groups carry no signal)")
+        out.append(f"advantage variance {var:.3f} outside 0.5-1.5 (many equal-reward groups carry no signal)")
     if m.get("kl", 0.0) > kl_stop:
         out.append(f"KL {m['kl']:.4f} > algo.kl_stop={kl_stop} this step: the policy is drifting from the "
                    "reference (the run stops if the median over algo.kl_window steps stays above)")
