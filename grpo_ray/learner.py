@@ -10,6 +10,7 @@ then exactly the full-batch loss, so the gradient does not depend on how the bat
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -108,17 +109,27 @@ class Learner:
             return None
         return float(torch.nn.utils.get_total_norm(grads))
 
-    def weight_buckets(self, dtype: str = "float32", bucket_mb: int = 256) -> list[WeightBucket]:
-        """The current weights as buckets for the generators (gathered first under ZeRO-3)."""
-        module = self.engine.module
-        target = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    @contextlib.contextmanager
+    def _full_parameters(self):
+        """Whole parameters on every rank: ZeRO-3 partitions them, so all ranks must enter the
+        gather together (the driver calls sync and save on every rank under ZeRO-3)."""
         if self.zero_stage == 3:
             import deepspeed
 
-            params = list(module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return pack_state_dict(module.state_dict().items(), bucket_mb << 20, target)
-        return pack_state_dict(module.state_dict().items(), bucket_mb << 20, target)
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def weight_buckets(self, dtype: str = "float32", bucket_mb: int = 256) -> list[WeightBucket]:
+        """The current weights as buckets for the generators (rank 0's are the ones sent)."""
+        target = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+        with self._full_parameters():
+            if self.rank != 0:
+                return []
+            return pack_state_dict(self.engine.module.state_dict().items(), bucket_mb << 20, target)
 
     def save_pretrained(self, out_dir: str) -> None:
-        self.engine.module.save_pretrained(out_dir)
+        with self._full_parameters():
+            if self.rank == 0:
+                self.engine.module.save_pretrained(out_dir)

@@ -83,9 +83,13 @@ def update_policy(roles: Roles, cfg: Config, batch: TrainBatch) -> dict:
 def sync_weights(roles: Roles, cfg: Config, version: int) -> None:
     """Learner weights -> every generator: one ObjectRef of buckets, stored once in the object
     store and read by each generator (no per-parameter calls)."""
-    ranks = roles.learners if cfg.learner.zero_stage == 3 else roles.learners[:1]  # ZeRO-3: all ranks gather
-    buckets = [lr.weight_buckets.remote(cfg.model.dtype) for lr in ranks][0]
+    buckets = [lr.weight_buckets.remote(cfg.model.dtype) for lr in gathering_ranks(roles, cfg)][0]
     ray.get([g.update_weights.remote(buckets, version) for g in roles.generators])
+
+
+def gathering_ranks(roles: Roles, cfg: Config) -> list:
+    """Learner ranks that must take part in reading full weights: all under ZeRO-3, else rank 0."""
+    return roles.learners if cfg.learner.zero_stage == 3 else roles.learners[:1]
 
 
 def rollout_metrics(rollout: Rollout, rewards: torch.Tensor, advantages: torch.Tensor, group_size: int) -> dict:
@@ -149,11 +153,11 @@ def prepare_model(cfg: Config, train_records: list[dict], run_dir: str, log) -> 
     return builtin_model(cfg, train_records, os.path.join(os.path.dirname(run_dir), ".cache"), log)
 
 
-def save_policy(roles: Roles, run_dir: str, model_path: str, name: str) -> str:
+def save_policy(roles: Roles, cfg: Config, run_dir: str, model_path: str, name: str) -> str:
     """Policy in Hugging Face format (loadable by transformers and vLLM), written atomically."""
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    ray.get(roles.learners[0].save_pretrained.remote(tmp))
+    ray.get([lr.save_pretrained.remote(tmp) for lr in gathering_ranks(roles, cfg)])
     load_tokenizer(model_path).save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -215,7 +219,7 @@ def train(cfg: Config, address: str | None = None) -> str:
                 run_eval(step)
         if cfg.train.steps:
             run_eval(step)
-        log(f"final policy: {save_policy(roles, run_dir, model_path, 'final_model')}")
+        log(f"final policy: {save_policy(roles, cfg, run_dir, model_path, 'final_model')}")
     finally:
         metrics_log.close()
         stop_roles(roles)

@@ -116,7 +116,7 @@ def test_kl_term_in_loss_and_its_gradient():
     loss, m = policy_loss(logp, logp.detach(), ref, torch.zeros(1), torch.ones(1, 1), eps_low=0.2, eps_high=0.2,
                           beta=0.1)
     loss.backward()
-    assert float(loss) == pytest.approx(0.1 * (0.5 + math.log(2) - 1))
+    assert loss.item() == pytest.approx(0.1 * (0.5 + math.log(2) - 1))
     assert float(m["kl"]) == pytest.approx(0.5 + math.log(2) - 1)
     assert float(logp.grad) == pytest.approx(0.1 * (1 - 0.5))  # d k3/d logp = 1 - exp(ref - logp)
 
