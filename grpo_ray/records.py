@@ -25,7 +25,7 @@ class Rollout:
         return len(self.response_ids)
 
     @staticmethod
-    def concat(parts: list["Rollout"]) -> "Rollout":
+    def concat(parts: list[Rollout]) -> Rollout:
         versions = {p.weight_version for p in parts}
         if len(versions) > 1:
             raise RuntimeError(f"generators sampled with different weight versions {sorted(versions)}")
@@ -60,7 +60,7 @@ class TrainBatch:
         return self.input_ids[:, self.prompt_len:]
 
     @staticmethod
-    def from_rollout(rollout: Rollout, advantages: torch.Tensor, pad_id: int) -> "TrainBatch":
+    def from_rollout(rollout: Rollout, advantages: torch.Tensor, pad_id: int) -> TrainBatch:
         B = len(rollout)
         P = max(len(p) for p in rollout.prompt_ids)
         T = max(1, max(len(r) for r in rollout.response_ids))
@@ -79,10 +79,10 @@ class TrainBatch:
         return TrainBatch(input_ids, attention_mask, response_mask, old_logprobs,
                           advantages.float(), P)
 
-    def select(self, rows: slice | torch.Tensor) -> "TrainBatch":
+    def select(self, rows: slice | torch.Tensor) -> TrainBatch:
         """Rows of the batch with all-padding columns trimmed on both sides (less compute)."""
         am = self.attention_mask[rows]
-        P, T = self.prompt_len, self.response_mask.shape[1]
+        P = self.prompt_len
         used_prompt = am[:, :P].any(dim=0).nonzero()
         start = int(used_prompt[0]) if len(used_prompt) else P - 1
         used_resp = self.response_mask[rows].any(dim=0).nonzero()
@@ -92,7 +92,7 @@ class TrainBatch:
                           self.response_mask[rows][:, :end], self.old_logprobs[rows][:, :end],
                           self.advantages[rows], P - start, ref)
 
-    def micro_batches(self, size: int) -> list["TrainBatch"]:
+    def micro_batches(self, size: int) -> list[TrainBatch]:
         return [self.select(slice(i, i + size)) for i in range(0, self.size, size)]
 
 

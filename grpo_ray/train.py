@@ -6,7 +6,6 @@ Run as `grpo-ray train configs/default.yaml [dotted.key=value ...]` or `python -
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys

@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from grpo_ray.config import load_config
 
