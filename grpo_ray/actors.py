@@ -15,7 +15,7 @@ from .config import Config
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.
 ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1",
-             "VLLM_NO_USAGE_STATS": "1", "TRANSFORMERS_VERBOSITY": "error", "DS_ACCELERATOR": "cpu"}
+             "VLLM_NO_USAGE_STATS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def in_ray_job() -> bool:
@@ -30,15 +30,17 @@ def init_ray(address: str | None = None) -> None:
     ray.init(address=address, logging_level="WARNING", log_to_driver=True)
 
 
-def _options(cpus: float, extra_env: dict | None = None, **kw):
-    env = dict(ACTOR_ENV, **(extra_env or {}))
-    if "DS_ACCELERATOR" in env and os.environ.get("DS_ACCELERATOR") is None and _has_gpu():
-        env.pop("DS_ACCELERATOR")
+def actor_env() -> dict:
+    """ACTOR_ENV, plus DeepSpeed's CPU accelerator on a cluster without GPUs (DeepSpeed would
+    otherwise probe for CUDA and other accelerators)."""
+    env = dict(ACTOR_ENV)
+    if not ray.cluster_resources().get("GPU"):
+        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def _options(cpus: float, env: dict, **kw) -> dict:
     return dict(num_cpus=cpus, runtime_env={"env_vars": env}, **kw)
-
-
-def _has_gpu() -> bool:
-    return bool(ray.cluster_resources().get("GPU"))
 
 
 def _free_port() -> int:
@@ -62,20 +64,20 @@ def start_roles(cfg: Config, model_path: str) -> Roles:
     from .reference import Reference
     from .verifiers import Verifier
 
-    res = cfg.resources
-    gen_cls = ray.remote(Generator).options(**_options(res.generator_cpus, max_restarts=0))
+    res, env = cfg.resources, actor_env()
+    gen_cls = ray.remote(Generator).options(**_options(res.generator_cpus, env, max_restarts=0))
     generators = [gen_cls.remote(model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
                                  kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i,
                                  cpu_threads=res.vllm_cpu_threads)
                   for i in range(cfg.rollout.num_generators)]
-    ver_cls = ray.remote(Verifier).options(**_options(res.verifier_cpus, max_restarts=0))
+    ver_cls = ray.remote(Verifier).options(**_options(res.verifier_cpus, env, max_restarts=0))
     verifiers = [ver_cls.remote() for _ in range(res.num_verifiers)]
-    ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, max_restarts=0))
+    ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, env, max_restarts=0))
     reference = ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=res.torch_threads,
                                micro_batch_size=cfg.learner.micro_batch_size)
     loss_kwargs = dict(eps_low=cfg.algo.epsilon, eps_high=cfg.epsilon_high, beta=cfg.algo.beta,
                        aggregation=cfg.algo.aggregation, clip_ratio_c=cfg.algo.clip_ratio_c)
-    learner_cls = ray.remote(Learner).options(**_options(res.learner_cpus, max_restarts=0))
+    learner_cls = ray.remote(Learner).options(**_options(res.learner_cpus, env, max_restarts=0))
     master_addr, master_port = ray.util.get_node_ip_address(), _free_port()
     learners = [learner_cls.remote(model_path, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
                                    grad_clip=cfg.learner.grad_clip, zero_stage=cfg.learner.zero_stage,

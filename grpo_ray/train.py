@@ -47,7 +47,7 @@ class PhaseTimer:
 def train_step(step: int, cfg: Config, roles: Roles, records: list[dict], pad_id: int) -> dict:
     G, timer = cfg.algo.group_size, PhaseTimer()
     with timer("generate"):
-        rollout = generate(roles, cfg, [r["prompt"] for r in records], seed=cfg.run.seed * 1_000_003 + step * 10_007)
+        rollout = generate(roles, cfg, [r["prompt"] for r in records], seed=step_seed(cfg, step))
     with timer("verify"):
         scores = score(roles.verifiers, [r for r in records for _ in range(G)], rollout.texts)
     rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
@@ -63,6 +63,10 @@ def train_step(step: int, cfg: Config, roles: Roles, records: list[dict], pad_id
 
 
 # ---------------------------------------------------------------- the phases
+def step_seed(cfg: Config, step: int) -> int:
+    """Completion k of prompt j at a step samples with seed step_seed + j*G + k: distinct for every
+    completion of the run, and the same on a rerun with the same run.seed."""
+    return cfg.run.seed * 1_000_000_007 + step * cfg.rollout.prompts_per_step * cfg.algo.group_size
 def generate(roles: Roles, cfg: Config, prompts: list[str], seed: int) -> Rollout:
     r = cfg.rollout
     return sample(roles.generators, prompts, n=cfg.algo.group_size, temperature=r.temperature,
