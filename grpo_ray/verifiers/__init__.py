@@ -9,9 +9,10 @@ from __future__ import annotations
 import importlib
 
 from ..records import Score
+from .code import score_code
 from .math import score_math
 
-_BUILTIN = {"math": score_math}
+_BUILTIN = {"math": score_math, "code": score_code}
 
 
 def _user_verifier(spec: str):
