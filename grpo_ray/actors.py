@@ -71,7 +71,7 @@ def start_roles(cfg: Config, model_path: str) -> Roles:
                                  cpu_threads=res.vllm_cpu_threads)
                   for i in range(cfg.rollout.num_generators)]
     ver_cls = ray.remote(Verifier).options(**_options(res.verifier_cpus, env, max_restarts=0))
-    verifiers = [ver_cls.remote() for _ in range(res.num_verifiers)]
+    verifiers = [ver_cls.remote(cfg.reward.components) for _ in range(res.num_verifiers)]
     ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, env, max_restarts=0))
     reference = ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=res.torch_threads,
                                micro_batch_size=cfg.learner.micro_batch_size)

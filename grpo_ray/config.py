@@ -79,6 +79,13 @@ class AlgoConfig:
 
 
 @dataclass
+class RewardConfig:
+    # name -> weight; names: correct (the task's verifier), format (<think>/<answer>), module:function
+    # merged into the default; a weight of 0 turns a component off
+    components: dict = _f({"correct": 1.0}, doc="weighted sum of reward components")
+
+
+@dataclass
 class RolloutConfig:
     prompts_per_step: int = _f(16, lo=1)
     temperature: float = _f(1.0, lo=0.0, lo_open=True)
@@ -133,6 +140,7 @@ class Config:
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     data: DataConfig = field(default_factory=DataConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -171,7 +179,8 @@ def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
         float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
         str: lambda v: isinstance(v, str),
         list: lambda v: isinstance(v, list),
-    }[typ if typ in (bool, int, float, str) else list]
+        dict: lambda v: isinstance(v, dict),
+    }[typ if typ in (bool, int, float, str, dict) else list]
     if not ok(value):
         name = getattr(typ, "__name__", str(typ))
         raise ConfigError(f"{key}={value!r} ({source}): expected {name}, got {type(value).__name__}")
@@ -212,11 +221,21 @@ def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
             continue
         value = _coerce(key, v, hints[k], source)
         _check_bounds(key, value, fields[k].metadata, source)
+        if isinstance(current, dict):  # mappings merge: reward.components.format=0.1 keeps "correct"
+            value = {**current, **value}
         setattr(obj, k, value)
 
 
 def _validate(cfg: Config) -> None:
     """Checks that span several keys."""
+    from .verifiers import check_components
+
+    if not cfg.reward.components:
+        raise ConfigError("reward.components is empty; e.g. {correct: 1.0}")
+    try:
+        check_components(cfg.reward.components)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.data.task == "jsonl" and not cfg.data.train_path:
         raise ConfigError("data.task='jsonl' needs data.train_path (a .jsonl file with prompt and answer fields)")
     if cfg.model.path == "builtin:tiny" and cfg.data.task != "arithmetic":

@@ -59,7 +59,8 @@ def train_step(step: int, cfg: Config, roles: Roles, records: list[dict], pad_id
         stats = update_policy(roles, cfg, batch)
     with timer("sync"):
         sync_weights(roles, cfg, version=step)
-    return {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **stats, **timer.metrics()}
+    return {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
+            **stats, **timer.metrics()}
 
 
 # ---------------------------------------------------------------- the phases
@@ -103,6 +104,12 @@ def rollout_metrics(rollout: Rollout, rewards: torch.Tensor, advantages: torch.T
             "response_length/min": float(lengths.min()),
             "truncated/frac": sum(rollout.truncated) / max(len(rollout), 1),
             "weight_version": rollout.weight_version}
+
+
+def component_means(scores: list) -> dict:
+    """reward/<name>/mean for each reward component (multi-faceted rewards, logged separately)."""
+    names = scores[0].components if scores else {}
+    return {f"reward/{n}/mean": sum(s.components.get(n, 0.0) for s in scores) / len(scores) for n in names}
 
 
 def combine_rank_metrics(results: list[dict]) -> dict:

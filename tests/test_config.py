@@ -47,7 +47,7 @@ def test_to_dict_round_trips_sections():
     d = load_config(None, ["algo.beta=0.5"]).to_dict()
     assert d["algo"]["beta"] == 0.5
     assert d["algo"]["group_size"] == 16
-    assert set(d) == {"run", "model", "warmstart", "data", "algo", "rollout", "learner", "train", "eval",
+    assert set(d) == {"run", "model", "warmstart", "data", "algo", "reward", "rollout", "learner", "train", "eval",
                       "resources"}
 
 

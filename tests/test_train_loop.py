@@ -30,7 +30,8 @@ def test_few_steps_move_weights_and_log_every_field(ray_local, tiny_model_dir, t
 
     cfg = load_config("configs/default.yaml", SMALL + [
         f"run.output_dir={tmp_path}", "run.name=loop", f"model.path={tiny_model_dir}", "data.task=jsonl",
-        f"data.train_path={_dataset(tmp_path / 'train.jsonl')}", "data.eval_fraction=0.5"])
+        f"data.train_path={_dataset(tmp_path / 'train.jsonl')}", "data.eval_fraction=0.5",
+        "reward.components.format=0.5"])
     run_dir = train(cfg)
     assert run_dir == str(tmp_path / "loop")
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
@@ -46,7 +47,9 @@ def test_few_steps_move_weights_and_log_every_field(ray_local, tiny_model_dir, t
     assert all(0 <= r["eval/pass@1"] <= r["eval/pass@10"] <= 1 for r in eval_rows)
     assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
     # the saved policy is a Hugging Face folder whose weights differ from the base model's
-    assert all(r["reward/std"] > 0 for r in train_rows)  # the dense reward gives every step a signal
+    assert all(r["reward/std"] > 0 for r in train_rows)
+    for r in train_rows:  # multi-faceted reward: each component logged, the total is their weighted sum
+        assert r["reward/mean"] == pytest.approx(r["reward/correct/mean"] + 0.5 * r["reward/format/mean"], abs=1e-5)  # the dense reward gives every step a signal
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     final = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final_model")).state_dict()
     moved = max(float((final[k] - base[k]).abs().max()) for k in base)

@@ -3,10 +3,16 @@
 The record's `task` field picks the verifier: "math", or a user function named by dotted path
 ("my_pkg.rewards:score", called as fn(record, response) -> Score | float). Bad input never raises:
 it scores 0 with the reason, so one malformed row cannot kill a training step.
+
+Multi-faceted rewards: `combine(record, response, weights)` is the weighted sum of named
+components: "correct" (the task's verifier above), "format" (the example below), or any
+"module:function". Each component's score is kept in Score.components so the driver logs
+reward/<name>/mean separately, which is how reward hacking of one facet shows up.
 """
 from __future__ import annotations
 
 import importlib
+import re
 
 from ..records import Score
 from .code import score_code
@@ -39,8 +45,47 @@ def verify(record: dict, response: str) -> Score:
     return Score(0.0, f"unknown task {task!r}; known: {', '.join(_BUILTIN)} or 'module:function'")
 
 
+_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
+
+
+def format_reward(record: dict, response: str) -> Score:
+    """1 for the DeepSeek-R1 template `<think>...</think><answer>...</answer>` and nothing else."""
+    ok = isinstance(response, str) and bool(_FORMAT.match(response))
+    return Score(1.0 if ok else 0.0, "format ok" if ok else "not <think>...</think><answer>...</answer>")
+
+
+_COMPONENTS = {"correct": verify, "format": format_reward}
+
+
+def combine(record: dict, response: str, weights: dict[str, float]) -> Score:
+    """Weighted sum of the named components; the reason is the first component's."""
+    parts = {}
+    for name in weights:
+        fn = _COMPONENTS.get(name)
+        try:
+            score = fn(record, response) if fn else _user_verifier(name)(record, response)
+            parts[name] = score if isinstance(score, Score) else Score(float(score), "user verifier")
+        except Exception as e:  # as in verify(): a broken component scores 0, the step goes on
+            parts[name] = Score(0.0, f"verifier error in {name}: {type(e).__name__}: {e}")
+    total = sum(weights[n] * parts[n].reward for n in weights)
+    return Score(total, next(iter(parts.values())).reason, {n: p.reward for n, p in parts.items()})
+
+
+def check_components(weights: dict) -> None:
+    """Config-time check: every key is a built-in component or a 'module:function'."""
+    for name, w in weights.items():
+        if name not in _COMPONENTS and ":" not in str(name):
+            raise ValueError(f"reward.components key {name!r}: use one of {', '.join(_COMPONENTS)} "
+                             f"or 'module:function'")
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise ValueError(f"reward.components.{name}={w!r}: the weight must be a number")
+
+
 class Verifier:
     """Verifier role: scores a batch of (record, response) pairs. A plain class; Ray wraps it."""
 
+    def __init__(self, components: dict[str, float] | None = None):
+        self.components = {n: w for n, w in (components or {"correct": 1.0}).items() if w != 0}
+
     def score(self, records: list[dict], responses: list[str]) -> list[Score]:
-        return [verify(r, t) for r, t in zip(records, responses)]
+        return [combine(r, t, self.components) for r, t in zip(records, responses)]
