@@ -16,6 +16,7 @@ import os
 import torch
 
 from .algorithm import masked_mean, policy_loss
+from .metrics import combine_parts
 from .modeling import batched_logprobs, load_causal_lm, response_logprobs
 from .records import TrainBatch
 from .weight_sync import WeightBucket, pack_state_dict
@@ -62,34 +63,23 @@ class Learner:
     def update(self, batch: TrainBatch, normalizer: float) -> dict[str, float]:
         """One optimizer step on this rank's share of the batch. Returns token-weighted metrics."""
         self.engine.train()
-        sums: dict[str, float] = {}
-        tokens = 0.0
+        parts = []
         for mb in batch.micro_batches(self.micro_batch_size):
             logprobs, entropy = response_logprobs(self.engine, mb, with_entropy=True)
             loss, metrics = policy_loss(logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages,
                                         mb.response_mask, normalizer=normalizer, **self.loss_kwargs)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            n = float(mb.response_mask.sum())
             metrics["entropy"] = masked_mean(entropy, mb.response_mask)
             metrics["sampler_kl"] = masked_mean(  # k1 estimate of the sampler/learner mismatch
                 (mb.old_logprobs - logprobs.detach()), mb.response_mask)
-            for k, v in metrics.items():
-                if k in ("ratio/max", "ratio/min"):
-                    sums[k] = max(sums.get(k, -1e30), float(v)) if k == "ratio/max" else min(sums.get(k, 1e30), float(v))
-                elif k == "pg_loss":
-                    sums[k] = sums.get(k, 0.0) + float(v)  # already normalised globally: sums to the batch value
-                else:
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            tokens += n
+            parts.append({**{k: float(v) for k, v in metrics.items()}, "loss": loss.item(),
+                          "tokens": float(mb.response_mask.sum())})
         grad_norm = self._grad_norm_before_step()
         self.engine.step()
         self.version += 1
-        out = {k: (v if k in ("ratio/max", "ratio/min", "pg_loss", "loss") else v / max(tokens, 1.0))
-               for k, v in sums.items()}
+        out = combine_parts(parts)
         norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
         out["grad_norm"] = float(norm) if norm is not None else float("nan")
-        out["tokens"] = tokens
         return out
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:

@@ -51,6 +51,28 @@ def advantage_variance(advantages: torch.Tensor) -> float:
     return float(advantages.float().var(unbiased=False))
 
 
+SUMMED = ("loss", "pg_loss", "tokens")  # already divided by the global normaliser: parts add up
+
+
+def combine_parts(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Fold metrics of micro-batches (or learner ranks) into the batch's: losses and token counts
+    add up, ratio/max and ratio/min are extremes, everything else is a mean weighted by each
+    part's `tokens`."""
+    tokens = sum(p["tokens"] for p in parts)
+    out = {}
+    for k in parts[0]:
+        vals = [p[k] for p in parts]
+        if k in SUMMED:
+            out[k] = sum(vals)
+        elif k == "ratio/max":
+            out[k] = max(vals)
+        elif k == "ratio/min":
+            out[k] = min(vals)
+        else:
+            out[k] = sum(v * p["tokens"] for v, p in zip(vals, parts)) / max(tokens, 1.0)
+    return out
+
+
 def threshold_warnings(m: dict[str, float], kl_stop: float) -> list[str]:
     """The guide's monitoring thresholds, in plain words with causes and fixes."""
     out = []

@@ -21,7 +21,7 @@ from .algorithm import group_advantages, loss_normalizer
 from .config import Config
 from .data import PromptSampler, load_datasets
 from .evaluation import evaluate
-from .metrics import MetricsLog, Monitor, advantage_variance, reward_stats
+from .metrics import MetricsLog, Monitor, advantage_variance, combine_parts, reward_stats
 from .modeling import load_tokenizer
 from .records import Rollout, TrainBatch
 from .rollout import sample, score, split
@@ -68,6 +68,8 @@ def step_seed(cfg: Config, step: int) -> int:
     """Completion k of prompt j at a step samples with seed step_seed + j*G + k: distinct for every
     completion of the run, and the same on a rerun with the same run.seed."""
     return cfg.run.seed * 1_000_000_007 + step * cfg.rollout.prompts_per_step * cfg.algo.group_size
+
+
 def generate(roles: Roles, cfg: Config, prompts: list[str], seed: int) -> Rollout:
     r = cfg.rollout
     return sample(roles.generators, prompts, n=cfg.algo.group_size, temperature=r.temperature,
@@ -81,7 +83,7 @@ def update_policy(roles: Roles, cfg: Config, batch: TrainBatch) -> dict:
     rows = split(list(range(batch.size)), len(roles.learners))
     shards = [batch.select(slice(r[0], r[-1] + 1)) for r in rows]
     results = ray.get([lr.update.remote(s, normalizer) for lr, s in zip(roles.learners, shards)])
-    return combine_rank_metrics(results)
+    return combine_parts(results)
 
 
 def sync_weights(roles: Roles, cfg: Config, version: int) -> None:
@@ -110,23 +112,6 @@ def component_means(scores: list) -> dict:
     """reward/<name>/mean for each reward component (multi-faceted rewards, logged separately)."""
     names = scores[0].components if scores else {}
     return {f"reward/{n}/mean": sum(s.components.get(n, 0.0) for s in scores) / len(scores) for n in names}
-
-
-def combine_rank_metrics(results: list[dict]) -> dict:
-    """Token-weighted means across learner ranks; sums for the loss; extremes for ratio bounds."""
-    if len(results) == 1:
-        return results[0]
-    tokens = sum(r["tokens"] for r in results)
-    out = {}
-    for k in results[0]:
-        vals = [r[k] for r in results]
-        if k in ("loss", "pg_loss", "tokens"):
-            out[k] = sum(vals)
-        elif k == "ratio/max" or k == "ratio/min":
-            out[k] = max(vals) if k == "ratio/max" else min(vals)
-        else:
-            out[k] = sum(v * r["tokens"] for v, r in zip(vals, results)) / max(tokens, 1.0)
-    return out
 
 
 # ---------------------------------------------------------------- the run

@@ -90,3 +90,13 @@ def test_monitor_reports_warnings_once_and_stops_on_sustained_kl_only():
     for kl in (0.2, 0.15):
         _, stop = mon.check({**ok, "kl": kl})
     assert stop is not None and "algo.kl_stop=0.1" in stop
+
+
+def test_combine_parts_sums_losses_weights_means_and_keeps_extremes():
+    from grpo_ray.metrics import combine_parts
+
+    parts = [{"loss": 0.25, "pg_loss": 0.2, "kl": 0.1, "ratio/max": 1.5, "ratio/min": 0.9, "tokens": 1.0},
+             {"loss": 0.5, "pg_loss": 0.3, "kl": 0.4, "ratio/max": 1.1, "ratio/min": 0.7, "tokens": 3.0}]
+    out = combine_parts(parts)
+    assert out == {"loss": 0.75, "pg_loss": 0.5, "kl": pytest.approx((0.1 + 3 * 0.4) / 4),
+                   "ratio/max": 1.5, "ratio/min": 0.7, "tokens": 4.0}
