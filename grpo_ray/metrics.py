@@ -73,23 +73,27 @@ def combine_parts(parts: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def threshold_warnings(m: dict[str, float], kl_stop: float) -> list[str]:
-    """The guide's monitoring thresholds, in plain words with causes and fixes."""
-    out = []
+def threshold_warnings(m: dict[str, float], kl_stop: float) -> dict[str, str]:
+    """The guide's monitoring thresholds, in plain words with causes and fixes: {kind: message},
+    where kind is a stable name (messages carry the measured values)."""
+    out = {}
     std = m.get("reward/std", float("nan"))
     if std < 0.3:
-        out.append(f"low reward variance (std {std:.2f} < 0.3): {m.get('reward/frac_all_max', 0):.0%} of groups all "
-                   f"solved, {m.get('reward/frac_all_min', 0):.0%} all failed; raise temperature, use harder/easier "
-                   "prompts, or check the verifier is not too strict or too lax")
+        out["low_reward_std"] = (
+            f"low reward variance (std {std:.2f} < 0.3): {m.get('reward/frac_all_max', 0):.0%} of groups all "
+            f"solved, {m.get('reward/frac_all_min', 0):.0%} all failed; raise temperature, use harder/easier "
+            "prompts, or check the verifier is not too strict or too lax")
     elif std > 2.0:
-        out.append(f"high reward variance (std {std:.2f} > 2.0): noisy verifier, group too small, or prompts too "
-                   "diverse; increase algo.group_size or filter outliers")
+        out["high_reward_std"] = (
+            f"high reward variance (std {std:.2f} > 2.0): noisy verifier, group too small, or prompts too "
+            "diverse; increase algo.group_size or filter outliers")
     var = m.get("advantage/variance", float("nan"))
     if not math.isnan(var) and not 0.5 <= var <= 1.5:
-        out.append(f"advantage variance {var:.3f} outside 0.5-1.5 (many equal-reward groups carry no signal)")
+        out["advantage_variance"] = (
+            f"advantage variance {var:.3f} outside 0.5-1.5 (many equal-reward groups carry no signal)")
     if m.get("kl", 0.0) > kl_stop:
-        out.append(f"KL {m['kl']:.4f} > algo.kl_stop={kl_stop} this step: the policy is drifting from the "
-                   "reference (the run stops if the median over algo.kl_window steps stays above)")
+        out["kl"] = (f"KL {m['kl']:.4f} > algo.kl_stop={kl_stop} this step: the policy is drifting from the "
+                     "reference (the run stops if the median over algo.kl_window steps stays above)")
     return out
 
 
@@ -110,9 +114,8 @@ class Monitor:
     def check(self, m: dict[str, float]) -> tuple[list[str], str | None]:
         """Returns (new warnings, stop reason or None)."""
         warnings = threshold_warnings(m, self.kl_stop)
-        kinds = {w.split(" (")[0]: w for w in warnings}
-        new = [w for kind, w in kinds.items() if kind not in self.active]
-        self.active = set(kinds)
+        new = [w for kind, w in warnings.items() if kind not in self.active]
+        self.active = set(warnings)
         self.recent_kl = (self.recent_kl + [m["kl"]])[-self.kl_window:]
         median = float(np.median(self.recent_kl))
         if len(self.recent_kl) == self.kl_window and median > self.kl_stop:

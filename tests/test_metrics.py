@@ -51,12 +51,12 @@ def test_advantage_variance():
 
 def test_threshold_warnings_follow_the_guide():
     ok = {"reward/std": 0.5, "advantage/variance": 1.0, "kl": 0.01}
-    assert threshold_warnings(ok, kl_stop=0.1) == []
-    low = threshold_warnings({**ok, "reward/std": 0.1}, kl_stop=0.1)
+    assert threshold_warnings(ok, kl_stop=0.1) == {}
+    low = list(threshold_warnings({**ok, "reward/std": 0.1}, kl_stop=0.1).values())
     assert len(low) == 1 and "low reward variance" in low[0] and "temperature" in low[0]
-    assert "high reward variance" in threshold_warnings({**ok, "reward/std": 2.5}, 0.1)[0]
-    assert "advantage variance" in threshold_warnings({**ok, "advantage/variance": 0.2}, 0.1)[0]
-    assert "KL" in threshold_warnings({**ok, "kl": 0.2}, 0.1)[0]
+    assert "high reward variance" in threshold_warnings({**ok, "reward/std": 2.5}, 0.1)["high_reward_std"]
+    assert "advantage variance" in threshold_warnings({**ok, "advantage/variance": 0.2}, 0.1)["advantage_variance"]
+    assert "KL" in threshold_warnings({**ok, "kl": 0.2}, 0.1)["kl"]
 
 
 def test_metrics_log_appends_and_writes_nan_as_null(tmp_path):
@@ -82,6 +82,9 @@ def test_monitor_reports_warnings_once_and_stops_on_sustained_kl_only():
     assert mon.check({**ok, "reward/std": 0.1}) == ([], None)  # persisting: not repeated
     mon.check(ok)
     assert len(mon.check({**ok, "reward/std": 0.1})[0]) == 1   # returns after clearing: reported again
+    # a persisting warning whose measured value changes is still the same warning
+    assert len(mon.check({**ok, "advantage/variance": 0.2})[0]) == 1
+    assert mon.check({**ok, "advantage/variance": 0.3})[0] == []
     # one outlier batch (k3's heavy tail) does not stop the run; a sustained drift does
     mon = Monitor(kl_stop=0.1, kl_window=3)
     for kl in (0.02, 0.9, 0.03):
