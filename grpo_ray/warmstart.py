@@ -3,13 +3,14 @@ supervised pass on the arithmetic task.
 
 GRPO improves a policy that is sometimes right; a random model never is, so its groups all score
 0 and every advantage is 0. The warm start makes a base model that can reason but often does
-not: for its first 80% of steps every example is careful, showing its work (' 37+48=85 #### 85',
-always right), which teaches the arithmetic; the last 20% mix in a hasty style, keeping the
-careful one in only a `show_work` fraction of examples. The hasty one (' #### 61') whose answer is a random
-guess with probability `label_noise` (random rather than near misses, so the hasty examples do
-not blur the arithmetic the careful ones teach). Held-out pass@1 starts around 20-40%; GRPO learns that showing
-the work pays (the first response token decides), so reward and response length rise together,
-as in DeepSeek-R1-Zero. The result is cached by a hash of everything that shapes it.
+not. For its first 80% of steps every example is careful and shows its work
+(' 37+48=85 #### 85', always right), which teaches the arithmetic. The last 20% keep the careful
+style in only a `show_work` fraction of examples; the rest are hasty (' #### 61'), with a random
+guess as the answer in a `label_noise` fraction of them (random rather than near misses, so the
+hasty examples do not blur the arithmetic the careful ones teach). Held-out pass@1 starts around
+20-40%; GRPO learns that showing the work pays (the first response token decides), so reward and
+response length rise together, as in DeepSeek-R1-Zero. The result is cached by a hash of
+everything that shapes it.
 """
 from __future__ import annotations
 
