@@ -14,8 +14,9 @@ import ray
 from .config import Config
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.
+# GRPC_VERBOSITY: gRPC logs a line for every fork() while its threads run (each sandboxed check).
 ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1",
-             "VLLM_NO_USAGE_STATS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+             "VLLM_NO_USAGE_STATS": "1", "TRANSFORMERS_VERBOSITY": "error", "GRPC_VERBOSITY": "ERROR"}
 
 
 def in_ray_job() -> bool:
@@ -52,17 +53,18 @@ def _free_port() -> int:
 @dataclass
 class Roles:
     generators: list
-    verifiers: list
+    verifier: object  # VerifierPool: a Ray Serve deployment, not an actor
     reference: object
     learners: list
 
 
 def start_roles(cfg: Config, model_path: str) -> Roles:
-    """Create every actor and wait until all are ready (vLLM and DeepSpeed start in parallel)."""
+    """Create every actor and wait until all are ready (vLLM, DeepSpeed and the verifier pool
+    start in parallel)."""
     from .generator import Generator
     from .learner import Learner
     from .reference import Reference
-    from .verifiers import Verifier
+    from .verifier_pool import VerifierPool
 
     res, env = cfg.resources, actor_env()
     gen_cls = ray.remote(Generator).options(**_options(res.generator_cpus, env, max_restarts=0))
@@ -70,8 +72,6 @@ def start_roles(cfg: Config, model_path: str) -> Roles:
                                  kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i,
                                  cpu_threads=res.vllm_cpu_threads)
                   for i in range(cfg.rollout.num_generators)]
-    ver_cls = ray.remote(Verifier).options(**_options(res.verifier_cpus, env, max_restarts=0))
-    verifiers = [ver_cls.remote(cfg.reward.components) for _ in range(res.num_verifiers)]
     ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, env, max_restarts=0))
     reference = ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=res.torch_threads,
                                micro_batch_size=cfg.learner.micro_batch_size)
@@ -87,11 +87,13 @@ def start_roles(cfg: Config, model_path: str) -> Roles:
                                    world_size=cfg.learner.num_ranks, master_addr=master_addr,
                                    master_port=master_port, threads=res.torch_threads, seed=cfg.run.seed)
                 for rank in range(cfg.learner.num_ranks)]
+    verifier = VerifierPool(cfg, env)  # blocks until its replicas run, while the actors start
     ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]
-            + [reference.__ray_ready__.remote()] + [v.__ray_ready__.remote() for v in verifiers])
-    return Roles(generators, verifiers, reference, learners)
+            + [reference.__ray_ready__.remote()])
+    return Roles(generators, verifier, reference, learners)
 
 
 def stop_roles(roles: Roles) -> None:
-    for actor in roles.generators + roles.verifiers + [roles.reference] + roles.learners:
+    roles.verifier.shutdown()
+    for actor in roles.generators + [roles.reference] + roles.learners:
         ray.kill(actor)

@@ -79,10 +79,42 @@ class AlgoConfig:
 
 
 @dataclass
+class MathRewardConfig:
+    extraction: Literal["boxed", "marked", "any"] = "any"  # marked: \\boxed{} or ####; any: also the last number
+    timeout_s: float = _f(5.0, lo=0.0, lo_open=True, doc="math-verify time limit per comparison")
+
+
+@dataclass
+class CodeRewardConfig:
+    timeout_s: float = _f(2.0, lo=0.0, lo_open=True, doc="wall clock per check; a record's timeout_s wins")
+    memory_mb: int = _f(512, lo=64, doc="address-space limit of the sandboxed program")
+    partial_credit: bool = False  # reward = fraction of assertions that hold, instead of all-or-nothing
+
+
+@dataclass
+class VerifierPoolConfig:
+    """The Ray Serve deployment that scores completions (autoscaling_config comes from here)."""
+    min_replicas: int = _f(1, lo=1)
+    max_replicas: int = _f(4, lo=1)
+    target_ongoing_requests: float = _f(2.0, lo=0.0, lo_open=True, doc="per replica; more in flight scales up")
+    max_ongoing_requests: int = _f(4, lo=1, doc="requests one replica works on at once (threads)")
+    upscale_delay_s: float = _f(2.0, lo=0.0)
+    downscale_delay_s: float = _f(20.0, lo=0.0)
+    chunk_size: int = _f(16, lo=1, doc="completions per request: small chunks spread a step over replicas")
+    request_timeout_s: float = _f(120.0, lo=0.0, lo_open=True, doc="a request still unanswered is sent again")
+    max_retries: int = _f(3, lo=0, doc="resends of a request whose replica died or timed out")
+    replica_cpus: float = _f(0.1, lo=0.0)
+    verifier_resource: float = _f(1.0, lo=0.0, doc="custom resource 'verifier' per replica, when the cluster has one")
+
+
+@dataclass
 class RewardConfig:
     # name -> weight; names: correct (the task's verifier), format (<think>/<answer>), module:function
     # merged into the default; a weight of 0 turns a component off
     components: dict = _f({"correct": 1.0}, doc="weighted sum of reward components")
+    math: MathRewardConfig = field(default_factory=MathRewardConfig)
+    code: CodeRewardConfig = field(default_factory=CodeRewardConfig)
+    pool: VerifierPoolConfig = field(default_factory=VerifierPoolConfig)
 
 
 @dataclass
@@ -127,8 +159,6 @@ class ResourcesConfig:
     generator_cpus: float = _f(0.25, lo=0.0)
     learner_cpus: float = _f(0.25, lo=0.0)
     reference_cpus: float = _f(0.25, lo=0.0)
-    verifier_cpus: float = _f(0.1, lo=0.0)
-    num_verifiers: int = _f(1, lo=1)
     torch_threads: int = _f(2, lo=1)
     vllm_cpu_threads: str = "0-1"
 
@@ -236,6 +266,10 @@ def _validate(cfg: Config) -> None:
         check_components(cfg.reward.components)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    pool = cfg.reward.pool
+    if pool.max_replicas < pool.min_replicas:
+        raise ConfigError(f"reward.pool.max_replicas={pool.max_replicas} is below reward.pool.min_replicas="
+                          f"{pool.min_replicas}; raise max_replicas or lower min_replicas")
     if cfg.data.task == "jsonl" and not cfg.data.train_path:
         raise ConfigError("data.task='jsonl' needs data.train_path (a .jsonl file with prompt and answer fields)")
     if cfg.model.path == "builtin:tiny" and cfg.data.task != "arithmetic":

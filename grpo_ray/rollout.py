@@ -1,5 +1,5 @@
-"""Fan-out helpers the driver uses every step: split prompts across generators and completions
-across verifiers, run them in parallel, and put the results back in order."""
+"""Fan-out helpers the driver uses every step: split prompts across generators, sample in
+parallel, and put the results back in order. (Scoring fans out in verifier_pool.py.)"""
 from __future__ import annotations
 
 import ray
@@ -29,9 +29,3 @@ def sample(generators: list, prompts: list[str], *, n: int, temperature: float, 
         offset += len(chunk)
     return Rollout.concat(ray.get(refs))
 
-
-def score(verifiers: list, records: list[dict], responses: list[str]) -> list:
-    """Scores for (records[i], responses[i]), split across the verifier actors."""
-    pairs = list(zip(records, responses))
-    refs = [v.score.remote([r for r, _ in c], [t for _, t in c]) for v, c in zip(verifiers, split(pairs, len(verifiers)))]
-    return [s for part in ray.get(refs) for s in part]

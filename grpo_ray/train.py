@@ -24,7 +24,7 @@ from .evaluation import evaluate
 from .metrics import MetricsLog, Monitor, advantage_variance, combine_parts, reward_stats
 from .modeling import load_tokenizer
 from .records import Rollout, TrainBatch
-from .rollout import sample, score, split
+from .rollout import sample, split
 
 
 class PhaseTimer:
@@ -49,7 +49,7 @@ def train_step(step: int, cfg: Config, roles: Roles, records: list[dict], pad_id
     with timer("generate"):
         rollout = generate(roles, cfg, [r["prompt"] for r in records], seed=step_seed(cfg, step))
     with timer("verify"):
-        scores = score(roles.verifiers, [r for r in records for _ in range(G)], rollout.texts)
+        scores = roles.verifier.score([r for r in records for _ in range(G)], rollout.texts)
     rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
     advantages = group_advantages(rewards, G, estimator=cfg.algo.estimator)
     batch = TrainBatch.from_rollout(rollout, advantages, pad_id)
@@ -60,7 +60,7 @@ def train_step(step: int, cfg: Config, roles: Roles, records: list[dict], pad_id
     with timer("sync"):
         sync_weights(roles, cfg, version=step)
     return {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
-            **stats, **timer.metrics()}
+            **stats, "verify/retries": roles.verifier.retries, **timer.metrics()}
 
 
 # ---------------------------------------------------------------- the phases
@@ -183,12 +183,13 @@ def train(cfg: Config, address: str | None = None) -> str:
     t0 = time.perf_counter()
     roles = start_roles(cfg, model_path)
     log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
-        f"{cfg.resources.num_verifiers} verifier(s), reference, {cfg.learner.num_ranks} learner rank(s)")
+        f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), reference, "
+        f"{cfg.learner.num_ranks} learner rank(s)")
     metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
     sampler = PromptSampler(train_records, cfg.run.seed)
 
     def run_eval(step: int) -> None:
-        m, _ = evaluate(roles.generators, roles.verifiers, eval_records, samples=cfg.eval.samples, ks=cfg.eval.ks,
+        m, _ = evaluate(roles.generators, roles.verifier, eval_records, samples=cfg.eval.samples, ks=cfg.eval.ks,
                         temperature=cfg.eval.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
         metrics_log.write({"step": step, **m})
         log(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in m.items()))

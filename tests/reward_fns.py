@@ -4,3 +4,22 @@
 def digit_fraction(record, response):
     """A dense reward (share of digit characters) so even an untrained model's groups vary."""
     return sum(c.isdigit() for c in response) / max(len(response), 1)
+
+
+def hang_once(record, response):
+    """Hangs (20 s) the first time it sees record["marker"] missing, then answers at once: a
+    replica stuck on one request, for the verifier pool's timeout-and-resend test."""
+    import os
+    import time
+
+    if not os.path.exists(record["marker"]):
+        open(record["marker"], "w").close()
+        time.sleep(20)
+    return 1.0
+
+
+def hang_always(record, response):
+    import time
+
+    time.sleep(20)
+    return 1.0

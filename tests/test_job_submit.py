@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,12 @@ def test_ray_job_submit_runs_training_and_leaves_run_dir(ray_head, tmp_path):
            "--working-dir", str(REPO), "--", "grpo-ray", "train", "configs/default.yaml", "warmstart.steps=30",
            "rollout.prompts_per_step=4", "train.steps=2", "train.eval_every=0", "eval.num_prompts=4", "eval.samples=10",
            f"run.output_dir={out_dir}", "run.name=job"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    log = proc.stdout + proc.stderr
+    for _ in range(30):  # `ray start` returns before the dashboard agent takes jobs
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+        log = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in log:
+            break
+        time.sleep(2)
     assert proc.returncode == 0, log[-4000:]
     assert "succeeded" in log
     run_dir = out_dir / "job"

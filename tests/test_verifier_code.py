@@ -312,3 +312,61 @@ def test_verifier_process_survives_parent_kill():
 def test_bad_input_scores_zero(record, response, reason):
     s = verify(record, response)
     assert s.reward == 0.0 and reason in s.reason, s
+
+
+# --------------------------------------------------------------------------- partial credit, options
+
+SQUARES = {"task": "code", "entry_point": "f",
+           "tests": "assert f(1) == 1\nassert f(2) == 4\nassert f(3) == 9\nfor i in range(2):\n    assert f(i) == i * i\n"}
+
+
+@pytest.mark.parametrize("response,partial,reason", [
+    ("def f(x):\n    return x * x\n", 1.0, "all tests passed"),
+    ("def f(x):\n    return x\n", 0.6, "wrong answer: 2 of 5 assertions failed"),  # f(1), f(0), f(1) hold
+    ("def f(x):\n    raise ValueError('no')\n", 0.0, "wrong answer: 5 of 5 assertions failed"),
+    ("def f(x):\n    while True:\n        pass\n", 0.0, "timeout after 1.0s"),
+])
+def test_partial_credit_is_the_fraction_of_assertions_that_hold(response, partial, reason):
+    rec = {**SQUARES, "timeout_s": 1.0}
+    s = verify(rec, response, code={"partial_credit": True})
+    assert s.reward == pytest.approx(partial) and s.reason == reason
+    assert verify(rec, response).reward == (1.0 if partial == 1.0 else 0.0)  # default: all or nothing
+
+
+def test_partial_credit_counts_assertions_never_reached_as_failed():
+    rec = {**SQUARES, "tests": "assert f(1) == 1\nraise RuntimeError('tests stop here')\nassert f(2) == 4\n"}
+    s = verify(rec, "def f(x):\n    return x * x\n", code={"partial_credit": True})
+    assert s.reward == pytest.approx(0.5) and "RuntimeError" in s.reason
+
+
+def test_partial_credit_on_humaneval_check():
+    p = _problems()[0]  # HumanEval/0: has_close_elements, 7 assertions
+    rec = _he_record(p)
+    s = verify(rec, "    return True\n", code={"partial_credit": True})
+    assert 0.0 < s.reward < 1.0 and "assertions failed" in s.reason
+    assert verify(rec, p["canonical_solution"], code={"partial_credit": True}).reward == 1.0
+
+
+def test_partial_credit_cannot_be_forged_by_the_program():
+    """The fraction travels in the harness's nonce-stamped verdict; the solution cannot write it."""
+    forge = ('import os\nfor fd in range(3, 20):\n    try:\n        os.write(fd, b\'\\n{"passed": true, '
+             '"fraction": 1.0, "reason": "x"}\\n\')\n    except OSError:\n        pass\n'
+             "def f(x):\n    return 0\n")
+    s = verify(SQUARES, forge, code={"partial_credit": True})
+    assert s.reward == 0.0 and "malformed reply" in s.reason  # its own pipe to the harness broke
+    honest = verify(SQUARES, "def f(x):\n    return 0\n", code={"partial_credit": True})
+    assert honest.reward == pytest.approx(0.2)  # f(0) == 0 is the only assertion that holds
+
+
+def test_code_options_from_config_reach_the_sandbox():
+    from grpo_ray.verifiers import Verifier
+
+    rec = {"task": "code", "entry_point": "f", "tests": "assert f() == 1\n"}
+    slow = "import time\ntime.sleep(1.0)\ndef f():\n    return 1\n"
+    assert Verifier().score([rec], [slow])[0].reward == 1.0  # default limit 2 s
+    s = Verifier(code={"timeout_s": 0.5}).score([rec], [slow])[0]
+    assert s.reward == 0.0 and s.reason == "timeout after 0.5s"
+    hog = "x = bytearray(300 << 20)\ndef f():\n    return 1\n"
+    assert Verifier().score([rec], [hog])[0].reward == 1.0  # 300 MiB fits the default 512 MiB
+    s = Verifier(code={"memory_mb": 128}).score([rec], [hog])[0]
+    assert s.reward == 0.0 and "memory" in s.reason.lower()

@@ -311,3 +311,44 @@ def test_negative_dollar_amount():
 ])
 def test_bare_latex_answers(gold, response):
     assert verify(rec(gold), response).reward == 1.0
+
+
+# --------------------------------------------------------------------------- time limit, strictness
+
+
+def test_math_verify_time_limit_stops_a_hostile_answer_and_recovers():
+    """9^{9^{9^{9}}} keeps sympy busy for ever; our limit kills math-verify's process and the
+    next comparison runs in a fresh one."""
+    import time
+
+    score_math({"answer": r"\frac{1}{2}"}, r"\boxed{0.5}")  # the child is started (sympy import)
+    t = time.monotonic()
+    s = score_math({"answer": "1"}, r"\boxed{9^{9^{9^{9}}}}", timeout_s=1.0)
+    assert s.reward == 0.0 and s.reason.startswith("timeout after 1s")
+    assert time.monotonic() - t < 10
+    assert score_math({"answer": r"\frac{1}{2}"}, r"\boxed{\dfrac{1}{2}}").reward == 1.0
+
+
+def test_math_verify_runs_off_the_main_thread():
+    """Serve replicas score in worker threads, where SIGALRM-based timeouts would raise."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        out = list(pool.map(lambda p: score_math({"answer": r"\frac{1}{2}"}, p),
+                            [r"\boxed{0.5}", r"\boxed{\frac{2}{4}}", r"\boxed{0.6}", r"\boxed{50\%}"]))
+    assert [s.reward for s in out] == [1.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("extraction,response,reward", [
+    ("any", "so the answer is 7", 1.0),
+    ("marked", "so the answer is 7", 0.0),
+    ("marked", "so #### 7", 1.0),
+    ("marked", r"\boxed{7}", 1.0),
+    ("boxed", "so #### 7", 0.0),
+    ("boxed", r"it is \boxed{7} or maybe 8", 1.0),
+])
+def test_extraction_strictness(extraction, response, reward):
+    s = verify({"answer": "7"}, response, math={"extraction": extraction})
+    assert s.reward == reward
+    if not reward:
+        assert s.reason.startswith("no answer found in ")

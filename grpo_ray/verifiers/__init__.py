@@ -26,7 +26,9 @@ def _user_verifier(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def verify(record: dict, response: str) -> Score:
+def verify(record: dict, response: str, *, math: dict | None = None, code: dict | None = None) -> Score:
+    """Score one response. `math` and `code` are keyword options of score_math (extraction,
+    timeout_s) and score_code (timeout_s, memory_mb, partial_credit): config's reward.math/code."""
     if not isinstance(record, dict):
         return Score(0.0, f"record is {type(record).__name__}, expected a dict")
     if not isinstance(response, str):
@@ -36,7 +38,7 @@ def verify(record: dict, response: str) -> Score:
     task = record.get("task", "math")
     try:
         if task in _BUILTIN:
-            return _BUILTIN[task](record, response)
+            return _BUILTIN[task](record, response, **({"math": math, "code": code}[task] or {}))
         if isinstance(task, str) and ":" in task:
             out = _user_verifier(task)(record, response)
             return out if isinstance(out, Score) else Score(float(out), "user verifier")
@@ -57,13 +59,17 @@ def format_reward(record: dict, response: str) -> Score:
 _COMPONENTS = {"correct": verify, "format": format_reward}
 
 
-def combine(record: dict, response: str, weights: dict[str, float]) -> Score:
-    """Weighted sum of the named components; the reason is the first component's."""
+def combine(record: dict, response: str, weights: dict[str, float], options: dict | None = None) -> Score:
+    """Weighted sum of the named components; the reason is the first component's. `options`
+    ({"math": {...}, "code": {...}}) goes to verify() for the "correct" component."""
     parts = {}
     for name in weights:
         fn = _COMPONENTS.get(name)
         try:
-            score = fn(record, response) if fn else _user_verifier(name)(record, response)
+            if name == "correct":
+                score = verify(record, response, **(options or {}))
+            else:
+                score = fn(record, response) if fn else _user_verifier(name)(record, response)
             parts[name] = score if isinstance(score, Score) else Score(float(score), "user verifier")
         except Exception as e:  # as in verify(): a broken component scores 0, the step goes on
             parts[name] = Score(0.0, f"verifier error in {name}: {type(e).__name__}: {e}")
@@ -84,8 +90,10 @@ def check_components(weights: dict) -> None:
 class Verifier:
     """Verifier role: scores a batch of (record, response) pairs. A plain class; Ray wraps it."""
 
-    def __init__(self, components: dict[str, float] | None = None):
+    def __init__(self, components: dict[str, float] | None = None, math: dict | None = None,
+                 code: dict | None = None):
         self.components = {n: w for n, w in (components or {"correct": 1.0}).items() if w != 0}
+        self.options = {"math": math, "code": code}
 
     def score(self, records: list[dict], responses: list[str]) -> list[Score]:
-        return [combine(r, t, self.components) for r, t in zip(records, responses)]
+        return [combine(r, t, self.components, self.options) for r, t in zip(records, responses)]

@@ -88,7 +88,7 @@ _main(int(sys.argv[1]), int(sys.argv[2]))
 
 # Runs as T. Never execs solution code; see the module docstring.
 _HARNESS = r'''
-import builtins, ctypes, json, marshal, os, sys
+import ast, builtins, ctypes, json, marshal, os, sys
 
 _PLAIN = {type(None), bool, int, float, complex, str, bytes, tuple, list, dict, set, frozenset}
 
@@ -189,13 +189,47 @@ def failure(e):
     return f"wrong answer: {type(e).__name__}: {e}"
 
 
+class Soft(ast.NodeTransformer):
+    """Partial credit: `assert cond, msg` -> `__grpo_assert__(lambda: cond)`, which counts the
+    assertion and goes on instead of stopping at the first failure."""
+    count = 0
+
+    def visit_Assert(self, node):
+        self.generic_visit(node)
+        self.count += 1
+        fn = ast.Lambda(ast.arguments([], [], None, [], [], None, []), node.test)
+        call = ast.Call(ast.Name("__grpo_assert__", ast.Load()), [fn], [])
+        return ast.copy_location(ast.Expr(call), node)
+
+
+class Tally:
+    def __init__(self):
+        self.run = self.passed = 0
+
+    def __call__(self, cond):
+        self.run += 1
+        try:
+            ok = bool(cond())
+        except Exception:  # an error inside one assertion fails that one, not the rest
+            ok = False
+        self.passed += ok
+
+
+def compile_tests(job):
+    if not job.get("partial"):
+        return compile(job["tests"], "<tests>", "exec"), 0
+    soft = Soft()
+    tree = ast.fix_missing_locations(soft.visit(ast.parse(job["tests"], "<tests>")))
+    return compile(tree, "<tests>", "exec"), soft.count
+
+
 def run(job):
     try:
         compile(job["program"], "<solution>", "exec")
     except (SyntaxError, ValueError) as e:
         return False, f"syntax error: {getattr(e, 'msg', e)} (line {getattr(e, 'lineno', '?')})"
     try:
-        tests = compile(job["tests"], "<tests>", "exec")
+        tests = compile_tests(job)
     except (SyntaxError, ValueError) as e:
         return False, f"tests did not run: the tests do not compile ({e})"
     worker = Worker(job["worker"])
@@ -213,8 +247,8 @@ def run(job):
 
 
 def run_tests(worker, tests, job, names):
-    entry = job.get("entry_point")
-    ns = {"__name__": "__tests__"}
+    entry, (tests, asserts), tally = job.get("entry_point"), tests, Tally()
+    ns = {"__name__": "__tests__", "__grpo_assert__": tally}
     if job.get("prompt"):  # trusted: helpers the tests call (HumanEval/32's poly) come from here
         exec(compile(job["prompt"], "<prompt>", "exec"), ns)
     for name in names:  # W's names may not shadow builtins (a fake abs() would fool the tests)
@@ -230,8 +264,17 @@ def run_tests(worker, tests, job, names):
         elif "check" in ns and not entry:
             return False, "tests did not run: the tests define check() but the record has no entry_point"
     except BaseException as e:
-        return False, failure(e)
+        return False, failure(e), partial(tally, asserts)
+    if tally.passed < tally.run:
+        return False, f"wrong answer: {tally.run - tally.passed} of {tally.run} assertions failed", partial(tally, asserts)
     return True, "all tests passed"
+
+
+def partial(tally, asserts):
+    """Fraction of assertions that held. An assertion in a loop counts each time it runs; one
+    never reached (the tests stopped early) counts as failed."""
+    total = max(tally.run, asserts)
+    return tally.passed / total if total else 0.0
 
 
 def main():
@@ -239,8 +282,9 @@ def main():
     side = SIDE_FD
     os.set_inheritable(side, False)
 
-    def verdict(passed, reason):
-        line = json.dumps({"nonce": job["nonce"], "passed": passed, "reason": reason[:500]})
+    def verdict(passed, reason, fraction=None):
+        fraction = float(passed) if fraction is None else fraction
+        line = json.dumps({"nonce": job["nonce"], "passed": passed, "reason": reason[:500], "fraction": fraction})
         # one write under PIPE_BUF is atomic; the leading newline ends any partial line that W
         # wrote through the sandbox init's copy of this fd (/proc/1/fd: blocked when the pipe is
         # root's, possible when the trainer runs as the sandbox's own uid)
@@ -304,19 +348,27 @@ def _verdict(side: bytes, nonce: str) -> dict | None:
     return None
 
 
-def score_code(record: dict, response: str) -> Score:
+def score_code(record: dict, response: str, *, timeout_s: float = 2.0, memory_mb: int = 512,
+               partial_credit: bool = False) -> Score:
+    """1.0 when every test passes. partial_credit: the fraction of assertions that hold instead
+    (plain asserts and HumanEval's check(); a timeout or crash still scores 0). The record's own
+    `timeout_s` overrides the argument."""
     tests = record.get("tests")
     if not isinstance(tests, str) or not tests.strip():
         return Score(0.0, "record has no 'tests' field")
     entry = record.get("entry_point")
     if entry is not None and not (isinstance(entry, str) and entry.isidentifier()):
         return Score(0.0, f"bad entry_point {entry!r}")
-    timeout = float(record.get("timeout_s", 2.0))
+    try:
+        timeout = float(record.get("timeout_s", timeout_s))
+    except (TypeError, ValueError):
+        return Score(0.0, f"bad timeout_s {record.get('timeout_s')!r}")
     nonce = secrets.token_hex(16)
     job = {"nonce": nonce, "program": build_program(record, response), "tests": tests,
-           "entry_point": entry, "prompt": record.get("prompt") or "", "worker": _WORKER}
+           "entry_point": entry, "prompt": record.get("prompt") or "", "worker": _WORKER,
+           "partial": bool(partial_credit)}
     res = run_python(_HARNESS, stdin=json.dumps(job).encode(), side_channel=True,
-                     timeout_s=timeout)
+                     timeout_s=timeout, memory_mb=memory_mb)
     if res.killed_reason and res.killed_reason != "memory limit":
         return Score(0.0, res.killed_reason)
     v = _verdict(res.side, nonce)
@@ -324,4 +376,8 @@ def score_code(record: dict, response: str) -> Score:
         tail = res.stderr.strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
         return Score(0.0, f"tests did not run: no verdict from the harness ({tail[0][:200]})")
     passed = v.get("passed") is True and res.returncode == 0
-    return Score(1.0 if passed else 0.0, str(v.get("reason", "")))
+    reward = 1.0 if passed else 0.0
+    if partial_credit and not passed and res.returncode == 0:
+        fraction = v.get("fraction")
+        reward = min(max(float(fraction), 0.0), 1.0) if isinstance(fraction, (int, float)) else 0.0
+    return Score(reward, str(v.get("reason", "")))

@@ -1,15 +1,29 @@
 """Math answers: extract the model's final answer and compare it with the gold one.
 
-Extraction order: the last \\boxed{...}, then the last `#### n` (GSM8K), then the last number.
+Extraction order: the last \\boxed{...}, then the last `#### n` (GSM8K), then the last number;
+`extraction` makes it stricter ("boxed": only \\boxed{}, "marked": \\boxed{} or ####, "any": all
+three). A strict setting stops a policy from being paid for a number that merely appears last.
+
 Plain numbers are compared numerically (thousands separators and `$` ignored); anything else
-(fractions, LaTeX, percentages, sets) goes to math-verify with its signal-based timeouts off,
-because SIGALRM only works in a process's main thread (async actors and Serve replicas are not).
+(fractions, LaTeX, percentages, sets) goes to math-verify. Its own timeouts use SIGALRM, which
+only works in a process's main thread (Serve replicas and thread pools are not), and a hostile
+answer such as \\boxed{9^{9^{9^{9}}}} keeps sympy busy for ever. A Python thread cannot be
+killed, so math-verify runs in a child process that is killed and replaced when a comparison
+takes longer than `timeout_s` (see _MathVerifyProcess).
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import select
+import subprocess
+import sys
+import threading
 
 from ..records import Score
+
+EXTRACTION = ("boxed", "marked", "any")
 
 # a sign may stand before a currency sign ("-$5"); "3/4" is kept whole as a fraction
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\$?\.\d+")
@@ -31,11 +45,11 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, extraction: str = "any") -> str | None:
     """The response's final answer as a string, or None when there is none."""
     boxed = last_boxed(text)
-    if boxed:
-        return boxed
+    if boxed or extraction == "boxed":
+        return boxed or None
     if "####" in text:
         tail = text.rsplit("####", 1)[1].strip()
         line = tail.splitlines()[0].strip().rstrip(".") if tail else ""
@@ -46,6 +60,8 @@ def extract_answer(text: str) -> str | None:
             return num.group(0).replace("$", "")
         if line:
             return line
+    if extraction == "marked":
+        return None
     nums = _NUMBER.findall(text)
     return nums[-1].replace("$", "") if nums else None
 
@@ -64,6 +80,7 @@ def to_number(text: str) -> float | None:
 
 
 def _math_verify_equal(gold: str, pred: str) -> bool:
+    """math-verify's comparison, without its signal timeouts (the caller enforces one)."""
     from math_verify import parse, verify
 
     def wrap(s: str) -> str:  # math-verify finds LaTeX only inside math delimiters
@@ -74,16 +91,109 @@ def _math_verify_equal(gold: str, pred: str) -> bool:
     return bool(g) and bool(p) and verify(g, p, timeout_seconds=None)
 
 
-def score_math(record: dict, response: str, answer_key: str = "answer") -> Score:
+class _MathVerifyProcess:
+    """math-verify in a long-lived child process (running _serve below), one JSON
+    line per comparison. On a timeout the child is killed and the next call starts a new one;
+    start-up (importing sympy, ~1 s) is not counted against the time limit."""
+
+    def __init__(self):
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()  # one comparison at a time per process; callers may be threads
+
+    def equal(self, gold: str, pred: str, timeout_s: float) -> bool:
+        with self._lock:
+            proc = self._proc if self._proc and self._proc.poll() is None else self._start()
+            try:
+                proc.stdin.write(json.dumps([gold, pred]).encode() + b"\n")
+                proc.stdin.flush()
+            except BrokenPipeError:  # it died since (PDEATHSIG fires when its starting thread ends)
+                proc = self._start()
+                proc.stdin.write(json.dumps([gold, pred]).encode() + b"\n")
+                proc.stdin.flush()
+            reply = self._readline(proc, timeout_s)
+            if not reply:
+                self.close()
+                if reply is None:
+                    raise TimeoutError(f"timeout after {timeout_s:g}s")
+                raise RuntimeError("the math-verify process died")
+            out = json.loads(reply)
+            if "error" in out:
+                raise RuntimeError(out["error"])
+            return bool(out["equal"])
+
+    def _start(self) -> subprocess.Popen:
+        self.close()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        self._proc = subprocess.Popen([sys.executable, "-c", _CHILD], env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        if self._readline(self._proc, 60.0) != b"ready\n":
+            self.close()
+            raise RuntimeError("the math-verify process did not start")
+        return self._proc
+
+    @staticmethod
+    def _readline(proc: subprocess.Popen, timeout_s: float) -> bytes | None:
+        ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+        return proc.stdout.readline() if ready else None
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            for f in (self._proc.stdin, self._proc.stdout):
+                f.close()
+            self._proc = None
+
+
+_CHILD = "from grpo_ray.verifiers.math import _serve; _serve()"
+_MATH_VERIFY = _MathVerifyProcess()
+
+
+def score_math(record: dict, response: str, answer_key: str = "answer", *, extraction: str = "any",
+               timeout_s: float = 5.0) -> Score:
+    """1.0 when the response's final answer equals record[answer_key]; timeout_s bounds math-verify."""
     if answer_key not in record or record[answer_key] in (None, ""):
         return Score(0.0, f"record has no '{answer_key}' field")
+    if extraction not in EXTRACTION:
+        return Score(0.0, f"unknown extraction {extraction!r}; use one of {', '.join(EXTRACTION)}")
     gold = gold_answer(record[answer_key])
-    pred = extract_answer(response)
+    pred = extract_answer(response, extraction)
     if pred is None:
-        return Score(0.0, "no answer found")
+        where = {"boxed": " in \\boxed{}", "marked": " in \\boxed{} or after ####"}.get(extraction, "")
+        return Score(0.0, f"no answer found{where}")
     g, p = to_number(gold), to_number(pred)
     if g is not None and p is not None:
         correct = abs(g - p) <= 1e-9 * max(1.0, abs(g))
     else:
-        correct = _math_verify_equal(gold, pred)
+        try:
+            correct = _MATH_VERIFY.equal(gold, pred, timeout_s)
+        except TimeoutError as e:
+            return Score(0.0, f"{e} comparing {pred[:80]} with {gold[:80]}")
     return Score(1.0, "correct") if correct else Score(0.0, f"wrong answer {pred} != {gold}")
+
+
+def _serve() -> None:
+    """The child's loop: one [gold, pred] JSON line in, one {"equal"} or {"error"} line out."""
+    import ctypes
+    import logging
+    import resource
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the verifier
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a huge integer fails, not the host
+    import math_verify  # noqa: F401  (import before "ready": start-up is not part of a timeout)
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled": we have one
+
+    out = sys.stdout.buffer
+    out.write(b"ready\n")
+    out.flush()
+    for line in sys.stdin.buffer:
+        gold, pred = json.loads(line)
+        try:
+            reply = {"equal": _math_verify_equal(gold, pred)}
+        except Exception as e:  # MemoryError included: a wrong answer, not a dead process
+            reply = {"error": f"math-verify: {type(e).__name__}: {str(e)[:200]}"}
+        out.write(json.dumps(reply).encode() + b"\n")
+        out.flush()
+

@@ -1,0 +1,131 @@
+"""The verifier pool: the Verifier role (grpo_ray.verifiers) as a Ray Serve deployment that
+autoscales with load, and the client the driver uses to score a step's completions.
+
+Why Serve: code checks cost 50 ms to seconds each and arrive in bursts (one per step), math
+checks cost microseconds. Serve's autoscaler adds replicas while requests queue up and removes
+them when idle (reward.pool: min/max_replicas, target_ongoing_requests), and schedules them on
+nodes that offer the custom resource `verifier` when the cluster defines one (so CPU-only
+verifier nodes can be added or autoscaled without touching the GPU nodes).
+
+Failure handling: completions travel in chunks (reward.pool.chunk_size), all sent at once and
+gathered concurrently. A chunk whose replica dies, or that is not answered within
+request_timeout_s, is sent again, up to max_retries: a crashed replica costs a retry, never a
+lost sample or a hung step. Only when the retries run out does the step fail, with the reason.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+
+from .config import Config
+from .records import Score
+from .verifiers import Verifier
+
+log = logging.getLogger(__name__)
+
+# A busy 2-core node answers Serve's queue-length probes late (default deadline 0.1 s): that only
+# costs a warning per probe, but the warnings flood the log.
+os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+
+
+class VerifierReplica:
+    """One replica: scores chunks in a thread pool, so a replica overlaps `threads` sandboxed
+    checks (each mostly waits on its subprocess). A plain class; Serve wraps it."""
+
+    def __init__(self, components: dict, math: dict, code: dict, threads: int):
+        self.verifier = Verifier(components, math=math, code=code)
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify")
+
+    async def score(self, records: list[dict], responses: list[str]) -> list[Score]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.verifier.score, records, responses)
+
+
+def deployment_options(cfg: Config, env: dict, has_verifier_resource: bool) -> dict:
+    """serve.deployment(...) options from reward.pool."""
+    p = cfg.reward.pool
+    actor = {"num_cpus": p.replica_cpus, "runtime_env": {"env_vars": env}}
+    if has_verifier_resource:
+        actor["resources"] = {"verifier": p.verifier_resource}
+    autoscaling = {"min_replicas": p.min_replicas, "initial_replicas": p.min_replicas,
+                   "max_replicas": p.max_replicas, "target_ongoing_requests": p.target_ongoing_requests,
+                   "upscale_delay_s": p.upscale_delay_s, "downscale_delay_s": p.downscale_delay_s,
+                   # RL steps take seconds: Serve's defaults (10 s metrics, 30 s window) react too late
+                   "metrics_interval_s": 0.5, "look_back_period_s": max(1.0, p.upscale_delay_s)}
+    return dict(ray_actor_options=actor, max_ongoing_requests=p.max_ongoing_requests,
+                autoscaling_config=autoscaling, health_check_period_s=2.0, health_check_timeout_s=30.0)
+
+
+class VerifierPool:
+    """The driver's handle on the deployment: `score(records, responses)`, `replicas()`, `shutdown()`."""
+
+    def __init__(self, cfg: Config, env: dict):
+        from ray import serve
+
+        self.cfg = cfg.reward.pool
+        self.app = f"grpo-verifier-{cfg.run.name}-{uuid.uuid4().hex[:6]}"
+        self.retries = 0  # resends during the last score() call (logged per step)
+        serve.start(proxy_location="Disabled")  # no HTTP: only our driver calls it
+        options = deployment_options(cfg, env, bool(ray.cluster_resources().get("verifier")))
+        app = serve.deployment(VerifierReplica, name="verifier", **options).bind(
+            cfg.reward.components, vars(cfg.reward.math), vars(cfg.reward.code), self.cfg.max_ongoing_requests)
+        self.handle = serve.run(app, name=self.app, route_prefix=None)
+
+    def score(self, records: list[dict], responses: list[str]) -> list[Score]:
+        """Scores for (records[i], responses[i]), in order."""
+        n = self.cfg.chunk_size
+        chunks = [(records[i:i + n], responses[i:i + n]) for i in range(0, len(records), n)]
+        results: list = [None] * len(chunks)
+        pending, reason, self.retries = list(range(len(chunks))), "", 0
+        for attempt in range(self.cfg.max_retries + 1):
+            if attempt:
+                self.retries += len(pending)
+                log.warning("verifier pool: resending %d request(s) (%s), attempt %d of %d",
+                            len(pending), reason, attempt + 1, self.cfg.max_retries + 1)
+            pending, reason = self._gather(chunks, pending, results)
+            if not pending:
+                return [s for part in results for s in part]
+        raise RuntimeError(f"verifier pool {self.app}: {len(pending)} request(s) failed after "
+                           f"{self.cfg.max_retries} retries ({reason}); raise reward.pool.max_retries "
+                           f"or reward.pool.request_timeout_s")
+
+    def _gather(self, chunks: list, todo: list[int], results: list) -> tuple[list[int], str]:
+        """Send chunks[i] for i in todo, wait for all; returns (failed indices, last reason)."""
+        sent = {i: self.handle.score.remote(*chunks[i]) for i in todo}
+        deadline, failed, reason = time.monotonic() + self.cfg.request_timeout_s, [], ""
+        for i, response in sent.items():
+            try:
+                results[i] = response.result(timeout_s=max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                response.cancel()
+                failed.append(i)
+                reason = f"no answer within {self.cfg.request_timeout_s:g}s"
+            except Exception as e:  # a replica that died mid-request: RayActorError and kin
+                failed.append(i)
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return failed, reason
+
+    def replicas(self) -> dict[str, int]:
+        """Replica counts by state, e.g. {"RUNNING": 3, "STARTING": 1}."""
+        from ray import serve
+
+        app = serve.status().applications.get(self.app)
+        return dict(app.deployments["verifier"].replica_states) if app else {}
+
+    def running(self) -> int:
+        return self.replicas().get("RUNNING", 0)
+
+    def shutdown(self) -> None:
+        from ray import serve
+
+        try:
+            self.handle.shutdown()  # this process's router: its metrics task would outlive the app
+            serve.delete(self.app)
+        except Exception as e:  # the cluster may already be gone; nothing left to clean then
+            log.warning("verifier pool: could not delete %s: %s", self.app, e)

@@ -1,0 +1,135 @@
+"""The verifier pool (grpo_ray/verifier_pool.py): the replica class without Ray, then the real
+Ray Serve deployment: autoscaling under a burst of code checks, a replica killed mid-burst, and
+a request that times out."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from grpo_ray.config import load_config
+from grpo_ray.verifier_pool import VerifierReplica, deployment_options
+
+# each check sleeps in the trusted test code, so a burst keeps replicas busy on 2 cores
+SLOW = {"task": "code", "entry_point": "f", "tests": "import time\ntime.sleep(0.3)\nassert f() == 1\n"}
+RIGHT, WRONG = "def f():\n    return 1\n", "def f():\n    return 2\n"
+
+
+def test_replica_scores_in_order_without_ray():
+    rep = VerifierReplica({"correct": 1.0, "format": 0.5}, {"extraction": "marked"}, {}, threads=2)
+    recs = [{"answer": "4"}] * 3
+    out = asyncio.run(rep.score(recs, ["#### 4", "the answer is 4", "<think>x</think><answer>#### 4</answer>"]))
+    assert [s.reward for s in out] == [1.0, 0.0, 1.5]  # "marked" extraction: a bare trailing 4 is not an answer
+    assert out[1].reason == "no answer found in \\boxed{} or after ####"
+
+
+def test_deployment_options_come_from_config():
+    cfg = load_config(None, ["reward.pool.min_replicas=2", "reward.pool.max_replicas=5",
+                             "reward.pool.target_ongoing_requests=3", "reward.pool.replica_cpus=0.5"])
+    opts = deployment_options(cfg, {"A": "1"}, has_verifier_resource=False)
+    auto = opts["autoscaling_config"]
+    assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"]) == (2, 5, 3.0)
+    assert opts["ray_actor_options"] == {"num_cpus": 0.5, "runtime_env": {"env_vars": {"A": "1"}}}
+    with_res = deployment_options(cfg, {}, has_verifier_resource=True)
+    assert with_res["ray_actor_options"]["resources"] == {"verifier": 1.0}
+
+
+def test_pool_bounds_are_checked():
+    from grpo_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="reward.pool.max_replicas=1 is below reward.pool.min_replicas=2"):
+        load_config(None, ["reward.pool.min_replicas=2", "reward.pool.max_replicas=1"])
+
+
+def _pool(tmp_path, *overrides):
+    from grpo_ray.actors import actor_env
+    from grpo_ray.verifier_pool import VerifierPool
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "reward.pool.chunk_size=1", *overrides])
+    return VerifierPool(cfg, actor_env())
+
+
+def _burst(pool, n):
+    """Score n slow code checks on a thread; alternate right and wrong programs."""
+    out = {}
+    responses = [RIGHT if i % 2 == 0 else WRONG for i in range(n)]
+    thread = threading.Thread(target=lambda: out.setdefault("scores", pool.score([SLOW] * n, responses)))
+    thread.start()
+    return thread, out, [1.0 if i % 2 == 0 else 0.0 for i in range(n)]
+
+
+@pytest.mark.slow
+def test_pool_scales_up_under_a_burst_and_back_down_when_idle(ray_local, tmp_path):
+    pool = _pool(tmp_path, "reward.pool.min_replicas=1", "reward.pool.max_replicas=3",
+                 "reward.pool.target_ongoing_requests=1", "reward.pool.max_ongoing_requests=2",
+                 "reward.pool.upscale_delay_s=0.5", "reward.pool.downscale_delay_s=2")
+    try:
+        assert pool.running() == 1
+        thread, out, expected = _burst(pool, 60)
+        peak = 1
+        while thread.is_alive():
+            peak = max(peak, pool.running())
+            time.sleep(0.25)
+        thread.join()
+        assert [s.reward for s in out["scores"]] == expected
+        assert peak > 1, "the pool never scaled above min_replicas under the burst"
+        deadline = time.monotonic() + 60
+        while pool.replicas() != {"RUNNING": 1} and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert pool.replicas() == {"RUNNING": 1}, "the pool did not scale back to min_replicas when idle"
+    finally:
+        pool.shutdown()
+
+
+def _replica_actors(app: str) -> list:
+    import ray
+
+    return [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#")]
+
+
+@pytest.mark.slow
+def test_replica_killed_mid_burst_loses_no_score(ray_local, tmp_path):
+    import ray
+
+    pool = _pool(tmp_path, "reward.pool.min_replicas=2", "reward.pool.max_replicas=2")
+    try:
+        assert len(_replica_actors(pool.app)) == 2
+        thread, out, expected = _burst(pool, 40)
+        time.sleep(2.0)  # mid-burst: both replicas are working on checks
+        victim = _replica_actors(pool.app)[0]
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "the step hung after a replica died"
+        assert [s.reward for s in out["scores"]] == expected
+        assert pool.retries >= 1  # the killed replica's requests were sent again
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.slow
+def test_request_that_times_out_is_sent_again(ray_local, tmp_path):
+    marker = tmp_path / "hung-once"
+    pool = _pool(tmp_path, "reward.pool.request_timeout_s=3", "reward.pool.max_retries=2",
+                 "reward.components={correct: 0, 'reward_fns:hang_once': 1.0}")
+    try:
+        t = time.monotonic()
+        scores = pool.score([{"answer": "1", "marker": str(marker)}], ["1"])
+        assert [s.reward for s in scores] == [1.0]
+        assert pool.retries == 1 and marker.exists()
+        assert 3 <= time.monotonic() - t < 20
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.slow
+def test_retries_run_out_with_a_clear_error(ray_local, tmp_path):
+    pool = _pool(tmp_path, "reward.pool.request_timeout_s=1", "reward.pool.max_retries=1",
+                 "reward.components={correct: 0, 'reward_fns:hang_always': 1.0}")
+    try:
+        with pytest.raises(RuntimeError, match=r"1 request\(s\) failed after 1 retries \(no answer within 1s\)"):
+            pool.score([{"answer": "1"}], ["1"])
+    finally:
+        pool.shutdown()
