@@ -14,9 +14,14 @@ import ray
 from .config import Config
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.
-# GRPC_VERBOSITY: gRPC logs a line for every fork() while its threads run (each sandboxed check).
-ACTOR_ENV = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1",
-             "VLLM_NO_USAGE_STATS": "1", "TRANSFORMERS_VERBOSITY": "error", "GRPC_VERBOSITY": "ERROR"}
+# GRPC_ENABLE_FORK_SUPPORT=0: with it on, gRPC's fork handler starts a poller thread in every
+# child forked by subprocess (each sandboxed check drops to uid 65534, so Python forks rather than
+# vforks); subprocess then closes the poller's fds and the child aborts before exec. Measured:
+# 4 aborted checks in 984 (one a correct answer scored 0) with it on, none with it off.
+# GRPC_VERBOSITY: otherwise gRPC logs a line for every such fork.
+ACTOR_ENV = {"GRPC_ENABLE_FORK_SUPPORT": "0", "GRPC_VERBOSITY": "ERROR", "TOKENIZERS_PARALLELISM": "false",
+             "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+             "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def in_ray_job() -> bool:
@@ -75,8 +80,9 @@ def start_roles(cfg: Config, model_path: str) -> Roles:
     ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, env, max_restarts=0))
     reference = ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=res.torch_threads,
                                micro_batch_size=cfg.learner.micro_batch_size)
-    loss_kwargs = dict(eps_low=cfg.algo.epsilon, eps_high=cfg.epsilon_high, beta=cfg.algo.beta,
-                       aggregation=cfg.algo.aggregation, clip_ratio_c=cfg.algo.clip_ratio_c)
+    a = cfg.algo
+    loss_kwargs = dict(eps_low=a.epsilon, eps_high=cfg.epsilon_high, beta=a.beta, aggregation=a.aggregation,
+                       clip_ratio_c=a.clip_ratio_c, entropy_coef=a.entropy_coef)
     learner_cls = ray.remote(Learner).options(**_options(res.learner_cpus, env, max_restarts=0))
     master_addr, master_port = ray.util.get_node_ip_address(), _free_port()
     learners = [learner_cls.remote(model_path, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
@@ -85,7 +91,8 @@ def start_roles(cfg: Config, model_path: str) -> Roles:
                                    dtype=cfg.model.dtype, loss_kwargs=loss_kwargs,
                                    micro_batch_size=cfg.learner.micro_batch_size, rank=rank,
                                    world_size=cfg.learner.num_ranks, master_addr=master_addr,
-                                   master_port=master_port, threads=res.torch_threads, seed=cfg.run.seed)
+                                   master_port=master_port, threads=res.torch_threads, seed=cfg.run.seed,
+                                   recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis, tis_cap=a.tis_cap)
                 for rank in range(cfg.learner.num_ranks)]
     verifier = VerifierPool(cfg, env)  # blocks until its replicas run, while the actors start
     ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]

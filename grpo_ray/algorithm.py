@@ -11,6 +11,10 @@ References
 - RLOO: Ahmadian et al. 2024 (arXiv:2402.14740): leave-one-out baseline.
 - k3 KL estimator: J. Schulman, "Approximating KL Divergence" (2020).
 - Dual clip: Ye et al. 2020 (arXiv:1912.09729).
+- Dynamic sampling, overlong filtering and soft overlong punishment: DAPO, sections 3.2 and 3.4.
+- Truncated importance sampling (TIS): Yao et al. 2025, "Your Efficient RL Framework Secretly
+  Brings You Off-Policy RL Training" (fengyao.notion.site/off-policy-rl); IMPALA's truncated
+  weights (Espeholt et al. 2018, arXiv:1802.01561).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 AGGREGATIONS = ("seq_mean", "token_mean", "constant")
+TIS_LEVELS = ("token", "sequence")
 
 
 def group_advantages(
@@ -53,6 +58,46 @@ def group_advantages(
         others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
         adv = grouped - others
     return adv.reshape(-1)
+
+
+def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """DAPO dynamic sampling: a group whose rewards are all equal has zero advantages and gives
+    no gradient. rewards: [P * G] -> [P] bool, True where the group's rewards differ."""
+    grouped = rewards.float().view(-1, group_size)
+    return grouped.max(dim=1).values > grouped.min(dim=1).values
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (eq. 13), added to the reward.
+
+    lengths: [B] response lengths in tokens; max_len: L_max (rollout.max_new_tokens); buffer:
+    L_cache. 0 up to L_max - L_cache, then a linear ramp to -factor at L_max (and beyond):
+    -factor * clamp(|y| - (L_max - L_cache), 0, L_cache) / L_cache. Returns [B] float32.
+    """
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"buffer={buffer} must be in (0, max_len={max_len}]")
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0.0, max=float(buffer))
+    return -factor * over / buffer
+
+
+def truncated_is_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, response_mask: torch.Tensor,
+                         level: str = "token", cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance weights that correct for the sampler (vLLM) and the learner
+    computing different probabilities for the same weights (kernels, precision).
+
+    old_logprobs:     [B, T] the learner's logprobs of the sampled tokens before the update.
+    sampler_logprobs: [B, T] the sampler's logprobs of the same tokens.
+    token:    w_t = min(exp(old_t - sampler_t), cap)
+    sequence: w   = min(exp(sum_t (old_t - sampler_t)), cap), the same for every token.
+    Returns [B, T] float32, detached, 0 on padding. Multiplies the policy-gradient term only.
+    """
+    if level not in TIS_LEVELS:
+        raise ValueError(f"level={level!r}; allowed: {', '.join(TIS_LEVELS)}")
+    mask = response_mask.float()
+    log_w = ((old_logprobs - sampler_logprobs).float() * mask).detach()
+    if level == "sequence":
+        log_w = log_w.sum(dim=1, keepdim=True).expand_as(mask)
+    return torch.exp(log_w.clamp(max=20.0)).clamp(max=cap) * mask
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -137,6 +182,9 @@ def policy_loss(
     aggregation: str = "seq_mean",
     normalizer: float | None = None,
     clip_ratio_c: float | None = None,
+    is_weights: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO clipped surrogate with a k3 KL penalty in the loss (not in the reward).
 
@@ -150,6 +198,10 @@ def policy_loss(
 
     per token: -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A) + beta * k3, with r = exp(logp - old).
     clip_ratio_c (dual clip): for A < 0 the surrogate term is capped at -clip_ratio_c * A.
+    is_weights:    [B, T] truncated importance weights (truncated_is_weights), detached; they
+                   multiply the surrogate term (not the KL). None = 1.
+    entropy:       [B, T] policy entropy WITH grad; with entropy_coef > 0 the loss gets
+                   -entropy_coef * entropy per token (an exploration bonus; off by default).
     Returns the scalar loss and detached token-mean metrics over this batch's response tokens.
     """
     if advantages.dim() == 1:
@@ -164,7 +216,13 @@ def policy_loss(
         if clip_ratio_c <= 1.0:
             raise ValueError(f"clip_ratio_c={clip_ratio_c}; dual clip needs a value > 1 (e.g. 3.0)")
         pg = torch.where(advantages < 0, torch.minimum(pg, -clip_ratio_c * advantages), pg)
+    if is_weights is not None:
+        pg = pg * is_weights.detach()
     per_token = pg
+    if entropy_coef:
+        if entropy is None or not entropy.requires_grad:
+            raise ValueError("entropy_coef != 0 needs the per-token entropy with grad")
+        per_token = per_token - entropy_coef * entropy
     if beta != 0.0:
         if ref_logprobs is None:
             raise ValueError("beta != 0 needs ref_logprobs")

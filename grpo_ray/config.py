@@ -76,6 +76,17 @@ class AlgoConfig:
     estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     aggregation: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
     clip_ratio_c: float | None = _f(None, lo=1.0, lo_open=True, doc="dual clip for A < 0; null = off")
+    ppo_epochs: int = _f(1, lo=1, doc="passes over each rollout (mu in DeepSeekMath)")
+    mini_batches: int = _f(1, lo=1, doc="optimizer steps per pass; DeepSeek-R1 splits a rollout into 16")
+    dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards, refill with new prompts
+    dynamic_sampling_rounds: int = _f(3, lo=0, doc="extra generation rounds to refill the batch")
+    overlong: Literal["none", "mask", "penalty"] = "none"  # truncated completions: train on, mask, or DAPO penalty
+    overlong_buffer: int | None = _f(None, lo=1, doc="DAPO L_cache in tokens; null = max_new_tokens // 5")
+    overlong_penalty_factor: float = _f(1.0, lo=0.0)
+    recompute_old_logprobs: bool = False  # learner recomputes old logprobs (the sampler's kept for TIS)
+    tis: Literal["none", "token", "sequence"] = "none"  # truncated importance sampling vs the sampler
+    tis_cap: float = _f(2.0, lo=1.0, doc="truncation C of the importance weights")
+    entropy_coef: float = _f(0.0, lo=0.0, doc="entropy bonus in the loss; 0 = off (entropy is logged anyway)")
 
 
 @dataclass
@@ -100,7 +111,8 @@ class VerifierPoolConfig:
     max_ongoing_requests: int = _f(4, lo=1, doc="requests one replica works on at once (threads)")
     upscale_delay_s: float = _f(2.0, lo=0.0)
     downscale_delay_s: float = _f(20.0, lo=0.0)
-    chunk_size: int = _f(16, lo=1, doc="completions per request: small chunks spread a step over replicas")
+    chunk_size: int = _f(0, lo=0, doc="completions per request; 0 = auto: about target_request_s of work each")
+    target_request_s: float = _f(0.25, lo=0.0, lo_open=True, doc="work per request when chunk_size is 0")
     request_timeout_s: float = _f(120.0, lo=0.0, lo_open=True, doc="a request still unanswered is sent again")
     max_retries: int = _f(3, lo=0, doc="resends of a request whose replica died or timed out")
     replica_cpus: float = _f(0.1, lo=0.0)
@@ -280,9 +292,21 @@ def _validate(cfg: Config) -> None:
     if max(cfg.eval.ks) > cfg.eval.samples:
         raise ConfigError(f"eval.ks={cfg.eval.ks!r} needs eval.samples >= {max(cfg.eval.ks)} "
                           f"(pass@k is estimated from `samples` completions), got {cfg.eval.samples}")
-    if cfg.learner.num_ranks > 1 and cfg.rollout.prompts_per_step * cfg.algo.group_size % cfg.learner.num_ranks:
-        raise ConfigError(f"learner.num_ranks={cfg.learner.num_ranks} must divide rollout.prompts_per_step * "
-                          f"algo.group_size = {cfg.rollout.prompts_per_step * cfg.algo.group_size}")
+    rows, parts = cfg.rollout.prompts_per_step * cfg.algo.group_size, cfg.algo.mini_batches * cfg.learner.num_ranks
+    if rows % parts:
+        raise ConfigError(f"algo.mini_batches * learner.num_ranks = {parts} must divide rollout.prompts_per_step * "
+                          f"algo.group_size = {rows} (every rank takes an equal share of every mini-batch)")
+    if cfg.algo.tis != "none" and not cfg.algo.recompute_old_logprobs:
+        raise ConfigError(f"algo.tis={cfg.algo.tis!r} needs algo.recompute_old_logprobs=true: the importance "
+                          "weights compare the learner's old logprobs with the sampler's")
+    if cfg.algo.overlong == "penalty" and overlong_buffer(cfg) > cfg.rollout.max_new_tokens:
+        raise ConfigError(f"algo.overlong_buffer={cfg.algo.overlong_buffer} is longer than rollout.max_new_tokens="
+                          f"{cfg.rollout.max_new_tokens}")
+
+
+def overlong_buffer(cfg: Config) -> int:
+    """DAPO's L_cache: algo.overlong_buffer, or a fifth of max_new_tokens (DAPO: 4096 of 20480)."""
+    return cfg.algo.overlong_buffer or max(1, cfg.rollout.max_new_tokens // 5)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

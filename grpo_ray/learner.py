@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from .algorithm import masked_mean, policy_loss
-from .metrics import combine_parts
+from .algorithm import masked_mean, policy_loss, truncated_is_weights
+from .metrics import SUMMED, combine_parts
 from .modeling import batched_logprobs, load_causal_lm, response_logprobs
 from .records import TrainBatch
 from .weight_sync import WeightBucket, pack_state_dict
@@ -26,7 +26,8 @@ class Learner:
     def __init__(self, model_path: str, *, lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0,
                  zero_stage: int = 0, warmup_steps: int = 0, dtype: str = "float32", loss_kwargs: dict | None = None,
                  micro_batch_size: int = 64, rank: int = 0, world_size: int = 1,
-                 master_addr: str = "127.0.0.1", master_port: int = 29500, threads: int = 2, seed: int = 0):
+                 master_addr: str = "127.0.0.1", master_port: int = 29500, threads: int = 2, seed: int = 0,
+                 recompute_old_logprobs: bool = False, tis: str = "none", tis_cap: float = 2.0):
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         for key, value in {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
@@ -38,6 +39,7 @@ class Learner:
                                    verbose=False)
         self.rank, self.world_size = rank, world_size
         self.loss_kwargs = dict(loss_kwargs or {})
+        self.recompute_old_logprobs, self.tis, self.tis_cap = recompute_old_logprobs or tis != "none", tis, tis_cap
         self.micro_batch_size = micro_batch_size
         model = load_causal_lm(model_path, "float32")  # fp32 master weights; bf16 via DeepSpeed
         # A client AdamW skips DeepSpeed's ~40 s fused_adam JIT build on CPU.
@@ -60,26 +62,80 @@ class Learner:
         self.zero_stage = zero_stage
         self.version = 0
 
-    def update(self, batch: TrainBatch, normalizer: float) -> dict[str, float]:
-        """One optimizer step on this rank's share of the batch. Returns token-weighted metrics."""
+    def update(self, mini_batches: list[TrainBatch], normalizers: list[float], epochs: int = 1) -> dict[str, float]:
+        """`epochs` passes over this rank's share of each mini-batch, one optimizer step per
+        mini-batch (DeepSeekMath's mu and the mini-batch split). old_logprobs stay the same for
+        every pass, so from the second optimizer step on the ratio moves away from 1 and
+        clipping acts. normalizers[j] is mini-batch j's normaliser over ALL ranks."""
         self.engine.train()
-        parts = []
-        for mb in batch.micro_batches(self.micro_batch_size):
-            logprobs, entropy = response_logprobs(self.engine, mb, with_entropy=True)
-            loss, metrics = policy_loss(logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages,
-                                        mb.response_mask, normalizer=normalizer, **self.loss_kwargs)
-            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
-            metrics["entropy"] = masked_mean(entropy, mb.response_mask)
-            metrics["sampler_kl"] = masked_mean(  # k1 estimate of the sampler/learner mismatch
-                (mb.old_logprobs - logprobs.detach()), mb.response_mask)
-            parts.append({**{k: float(v) for k, v in metrics.items()}, "loss": loss.item(),
-                          "tokens": float(mb.response_mask.sum())})
-        grad_norm = self._grad_norm_before_step()
-        self.engine.step()
+        mismatch = self._prepare_old_logprobs(mini_batches)
+        parts, norms = [], []
+        for epoch in range(epochs):
+            for j, (shard, normalizer) in enumerate(zip(mini_batches, normalizers)):
+                # the sampler/learner mismatch is only clean before the first optimizer step
+                parts += self._accumulate(shard, normalizer, measure_mismatch=mismatch is None and epoch == j == 0)
+                grad_norm = self._grad_norm_before_step()
+                self.engine.step()
+                norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
+                norms.append(float(norm) if norm is not None else float("nan"))
         self.version += 1
-        out = combine_parts(parts)
-        norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
-        out["grad_norm"] = float(norm) if norm is not None else float("nan")
+        return self._fold(parts, norms, mismatch)
+
+    def _prepare_old_logprobs(self, mini_batches: list[TrainBatch]) -> dict | None:
+        """algo.recompute_old_logprobs: the learner's own logprobs before the update become
+        old_logprobs; the sampler's move to sampler_logprobs (for TIS). Returns the mismatch
+        metrics over the whole share, or None when old_logprobs stay the sampler's."""
+        if not self.recompute_old_logprobs:
+            return None
+        num, den = 0.0, 0.0
+        for shard in mini_batches:
+            shard.sampler_logprobs = shard.old_logprobs
+            shard.old_logprobs = self.logprobs(shard)
+            num += float(((shard.sampler_logprobs - shard.old_logprobs) * shard.response_mask).sum())
+            den += float(shard.response_mask.sum())
+        self.engine.train()
+        return {"sampler_kl": num / max(den, 1.0), "mismatch_tokens": den}
+
+    def _accumulate(self, shard: TrainBatch, normalizer: float, measure_mismatch: bool) -> list[dict]:
+        """Backward over the shard's micro-batches (gradients add up until engine.step())."""
+        parts = []
+        for mb in shard.micro_batches(self.micro_batch_size):
+            logprobs, entropy = response_logprobs(self.engine, mb, with_entropy=True,
+                                                  entropy_grad=bool(self.loss_kwargs.get("entropy_coef")))
+            is_weights = None
+            if self.tis != "none":
+                is_weights = truncated_is_weights(mb.old_logprobs, mb.sampler_logprobs, mb.response_mask,
+                                                  self.tis, self.tis_cap)
+            loss, metrics = policy_loss(logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages,
+                                        mb.response_mask, normalizer=normalizer, is_weights=is_weights,
+                                        entropy=entropy, **self.loss_kwargs)
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            metrics["entropy"] = masked_mean(entropy.detach(), mb.response_mask)
+            if is_weights is not None:
+                metrics["tis/weight_mean"] = masked_mean(is_weights, mb.response_mask)
+                metrics["tis/frac_capped"] = masked_mean((is_weights >= self.tis_cap).float(), mb.response_mask)
+            part = {**{k: float(v) for k, v in metrics.items()}, "loss": loss.item(),
+                    "tokens": float(mb.response_mask.sum())}
+            if measure_mismatch:  # k1 estimate of KL(sampler || learner) on the sampled tokens
+                part["sampler_kl"] = float(masked_mean(mb.old_logprobs - logprobs.detach(), mb.response_mask))
+            parts.append(part)
+        return parts
+
+    def _fold(self, parts: list[dict], norms: list[float], mismatch: dict | None) -> dict[str, float]:
+        """One set of metrics for the update: token-weighted means over every micro-batch of every
+        pass; loss, pg_loss and tokens per optimizer step (so ranks still add up)."""
+        steps = len(norms)
+        first = [p for p in parts if "sampler_kl" in p]
+        out = combine_parts([{k: v for k, v in p.items() if k != "sampler_kl"} for p in parts])
+        for k in SUMMED:
+            out[k] /= steps
+        if mismatch is not None:
+            out["sampler_kl"] = mismatch["sampler_kl"]
+        elif first:
+            out["sampler_kl"] = combine_parts([{"sampler_kl": p["sampler_kl"], "tokens": p["tokens"]}
+                                               for p in first])["sampler_kl"]
+        out["grad_norm"] = sum(norms) / steps
+        out["optimizer_steps"] = float(steps)
         return out
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:

@@ -37,11 +37,11 @@ def load_tokenizer(path: str):
     return tok
 
 
-def response_logprobs(model, batch: TrainBatch, with_entropy: bool = False):
+def response_logprobs(model, batch: TrainBatch, with_entropy: bool = False, entropy_grad: bool = False):
     """Per-token log p(response token) under `model`.
 
-    Returns logprobs [B, T] (float32, with grad if the model has it) and entropy [B, T] (detached)
-    or None. Position ids come from the attention mask, so left-padded prompts get the same
+    Returns logprobs [B, T] (float32, with grad if the model has it) and entropy [B, T] (detached
+    unless entropy_grad, which an entropy bonus needs) or None. Position ids come from the attention mask, so left-padded prompts get the same
     positions as the unpadded sequence vLLM saw (logprobs match to ~1e-6 in float32).
     """
     position_ids = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -51,7 +51,9 @@ def response_logprobs(model, batch: TrainBatch, with_entropy: bool = False):
     logits = out.logits[:, P - 1:P + T - 1]  # [B, T, V]: position t predicts token t+1
     logprobs = token_logprobs(logits, batch.response_ids)
     entropy = None
-    if with_entropy:
+    if with_entropy and entropy_grad:
+        entropy = entropy_from_logits(logits)
+    elif with_entropy:
         with torch.no_grad():
             entropy = entropy_from_logits(logits.detach())
     return logprobs, entropy

@@ -39,6 +39,14 @@ class Rollout:
         )
 
 
+    def select_groups(self, groups: list[int], group_size: int) -> Rollout:
+        """The completions of the given prompt groups, in that order."""
+        rows = [g * group_size + k for g in groups for k in range(group_size)]
+        return Rollout([self.prompt_ids[i] for i in rows], [self.response_ids[i] for i in rows],
+                       [self.old_logprobs[i] for i in rows], [self.texts[i] for i in rows],
+                       [self.truncated[i] for i in rows], self.weight_version)
+
+
 @dataclass
 class TrainBatch:
     """Padded tensors for the reference and the learner: prompts left-padded, responses
@@ -50,6 +58,7 @@ class TrainBatch:
     advantages: torch.Tensor         # [B] float32
     prompt_len: int                  # P
     ref_logprobs: torch.Tensor | None = None  # [B, T] float32, filled by the reference
+    sampler_logprobs: torch.Tensor | None = None  # [B, T] the sampler's, when the learner recomputes old_logprobs
 
     @property
     def size(self) -> int:
@@ -87,10 +96,12 @@ class TrainBatch:
         start = int(used_prompt[0]) if len(used_prompt) else P - 1
         used_resp = self.response_mask[rows].any(dim=0).nonzero()
         end = int(used_resp[-1]) + 1 if len(used_resp) else 1
-        ref = self.ref_logprobs[rows][:, :end] if self.ref_logprobs is not None else None
+        def cut(t):
+            return t[rows][:, :end] if t is not None else None
+
         return TrainBatch(self.input_ids[rows][:, start:P + end], am[:, start:P + end],
-                          self.response_mask[rows][:, :end], self.old_logprobs[rows][:, :end],
-                          self.advantages[rows], P - start, ref)
+                          cut(self.response_mask), cut(self.old_logprobs), self.advantages[rows], P - start,
+                          cut(self.ref_logprobs), cut(self.sampler_logprobs))
 
     def micro_batches(self, size: int) -> list[TrainBatch]:
         return [self.select(slice(i, i + size)) for i in range(0, self.size, size)]

@@ -6,6 +6,7 @@ Run as `grpo-ray train configs/default.yaml [dotted.key=value ...]` or `python -
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -17,8 +18,8 @@ import torch
 import yaml
 
 from .actors import Roles, in_ray_job, init_ray, start_roles, stop_roles
-from .algorithm import group_advantages, loss_normalizer
-from .config import Config
+from .algorithm import group_advantages, informative_groups, loss_normalizer, overlong_penalty
+from .config import Config, overlong_buffer
 from .data import PromptSampler, load_datasets
 from .evaluation import evaluate
 from .metrics import MetricsLog, Monitor, advantage_variance, combine_parts, reward_stats
@@ -34,9 +35,11 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, name: str):
+        """Time a phase; a phase entered again (dynamic sampling's extra rounds) adds up."""
         t = time.perf_counter()
         yield
-        self.times[f"time/{name}"] = time.perf_counter() - t
+        key = f"time/{name}"
+        self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - t
 
     def metrics(self) -> dict[str, float]:
         step = time.perf_counter() - self._start
@@ -44,15 +47,14 @@ class PhaseTimer:
 
 
 # ---------------------------------------------------------------- the step
-def train_step(step: int, cfg: Config, roles: Roles, records: list[dict], pad_id: int) -> dict:
+def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad_id: int) -> dict:
     G, timer = cfg.algo.group_size, PhaseTimer()
-    with timer("generate"):
-        rollout = generate(roles, cfg, [r["prompt"] for r in records], seed=step_seed(cfg, step))
-    with timer("verify"):
-        scores = roles.verifier.score([r for r in records for _ in range(G)], rollout.texts)
-    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
+    rollout, scores, sampling = collect_rollout(step, cfg, roles, sampler, timer)  # generate + verify
+    rewards, shaping = shaped_rewards(cfg, rollout, scores)
     advantages = group_advantages(rewards, G, estimator=cfg.algo.estimator)
     batch = TrainBatch.from_rollout(rollout, advantages, pad_id)
+    if cfg.algo.overlong == "mask":  # DAPO overlong filtering: truncated answers teach nothing
+        batch.response_mask[torch.tensor(rollout.truncated, dtype=torch.bool)] = 0.0
     with timer("reference"):
         batch.ref_logprobs = ray.get(roles.reference.logprobs.remote(batch))
     with timer("learner"):
@@ -60,14 +62,58 @@ def train_step(step: int, cfg: Config, roles: Roles, records: list[dict], pad_id
     with timer("sync"):
         sync_weights(roles, cfg, version=step)
     return {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
-            **stats, "verify/retries": roles.verifier.retries, **timer.metrics()}
+            **shaping, **sampling, **stats, "verify/retries": roles.verifier.retries, **timer.metrics()}
 
 
 # ---------------------------------------------------------------- the phases
-def step_seed(cfg: Config, step: int) -> int:
+def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, timer: PhaseTimer):
+    """Sample G completions for each of prompts_per_step prompts and score them. With DAPO's
+    dynamic sampling (algo.dynamic_sampling), groups whose rewards are all equal (zero advantage,
+    no gradient) are dropped and new prompts sampled, up to dynamic_sampling_rounds extra rounds.
+    The batch is then the first prompts_per_step informative groups, trimmed to a size every
+    learner rank and mini-batch can share (or the last round whole, if none was informative)."""
+    G, P, a = cfg.algo.group_size, cfg.rollout.prompts_per_step, cfg.algo
+    kept, seen = [], 0
+    for rounds in range(1 + (a.dynamic_sampling_rounds if a.dynamic_sampling else 0)):
+        records = sampler.next(P)
+        with timer("generate"):
+            rollout = generate(roles, cfg, [r["prompt"] for r in records], seed=step_seed(cfg, step, rounds))
+        with timer("verify"):
+            scores = roles.verifier.score([r for r in records for _ in range(G)], rollout.texts)
+        if not a.dynamic_sampling:
+            return rollout, scores, {}
+        useful = informative_groups(torch.tensor([s.reward for s in scores]), G).tolist()
+        kept += [(rollout.select_groups([i], G), scores[i * G:(i + 1) * G]) for i, u in enumerate(useful) if u]
+        seen += P
+        if len(kept) >= P:
+            break
+    parts = a.mini_batches * cfg.learner.num_ranks
+    unit = parts // math.gcd(G, parts)  # groups per batch must make rows divisible by parts
+    n = min(len(kept), P) // unit * unit
+    stats = {"dynamic/frac_dropped": 1.0 - len(kept) / seen, "dynamic/rounds": float(rounds + 1),
+             "dynamic/groups": float(n)}  # informative groups trained on (0: none found, last round used)
+    if n == 0:
+        return rollout, scores, stats
+    return Rollout.concat([r for r, _ in kept[:n]]), [s for _, group in kept[:n] for s in group], stats
+
+
+def shaped_rewards(cfg: Config, rollout: Rollout, scores: list) -> tuple[torch.Tensor, dict]:
+    """Verifier rewards, plus DAPO's soft overlong penalty when algo.overlong == "penalty"."""
+    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
+    if cfg.algo.overlong != "penalty":
+        return rewards, {}
+    lengths = torch.tensor([len(r) for r in rollout.response_ids])
+    penalty = overlong_penalty(lengths, cfg.rollout.max_new_tokens, overlong_buffer(cfg),
+                               cfg.algo.overlong_penalty_factor)
+    return rewards + penalty, {"reward/overlong/mean": float(penalty.mean())}
+
+
+def step_seed(cfg: Config, step: int, round: int = 0) -> int:
     """Completion k of prompt j at a step samples with seed step_seed + j*G + k: distinct for every
-    completion of the run, and the same on a rerun with the same run.seed."""
-    return cfg.run.seed * 1_000_000_007 + step * cfg.rollout.prompts_per_step * cfg.algo.group_size
+    completion of the run, and the same on a rerun with the same run.seed. Dynamic sampling's
+    extra rounds are offset far beyond any step's range."""
+    return (cfg.run.seed * 1_000_000_007 + step * cfg.rollout.prompts_per_step * cfg.algo.group_size
+            + round * 10**13)
 
 
 def generate(roles: Roles, cfg: Config, prompts: list[str], seed: int) -> Rollout:
@@ -77,12 +123,19 @@ def generate(roles: Roles, cfg: Config, prompts: list[str], seed: int) -> Rollou
 
 
 def update_policy(roles: Roles, cfg: Config, batch: TrainBatch) -> dict:
-    """One optimizer step; with M learner ranks each takes a contiguous 1/M of the batch. All
-    divide by the normaliser of the WHOLE batch so the gradient is independent of the split."""
-    normalizer = loss_normalizer(batch.response_mask, cfg.algo.aggregation, cfg.rollout.max_new_tokens)
-    rows = split(list(range(batch.size)), len(roles.learners))
-    shards = [batch.select(slice(r[0], r[-1] + 1)) for r in rows]
-    results = ray.get([lr.update.remote(s, normalizer) for lr, s in zip(roles.learners, shards)])
+    """algo.mini_batches optimizer steps per pass, algo.ppo_epochs passes. Mini-batch j is a
+    contiguous 1/mini_batches of the batch (whole groups when they divide evenly); with M learner
+    ranks each takes a contiguous 1/M of every mini-batch. All divide by the normaliser of the
+    WHOLE mini-batch, so the gradient does not depend on the split across ranks and micro-batches."""
+    shares: list[list[TrainBatch]] = [[] for _ in roles.learners]
+    normalizers = []
+    for mb_rows in split(list(range(batch.size)), cfg.algo.mini_batches):
+        mb = batch.select(slice(mb_rows[0], mb_rows[-1] + 1))
+        normalizers.append(loss_normalizer(mb.response_mask, cfg.algo.aggregation, cfg.rollout.max_new_tokens))
+        for share, rows in zip(shares, split(list(range(mb.size)), len(roles.learners))):
+            share.append(mb.select(slice(rows[0], rows[-1] + 1)))
+    results = ray.get([lr.update.remote(share, normalizers, cfg.algo.ppo_epochs)
+                       for lr, share in zip(roles.learners, shares)])
     return combine_parts(results)
 
 
@@ -199,7 +252,7 @@ def train(cfg: Config, address: str | None = None) -> str:
         monitor = Monitor(cfg.algo.kl_stop, cfg.algo.kl_window)
         bar = tqdm(range(1, cfg.train.steps + 1), desc="grpo", unit="step", file=sys.stderr)
         for step in bar:
-            m = train_step(step, cfg, roles, sampler.next(cfg.rollout.prompts_per_step), pad_id)
+            m = train_step(step, cfg, roles, sampler, pad_id)
             metrics_log.write(m)
             if step % cfg.run.log_every == 0:
                 log(summary_line(m, cfg.train.steps))

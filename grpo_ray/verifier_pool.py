@@ -42,9 +42,15 @@ class VerifierReplica:
         self.verifier = Verifier(components, math=math, code=code)
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify")
 
-    async def score(self, records: list[dict], responses: list[str]) -> list[Score]:
+    async def score(self, records: list[dict], responses: list[str]) -> tuple[list[Score], float]:
+        """Scores, and the seconds spent computing them (the client sizes its chunks by it)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.verifier.score, records, responses)
+        return await loop.run_in_executor(self.executor, self._timed, records, responses)
+
+    def _timed(self, records: list[dict], responses: list[str]) -> tuple[list[Score], float]:
+        t = time.perf_counter()
+        scores = self.verifier.score(records, responses)
+        return scores, time.perf_counter() - t
 
 
 def deployment_options(cfg: Config, env: dict, has_verifier_resource: bool) -> dict:
@@ -59,7 +65,11 @@ def deployment_options(cfg: Config, env: dict, has_verifier_resource: bool) -> d
                    # RL steps take seconds: Serve's defaults (10 s metrics, 30 s window) react too late
                    "metrics_interval_s": 0.5, "look_back_period_s": max(1.0, p.upscale_delay_s)}
     return dict(ray_actor_options=actor, max_ongoing_requests=p.max_ongoing_requests,
-                autoscaling_config=autoscaling, health_check_period_s=2.0, health_check_timeout_s=30.0)
+                autoscaling_config=autoscaling, health_check_period_s=2.0, health_check_timeout_s=30.0,
+                logging_config=QUIET)
+
+
+QUIET = {"log_level": "WARNING", "enable_access_log": False}  # not a line per request
 
 
 class VerifierPool:
@@ -71,7 +81,9 @@ class VerifierPool:
         self.cfg = cfg.reward.pool
         self.app = f"grpo-verifier-{cfg.run.name}-{uuid.uuid4().hex[:6]}"
         self.retries = 0  # resends during the last score() call (logged per step)
-        serve.start(proxy_location="Disabled")  # no HTTP: only our driver calls it
+        self.check_s: float | None = None  # running mean of seconds per check, for auto chunks
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        serve.start(proxy_location="Disabled", logging_config=QUIET)  # no HTTP: only our driver calls it
         options = deployment_options(cfg, env, bool(ray.cluster_resources().get("verifier")))
         app = serve.deployment(VerifierReplica, name="verifier", **options).bind(
             cfg.reward.components, vars(cfg.reward.math), vars(cfg.reward.code), self.cfg.max_ongoing_requests)
@@ -79,7 +91,7 @@ class VerifierPool:
 
     def score(self, records: list[dict], responses: list[str]) -> list[Score]:
         """Scores for (records[i], responses[i]), in order."""
-        n = self.cfg.chunk_size
+        n = self.chunk_size(len(records))
         chunks = [(records[i:i + n], responses[i:i + n]) for i in range(0, len(records), n)]
         results: list = [None] * len(chunks)
         pending, reason, self.retries = list(range(len(chunks))), "", 0
@@ -95,13 +107,26 @@ class VerifierPool:
                            f"{self.cfg.max_retries} retries ({reason}); raise reward.pool.max_retries "
                            f"or reward.pool.request_timeout_s")
 
+    def chunk_size(self, total: int) -> int:
+        """reward.pool.chunk_size, or when it is 0 (auto), as many checks as take about
+        target_request_s of work: a step of cheap math checks travels in one or two requests (each
+        round trip costs milliseconds), a step of code checks in many small ones that the
+        autoscaler sees queue up and spreads over replicas."""
+        if self.cfg.chunk_size:
+            return self.cfg.chunk_size
+        if self.check_s is None:
+            return 8  # first call: cost unknown, assume code-like
+        return int(min(max(self.cfg.target_request_s / max(self.check_s, 1e-6), 1), max(total, 1)))
+
     def _gather(self, chunks: list, todo: list[int], results: list) -> tuple[list[int], str]:
         """Send chunks[i] for i in todo, wait for all; returns (failed indices, last reason)."""
         sent = {i: self.handle.score.remote(*chunks[i]) for i in todo}
         deadline, failed, reason = time.monotonic() + self.cfg.request_timeout_s, [], ""
         for i, response in sent.items():
             try:
-                results[i] = response.result(timeout_s=max(deadline - time.monotonic(), 0.001))
+                results[i], busy = response.result(timeout_s=max(deadline - time.monotonic(), 0.001))
+                per_check = busy / max(len(results[i]), 1)
+                self.check_s = per_check if self.check_s is None else 0.8 * self.check_s + 0.2 * per_check
             except TimeoutError:
                 response.cancel()
                 failed.append(i)

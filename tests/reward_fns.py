@@ -23,3 +23,10 @@ def hang_always(record, response):
 
     time.sleep(20)
     return 1.0
+
+
+def uniform_for_even(record, response):
+    """Prompt i (answer 2i) scores 1.0 for every completion when i is even (a group of equal
+    rewards: dynamic sampling drops it), else the dense digit fraction."""
+    i = int(record["answer"]) // 2
+    return 1.0 if i % 2 == 0 else digit_fraction(record, response)

@@ -57,7 +57,7 @@ def test_after_sync_generator_samples_from_the_learners_weights(engines):
     ro = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=2))
     b = _batch(ro)
     b.ref_logprobs = ray.get(ref.logprobs.remote(b))
-    stats = ray.get(learner.update.remote(b, loss_normalizer(b.response_mask, "seq_mean")))
+    stats = ray.get(learner.update.remote([b], [loss_normalizer(b.response_mask, "seq_mean")]))
     assert stats["grad_norm"] > 0 and stats["tokens"] == float(b.response_mask.sum())
     # the update moved the policy: the generator's (stale) logprobs no longer match the learner
     stale = _max_diff(ray.get(learner.logprobs.remote(b)), b.old_logprobs, b.response_mask)

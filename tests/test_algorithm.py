@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from grpo_ray.algorithm import (aggregate, entropy_from_logits, group_advantages, kl_k3, loss_normalizer,
-                                masked_mean, policy_loss, token_logprobs)
+from grpo_ray.algorithm import (aggregate, entropy_from_logits, group_advantages, informative_groups, kl_k3,
+                                loss_normalizer, masked_mean, overlong_penalty, policy_loss, token_logprobs,
+                                truncated_is_weights)
 
 
 def test_guide_example_advantages():
@@ -177,3 +178,57 @@ def test_token_logprobs_and_entropy():
     assert float(ent[0, 0]) == pytest.approx(math.log(4))
     assert float(ent[0, 1]) < math.log(4)
     assert float(masked_mean(torch.tensor([[1.0, 3.0]]), torch.tensor([[1.0, 0.0]]))) == 1.0
+
+
+# --------------------------------------------------------------------------- issue 7 options
+
+
+def test_informative_groups_drop_all_equal_groups():
+    rewards = torch.tensor([0, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0.5, 0.5, 0.5, 0.4])
+    assert informative_groups(rewards, 4).tolist() == [True, False, False, True]
+
+
+def test_overlong_penalty_hand_values():
+    # DAPO eq. 13 with L_max=20, L_cache=4: 0 up to 16 tokens, then -1/4 per token to -1 at 20
+    lengths = torch.tensor([10, 16, 17, 18, 20, 25])
+    assert overlong_penalty(lengths, 20, 4).tolist() == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+    assert overlong_penalty(lengths, 20, 4, factor=0.5).tolist() == [0.0, 0.0, -0.125, -0.25, -0.5, -0.5]
+    with pytest.raises(ValueError, match="buffer=0"):
+        overlong_penalty(lengths, 20, 0)
+
+
+def test_truncated_is_weights_token_and_sequence():
+    old = torch.tensor([[math.log(0.6), math.log(0.2), 0.0]])
+    sampler = torch.tensor([[math.log(0.5), math.log(0.4), 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    w = truncated_is_weights(old, sampler, mask, "token", cap=2.0)
+    assert w.tolist()[0] == pytest.approx([1.2, 0.5, 0.0])
+    w = truncated_is_weights(old, sampler, mask, "sequence", cap=2.0)
+    assert w.tolist()[0] == pytest.approx([0.6, 0.6, 0.0])  # 1.2 * 0.5 for every token
+    big = truncated_is_weights(torch.tensor([[0.0]]), torch.tensor([[math.log(0.1)]]), torch.ones(1, 1), cap=2.0)
+    assert float(big) == 2.0  # ratio 10, truncated at the cap
+
+
+def test_is_weights_scale_the_policy_gradient_only():
+    logp = torch.tensor([[math.log(0.6)]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.3)]])
+    loss, _ = policy_loss(logp, torch.tensor([[math.log(0.5)]]), ref, torch.tensor([1.0]), torch.ones(1, 1),
+                          eps_low=0.5, eps_high=0.5, beta=0.1, is_weights=torch.tensor([[0.5]]))
+    loss.backward()
+    kl = 0.5 - math.log(0.5) - 1  # exp(ref - logp) - (ref - logp) - 1 with ref - logp = log 0.5
+    assert loss.item() == pytest.approx(0.5 * -1.2 + 0.1 * kl)
+    assert float(logp.grad) == pytest.approx(0.5 * -1.2 + 0.1 * (1 - 0.5))
+
+
+def test_entropy_bonus_pushes_entropy_up():
+    logits = torch.tensor([[[2.0, 0.0, 0.0]]], requires_grad=True)
+    ent = entropy_from_logits(logits)
+    logp = token_logprobs(logits, torch.tensor([[0]]))
+    loss, _ = policy_loss(logp, logp.detach(), None, torch.zeros(1), torch.ones(1, 1), eps_low=0.2,
+                          eps_high=0.2, beta=0.0, entropy=ent, entropy_coef=0.01)
+    assert loss.item() == pytest.approx(-0.01 * float(ent))  # A = 0: only the bonus
+    loss.backward()
+    assert float(logits.grad[0, 0, 0]) > 0  # descending the loss lowers the dominant logit
+    with pytest.raises(ValueError, match="entropy with grad"):
+        policy_loss(logp.detach(), logp.detach(), None, torch.zeros(1), torch.ones(1, 1), eps_low=0.2,
+                    eps_high=0.2, beta=0.0, entropy=ent.detach(), entropy_coef=0.01)

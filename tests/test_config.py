@@ -277,9 +277,29 @@ def test_builtin_tiny_needs_arithmetic():
 
 
 def test_num_ranks_must_divide_batch():
-    with pytest.raises(ConfigError, match="learner.num_ranks=3"):
+    with pytest.raises(ConfigError, match=r"algo.mini_batches \* learner.num_ranks = 3 must divide"):
         load_config(None, ["learner.num_ranks=3"])  # 16 * 16 = 256 is not divisible by 3
     assert load_config(None, ["learner.num_ranks=4"]).learner.num_ranks == 4
+    with pytest.raises(ConfigError, match=r"= 512 must divide .* = 256"):
+        load_config(None, ["learner.num_ranks=2", "algo.mini_batches=256"])
+    assert load_config(None, ["learner.num_ranks=2", "algo.mini_batches=16"]).algo.mini_batches == 16
+
+
+def test_tis_needs_recomputed_old_logprobs():
+    with pytest.raises(ConfigError, match="algo.tis='token' needs algo.recompute_old_logprobs=true"):
+        load_config(None, ["algo.tis=token"])
+    cfg = load_config(None, ["algo.tis=sequence", "algo.recompute_old_logprobs=true"])
+    assert (cfg.algo.tis, cfg.algo.tis_cap) == ("sequence", 2.0)
+    with pytest.raises(ConfigError, match="algo.tis_cap=0.5"):
+        load_config(None, ["algo.tis_cap=0.5"])
+
+
+def test_overlong_buffer_default_and_bound():
+    from grpo_ray.config import overlong_buffer
+
+    assert overlong_buffer(load_config(None, ["rollout.max_new_tokens=20"])) == 4
+    with pytest.raises(ConfigError, match="algo.overlong_buffer=30 is longer than rollout.max_new_tokens=20"):
+        load_config(None, ["rollout.max_new_tokens=20", "algo.overlong=penalty", "algo.overlong_buffer=30"])
 
 
 def test_config_error_is_value_error():

@@ -56,6 +56,36 @@ def test_few_steps_move_weights_and_log_every_field(ray_local, tiny_model_dir, t
     assert moved > 1e-4
 
 
+@pytest.mark.slow
+def test_loop_with_dapo_and_off_policy_options(ray_local, tiny_model_dir, tmp_path):
+    """Dynamic sampling, the soft overlong penalty, 2 epochs x 2 mini-batches, recomputed old
+    logprobs with token TIS, and the entropy bonus, all at once through the real loop."""
+    from grpo_ray.train import train
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
+                                        "task": "reward_fns:uniform_for_even"}) + "\n" for i in range(16)))
+    cfg = load_config("configs/default.yaml", SMALL + [
+        f"run.output_dir={tmp_path}", "run.name=dapo", f"model.path={tiny_model_dir}", "data.task=jsonl",
+        f"data.train_path={data}", "data.eval_fraction=0.25", "train.eval_every=0", "algo.dynamic_sampling=true",
+        "algo.overlong=penalty", "algo.overlong_buffer=8", "algo.overlong_penalty_factor=0.5", "algo.ppo_epochs=2", "algo.mini_batches=2",
+        "algo.recompute_old_logprobs=true", "algo.tis=token", "algo.entropy_coef=0.001", "algo.epsilon=0.2"])
+    run_dir = train(cfg)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        assert 0.2 <= r["dynamic/frac_dropped"] <= 0.8  # about half the prompts give equal rewards
+        assert r["dynamic/rounds"] >= 2 and r["dynamic/groups"] == 4
+        # every group kept is informative (a factor of 1 could cancel: 1 - 1 for a 16-token answer
+        # equals 0 for an empty one in the same group)
+        assert r["reward/frac_zero_std"] == 0.0
+        assert r["optimizer_steps"] == 4.0
+        assert r["reward/overlong/mean"] <= 0.0
+        assert 0 < r["tis/weight_mean"] <= 2.0 and abs(r["sampler_kl"]) < 1e-3  # fp32 vLLM ~ learner
+        assert r["time/generate"] > 0 and r["time/verify"] > 0
+
+
 def test_bad_dataset_row_fails_fast_and_writes_nothing(tmp_path):
     from grpo_ray.data import DataError
     from grpo_ray.train import train

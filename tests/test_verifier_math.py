@@ -109,6 +109,9 @@ def test_to_number_not_plain(text):
     (r"\frac{1}{2}", "0.5"),  # math-verify path
     ("0.5", r"\boxed{\frac{1}{2}}"),
     ("1000000", "1,000,000"),
+    ("0.5", r"\boxed{50\%}"),  # the equivalent forms
+    (r"\{1,2\}", r"\boxed{\{2,1\}}"),
+    (r"\frac{1}{2}", r"\boxed{\frac{2}{4}}"),
 ])
 def test_correct_answers(gold, response):
     s = verify(rec(gold), response)

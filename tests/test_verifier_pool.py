@@ -20,7 +20,8 @@ RIGHT, WRONG = "def f():\n    return 1\n", "def f():\n    return 2\n"
 def test_replica_scores_in_order_without_ray():
     rep = VerifierReplica({"correct": 1.0, "format": 0.5}, {"extraction": "marked"}, {}, threads=2)
     recs = [{"answer": "4"}] * 3
-    out = asyncio.run(rep.score(recs, ["#### 4", "the answer is 4", "<think>x</think><answer>#### 4</answer>"]))
+    out, busy = asyncio.run(rep.score(recs, ["#### 4", "the answer is 4", "<think>x</think><answer>#### 4</answer>"]))
+    assert busy > 0
     assert [s.reward for s in out] == [1.0, 0.0, 1.5]  # "marked" extraction: a bare trailing 4 is not an answer
     assert out[1].reason == "no answer found in \\boxed{} or after ####"
 
@@ -34,6 +35,23 @@ def test_deployment_options_come_from_config():
     assert opts["ray_actor_options"] == {"num_cpus": 0.5, "runtime_env": {"env_vars": {"A": "1"}}}
     with_res = deployment_options(cfg, {}, has_verifier_resource=True)
     assert with_res["ray_actor_options"]["resources"] == {"verifier": 1.0}
+
+
+def test_auto_chunks_hold_about_target_request_s_of_work():
+    from grpo_ray.verifier_pool import VerifierPool
+
+    pool = VerifierPool.__new__(VerifierPool)  # the sizing rule only; no Serve
+    pool.cfg = load_config(None, []).reward.pool  # chunk_size 0 (auto), target_request_s 0.25
+    pool.check_s = None
+    assert pool.chunk_size(512) == 8  # cost unknown: small chunks
+    pool.check_s = 0.05  # code checks
+    assert pool.chunk_size(512) == 5
+    pool.check_s = 2e-5  # math checks: the whole step in one request
+    assert pool.chunk_size(512) == 512
+    pool.check_s = 10.0  # slower than the target: one check per request
+    assert pool.chunk_size(512) == 1
+    pool.cfg = load_config(None, ["reward.pool.chunk_size=16"]).reward.pool
+    assert pool.chunk_size(512) == 16
 
 
 def test_pool_bounds_are_checked():
