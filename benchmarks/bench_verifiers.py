@@ -40,7 +40,8 @@ def code_workload() -> tuple[list[dict], list[str], list[float]]:
 
 def math_workload() -> tuple[list[dict], list[str]]:
     rows = [json.loads(line) for line in open(GSM8K)]
-    return [{"task": "math", "answer": r["answer"]} for r in rows], [f"#### {r['answer'].split('####')[-1].strip()}" for r in rows]
+    answers = [r["answer"].split("####")[-1].strip() for r in rows]
+    return [{"task": "math", "answer": r["answer"]} for r in rows], [f"#### {a}" for a in answers]
 
 
 def median_ms(fn, n: int) -> float:

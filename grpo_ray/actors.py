@@ -63,20 +63,27 @@ class Roles:
     learners: list
 
 
-def start_roles(cfg: Config, model_path: str) -> Roles:
-    """Create every actor and wait until all are ready (vLLM, DeepSpeed and the verifier pool
-    start in parallel)."""
+def start_generators(cfg: Config, model_path: str) -> list:
+    """rollout.num_generators vLLM actors (not waited for: call .ready())."""
     from .generator import Generator
+
+    res = cfg.resources
+    gen_cls = ray.remote(Generator).options(**_options(res.generator_cpus, actor_env(), max_restarts=0))
+    return [gen_cls.remote(model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
+                           kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=res.vllm_cpu_threads)
+            for i in range(cfg.rollout.num_generators)]
+
+
+def start_roles(cfg: Config, model_path: str, resume_from: str | None = None) -> Roles:
+    """Create every actor and wait until all are ready (vLLM, DeepSpeed and the verifier pool
+    start in parallel). resume_from: a checkpoint directory; the generators start from its
+    policy and the learners restore its state, while the reference stays the initial model."""
     from .learner import Learner
     from .reference import Reference
     from .verifier_pool import VerifierPool
 
     res, env = cfg.resources, actor_env()
-    gen_cls = ray.remote(Generator).options(**_options(res.generator_cpus, env, max_restarts=0))
-    generators = [gen_cls.remote(model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
-                                 kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i,
-                                 cpu_threads=res.vllm_cpu_threads)
-                  for i in range(cfg.rollout.num_generators)]
+    generators = start_generators(cfg, os.path.join(resume_from, "policy") if resume_from else model_path)
     ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, env, max_restarts=0))
     reference = ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=res.torch_threads,
                                micro_batch_size=cfg.learner.micro_batch_size)
@@ -95,8 +102,9 @@ def start_roles(cfg: Config, model_path: str) -> Roles:
                                    recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis, tis_cap=a.tis_cap)
                 for rank in range(cfg.learner.num_ranks)]
     verifier = VerifierPool(cfg, env)  # blocks until its replicas run, while the actors start
+    restored = [lr.load_state.remote(os.path.join(resume_from, "learner")) for lr in learners] if resume_from else []
     ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]
-            + [reference.__ray_ready__.remote()])
+            + [reference.__ray_ready__.remote()] + restored)
     return Roles(generators, verifier, reference, learners)
 
 

@@ -1,9 +1,10 @@
-"""`grpo-ray` command line: train, build-model."""
+"""`grpo-ray` command line: train, eval, build-model."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
 
@@ -13,8 +14,28 @@ DEFAULT_CONFIG = "configs/default.yaml"
 def _train(args) -> None:
     from .train import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + (["run.resume=must"] if args.resume else []))
     train(cfg, address=args.address)
+
+
+def _eval(args) -> None:
+    from .data import load_jsonl
+    from .evaluation import dedupe_against, eval_model
+
+    ks = [int(k) for k in args.k.split(",") if k.strip()]
+    overrides = [f"eval.samples={args.samples}", f"eval.ks={ks}", f"eval.temperature={args.temperature}",
+                 f"rollout.max_new_tokens={args.max_new_tokens}", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    records = load_jsonl(args.data, args.prompt_key, args.answer_key)
+    if args.train_data:
+        records, dupes = dedupe_against(records, load_jsonl(args.train_data, args.prompt_key, args.answer_key))
+        if dupes:
+            shown = "; ".join(repr(p[:60]) for p in dupes[:3])
+            print(f"grpo-ray: warning: dropped {len(dupes)} evaluation prompt(s) that are also in "
+                  f"{args.train_data}: {shown}{' ...' if len(dupes) > 3 else ''}", file=sys.stderr)
+        if not records:
+            raise ConfigError(f"every prompt of {args.data} is also in {args.train_data}: nothing held out")
+    eval_model(cfg, args.model_dir, records[:args.limit] if args.limit else records, args.out)
 
 
 def _build_model(args) -> None:
@@ -34,7 +55,25 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.beta=0.01 train.steps=10")
     t.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a local "
                                                     "`ray start --head`, or a new local Ray)")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint "
+                                                          "(an error if there is none; by default a run resumes "
+                                                          "when it finds one: run.resume=auto)")
     t.set_defaults(fn=_train)
+    e = sub.add_parser("eval", help="pass@k of a model on held-out prompts (per-problem CSV + pass_at_k.json)")
+    e.add_argument("model_dir", help="a Hugging Face model folder (e.g. runs/default/final_model)")
+    e.add_argument("data", help="JSONL with prompt and answer fields (and task, tests, ... for code)")
+    e.add_argument("--k", default="1,10", help="comma-separated k for pass@k (default 1,10)")
+    e.add_argument("--samples", type=int, default=16, help="completions per prompt (n >= max k)")
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--out", default="eval", help="output folder (default ./eval)")
+    e.add_argument("--train-data", default=None, help="training JSONL: its prompts are removed, with a warning")
+    e.add_argument("--prompt-key", default="prompt")
+    e.add_argument("--answer-key", default="answer")
+    e.add_argument("--limit", type=int, default=0, help="only the first N prompts")
+    e.add_argument("--config", default=None, help="YAML for the rest (reward, rollout, resources)")
+    e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reward.code.timeout_s=5")
+    e.set_defaults(fn=_eval)
     b = sub.add_parser("build-model", help="build a tiny random Qwen2 model + tokenizer offline")
     b.add_argument("out_dir")
     b.add_argument("--hidden-size", type=int, default=128)
@@ -48,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides, args.config = [args.config, *args.overrides], DEFAULT_CONFIG
     try:
         args.fn(args)
-    except (ConfigError, DataError, OSError) as e:
+    except (ConfigError, DataError, CheckpointError, OSError) as e:
         print(f"grpo-ray: error: {e}", file=sys.stderr)
         sys.exit(2)
 

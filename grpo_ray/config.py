@@ -33,6 +33,7 @@ class RunConfig:
     output_dir: str = _f("runs", doc="relative paths resolve against the cwd (under `ray job submit`: ~/grpo-ray)")
     seed: int = 0
     log_every: int = _f(1, lo=1)
+    resume: Literal["auto", "must", "never"] = "auto"  # auto: continue from the run dir's last checkpoint if any
 
 
 @dataclass
@@ -155,6 +156,10 @@ class LearnerConfig:
 class TrainConfig:
     steps: int = _f(60, lo=0)
     eval_every: int = _f(20, lo=0, doc="0 = only at start and end")
+    checkpoint_every: int = _f(50, lo=0, doc="0 = only at the end")
+    keep_checkpoints: int = _f(2, lo=1, doc="newest checkpoints kept; older ones are deleted")
+    spot_check_every: int = _f(10, lo=0, doc="write samples/step_N.{jsonl,md} every N steps; 0 = never")
+    spot_check_samples: int = _f(8, lo=1)
 
 
 @dataclass

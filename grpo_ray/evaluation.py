@@ -32,3 +32,57 @@ def evaluate(generators: list, verifier, records: list[dict], *, samples: int, k
     metrics = {f"eval/pass@{k}": mean_pass_at_k(n, c, k) for k in ks}
     metrics["eval/mean_reward"] = sum(s.reward for s in scores) / max(len(scores), 1)
     return metrics, rows
+
+
+def dedupe_against(records: list[dict], train_records: list[dict]) -> tuple[list[dict], list[str]]:
+    """Held-out records whose prompt (whitespace-normalised) is not a training prompt, and the
+    prompts that were: an evaluation on training prompts measures memory, not generalisation."""
+    def key(text: str) -> str:
+        return " ".join(str(text).split())
+
+    seen = {key(r["prompt"]) for r in train_records}
+    kept = [r for r in records if key(r["prompt"]) not in seen]
+    return kept, [r["prompt"] for r in records if key(r["prompt"]) in seen]
+
+
+def write_results(out_dir: str, rows: list[dict], metrics: dict) -> tuple[str, str]:
+    """results.csv (one row per problem, via pandas) and pass_at_k.json, each written to a temp
+    file and renamed, so an interrupted run never leaves a half-written result."""
+    import json
+    import os
+
+    import pandas as pd
+
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path, json_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "pass_at_k.json")
+    pd.DataFrame(rows).to_csv(csv_path + ".tmp", index=False)
+    os.replace(csv_path + ".tmp", csv_path)
+    with open(json_path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(json_path + ".tmp", json_path)
+    return csv_path, json_path
+
+
+def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print) -> dict:
+    """`grpo-ray eval`: start generators and the verifier pool on the cluster, evaluate
+    `records` with cfg.eval's samples and ks, write the results; returns the pass@k metrics."""
+    import ray
+
+    from .actors import actor_env, init_ray, start_generators
+    from .verifier_pool import VerifierPool
+
+    init_ray(None)
+    generators = start_generators(cfg, model_dir)
+    pool = VerifierPool(cfg, actor_env())
+    try:
+        ray.get([g.ready.remote() for g in generators])
+        metrics, rows = evaluate(generators, pool, records, samples=cfg.eval.samples, ks=cfg.eval.ks,
+                                 temperature=cfg.eval.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
+    finally:
+        pool.shutdown()
+        for g in generators:
+            ray.kill(g)
+    csv_path, json_path = write_results(out_dir, rows, {"model": model_dir, "problems": len(rows), **metrics})
+    log(" ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()) + f" on {len(rows)} problems")
+    log(f"wrote {csv_path} and {json_path}")
+    return metrics

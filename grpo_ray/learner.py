@@ -175,6 +175,20 @@ class Learner:
                 return []
             return pack_state_dict(self.engine.module.state_dict().items(), bucket_mb << 20, target)
 
+    def save_state(self, out_dir: str) -> None:
+        """Weights, optimizer moments and LR schedule (DeepSpeed checkpoint; every rank writes its
+        own ZeRO shard, so every rank must call this)."""
+        self.engine.save_checkpoint(out_dir, tag="state", client_state={"version": self.version})
+
+    def load_state(self, in_dir: str) -> int:
+        """Restore save_state's checkpoint; returns the update count it was saved at."""
+        path, client = self.engine.load_checkpoint(in_dir, tag="state", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint 'state' in {in_dir}")
+        self.version = int(client.get("version", 0))
+        return self.version
+
     def save_pretrained(self, out_dir: str) -> None:
         with self._full_parameters():
             if self.rank == 0:

@@ -110,10 +110,15 @@ class Monitor:
         self.kl_stop, self.kl_window = kl_stop, kl_window
         self.active: set[str] = set()
         self.recent_kl: list[float] = []
+        self.first_lengths: list[float] = []  # response length of the first 3 steps: the baseline
+        self.rewards_since_eval: list[float] = []
+        self.last_eval: tuple[float | None, float] | None = None  # (mean train reward before it, pass@1)
 
     def check(self, m: dict[str, float]) -> tuple[list[str], str | None]:
         """Returns (new warnings, stop reason or None)."""
-        warnings = threshold_warnings(m, self.kl_stop)
+        warnings = {**threshold_warnings(m, self.kl_stop), **self._length_warnings(m)}
+        if "reward/mean" in m:
+            self.rewards_since_eval.append(m["reward/mean"])
         new = [w for kind, w in warnings.items() if kind not in self.active]
         self.active = set(warnings)
         self.recent_kl = (self.recent_kl + [m["kl"]])[-self.kl_window:]
@@ -122,6 +127,51 @@ class Monitor:
             return new, (f"KL median {median:.4f} over the last {self.kl_window} steps > algo.kl_stop="
                          f"{self.kl_stop}")
         return new, None
+
+    def _length_warnings(self, m: dict[str, float]) -> dict[str, str]:
+        """Response length collapse (< half the first steps') or explosion (> twice, or most
+        completions cut off at max_new_tokens)."""
+        length = m.get("response_length/mean", float("nan"))
+        if math.isnan(length):
+            return {}
+        if len(self.first_lengths) < 3:
+            self.first_lengths.append(length)
+            return {}
+        base = float(np.mean(self.first_lengths))
+        if length < 0.5 * base:
+            return {"length_collapse": (
+                f"response length collapsed to {length:.1f} tokens from {base:.1f}: the policy may be "
+                "exploiting a verifier that pays short answers; inspect the samples, or add a format reward")}
+        if length > 2.0 * base or m.get("truncated/frac", 0.0) > 0.5:
+            return {"length_explosion": (
+                f"response length grew to {length:.1f} tokens from {base:.1f} ({m.get('truncated/frac', 0):.0%} "
+                "truncated): raise rollout.max_new_tokens, or set algo.overlong=penalty (DAPO)")}
+        return {}
+
+    def check_eval(self, pass1: float) -> list[str]:
+        """After a held-out evaluation: training reward up while pass@1 is down is the guide's
+        reward-hacking signal (the policy pleases the verifier, not the task)."""
+        reward = float(np.mean(self.rewards_since_eval)) if self.rewards_since_eval else float("nan")
+        out = []
+        if self.last_eval is not None and self.last_eval[0] is not None and not math.isnan(reward):
+            prev_reward, prev_pass = self.last_eval
+            if reward > prev_reward + 0.02 and pass1 < prev_pass - 0.02:
+                out.append(f"possible reward hacking: training reward rose {prev_reward:.3f} -> {reward:.3f} while "
+                           f"held-out pass@1 fell {prev_pass:.3f} -> {pass1:.3f}; inspect the samples and the "
+                           "per-component rewards (reward/<name>/mean), tighten the verifier")
+        self.last_eval, self.rewards_since_eval = (None if math.isnan(reward) else reward, pass1), []
+        return out
+
+    def state_dict(self) -> dict:
+        return {"active": sorted(self.active), "recent_kl": list(self.recent_kl),
+                "first_lengths": list(self.first_lengths), "rewards_since_eval": list(self.rewards_since_eval),
+                "last_eval": list(self.last_eval) if self.last_eval else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.active, self.recent_kl = set(state["active"]), list(state["recent_kl"])
+        self.first_lengths = list(state.get("first_lengths", []))
+        self.rewards_since_eval = list(state.get("rewards_since_eval", []))
+        self.last_eval = tuple(state["last_eval"]) if state.get("last_eval") else None
 
 
 class MetricsLog:

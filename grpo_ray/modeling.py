@@ -41,8 +41,9 @@ def response_logprobs(model, batch: TrainBatch, with_entropy: bool = False, entr
     """Per-token log p(response token) under `model`.
 
     Returns logprobs [B, T] (float32, with grad if the model has it) and entropy [B, T] (detached
-    unless entropy_grad, which an entropy bonus needs) or None. Position ids come from the attention mask, so left-padded prompts get the same
-    positions as the unpadded sequence vLLM saw (logprobs match to ~1e-6 in float32).
+    unless entropy_grad, which an entropy bonus needs) or None. Position ids come from the
+    attention mask, so left-padded prompts get the same positions as the unpadded sequence vLLM
+    saw (logprobs match to ~1e-6 in float32).
     """
     position_ids = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from .actors import Roles, in_ray_job, init_ray, start_roles, stop_roles
+from .checkpoint import find_resume, save_checkpoint
 from .algorithm import group_advantages, informative_groups, loss_normalizer, overlong_penalty
 from .config import Config, overlong_buffer
 from .data import PromptSampler, load_datasets
@@ -47,9 +48,10 @@ class PhaseTimer:
 
 
 # ---------------------------------------------------------------- the step
-def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad_id: int) -> dict:
+def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad_id: int) -> tuple[dict, list]:
+    """One GRPO step; returns its metrics and a few samples for the spot-check files."""
     G, timer = cfg.algo.group_size, PhaseTimer()
-    rollout, scores, sampling = collect_rollout(step, cfg, roles, sampler, timer)  # generate + verify
+    records, rollout, scores, sampling = collect_rollout(step, cfg, roles, sampler, timer)  # generate + verify
     rewards, shaping = shaped_rewards(cfg, rollout, scores)
     advantages = group_advantages(rewards, G, estimator=cfg.algo.estimator)
     batch = TrainBatch.from_rollout(rollout, advantages, pad_id)
@@ -61,8 +63,9 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
         stats = update_policy(roles, cfg, batch)
     with timer("sync"):
         sync_weights(roles, cfg, version=step)
-    return {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
-            **shaping, **sampling, **stats, "verify/retries": roles.verifier.retries, **timer.metrics()}
+    metrics = {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
+               **shaping, **sampling, **stats, "verify/retries": roles.verifier.retries, **timer.metrics()}
+    return metrics, spot_samples(records, rollout, scores, advantages, G, cfg.train.spot_check_samples)
 
 
 # ---------------------------------------------------------------- the phases
@@ -81,9 +84,10 @@ def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler
         with timer("verify"):
             scores = roles.verifier.score([r for r in records for _ in range(G)], rollout.texts)
         if not a.dynamic_sampling:
-            return rollout, scores, {}
+            return records, rollout, scores, {}
         useful = informative_groups(torch.tensor([s.reward for s in scores]), G).tolist()
-        kept += [(rollout.select_groups([i], G), scores[i * G:(i + 1) * G]) for i, u in enumerate(useful) if u]
+        kept += [(records[i], rollout.select_groups([i], G), scores[i * G:(i + 1) * G])
+                 for i, u in enumerate(useful) if u]
         seen += P
         if len(kept) >= P:
             break
@@ -93,8 +97,18 @@ def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler
     stats = {"dynamic/frac_dropped": 1.0 - len(kept) / seen, "dynamic/rounds": float(rounds + 1),
              "dynamic/groups": float(n)}  # informative groups trained on (0: none found, last round used)
     if n == 0:
-        return rollout, scores, stats
-    return Rollout.concat([r for r, _ in kept[:n]]), [s for _, group in kept[:n] for s in group], stats
+        return records, rollout, scores, stats
+    return ([rec for rec, _, _ in kept[:n]], Rollout.concat([r for _, r, _ in kept[:n]]),
+            [s for _, _, group in kept[:n] for s in group], stats)
+
+
+def spot_samples(records: list[dict], rollout: Rollout, scores: list, advantages: torch.Tensor, G: int,
+                 n: int) -> list[dict]:
+    """Two completions from each of the first groups (n in all), for reading by hand."""
+    rows = [g * G + k for g in range(len(records)) for k in range(min(2, G))][:n]
+    return [{"prompt": records[i // G]["prompt"], "response": rollout.texts[i], "reward": scores[i].reward,
+             "reason": scores[i].reason, "advantage": float(advantages[i]), "truncated": rollout.truncated[i]}
+            for i in rows]
 
 
 def shaped_rewards(cfg: Config, rollout: Rollout, scores: list) -> tuple[torch.Tensor, dict]:
@@ -201,15 +215,34 @@ def prepare_model(cfg: Config, train_records: list[dict], run_dir: str, log) -> 
     return builtin_model(cfg, train_records, os.path.join(os.path.dirname(run_dir), ".cache"), log)
 
 
-def save_policy(roles: Roles, cfg: Config, run_dir: str, model_path: str, name: str) -> str:
+def save_policy(roles: Roles, cfg: Config, run_dir: str, tokenizer, name: str) -> str:
     """Policy in Hugging Face format (loadable by transformers and vLLM), written atomically."""
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ray.get([lr.save_pretrained.remote(tmp) for lr in gathering_ranks(roles, cfg)])
-    load_tokenizer(model_path).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def write_samples(run_dir: str, step: int, samples: list[dict]) -> None:
+    """samples/step_N.jsonl and a Markdown table of the same rows, for manual inspection."""
+    import json
+
+    folder = os.path.join(run_dir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.join(folder, f"step_{step:06d}")
+    write_atomic(base + ".jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+
+    def cell(v) -> str:
+        text = f"{v:.3f}" if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    cols = ["prompt", "response", "reward", "advantage", "reason"]
+    lines = [f"# Samples at step {step}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(s[c]) for c in cols) + " |" for s in samples]
+    write_atomic(base + ".md", "\n".join(lines) + "\n")
 
 
 def summary_line(m: dict, steps: int) -> str:
@@ -221,59 +254,104 @@ def summary_line(m: dict, steps: int) -> str:
 
 
 def train(cfg: Config, address: str | None = None) -> str:
-    """Run GRPO as configured; returns the run directory."""
+    """Run GRPO as configured (resuming from the run's last checkpoint when there is one and
+    run.resume allows); returns the run directory."""
     from tqdm import tqdm
 
     log = tqdm.write
-    # Bad data fails here, before anything is written.
+    # Bad data and bad checkpoints fail here, before anything is written or started.
     train_records, eval_records = load_datasets(cfg.data, cfg.run.seed)
-    eval_records = eval_records[:cfg.eval.num_prompts]
     run_dir = create_run_dir(cfg)
     log(f"run directory: {run_dir}")
     model_path = prepare_model(cfg, train_records, run_dir, log)
-    pad_id = load_tokenizer(model_path).pad_token_id
+    resume = find_resume(run_dir, cfg.run.resume, model_path)
     init_ray(address)
     t0 = time.perf_counter()
-    roles = start_roles(cfg, model_path)
+    roles = start_roles(cfg, model_path, resume_from=resume[0] if resume else None)
     log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
         f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), reference, "
         f"{cfg.learner.num_ranks} learner rank(s)")
-    metrics_log = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
-    sampler = PromptSampler(train_records, cfg.run.seed)
-
-    def run_eval(step: int) -> None:
-        m, _ = evaluate(roles.generators, roles.verifier, eval_records, samples=cfg.eval.samples, ks=cfg.eval.ks,
-                        temperature=cfg.eval.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
-        metrics_log.write({"step": step, **m})
-        log(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in m.items()))
-
+    run = Run(cfg, roles, run_dir, model_path, PromptSampler(train_records, cfg.run.seed),
+              eval_records[:cfg.eval.num_prompts], log)
     try:
-        run_eval(0)
-        monitor = Monitor(cfg.algo.kl_stop, cfg.algo.kl_window)
-        bar = tqdm(range(1, cfg.train.steps + 1), desc="grpo", unit="step", file=sys.stderr)
-        for step in bar:
-            m = train_step(step, cfg, roles, sampler, pad_id)
-            metrics_log.write(m)
-            if step % cfg.run.log_every == 0:
-                log(summary_line(m, cfg.train.steps))
-            warnings, stop = monitor.check(m)
-            for w in warnings:
-                log(f"warning: {w}")
-                metrics_log.write({"step": step, "event": "warning", "message": w})
-            if stop:
-                log(f"stopping at step {step}: {stop}")
-                metrics_log.write({"step": step, "event": "kl_stop", "message": stop})
-                break
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
-                run_eval(step)
-        if cfg.train.steps:
-            run_eval(step)
-        log(f"final policy: {save_policy(roles, cfg, run_dir, model_path, 'final_model')}")
+        run.loop(run.restore(*resume) if resume else 1, tqdm)
     finally:
-        metrics_log.close()
+        run.metrics.close()
         stop_roles(roles)
     log(f"run directory: {run_dir}")
     return run_dir
+
+
+class Run:
+    """What one training run carries between steps: the actors, the prompt sampler, the KL
+    monitor and the metrics file; and what it does besides steps: evaluate and checkpoint."""
+
+    def __init__(self, cfg: Config, roles: Roles, run_dir: str, model_path: str, sampler: PromptSampler,
+                 eval_records: list[dict], log):
+        self.cfg, self.roles, self.run_dir, self.sampler, self.eval_records, self.log = (
+            cfg, roles, run_dir, sampler, eval_records, log)
+        self.tokenizer = load_tokenizer(model_path)
+        self.monitor = Monitor(cfg.algo.kl_stop, cfg.algo.kl_window)
+        self.metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))  # appends on resume
+
+    def restore(self, path: str, state: dict) -> int:
+        """Sampler and monitor as they were at the checkpoint; returns the first step to run."""
+        self.sampler.load_state_dict(state["sampler"])
+        self.monitor.load_state_dict(state["monitor"])
+        self.log(f"resumed from {path}: step {state['step']} of {self.cfg.train.steps} done")
+        self.metrics.write({"step": state["step"], "event": "resume", "message": path})
+        return state["step"] + 1
+
+    def loop(self, start: int, tqdm) -> None:
+        cfg, steps, step = self.cfg, self.cfg.train.steps, start - 1
+        if start == 1:
+            self.evaluate(0)
+        for step in tqdm(range(start, steps + 1), desc="grpo", unit="step", file=sys.stderr,
+                         initial=start - 1, total=steps):
+            m, samples = train_step(step, cfg, self.roles, self.sampler, self.tokenizer.pad_token_id)
+            self.metrics.write(m)
+            if cfg.train.spot_check_every and step % cfg.train.spot_check_every == 0:
+                write_samples(self.run_dir, step, samples)
+            if step % cfg.run.log_every == 0:
+                self.log(summary_line(m, steps))
+            if self.watch(step, m):
+                break
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
+                self.evaluate(step)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                self.checkpoint(step)
+        if step >= start:  # something was trained in this session
+            self.evaluate(step)
+            if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+                self.checkpoint(step)
+            self.log(f"final policy: {save_policy(self.roles, cfg, self.run_dir, self.tokenizer, 'final_model')}")
+
+    def watch(self, step: int, m: dict) -> bool:
+        """The guide's thresholds: warnings when they start; True when the KL rule stops the run."""
+        warnings, stop = self.monitor.check(m)
+        for w in warnings:
+            self.log(f"warning: {w}")
+            self.metrics.write({"step": step, "event": "warning", "message": w})
+        if stop:
+            self.log(f"stopping at step {step}: {stop}")
+            self.metrics.write({"step": step, "event": "kl_stop", "message": stop})
+        return stop is not None
+
+    def evaluate(self, step: int) -> None:
+        c = self.cfg
+        m, _ = evaluate(self.roles.generators, self.roles.verifier, self.eval_records, samples=c.eval.samples,
+                        ks=c.eval.ks, temperature=c.eval.temperature, max_new_tokens=c.rollout.max_new_tokens)
+        self.metrics.write({"step": step, **m})
+        self.log(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in m.items()))
+        for w in self.monitor.check_eval(m[f"eval/pass@{min(c.eval.ks)}"]):
+            self.log(f"warning: {w}")
+            self.metrics.write({"step": step, "event": "warning", "message": w})
+
+    def checkpoint(self, step: int) -> None:
+        state = {"sampler": self.sampler.state_dict(), "monitor": self.monitor.state_dict()}
+        path = save_checkpoint(self.roles, gathering_ranks(self.roles, self.cfg), self.tokenizer, self.run_dir,
+                               step, state, self.cfg.train.keep_checkpoints)
+        self.metrics.write({"step": step, "event": "checkpoint", "message": path})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,3 +30,8 @@ def uniform_for_even(record, response):
     rewards: dynamic sampling drops it), else the dense digit fraction."""
     i = int(record["answer"]) // 2
     return 1.0 if i % 2 == 0 else digit_fraction(record, response)
+
+
+def has_digit(record, response):
+    """1 when the response contains a digit: an untrained tiny model passes sometimes."""
+    return float(any(c.isdigit() for c in response))

@@ -28,7 +28,8 @@ def _batch(seed=0, rows=16, advantages=None):
     """Random prompts and responses over the tiny vocabulary (ids 3..250)."""
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, 250, (4,), generator=g).tolist() for _ in range(rows)]
-    responses = [torch.randint(3, 250, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (rows,), generator=g)]
+    lengths = torch.randint(3, 9, (rows,), generator=g)
+    responses = [torch.randint(3, 250, (int(n),), generator=g).tolist() for n in lengths]
     ro = Rollout(prompts, responses, [[0.0] * len(r) for r in responses], [""] * rows, [False] * rows)
     adv = torch.randn(rows, generator=g) if advantages is None else advantages
     return TrainBatch.from_rollout(ro, adv, pad_id=0)

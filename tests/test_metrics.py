@@ -95,6 +95,42 @@ def test_monitor_reports_warnings_once_and_stops_on_sustained_kl_only():
     assert stop is not None and "algo.kl_stop=0.1" in stop
 
 
+def test_monitor_length_collapse_and_explosion():
+    from grpo_ray.metrics import Monitor
+
+    mon = Monitor(kl_stop=0.1, kl_window=3)
+    ok = {"reward/std": 0.5, "advantage/variance": 1.0, "kl": 0.01, "truncated/frac": 0.0}
+    for n in (10, 12, 14):  # baseline: 12 tokens
+        assert mon.check({**ok, "response_length/mean": n})[0] == []
+    assert mon.check({**ok, "response_length/mean": 7})[0] == []
+    (w,), _ = mon.check({**ok, "response_length/mean": 5.9})
+    assert w.startswith("response length collapsed to 5.9 tokens from 12.0")
+    (w,), _ = mon.check({**ok, "response_length/mean": 25})
+    assert w.startswith("response length grew to 25.0 tokens from 12.0") and "overlong=penalty" in w
+    assert mon.check({**ok, "response_length/mean": 13})[0] == []  # back to normal: cleared
+    (w,), _ = mon.check({**ok, "response_length/mean": 13, "truncated/frac": 0.6})
+    assert "(60% truncated)" in w
+
+
+def test_monitor_reward_hacking_signal_and_state_round_trip():
+    from grpo_ray.metrics import Monitor
+
+    mon = Monitor(kl_stop=0.1, kl_window=3)
+    ok = {"reward/std": 0.5, "advantage/variance": 1.0, "kl": 0.01}
+    assert mon.check_eval(0.40) == []  # step 0: nothing to compare with
+    for r in (0.30, 0.32):
+        mon.check({**ok, "reward/mean": r})
+    assert mon.check_eval(0.45) == []  # reward and pass@1 both up: learning
+    for r in (0.50, 0.60):
+        mon.check({**ok, "reward/mean": r})
+    state = mon.state_dict()
+    (w,) = mon.check_eval(0.30)
+    assert "possible reward hacking" in w and "0.310 -> 0.550" in w and "0.450 -> 0.300" in w
+    again = Monitor(kl_stop=0.1, kl_window=3)
+    again.load_state_dict(json.loads(json.dumps(state)))  # a checkpoint's state.json
+    assert again.check_eval(0.30) == [w]
+
+
 def test_combine_parts_sums_losses_weights_means_and_keeps_extremes():
     from grpo_ray.metrics import combine_parts
 

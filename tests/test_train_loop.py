@@ -68,8 +68,10 @@ def test_loop_with_dapo_and_off_policy_options(ray_local, tiny_model_dir, tmp_pa
     cfg = load_config("configs/default.yaml", SMALL + [
         f"run.output_dir={tmp_path}", "run.name=dapo", f"model.path={tiny_model_dir}", "data.task=jsonl",
         f"data.train_path={data}", "data.eval_fraction=0.25", "train.eval_every=0", "algo.dynamic_sampling=true",
-        "algo.overlong=penalty", "algo.overlong_buffer=8", "algo.overlong_penalty_factor=0.5", "algo.ppo_epochs=2", "algo.mini_batches=2",
-        "algo.recompute_old_logprobs=true", "algo.tis=token", "algo.entropy_coef=0.001", "algo.epsilon=0.2"])
+        "algo.overlong=penalty", "algo.overlong_buffer=8", "algo.overlong_penalty_factor=0.5",
+        "algo.ppo_epochs=2", "algo.mini_batches=2",
+        "algo.recompute_old_logprobs=true", "algo.tis=token", "algo.entropy_coef=0.001", "algo.epsilon=0.2",
+        "train.spot_check_every=2", "train.spot_check_samples=6"])
     run_dir = train(cfg)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     steps = [r for r in rows if "reward/mean" in r]
@@ -84,6 +86,21 @@ def test_loop_with_dapo_and_off_policy_options(ray_local, tiny_model_dir, tmp_pa
         assert r["reward/overlong/mean"] <= 0.0
         assert 0 < r["tis/weight_mean"] <= 2.0 and abs(r["sampler_kl"]) < 1e-3  # fp32 vLLM ~ learner
         assert r["time/generate"] > 0 and r["time/verify"] > 0
+    assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == ["step_000002.jsonl", "step_000002.md"]
+    samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples", "step_000002.jsonl"))]
+    assert len(samples) == 6 and all(s["reason"] for s in samples)
+    assert samples[0]["prompt"] == samples[1]["prompt"] != samples[2]["prompt"]  # two per group
+
+
+def test_spot_check_files_escape_markdown(tmp_path):
+    from grpo_ray.train import write_samples
+
+    row = {"prompt": "a|b\nc", "response": "x", "reward": 1.0, "advantage": 0.5, "reason": "correct",
+           "truncated": False}
+    write_samples(str(tmp_path), 10, [row])
+    assert [json.loads(line) for line in open(tmp_path / "samples" / "step_000010.jsonl")] == [row]
+    md = (tmp_path / "samples" / "step_000010.md").read_text()
+    assert "| a\\|b<br>c | x | 1.000 | 0.500 | correct |" in md
 
 
 def test_bad_dataset_row_fails_fast_and_writes_nothing(tmp_path):

@@ -266,7 +266,8 @@ def run_tests(worker, tests, job, names):
     except BaseException as e:
         return False, failure(e), partial(tally, asserts)
     if tally.passed < tally.run:
-        return False, f"wrong answer: {tally.run - tally.passed} of {tally.run} assertions failed", partial(tally, asserts)
+        failed = f"{tally.run - tally.passed} of {tally.run} assertions failed"
+        return False, f"wrong answer: {failed}", partial(tally, asserts)
     return True, "all tests passed"
 
 

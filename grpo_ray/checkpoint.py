@@ -1,0 +1,116 @@
+"""Checkpoints and resume.
+
+Layout: <run_dir>/checkpoints/step_000010/
+    policy/      the policy in Hugging Face format (transformers and vLLM load it as is)
+    learner/     DeepSpeed's checkpoint: weights, AdamW moments, LR schedule (every rank's shard)
+    state.json   step, prompt-sampler position, KL-monitor window; written last
+
+A checkpoint is written to `.step_000010.tmp` and renamed into place, so a crash mid-save leaves
+the previous checkpoint as the newest valid one; the last `train.keep_checkpoints` are kept. On
+resume the generators start from policy/, the learner restores learner/ (the reference stays
+the initial model), and the sampler draws the prompts the interrupted run would have drawn:
+there is no other randomness in the driver, and sampling seeds derive from the step number.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import ray
+
+STATE_VERSION = 1
+_NAME = re.compile(r"^step_(\d{6,})$")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def checkpoints_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (renamed into place), oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root)
+             if (m := _NAME.match(name))]
+    return sorted(found)
+
+
+def save_checkpoint(roles, gathering_ranks: list, tokenizer, run_dir: str, step: int, state: dict,
+                    keep: int) -> str:
+    """Write checkpoint `step` atomically and prune to the newest `keep`."""
+    root = checkpoints_dir(run_dir)
+    final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".step_{step:06d}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    ray.get([lr.save_pretrained.remote(os.path.join(tmp, "policy")) for lr in gathering_ranks])
+    tokenizer.save_pretrained(os.path.join(tmp, "policy"))
+    ray.get([lr.save_state.remote(os.path.join(tmp, "learner")) for lr in roles.learners])
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({"version": STATE_VERSION, "step": step, **state}, f, indent=1)
+    if os.path.exists(final):  # the same step saved again (e.g. a KL stop right after a save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(path: str) -> dict:
+    """state.json of a checkpoint, checked; errors name the path and what is wrong."""
+    state_file = os.path.join(path, "state.json")
+    for need in (state_file, os.path.join(path, "policy", "config.json"), os.path.join(path, "learner")):
+        if not os.path.exists(need):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {need} is missing; delete the directory "
+                                  f"to resume from the one before")
+    try:
+        with open(state_file) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {state_file} is unreadable ({e}); delete {path} to resume from "
+                              f"the one before") from None
+    missing = [k for k in ("version", "step", "sampler", "monitor") if k not in state]
+    if missing or state.get("version") != STATE_VERSION:
+        raise CheckpointError(f"checkpoint {state_file}: missing {missing} or version {state.get('version')!r} "
+                              f"!= {STATE_VERSION}")
+    return state
+
+
+def check_shape(path: str, base_model: str) -> None:
+    """The checkpoint's policy must have the base model's architecture (a checkpoint of another
+    model in this run dir would load garbage or fail deep inside DeepSpeed)."""
+    def shape(folder):
+        with open(os.path.join(folder, "config.json")) as f:
+            c = json.load(f)
+        return {k: c.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                      "vocab_size")}
+
+    mine, base = shape(os.path.join(path, "policy")), shape(base_model)
+    if mine != base:
+        diff = {k: (mine[k], base[k]) for k in mine if mine[k] != base[k]}
+        raise CheckpointError(f"checkpoint {path} is of a different model than {base_model}: "
+                              f"{', '.join(f'{k} {a} != {b}' for k, (a, b) in diff.items())}")
+
+
+def find_resume(run_dir: str, mode: str, base_model: str) -> tuple[str, dict] | None:
+    """(checkpoint path, state) to resume from, or None for a fresh run. mode: run.resume."""
+    found = list_checkpoints(run_dir)
+    if mode == "never":
+        if found:
+            raise CheckpointError(f"run directory {run_dir} already has checkpoints (last: step {found[-1][0]}); "
+                                  f"set run.resume=auto to continue it, or choose another run.name")
+        return None
+    if not found:
+        if mode == "must":
+            raise CheckpointError(f"--resume: no checkpoint in {checkpoints_dir(run_dir)}")
+        return None
+    path = found[-1][1]
+    state = load_state(path)
+    check_shape(path, base_model)
+    return path, state

@@ -1,0 +1,53 @@
+"""`grpo-ray eval`: a real run of the command (generators + verifier pool on a local Ray), and
+the pure helpers (dedupe, atomic result files)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grpo_ray.evaluation import dedupe_against, write_results
+from grpo_ray.metrics import mean_pass_at_k
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_dedupe_against_training_prompts():
+    train = [{"prompt": "Q: 1+1=?"}, {"prompt": "Q:  2+2=? "}]
+    held = [{"prompt": "Q: 1+1=?"}, {"prompt": "Q: 2+2=?"}, {"prompt": "Q: 3+3=?"}]
+    kept, dupes = dedupe_against(held, train)
+    assert [r["prompt"] for r in kept] == ["Q: 3+3=?"] and dupes == ["Q: 1+1=?", "Q: 2+2=?"]
+
+
+def test_write_results_leaves_no_temp_files(tmp_path):
+    csv, js = write_results(str(tmp_path / "out"), [{"prompt": "a", "num_samples": 2, "num_correct": 1}],
+                            {"eval/pass@1": 0.5})
+    assert sorted(os.listdir(tmp_path / "out")) == ["pass_at_k.json", "results.csv"]
+    assert json.load(open(js)) == {"eval/pass@1": 0.5}
+
+
+@pytest.mark.slow
+def test_eval_command_writes_per_problem_csv_and_pass_at_k(tiny_model_dir, tmp_path):
+    import pandas as pd
+
+    data, train = tmp_path / "held.jsonl", tmp_path / "train.jsonl"
+    rows = [{"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i), "task": "reward_fns:has_digit"} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))  # two held-out prompts leak
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", RAY_ADDRESS="")
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "eval", tiny_model_dir, str(data),
+                           "--k", "1,4", "--samples", "6", "--max-new-tokens", "8", "--out", str(tmp_path / "ev"),
+                           "--train-data", str(train)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dropped 2 evaluation prompt(s) that are also in" in proc.stderr
+    table = pd.read_csv(tmp_path / "ev" / "results.csv")
+    assert len(table) == 6 and set(table["num_samples"]) == {6}
+    assert table["prompt"].tolist() == [r["prompt"] for r in rows[2:]]
+    result = json.load(open(tmp_path / "ev" / "pass_at_k.json"))
+    for k in (1, 4):  # the summary is the unbiased estimator over the CSV's counts
+        expected = mean_pass_at_k(table["num_samples"].tolist(), table["num_correct"].tolist(), k)
+        assert result[f"eval/pass@{k}"] == pytest.approx(expected)
+    assert 0 <= result["eval/pass@1"] <= result["eval/pass@4"] <= 1 and result["problems"] == 6

@@ -1,0 +1,112 @@
+"""Checkpoints and exact resume through the real loop (slow), and bad checkpoints (fast)."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from grpo_ray.checkpoint import CheckpointError, find_resume, list_checkpoints, load_state
+from grpo_ray.config import load_config
+
+SMALL = ["rollout.prompts_per_step=4", "algo.group_size=4", "train.eval_every=0", "eval.num_prompts=4",
+         "eval.samples=10", "learner.lr=1e-3", "learner.micro_batch_size=8", "algo.epsilon=0.2",
+         "algo.mini_batches=2"]  # mini-batches: later ones see ratio != 1, so Adam's state matters
+
+
+def _cfg(tmp_path, model_dir, name, steps, *extra):
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
+                                            "task": "reward_fns:digit_fraction"}) + "\n" for i in range(24)))
+    return load_config("configs/default.yaml", SMALL + [
+        f"run.output_dir={tmp_path}", f"run.name={name}", f"model.path={model_dir}", "data.task=jsonl",
+        f"data.train_path={data}", "data.eval_fraction=0.2", f"train.steps={steps}", *extra])
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def _weights(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+@pytest.mark.slow
+def test_n_steps_then_resume_equals_2n_steps(ray_local, tiny_model_dir, tmp_path):
+    from grpo_ray.train import train
+
+    full = train(_cfg(tmp_path, tiny_model_dir, "full", 4, "train.checkpoint_every=2"))
+    half = train(_cfg(tmp_path, tiny_model_dir, "half", 2))  # "killed" after 2 steps: its final checkpoint
+    assert [s for s, _ in list_checkpoints(half)] == [2]
+    resumed = train(_cfg(tmp_path, tiny_model_dir, "half", 4))  # run.resume=auto picks it up
+    assert resumed == half
+    a, b = _rows(full), _rows(half)
+    steps_a = [r for r in a if "reward/mean" in r]
+    steps_b = [r for r in b if "reward/mean" in r]
+    assert [r["step"] for r in steps_b] == [1, 2, 3, 4]  # the metrics file was appended, not rewritten
+    assert any(r.get("event") == "resume" for r in b)
+    for ra, rb in zip(steps_a, steps_b):  # same prompts, same samples, same updates
+        for key in ("reward/mean", "response_length/mean", "kl", "clip/low", "clip/high"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-5), (ra["step"], key)
+    assert load_state(list_checkpoints(full)[-1][1])["sampler"] == load_state(list_checkpoints(half)[-1][1])["sampler"]
+    wa, wb = _weights(os.path.join(full, "final_model")), _weights(os.path.join(half, "final_model"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    assert max(float((wa[k] - _weights(tiny_model_dir)[k]).abs().max()) for k in wa) > 1e-4  # it trained
+    assert [s for s, _ in list_checkpoints(full)] == [2, 4]  # keep_checkpoints=2
+
+
+def _fake_checkpoint(run_dir, step, model_dir, state=None):
+    path = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+    shutil.copytree(model_dir, os.path.join(path, "policy"))
+    os.makedirs(os.path.join(path, "learner"))
+    with open(os.path.join(path, "state.json"), "w") as f:
+        f.write(json.dumps(state if state is not None else
+                           {"version": 1, "step": step, "sampler": {"epoch": 0, "position": 0},
+                            "monitor": {"active": [], "recent_kl": []}}))
+    return path
+
+
+def test_resume_modes_and_bad_checkpoints(tiny_model_dir, tmp_path):
+    run = str(tmp_path / "run")
+    assert find_resume(run, "auto", tiny_model_dir) is None
+    with pytest.raises(CheckpointError, match="--resume: no checkpoint in .*run/checkpoints"):
+        find_resume(run, "must", tiny_model_dir)
+    good = _fake_checkpoint(run, 2, tiny_model_dir)
+    os.makedirs(os.path.join(run, "checkpoints", ".step_000004.tmp"))  # a crash mid-save: ignored
+    path, state = find_resume(run, "auto", tiny_model_dir)
+    assert path == good and state["step"] == 2
+    with pytest.raises(CheckpointError, match="already has checkpoints .*last: step 2.*run.resume=auto"):
+        find_resume(run, "never", tiny_model_dir)
+    bad = _fake_checkpoint(run, 3, tiny_model_dir, state={})
+    with pytest.raises(CheckpointError, match=f"checkpoint {bad}/state.json: missing"):
+        find_resume(run, "auto", tiny_model_dir)
+    with open(os.path.join(bad, "state.json"), "w") as f:
+        f.write('{"step": 3, "sampl')  # truncated
+    with pytest.raises(CheckpointError, match="state.json is unreadable"):
+        find_resume(run, "auto", tiny_model_dir)
+    os.remove(os.path.join(bad, "state.json"))
+    with pytest.raises(CheckpointError, match="is incomplete: .*state.json is missing"):
+        find_resume(run, "auto", tiny_model_dir)
+    shutil.rmtree(bad)
+    cfg_path = os.path.join(good, "policy", "config.json")
+    conf = json.load(open(cfg_path))
+    conf["hidden_size"] *= 2
+    json.dump(conf, open(cfg_path, "w"))
+    with pytest.raises(CheckpointError, match=r"different model .*hidden_size 256 != 128"):
+        find_resume(run, "auto", tiny_model_dir)
+
+
+def test_cli_resume_without_checkpoint_exits_2(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2"}\n' * 4)
+    proc = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "train", "--resume", f"model.path={tiny_model_dir}",
+                           "data.task=jsonl", f"data.train_path={data}", f"run.output_dir={tmp_path}", "run.name=r"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"--resume: no checkpoint in {tmp_path}/r/checkpoints" in proc.stderr
