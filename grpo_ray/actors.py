@@ -49,6 +49,12 @@ def _options(cpus: float, env: dict, **kw) -> dict:
     return dict(num_cpus=cpus, runtime_env={"env_vars": env}, **kw)
 
 
+def _restarts(cfg: Config) -> dict:
+    """Stateless or re-syncable roles come back after a crash and the interrupted call is run again."""
+    n = cfg.resources.actor_restarts
+    return {"max_restarts": n, "max_task_retries": n}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -61,6 +67,7 @@ class Roles:
     verifier: object  # VerifierPool: a Ray Serve deployment, not an actor
     reference: object
     learners: list
+    weight_version: int = 0  # what the generators hold: the learner step last pushed to them
 
 
 def start_generators(cfg: Config, model_path: str) -> list:
@@ -68,7 +75,8 @@ def start_generators(cfg: Config, model_path: str) -> list:
     from .generator import Generator
 
     res = cfg.resources
-    gen_cls = ray.remote(Generator).options(**_options(res.generator_cpus, actor_env(), max_restarts=0))
+    # restarted after a crash (the driver then pushes the current weights; see train.generate)
+    gen_cls = ray.remote(Generator).options(**_options(res.generator_cpus, actor_env(), **_restarts(cfg)))
     return [gen_cls.remote(model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
                            kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=res.vllm_cpu_threads)
             for i in range(cfg.rollout.num_generators)]
@@ -84,7 +92,7 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None) ->
 
     res, env = cfg.resources, actor_env()
     generators = start_generators(cfg, os.path.join(resume_from, "policy") if resume_from else model_path)
-    ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, env, max_restarts=0))
+    ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, env, **_restarts(cfg)))  # stateless
     reference = ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=res.torch_threads,
                                micro_batch_size=cfg.learner.micro_batch_size)
     a = cfg.algo

@@ -1,4 +1,4 @@
-"""`grpo-ray` command line: train, eval, build-model."""
+"""`grpo-ray` command line: train, eval, plot, build-model."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,13 @@ def _eval(args) -> None:
     eval_model(cfg, args.model_dir, records[:args.limit] if args.limit else records, args.out)
 
 
+def _plot(args) -> None:
+    from .plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+
+
 def _build_model(args) -> None:
     from .tasks import tokenizer_corpus
     from .tiny_model import TinyShape, build_tiny_model
@@ -74,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--config", default=None, help="YAML for the rest (reward, rollout, resources)")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reward.code.timeout_s=5")
     e.set_defaults(fn=_eval)
+    p = sub.add_parser("plot", help="PNG charts of a run (reward, KL, pass@k, clipping, length, timings)")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=_plot)
     b = sub.add_parser("build-model", help="build a tiny random Qwen2 model + tokenizer offline")
     b.add_argument("out_dir")
     b.add_argument("--hidden-size", type=int, default=128)
@@ -87,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides, args.config = [args.config, *args.overrides], DEFAULT_CONFIG
     try:
         args.fn(args)
-    except (ConfigError, DataError, CheckpointError, OSError) as e:
+    except (ConfigError, DataError, CheckpointError, OSError, ValueError) as e:
         print(f"grpo-ray: error: {e}", file=sys.stderr)
         sys.exit(2)
 

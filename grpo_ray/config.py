@@ -34,6 +34,9 @@ class RunConfig:
     seed: int = 0
     log_every: int = _f(1, lo=1)
     resume: Literal["auto", "must", "never"] = "auto"  # auto: continue from the run dir's last checkpoint if any
+    tensorboard: bool = True  # event files in <run dir>/tensorboard
+    wandb_project: str = _f("", doc="Weights & Biases project; empty = off (needs `pip install wandb`)")
+    plots: bool = True  # PNG charts in <run dir>/plots at the end (also: grpo-ray plot RUN_DIR)
 
 
 @dataclass
@@ -72,8 +75,12 @@ class AlgoConfig:
     epsilon: float = _f(10.0, lo=0.0, lo_open=True, doc="clip range (DeepSeek-R1: 10; PPO: 0.2)")
     epsilon_high: float | None = _f(None, lo=0.0, lo_open=True, doc="upper clip; null = epsilon")
     beta: float = _f(0.001, lo=0.0, doc="k3 KL coefficient in the loss")
-    kl_stop: float = _f(0.1, lo=0.0, lo_open=True, doc="stop when the KL (median of the last kl_window steps) exceeds this")
+    kl_stop: float = _f(0.1, lo=0.0, lo_open=True,
+                        doc="stop when the KL (median of the last kl_window steps) exceeds this")
     kl_window: int = _f(5, lo=1, doc="steps in the KL stop rule's median; 1 = stop on any single step")
+    kl_action: Literal["stop", "rollback"] = "stop"  # rollback: last checkpoint, lower lr, go on
+    kl_rollback_lr_factor: float = _f(0.5, lo=0.0, hi=1.0, lo_open=True, doc="lr multiplier per rollback")
+    kl_max_rollbacks: int = _f(2, lo=0, doc="then the run stops")
     estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     aggregation: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
     clip_ratio_c: float | None = _f(None, lo=1.0, lo_open=True, doc="dual clip for A < 0; null = off")
@@ -177,6 +184,8 @@ class ResourcesConfig:
     learner_cpus: float = _f(0.25, lo=0.0)
     reference_cpus: float = _f(0.25, lo=0.0)
     torch_threads: int = _f(2, lo=1)
+    actor_restarts: int = _f(3, lo=0, doc="restarts of a crashed generator or reference actor (learners: none; "
+                                          "resume from a checkpoint instead)")
     vllm_cpu_threads: str = "0-1"
 
 

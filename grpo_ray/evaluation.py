@@ -4,6 +4,7 @@ unbiased pass@k (Chen et al. 2021) for each k. The same code runs inside trainin
 from __future__ import annotations
 
 from .metrics import mean_pass_at_k
+from .records import Rollout
 from .rollout import sample
 
 EVAL_SEED = 1_000_003  # fixed: successive evaluations differ by the model, not the dice
@@ -18,8 +19,8 @@ def evaluate(generators: list, verifier, records: list[dict], *, samples: int, k
              temperature: float, max_new_tokens: int, top_p: float = 1.0) -> tuple[dict, list[dict]]:
     """Returns ({"eval/pass@k": ...}, per-problem rows with num_samples and num_correct).
     `verifier` is anything with score(records, responses) -> list[Score] (the VerifierPool)."""
-    rollout = sample(generators, [r["prompt"] for r in records], n=samples, temperature=temperature,
-                     max_new_tokens=max_new_tokens, top_p=top_p, seed=EVAL_SEED)
+    rollout = Rollout.concat(sample(generators, [r["prompt"] for r in records], n=samples, temperature=temperature,
+                                    max_new_tokens=max_new_tokens, top_p=top_p, seed=EVAL_SEED))
     expanded = [r for r in records for _ in range(samples)]
     scores = verifier.score(expanded, rollout.texts)
     rows = []

@@ -189,6 +189,15 @@ class Learner:
         self.version = int(client.get("version", 0))
         return self.version
 
+    def scale_lr(self, factor: float) -> float:
+        """Multiply the learning rate from now on (KL rollback); returns the new current lr."""
+        sched = self.scheduler
+        if sched is not None and hasattr(sched, "base_lrs"):
+            sched.base_lrs = [lr * factor for lr in sched.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def save_pretrained(self, out_dir: str) -> None:
         with self._full_parameters():
             if self.rank == 0:

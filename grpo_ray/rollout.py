@@ -17,15 +17,14 @@ def split(items: list, parts: int) -> list[list]:
 
 
 def sample(generators: list, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int,
-           top_p: float, seed: int):
-    """Prompts split across generators, sampled in parallel; returns one Rollout, in order."""
-    from .records import Rollout
-
+           top_p: float, seed: int) -> list:
+    """Prompts split across generators, sampled in parallel; one Rollout per generator, in
+    order (Rollout.concat joins them; the caller checks their weight versions first)."""
     chunks = split(prompts, len(generators))
     refs, offset = [], 0
     for gen, chunk in zip(generators, chunks):
         refs.append(gen.generate.remote(chunk, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
                                         top_p=top_p, seed=seed + offset * n))
         offset += len(chunk)
-    return Rollout.concat(ray.get(refs))
+    return ray.get(refs)
 

@@ -18,15 +18,16 @@ import torch
 import yaml
 
 from .actors import Roles, in_ray_job, init_ray, start_roles, stop_roles
-from .checkpoint import find_resume, save_checkpoint
 from .algorithm import group_advantages, informative_groups, loss_normalizer, overlong_penalty
+from .checkpoint import find_resume, list_checkpoints, load_state, save_checkpoint
 from .config import Config, overlong_buffer
 from .data import PromptSampler, load_datasets
 from .evaluation import evaluate
-from .metrics import MetricsLog, Monitor, advantage_variance, combine_parts, reward_stats
+from .metrics import Monitor, advantage_variance, combine_parts, reward_stats
 from .modeling import load_tokenizer
 from .records import Rollout, TrainBatch
 from .rollout import sample, split
+from .tracking import Tracker
 
 
 class PhaseTimer:
@@ -131,9 +132,21 @@ def step_seed(cfg: Config, step: int, round: int = 0) -> int:
 
 
 def generate(roles: Roles, cfg: Config, prompts: list[str], seed: int) -> Rollout:
+    """G completions per prompt from the generators. A generator that Ray restarted after a
+    crash comes back with the weights it started with: its rollout carries another weight
+    version, so the current weights are pushed to every generator and the prompts sampled
+    again (same seeds), and no sample from stale weights reaches the learner."""
     r = cfg.rollout
-    return sample(roles.generators, prompts, n=cfg.algo.group_size, temperature=r.temperature,
-                  max_new_tokens=r.max_new_tokens, top_p=r.top_p, seed=seed)
+    for _ in range(3):
+        parts = sample(roles.generators, prompts, n=cfg.algo.group_size, temperature=r.temperature,
+                       max_new_tokens=r.max_new_tokens, top_p=r.top_p, seed=seed)
+        if all(p.weight_version == roles.weight_version for p in parts):
+            return Rollout.concat(parts)
+        print(f"generator weights at versions {sorted({p.weight_version for p in parts})}, expected "
+              f"{roles.weight_version} (a restarted generator?): pushing the current weights and resampling",
+              file=sys.stderr)
+        sync_weights(roles, cfg, roles.weight_version)
+    raise RuntimeError("generators keep returning stale weight versions after 3 weight pushes")
 
 
 def update_policy(roles: Roles, cfg: Config, batch: TrainBatch) -> dict:
@@ -158,6 +171,7 @@ def sync_weights(roles: Roles, cfg: Config, version: int) -> None:
     store and read by each generator (no per-parameter calls)."""
     buckets = [lr.weight_buckets.remote(cfg.model.dtype) for lr in gathering_ranks(roles, cfg)][0]
     ray.get([g.update_weights.remote(buckets, version) for g in roles.generators])
+    roles.weight_version = version
 
 
 def gathering_ranks(roles: Roles, cfg: Config) -> list:
@@ -292,48 +306,102 @@ class Run:
             cfg, roles, run_dir, sampler, eval_records, log)
         self.tokenizer = load_tokenizer(model_path)
         self.monitor = Monitor(cfg.algo.kl_stop, cfg.algo.kl_window)
-        self.metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"))  # appends on resume
+        self.metrics = Tracker(run_dir, tensorboard=cfg.run.tensorboard,  # metrics.jsonl appends on resume
+                               wandb_project=cfg.run.wandb_project or None, run_name=cfg.run.name,
+                               config=cfg.to_dict(), resumed=bool(list_checkpoints(run_dir)))
+        self.lr_scale, self.rollbacks = 1.0, 0  # KL rollbacks so far and the lr factor they left
 
     def restore(self, path: str, state: dict) -> int:
         """Sampler and monitor as they were at the checkpoint; returns the first step to run."""
         self.sampler.load_state_dict(state["sampler"])
         self.monitor.load_state_dict(state["monitor"])
+        self.lr_scale, self.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
         self.log(f"resumed from {path}: step {state['step']} of {self.cfg.train.steps} done")
         self.metrics.write({"step": state["step"], "event": "resume", "message": path})
         return state["step"] + 1
 
     def loop(self, start: int, tqdm) -> None:
-        cfg, steps, step = self.cfg, self.cfg.train.steps, start - 1
+        cfg, steps, step, last = self.cfg, self.cfg.train.steps, start, start - 1
         if start == 1:
             self.evaluate(0)
-        for step in tqdm(range(start, steps + 1), desc="grpo", unit="step", file=sys.stderr,
-                         initial=start - 1, total=steps):
-            m, samples = train_step(step, cfg, self.roles, self.sampler, self.tokenizer.pad_token_id)
+        bar = tqdm(desc="grpo", unit="step", file=sys.stderr, initial=start - 1, total=steps)
+        while step <= steps:
+            try:
+                m, samples = train_step(step, cfg, self.roles, self.sampler, self.tokenizer.pad_token_id)
+            except ray.exceptions.RayActorError as e:  # a learner (no restarts) or a role out of restarts
+                raise RuntimeError(self.died(step, e)) from None
             self.metrics.write(m)
+            last = step
             if cfg.train.spot_check_every and step % cfg.train.spot_check_every == 0:
                 write_samples(self.run_dir, step, samples)
             if step % cfg.run.log_every == 0:
                 self.log(summary_line(m, steps))
             if self.watch(step, m):
-                break
+                back = self.rollback(step) if cfg.algo.kl_action == "rollback" else None
+                if back is None:
+                    break
+                step = back + 1
+                bar.n = back
+                continue
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
                 self.evaluate(step)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                 self.checkpoint(step)
-        if step >= start:  # something was trained in this session
-            self.evaluate(step)
-            if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-                self.checkpoint(step)
+            step += 1
+            bar.update(1)
+        bar.close()
+        if last >= start:  # something was trained in this session
+            self.evaluate(last)
+            if not (cfg.train.checkpoint_every and last % cfg.train.checkpoint_every == 0):
+                self.checkpoint(last)
             self.log(f"final policy: {save_policy(self.roles, cfg, self.run_dir, self.tokenizer, 'final_model')}")
+            if cfg.run.plots:
+                from .plots import plot_run
+
+                charts = plot_run(self.run_dir, cfg.algo.kl_stop)
+                self.log(f"plots: {len(charts)} charts in {os.path.join(self.run_dir, 'plots')}")
+
+    def died(self, step: int, e: Exception) -> str:
+        found = list_checkpoints(self.run_dir)
+        where = (f"the last checkpoint is step {found[-1][0]} ({found[-1][1]}): run the same command with --resume"
+                 if found else "there is no checkpoint yet (train.checkpoint_every): the run has to start over")
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        return f"an actor died at step {step} and could not be restarted ({first}); {where}"
+
+    def rollback(self, step: int) -> int | None:
+        """algo.kl_action=rollback: back to the newest checkpoint (saved while the KL rule held)
+        with the learning rate times kl_rollback_lr_factor; returns its step, or None to stop."""
+        a, found = self.cfg.algo, list_checkpoints(self.run_dir)
+        if self.rollbacks >= a.kl_max_rollbacks or not found:
+            why = "no checkpoint to roll back to" if not found else f"algo.kl_max_rollbacks={a.kl_max_rollbacks} used"
+            self.log(f"KL guard: stopping instead of rolling back ({why})")
+            return None
+        path = found[-1][1]
+        state = load_state(path)
+        self.rollbacks += 1
+        scale = a.kl_rollback_lr_factor ** self.rollbacks
+        ray.get([lr.load_state.remote(os.path.join(path, "learner")) for lr in self.roles.learners])
+        lrs = ray.get([lr.scale_lr.remote(scale / state.get("lr_scale", 1.0)) for lr in self.roles.learners])
+        self.lr_scale = scale
+        sync_weights(self.roles, self.cfg, version=state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.monitor.load_state_dict(state["monitor"])
+        msg = (f"KL guard: rolled back from step {step} to the checkpoint of step {state['step']} ({path}); "
+               f"learning rate now {lrs[0]:.3g} (x{scale:g}), rollback {self.rollbacks} of {a.kl_max_rollbacks}")
+        self.log(msg)
+        self.metrics.write({"step": step, "event": "kl_rollback", "message": msg, "to_step": state["step"]})
+        return state["step"]
 
     def watch(self, step: int, m: dict) -> bool:
-        """The guide's thresholds: warnings when they start; True when the KL rule stops the run."""
+        """The guide's thresholds: warnings when they start; True when the KL rule fires (then
+        the run stops, or rolls back with algo.kl_action=rollback)."""
         warnings, stop = self.monitor.check(m)
         for w in warnings:
             self.log(f"warning: {w}")
             self.metrics.write({"step": step, "event": "warning", "message": w})
         if stop:
-            self.log(f"stopping at step {step}: {stop}")
+            action = "rolling back" if self.cfg.algo.kl_action == "rollback" else "stopping"
+            self.log(f"KL guard at step {step}: {stop}; {action}")
             self.metrics.write({"step": step, "event": "kl_stop", "message": stop})
         return stop is not None
 
@@ -348,7 +416,8 @@ class Run:
             self.metrics.write({"step": step, "event": "warning", "message": w})
 
     def checkpoint(self, step: int) -> None:
-        state = {"sampler": self.sampler.state_dict(), "monitor": self.monitor.state_dict()}
+        state = {"sampler": self.sampler.state_dict(), "monitor": self.monitor.state_dict(),
+                 "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
         path = save_checkpoint(self.roles, gathering_ranks(self.roles, self.cfg), self.tokenizer, self.run_dir,
                                step, state, self.cfg.train.keep_checkpoints)
         self.metrics.write({"step": step, "event": "checkpoint", "message": path})

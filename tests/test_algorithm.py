@@ -226,7 +226,7 @@ def test_entropy_bonus_pushes_entropy_up():
     logp = token_logprobs(logits, torch.tensor([[0]]))
     loss, _ = policy_loss(logp, logp.detach(), None, torch.zeros(1), torch.ones(1, 1), eps_low=0.2,
                           eps_high=0.2, beta=0.0, entropy=ent, entropy_coef=0.01)
-    assert loss.item() == pytest.approx(-0.01 * float(ent))  # A = 0: only the bonus
+    assert loss.item() == pytest.approx(-0.01 * float(ent.detach()))  # A = 0: only the bonus
     loss.backward()
     assert float(logits.grad[0, 0, 0]) > 0  # descending the loss lowers the dominant logit
     with pytest.raises(ValueError, match="entropy with grad"):

@@ -110,3 +110,24 @@ def test_cli_resume_without_checkpoint_exits_2(tiny_model_dir, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"--resume: no checkpoint in {tmp_path}/r/checkpoints" in proc.stderr
+
+
+@pytest.mark.slow
+def test_kl_rollback_goes_back_to_the_checkpoint_with_a_lower_lr(ray_local, tiny_model_dir, tmp_path):
+    """With a KL limit no update can meet, every step after the first trips the guard: the run
+    rolls back to step 1's checkpoint twice (lr x0.5, then x0.25) and then stops."""
+    from grpo_ray.train import train
+
+    run_dir = train(_cfg(tmp_path, tiny_model_dir, "rollback", 4, "algo.kl_stop=1e-6", "algo.kl_window=1",
+                         "algo.kl_action=rollback", "algo.kl_max_rollbacks=2", "train.checkpoint_every=1",
+                         "learner.warmup_steps=0", "algo.mini_batches=1"))
+    rows = _rows(run_dir)
+    rollbacks = [r for r in rows if r.get("event") == "kl_rollback"]
+    assert [r["to_step"] for r in rollbacks] == [1, 1]
+    assert "learning rate now 0.0005 (x0.5)" in rollbacks[0]["message"]
+    assert "learning rate now 0.00025 (x0.25)" in rollbacks[1]["message"]
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 2, 2]  # step 2 ran three times, then the run stopped
+    assert [r["weight_version"] for r in steps] == [0, 1, 1, 1]  # each retry sampled from step 1's weights
+    assert steps[0]["kl"] < 1e-6 and all(r["kl"] > 1e-6 for r in steps[1:])
+    assert os.path.isdir(os.path.join(run_dir, "final_model"))

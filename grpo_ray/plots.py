@@ -1,0 +1,106 @@
+"""`grpo-ray plot RUN_DIR`: PNG charts of a run from its metrics.jsonl (matplotlib, no display).
+
+One figure per topic, so each can go into a report on its own: reward (mean and within-group
+std with the guide's 0.3 / 2.0 lines), KL with the stop line, held-out pass@k, clip fractions,
+response length (and truncation), and the time per phase. A step logged more than once (a KL
+rollback re-runs steps) is drawn from its last occurrence.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+
+PHASES = ("generate", "verify", "reference", "learner", "sync", "overhead")
+
+
+def load_metrics(run_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training rows, evaluation rows) of run_dir/metrics.jsonl, one row per step."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: not valid JSON") from None
+    df = pd.DataFrame(rows)
+    if "event" in df:
+        df = df[df["event"].isna()]
+    train = df[df["reward/mean"].notna()] if "reward/mean" in df else df.iloc[0:0]
+    evals = df[df[[c for c in df if c.startswith("eval/")]].notna().any(axis=1)] if any(
+        c.startswith("eval/") for c in df) else df.iloc[0:0]
+    last = lambda d: d.drop_duplicates("step", keep="last").sort_values("step")  # noqa: E731
+    return last(train), last(evals)
+
+
+def plot_run(run_dir: str, kl_stop: float | None = None) -> list[str]:
+    """Write run_dir/plots/*.png; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = load_metrics(run_dir)
+    if kl_stop is None:
+        kl_stop = _config_value(run_dir, ("algo", "kl_stop"), 0.1)
+    out_dir = os.path.join(run_dir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+
+    def figure(name: str, title: str, draw) -> None:
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        draw(ax)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{name}.png")
+        fig.savefig(path + ".tmp.png", dpi=110)
+        plt.close(fig)
+        os.replace(path + ".tmp.png", path)  # a reader never sees half a PNG
+        written.append(path)
+
+    def series(ax, df, cols, **kw):
+        for c in cols:
+            if c in df and df[c].notna().any():
+                ax.plot(df["step"], df[c], marker=".", label=c, **kw)
+
+    if len(train):
+        def reward(ax):
+            series(ax, train, ["reward/mean", "reward/std"])
+            for y in (0.3, 2.0):
+                ax.axhline(y, color="grey", ls=":", lw=1)
+
+        def kl(ax):
+            series(ax, train, ["kl"])
+            ax.axhline(kl_stop, color="red", ls="--", lw=1, label=f"kl_stop {kl_stop:g}")
+
+        figure("reward", "reward: mean and within-group std (guide: std 0.3-2.0)", reward)
+        figure("kl", "KL to the reference (k3, per token)", kl)
+        figure("clip", "clip fractions", lambda ax: series(ax, train, ["clip/low", "clip/high"]))
+        figure("length", "response length (tokens) and truncation",
+               lambda ax: series(ax, train, ["response_length/mean", "response_length/max"]))
+        figure("timings", "seconds per phase", lambda ax: series(ax, train, [f"time/{p}" for p in PHASES]))
+    if len(evals):
+        figure("pass_at_k", "held-out pass@k (unbiased)",
+               lambda ax: series(ax, evals, sorted(c for c in evals if c.startswith("eval/pass@"))))
+    return written
+
+
+def _config_value(run_dir: str, keys: tuple[str, ...], default):
+    try:
+        import yaml
+
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            node = yaml.safe_load(f)
+        for k in keys:
+            node = node[k]
+        return node
+    except (OSError, KeyError, TypeError, ValueError):
+        return default

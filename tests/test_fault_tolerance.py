@@ -1,0 +1,64 @@
+"""Actors killed mid-run (slow): a generator and the reference crash (SIGKILL) during training;
+Ray restarts them, the generator gets the current weights again, and every step completes with
+all its samples, none from stale weights."""
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from grpo_ray.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def _kill(title: str) -> int:
+    """SIGKILL the Ray worker whose process title is `title` (e.g. ray::Generator)."""
+    for p in psutil.process_iter(["cmdline"]):
+        if (p.info["cmdline"] or [""])[0].startswith(title):
+            os.kill(p.pid, signal.SIGKILL)
+            return p.pid
+    raise AssertionError(f"no process {title}")
+
+
+def _steps_logged(path) -> int:
+    try:
+        return sum(1 for line in open(path) if '"reward/mean"' in line)
+    except OSError:
+        return 0
+
+
+def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_path):
+    from grpo_ray.train import train
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
+                                        "task": "reward_fns:digit_fraction"}) + "\n" for i in range(12)))
+    cfg = load_config("configs/default.yaml", [
+        f"run.output_dir={tmp_path}", "run.name=ft", f"model.path={tiny_model_dir}", "data.task=jsonl",
+        f"data.train_path={data}", "data.eval_fraction=0.25", "rollout.prompts_per_step=4", "algo.group_size=4",
+        "train.steps=6", "train.eval_every=0", "eval.num_prompts=3", "eval.samples=10", "learner.lr=1e-3"])
+    metrics = tmp_path / "ft" / "metrics.jsonl"
+    killed = []
+
+    def killer():
+        for after, title in ((2, "ray::Generator"), (4, "ray::Reference")):
+            deadline = time.monotonic() + 300
+            while _steps_logged(metrics) < after and time.monotonic() < deadline:
+                time.sleep(0.05)
+            killed.append((title, _kill(title)))
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    run_dir = train(cfg)
+    thread.join(timeout=10)
+    assert [t for t, _ in killed] == ["ray::Generator", "ray::Reference"]
+    steps = [json.loads(line) for line in open(metrics) if '"reward/mean"' in line]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    # every rollout came from the latest weights, also right after the generator's restart
+    assert [r["weight_version"] for r in steps] == [0, 1, 2, 3, 4, 5]
+    assert all(r["tokens"] > 0 for r in steps)  # 16 completions per step reached the learner
+    assert os.path.isdir(os.path.join(run_dir, "final_model"))
