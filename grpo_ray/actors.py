@@ -15,9 +15,8 @@ from .config import Config
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.
 # GRPC_ENABLE_FORK_SUPPORT=0: with it on, gRPC's fork handler starts a poller thread in every
-# child forked by subprocess (each sandboxed check drops to uid 65534, so Python forks rather than
-# vforks); subprocess then closes the poller's fds and the child aborts before exec. Measured:
-# 4 aborted checks in 984 (one a correct answer scored 0) with it on, none with it off.
+# fork()ed child; subprocess then closes the poller's fds and the child aborts before exec. The
+# sandbox avoids fork() (setpriv + vfork, see verifiers/sandbox.py); this covers other forks.
 # GRPC_VERBOSITY: otherwise gRPC logs a line for every such fork.
 ACTOR_ENV = {"GRPC_ENABLE_FORK_SUPPORT": "0", "GRPC_VERBOSITY": "ERROR", "TOKENIZERS_PARALLELISM": "false",
              "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
@@ -82,10 +81,11 @@ def start_generators(cfg: Config, model_path: str) -> list:
             for i in range(cfg.rollout.num_generators)]
 
 
-def start_roles(cfg: Config, model_path: str, resume_from: str | None = None) -> Roles:
+def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, reference: str | None = None) -> Roles:
     """Create every actor and wait until all are ready (vLLM, DeepSpeed and the verifier pool
     start in parallel). resume_from: a checkpoint directory; the generators start from its
-    policy and the learners restore its state, while the reference stays the initial model."""
+    policy and the learners restore its state. reference: the reference policy's folder (the
+    initial model unless algo.ref_reset_every has replaced it)."""
     from .learner import Learner
     from .reference import Reference
     from .verifier_pool import VerifierPool
@@ -93,7 +93,7 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None) ->
     res, env = cfg.resources, actor_env()
     generators = start_generators(cfg, os.path.join(resume_from, "policy") if resume_from else model_path)
     ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, env, **_restarts(cfg)))  # stateless
-    reference = ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=res.torch_threads,
+    reference = ref_cls.remote(reference or model_path, dtype=cfg.model.dtype, threads=res.torch_threads,
                                micro_batch_size=cfg.learner.micro_batch_size)
     a = cfg.algo
     loss_kwargs = dict(eps_low=a.epsilon, eps_high=cfg.epsilon_high, beta=a.beta, aggregation=a.aggregation,

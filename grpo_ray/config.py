@@ -84,6 +84,8 @@ class AlgoConfig:
     estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
     aggregation: Literal["seq_mean", "token_mean", "constant"] = "seq_mean"
     clip_ratio_c: float | None = _f(None, lo=1.0, lo_open=True, doc="dual clip for A < 0; null = off")
+    ref_reset_every: int = _f(0, lo=0, doc="reset the reference to the current policy every N steps "
+                                          "(DeepSeek-R1: 400); 0 = never")
     ppo_epochs: int = _f(1, lo=1, doc="passes over each rollout (mu in DeepSeekMath)")
     mini_batches: int = _f(1, lo=1, doc="optimizer steps per pass; DeepSeek-R1 splits a rollout into 16")
     dynamic_sampling: bool = False  # DAPO: drop groups with equal rewards, refill with new prompts

@@ -63,7 +63,7 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
     with timer("learner"):
         stats = update_policy(roles, cfg, batch)
     with timer("sync"):
-        sync_weights(roles, cfg, version=step)
+        sync_weights(roles, cfg, version=step, reset_reference=ref_reset_due(cfg, step))
     metrics = {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
                **shaping, **sampling, **stats, "verify/retries": roles.verifier.retries, **timer.metrics()}
     return metrics, spot_samples(records, rollout, scores, advantages, G, cfg.train.spot_check_samples)
@@ -166,12 +166,18 @@ def update_policy(roles: Roles, cfg: Config, batch: TrainBatch) -> dict:
     return combine_parts(results)
 
 
-def sync_weights(roles: Roles, cfg: Config, version: int) -> None:
+def sync_weights(roles: Roles, cfg: Config, version: int, reset_reference: bool = False) -> None:
     """Learner weights -> every generator: one ObjectRef of buckets, stored once in the object
-    store and read by each generator (no per-parameter calls)."""
+    store and read by each generator (no per-parameter calls). reset_reference: the reference
+    takes the same weights (algo.ref_reset_every; DeepSeek-R1 resets it every 400 steps)."""
     buckets = [lr.weight_buckets.remote(cfg.model.dtype) for lr in gathering_ranks(roles, cfg)][0]
-    ray.get([g.update_weights.remote(buckets, version) for g in roles.generators])
+    ref = [roles.reference.load_weights.remote(buckets)] if reset_reference else []
+    ray.get([g.update_weights.remote(buckets, version) for g in roles.generators] + ref)
     roles.weight_version = version
+
+
+def ref_reset_due(cfg: Config, step: int) -> bool:
+    return bool(cfg.algo.ref_reset_every) and step % cfg.algo.ref_reset_every == 0
 
 
 def gathering_ranks(roles: Roles, cfg: Config) -> list:
@@ -279,9 +285,10 @@ def train(cfg: Config, address: str | None = None) -> str:
     log(f"run directory: {run_dir}")
     model_path = prepare_model(cfg, train_records, run_dir, log)
     resume = find_resume(run_dir, cfg.run.resume, model_path)
+    reference = (resume[1].get("reference") if resume else None) or model_path
     init_ray(address)
     t0 = time.perf_counter()
-    roles = start_roles(cfg, model_path, resume_from=resume[0] if resume else None)
+    roles = start_roles(cfg, model_path, resume_from=resume[0] if resume else None, reference=reference)
     log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
         f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), reference, "
         f"{cfg.learner.num_ranks} learner rank(s)")
@@ -334,6 +341,9 @@ class Run:
             last = step
             if cfg.train.spot_check_every and step % cfg.train.spot_check_every == 0:
                 write_samples(self.run_dir, step, samples)
+            if ref_reset_due(cfg, step):  # kept for resume: the reference is no longer the base model
+                save_policy(self.roles, cfg, self.run_dir, self.tokenizer, "reference_policy")
+                self.metrics.write({"step": step, "event": "ref_reset", "message": "reference := current policy"})
             if step % cfg.run.log_every == 0:
                 self.log(summary_line(m, steps))
             if self.watch(step, m):
@@ -416,8 +426,10 @@ class Run:
             self.metrics.write({"step": step, "event": "warning", "message": w})
 
     def checkpoint(self, step: int) -> None:
+        ref = os.path.join(self.run_dir, "reference_policy")
         state = {"sampler": self.sampler.state_dict(), "monitor": self.monitor.state_dict(),
-                 "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
+                 "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
+                 "reference": ref if os.path.isdir(ref) else None}
         path = save_checkpoint(self.roles, gathering_ranks(self.roles, self.cfg), self.tokenizer, self.run_dir,
                                step, state, self.cfg.train.keep_checkpoints)
         self.metrics.write({"step": step, "event": "checkpoint", "message": path})
