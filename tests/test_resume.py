@@ -136,15 +136,15 @@ def test_kl_rollback_goes_back_to_the_checkpoint_with_a_lower_lr(ray_local, tiny
 @pytest.mark.slow
 def test_reference_reset_makes_kl_zero_at_the_next_step(ray_local, tiny_model_dir, tmp_path):
     """algo.ref_reset_every=2: after step 2 the reference is the policy, so step 3's KL (measured
-    before its update) is zero, while steps 2 and 4 see drift; the reset policy is what a resume
-    would load as the reference."""
+    before its update) is zero, while step 2 saw drift; the reset policy (not the final one) is
+    what a resume would load as the reference."""
     from grpo_ray.train import train
 
-    run_dir = train(_cfg(tmp_path, tiny_model_dir, "refreset", 4, "algo.ref_reset_every=2", "algo.mini_batches=1"))
+    run_dir = train(_cfg(tmp_path, tiny_model_dir, "refreset", 3, "algo.ref_reset_every=2", "algo.mini_batches=1"))
     steps = {r["step"]: r for r in _rows(run_dir) if "reward/mean" in r}
-    assert steps[2]["kl"] > 1e-6 and steps[4]["kl"] > 1e-6
+    assert steps[2]["kl"] > 1e-6
     assert steps[3]["kl"] < 1e-7
     state = load_state(list_checkpoints(run_dir)[-1][1])
     assert state["reference"] == os.path.join(run_dir, "reference_policy")
     ref, final = _weights(state["reference"]), _weights(os.path.join(run_dir, "final_model"))
-    assert max(float((ref[k] - final[k]).abs().max()) for k in ref) > 1e-5  # step 4 moved on from it
+    assert max(float((ref[k] - final[k]).abs().max()) for k in ref) > 1e-5  # step 3 moved on from it
