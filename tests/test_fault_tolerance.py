@@ -62,3 +62,32 @@ def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_p
     assert [r["weight_version"] for r in steps] == [0, 1, 2, 3, 4, 5]
     assert all(r["tokens"] > 0 for r in steps)  # 16 completions per step reached the learner
     assert os.path.isdir(os.path.join(run_dir, "final_model"))
+
+
+def test_learner_killed_ends_the_run_with_a_resume_hint_and_resume_finishes(ray_local, tiny_model_dir, tmp_path):
+    from grpo_ray.train import train
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
+                                        "task": "reward_fns:digit_fraction"}) + "\n" for i in range(12)))
+    overrides = [f"run.output_dir={tmp_path}", "run.name=lk", f"model.path={tiny_model_dir}", "data.task=jsonl",
+                 f"data.train_path={data}", "data.eval_fraction=0.25", "rollout.prompts_per_step=4",
+                 "algo.group_size=4", "train.steps=5", "train.eval_every=0", "train.checkpoint_every=2",
+                 "eval.num_prompts=3", "eval.samples=10", "learner.lr=1e-3"]
+    metrics = tmp_path / "lk" / "metrics.jsonl"
+
+    def killer():
+        deadline = time.monotonic() + 300
+        while _steps_logged(metrics) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _kill("ray::Learner")
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    with pytest.raises(RuntimeError, match=r"an actor died at step [34] .*the last checkpoint is step 2 .*--resume"):
+        train(load_config("configs/default.yaml", overrides))
+    thread.join(timeout=10)
+    run_dir = train(load_config("configs/default.yaml", overrides + ["run.resume=must"]))
+    steps = [json.loads(line)["step"] for line in open(metrics) if '"reward/mean"' in line]
+    assert steps[-3:] == [3, 4, 5] and steps[:2] == [1, 2]  # resumed after step 2's checkpoint
+    assert os.path.isdir(os.path.join(run_dir, "final_model"))
