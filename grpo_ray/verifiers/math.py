@@ -121,6 +121,13 @@ class _MathVerifyProcess:
                 raise RuntimeError(out["error"])
             return bool(out["equal"])
 
+    def warm_up(self) -> None:
+        """Start the child now (importing sympy takes ~1.4 s) rather than in the first step
+        that meets a non-numeric answer."""
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._start()
+
     def _start(self) -> subprocess.Popen:
         self.close()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -147,6 +154,11 @@ class _MathVerifyProcess:
 
 _CHILD = "from grpo_ray.verifiers.math import _serve; _serve()"
 _MATH_VERIFY = _MathVerifyProcess()
+
+
+def warm_up() -> None:
+    """Start math-verify's process ahead of the first LaTeX answer (verifier replicas do)."""
+    _MATH_VERIFY.warm_up()
 
 
 def score_math(record: dict, response: str, answer_key: str = "answer", *, extraction: str = "any",
