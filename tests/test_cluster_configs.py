@@ -1,0 +1,81 @@
+"""cluster/: the Ray launcher YAML against Ray's own cluster-config schema, and the KubeRay
+manifests for structure and the fields KubeRay requires."""
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grpo_ray.config import load_config
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+REPO = CLUSTER.parent
+
+
+def validate_config(cfg: dict) -> None:
+    """Ray's cluster-config schema (ray/autoscaler/ray-schema.json), as `ray up` applies it.
+    (ray.autoscaler's validate_config also wants the provider defaults merged in, which needs
+    the cloud SDK; the schema is the part that catches mistakes in the file.)"""
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(cfg, schema)
+
+
+def test_launcher_yaml_passes_rays_schema_and_has_an_autoscaling_verifier_group():
+    cfg = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    validate_config(cfg)  # raises on a schema violation
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    verifier = types["verifier"]
+    assert verifier["resources"]["verifier"] > 0 and "GPU" not in verifier["resources"]
+    assert verifier["min_workers"] == 0 < verifier["max_workers"]
+    assert cfg["max_workers"] >= sum(t.get("max_workers", 0) for t in types.values())
+    assert any("bubblewrap" in c for c in cfg["setup_commands"])  # the code sandbox
+
+
+def test_schema_check_catches_a_broken_launcher_yaml():
+    cfg = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    cfg["available_node_types"]["verifier"]["min_wokers"] = 0  # a typo
+    with pytest.raises(Exception, match="min_wokers"):
+        validate_config(cfg)
+
+
+def _check_cluster_spec(spec: dict) -> dict:
+    """KubeRay's required fields; returns the worker groups by name."""
+    assert spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]
+    assert all(isinstance(v, str) for v in head["rayStartParams"].values())
+    (container, *_) = head["template"]["spec"]["containers"]
+    assert container["name"] and container["image"]
+    groups = {}
+    for g in spec["workerGroupSpecs"]:
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+        assert all(isinstance(v, str) for v in g["rayStartParams"].values()), g["groupName"]
+        assert all(c["name"] and c["image"] for c in g["template"]["spec"]["containers"])
+        groups[g["groupName"]] = g
+    return groups
+
+
+def _custom_resources(group: dict) -> dict:
+    raw = group["rayStartParams"].get("resources", '"{}"')
+    return json.loads(json.loads(raw))  # KubeRay passes it to `ray start --resources` quoted
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_manifests(name):
+    doc = yaml.safe_load((CLUSTER / "kuberay" / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    assert doc["kind"] in ("RayCluster", "RayJob")
+    groups = _check_cluster_spec(spec)
+    verifier = groups["verifier"]
+    assert _custom_resources(verifier)["verifier"] > 0
+    assert verifier["minReplicas"] == 0 < verifier["maxReplicas"]  # scales to zero when idle
+    assert "nvidia.com/gpu" not in verifier["template"]["spec"]["containers"][0]["resources"]["limits"]
+    if doc["kind"] == "RayJob":
+        argv = shlex.split(doc["spec"]["entrypoint"])
+        assert argv[:2] == ["grpo-ray", "train"] and (REPO / argv[2]).is_file()
+        load_config(str(REPO / argv[2]), argv[3:])  # the job's config and overrides are valid
