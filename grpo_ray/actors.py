@@ -81,20 +81,27 @@ def start_generators(cfg: Config, model_path: str) -> list:
             for i in range(cfg.rollout.num_generators)]
 
 
+def start_reference(cfg: Config, model_path: str):
+    """The reference actor (not waited for). Stateless: a crash restart reloads model_path."""
+    from .reference import Reference
+
+    res = cfg.resources
+    ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, actor_env(), **_restarts(cfg)))
+    return ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=res.torch_threads,
+                          micro_batch_size=cfg.learner.micro_batch_size)
+
+
 def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, reference: str | None = None) -> Roles:
     """Create every actor and wait until all are ready (vLLM, DeepSpeed and the verifier pool
     start in parallel). resume_from: a checkpoint directory; the generators start from its
     policy and the learners restore its state. reference: the reference policy's folder (the
     initial model unless algo.ref_reset_every has replaced it)."""
     from .learner import Learner
-    from .reference import Reference
     from .verifier_pool import VerifierPool
 
     res, env = cfg.resources, actor_env()
     generators = start_generators(cfg, os.path.join(resume_from, "policy") if resume_from else model_path)
-    ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, env, **_restarts(cfg)))  # stateless
-    reference = ref_cls.remote(reference or model_path, dtype=cfg.model.dtype, threads=res.torch_threads,
-                               micro_batch_size=cfg.learner.micro_batch_size)
+    reference = start_reference(cfg, reference or model_path)
     a = cfg.algo
     loss_kwargs = dict(eps_low=a.epsilon, eps_high=cfg.epsilon_high, beta=a.beta, aggregation=a.aggregation,
                        clip_ratio_c=a.clip_ratio_c, entropy_coef=a.entropy_coef)

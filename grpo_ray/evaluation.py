@@ -16,19 +16,32 @@ def correctness(score) -> float:
 
 
 def evaluate(generators: list, verifier, records: list[dict], *, samples: int, ks: list[int],
-             temperature: float, max_new_tokens: int, top_p: float = 1.0) -> tuple[dict, list[dict]]:
+             temperature: float, max_new_tokens: int, top_p: float = 1.0,
+             progress_every: int = 0) -> tuple[dict, list[dict]]:
     """Returns ({"eval/pass@k": ...}, per-problem rows with num_samples and num_correct).
-    `verifier` is anything with score(records, responses) -> list[Score] (the VerifierPool)."""
-    rollout = Rollout.concat(sample(generators, [r["prompt"] for r in records], n=samples, temperature=temperature,
-                                    max_new_tokens=max_new_tokens, top_p=top_p, seed=EVAL_SEED))
-    expanded = [r for r in records for _ in range(samples)]
-    scores = verifier.score(expanded, rollout.texts)
+    `verifier` is anything with score(records, responses) -> list[Score] (the VerifierPool).
+    progress_every > 0: work in chunks of that many prompts behind a progress bar (the samples
+    are the same: prompt j always samples with seeds EVAL_SEED + j*samples + k)."""
+    chunk = progress_every or max(len(records), 1)
+    texts, scores = [], []
+    starts = range(0, len(records), chunk)
+    if progress_every:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="eval", unit=f"x{chunk} prompts")
+    for start in starts:
+        part = records[start:start + chunk]
+        rollout = Rollout.concat(sample(generators, [r["prompt"] for r in part], n=samples, temperature=temperature,
+                                        max_new_tokens=max_new_tokens, top_p=top_p,
+                                        seed=EVAL_SEED + start * samples))
+        texts += rollout.texts
+        scores += verifier.score([r for r in part for _ in range(samples)], rollout.texts)
     rows = []
     for i, rec in enumerate(records):
         group = scores[i * samples:(i + 1) * samples]
         rows.append({"prompt": rec["prompt"], "answer": rec.get("answer"), "num_samples": samples,
                      "num_correct": sum(correctness(s) >= 0.99 for s in group),
-                     "example": rollout.texts[i * samples]})
+                     "example": texts[i * samples]})
     n, c = [r["num_samples"] for r in rows], [r["num_correct"] for r in rows]
     metrics = {f"eval/pass@{k}": mean_pass_at_k(n, c, k) for k in ks}
     metrics["eval/mean_reward"] = sum(s.reward for s in scores) / max(len(scores), 1)
@@ -78,7 +91,8 @@ def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print
     try:
         ray.get([g.ready.remote() for g in generators])
         metrics, rows = evaluate(generators, pool, records, samples=cfg.eval.samples, ks=cfg.eval.ks,
-                                 temperature=cfg.eval.temperature, max_new_tokens=cfg.rollout.max_new_tokens)
+                                 temperature=cfg.eval.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
+                                 progress_every=64)
     finally:
         pool.shutdown()
         for g in generators:

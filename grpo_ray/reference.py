@@ -5,7 +5,6 @@ import torch
 
 from .modeling import batched_logprobs, load_causal_lm
 from .records import TrainBatch
-from .weight_sync import WeightBucket, unpack_bucket
 
 
 class Reference:
@@ -17,8 +16,3 @@ class Reference:
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """ref_logprobs [B, T] for the batch's responses (0 on padding)."""
         return batched_logprobs(self.model, batch, self.micro_batch_size)
-
-    def load_weights(self, buckets: list[WeightBucket]) -> None:
-        """Reset the reference to the given policy (DeepSeek-R1 does this every 400 steps)."""
-        state = {name: t for b in buckets for name, t in unpack_bucket(b)}
-        self.model.load_state_dict(state, strict=False)

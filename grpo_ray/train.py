@@ -17,7 +17,7 @@ import ray
 import torch
 import yaml
 
-from .actors import Roles, in_ray_job, init_ray, start_roles, stop_roles
+from .actors import Roles, in_ray_job, init_ray, start_reference, start_roles, stop_roles
 from .algorithm import group_advantages, informative_groups, loss_normalizer, overlong_penalty
 from .checkpoint import find_resume, list_checkpoints, load_state, save_checkpoint
 from .config import Config, overlong_buffer
@@ -63,7 +63,7 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
     with timer("learner"):
         stats = update_policy(roles, cfg, batch)
     with timer("sync"):
-        sync_weights(roles, cfg, version=step, reset_reference=ref_reset_due(cfg, step))
+        sync_weights(roles, cfg, version=step)
     metrics = {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
                **shaping, **sampling, **stats, "verify/retries": roles.verifier.retries, **timer.metrics()}
     return metrics, spot_samples(records, rollout, scores, advantages, G, cfg.train.spot_check_samples)
@@ -166,13 +166,11 @@ def update_policy(roles: Roles, cfg: Config, batch: TrainBatch) -> dict:
     return combine_parts(results)
 
 
-def sync_weights(roles: Roles, cfg: Config, version: int, reset_reference: bool = False) -> None:
+def sync_weights(roles: Roles, cfg: Config, version: int) -> None:
     """Learner weights -> every generator: one ObjectRef of buckets, stored once in the object
-    store and read by each generator (no per-parameter calls). reset_reference: the reference
-    takes the same weights (algo.ref_reset_every; DeepSeek-R1 resets it every 400 steps)."""
+    store and read by each generator (no per-parameter calls)."""
     buckets = [lr.weight_buckets.remote(cfg.model.dtype) for lr in gathering_ranks(roles, cfg)][0]
-    ref = [roles.reference.load_weights.remote(buckets)] if reset_reference else []
-    ray.get([g.update_weights.remote(buckets, version) for g in roles.generators] + ref)
+    ray.get([g.update_weights.remote(buckets, version) for g in roles.generators])
     roles.weight_version = version
 
 
@@ -341,9 +339,8 @@ class Run:
             last = step
             if cfg.train.spot_check_every and step % cfg.train.spot_check_every == 0:
                 write_samples(self.run_dir, step, samples)
-            if ref_reset_due(cfg, step):  # kept for resume: the reference is no longer the base model
-                save_policy(self.roles, cfg, self.run_dir, self.tokenizer, "reference_policy")
-                self.metrics.write({"step": step, "event": "ref_reset", "message": "reference := current policy"})
+            if ref_reset_due(cfg, step):
+                self.reset_reference(step)
             if step % cfg.run.log_every == 0:
                 self.log(summary_line(m, steps))
             if self.watch(step, m):
@@ -370,6 +367,16 @@ class Run:
 
                 charts = plot_run(self.run_dir, cfg.algo.kl_stop)
                 self.log(f"plots: {len(charts)} charts in {os.path.join(self.run_dir, 'plots')}")
+
+    def reset_reference(self, step: int) -> None:
+        """algo.ref_reset_every (DeepSeek-R1: every 400 steps): the reference becomes the current
+        policy. It is saved to reference_policy/ and the reference actor is started from there,
+        so a crash restart of that actor, and a resume, load the reset policy too."""
+        path = save_policy(self.roles, self.cfg, self.run_dir, self.tokenizer, "reference_policy")
+        old, self.roles.reference = self.roles.reference, start_reference(self.cfg, path)
+        ray.get(self.roles.reference.__ray_ready__.remote())
+        ray.kill(old)
+        self.metrics.write({"step": step, "event": "ref_reset", "message": f"reference := policy of step {step}"})
 
     def died(self, step: int, e: Exception) -> str:
         found = list_checkpoints(self.run_dir)
