@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -35,33 +34,41 @@ def two_nodes():
         subprocess.run([f"{bin_dir}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def test_verifier_replicas_land_on_the_node_with_the_verifier_resource(two_nodes, monkeypatch):
-    import ray
+# Runs in a fresh interpreter: Serve keeps per-process router state, and a process that used Serve
+# on an earlier Ray session (the rest of the test suite) can wait on that stale state for ever.
+CHECK = r"""
+import json, sys, tempfile
+import ray
+from grpo_ray.actors import actor_env
+from grpo_ray.config import load_config
+from grpo_ray.verifier_pool import VerifierPool
 
-    from grpo_ray.actors import actor_env
-    from grpo_ray.config import load_config
-    from grpo_ray.verifier_pool import VerifierPool
+ray.init(address=sys.argv[1], logging_level="ERROR")
+nodes = [n for n in ray.nodes() if n["Alive"]]
+verifier_nodes = [n["NodeID"] for n in nodes if n["Resources"].get("verifier")]
+cfg = load_config(None, [f"run.output_dir={tempfile.mkdtemp()}", "reward.pool.min_replicas=2",
+                         "reward.pool.max_replicas=2", "reward.pool.request_timeout_s=60"])
+pool = VerifierPool(cfg, actor_env())
+try:
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(f"SERVE_REPLICA::{pool.app}#")]
+    where = ray.get([ray.get_actor(a["name"], namespace=a["namespace"]).__ray_call__.remote(
+        lambda self: ray.get_runtime_context().get_node_id()) for a in replicas])
+    scores = pool.score([{"answer": "4"}] * 3, ["#### 4", "#### 5", "4"])
+finally:
+    pool.shutdown()
+print(json.dumps({"nodes": len(nodes), "verifier_nodes": verifier_nodes, "replica_nodes": where,
+                  "rewards": [s.reward for s in scores]}))
+"""
 
+
+def test_verifier_replicas_land_on_the_node_with_the_verifier_resource(two_nodes):
     address, env = two_nodes
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address, logging_level="ERROR")
-    try:
-        nodes = [n for n in ray.nodes() if n["Alive"]]
-        assert len(nodes) == 2
-        (verifier_node,) = [n["NodeID"] for n in nodes if n["Resources"].get("verifier")]
-        cfg = load_config(None, [f"run.output_dir={tempfile.mkdtemp()}", "reward.pool.min_replicas=2",
-                                 "reward.pool.max_replicas=2"])
-        pool = VerifierPool(cfg, actor_env())
-        try:
-            replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                        if a["name"].startswith(f"SERVE_REPLICA::{pool.app}#")]
-            assert len(replicas) == 2
-            where = ray.get([ray.get_actor(a["name"], namespace=a["namespace"]).__ray_call__.remote(
-                lambda self: ray.get_runtime_context().get_node_id()) for a in replicas])
-            assert where == [verifier_node, verifier_node]
-            scores = pool.score([{"answer": "4"}] * 3, ["#### 4", "#### 5", "4"])
-            assert [s.reward for s in scores] == [1.0, 0.0, 1.0]
-        finally:
-            pool.shutdown()
-    finally:
-        ray.shutdown()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", CHECK, address], env={**env, "PYTHONPATH": repo},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["nodes"] == 2 and len(out["verifier_nodes"]) == 1
+    assert out["replica_nodes"] == out["verifier_nodes"] * 2  # both replicas on the verifier node
+    assert out["rewards"] == [1.0, 0.0, 1.0]
