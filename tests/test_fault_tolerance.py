@@ -31,16 +31,20 @@ def _steps_logged(path) -> int:
         return 0
 
 
-def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_path):
-    from grpo_ray.train import train
-
+def _overrides(tmp_path, model_dir, name: str, steps: int) -> list[str]:
+    """A small run on a dense user reward (every step has a signal)."""
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
                                         "task": "reward_fns:digit_fraction"}) + "\n" for i in range(12)))
-    cfg = load_config("configs/default.yaml", [
-        f"run.output_dir={tmp_path}", "run.name=ft", f"model.path={tiny_model_dir}", "data.task=jsonl",
-        f"data.train_path={data}", "data.eval_fraction=0.25", "rollout.prompts_per_step=4", "algo.group_size=4",
-        "train.steps=6", "train.eval_every=0", "eval.num_prompts=3", "eval.samples=10", "learner.lr=1e-3"])
+    return [f"run.output_dir={tmp_path}", f"run.name={name}", f"model.path={model_dir}", "data.task=jsonl",
+            f"data.train_path={data}", "data.eval_fraction=0.25", "rollout.prompts_per_step=4", "algo.group_size=4",
+            f"train.steps={steps}", "train.eval_every=0", "eval.num_prompts=3", "eval.samples=10", "learner.lr=1e-3"]
+
+
+def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_path):
+    from grpo_ray.train import train
+
+    cfg = load_config("configs/default.yaml", _overrides(tmp_path, tiny_model_dir, "ft", 6))
     metrics = tmp_path / "ft" / "metrics.jsonl"
     killed = []
 
@@ -67,13 +71,7 @@ def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_p
 def test_learner_killed_ends_the_run_with_a_resume_hint_and_resume_finishes(ray_local, tiny_model_dir, tmp_path):
     from grpo_ray.train import train
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
-                                        "task": "reward_fns:digit_fraction"}) + "\n" for i in range(12)))
-    overrides = [f"run.output_dir={tmp_path}", "run.name=lk", f"model.path={tiny_model_dir}", "data.task=jsonl",
-                 f"data.train_path={data}", "data.eval_fraction=0.25", "rollout.prompts_per_step=4",
-                 "algo.group_size=4", "train.steps=5", "train.eval_every=0", "train.checkpoint_every=2",
-                 "eval.num_prompts=3", "eval.samples=10", "learner.lr=1e-3"]
+    overrides = _overrides(tmp_path, tiny_model_dir, "lk", 5) + ["train.checkpoint_every=2"]
     metrics = tmp_path / "lk" / "metrics.jsonl"
 
     def killer():

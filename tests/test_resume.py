@@ -4,7 +4,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 from grpo_ray.checkpoint import CheckpointError, find_resume, list_checkpoints, load_state
 from grpo_ray.config import load_config
