@@ -60,6 +60,8 @@ class Learner:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.zero_stage = zero_stage
+        self._reduced_norm: float | None = None
+        self._measure_reduced_grad_norm()
         self.version = 0
 
     def update(self, mini_batches: list[TrainBatch], normalizers: list[float], epochs: int = 1) -> dict[str, float]:
@@ -74,10 +76,8 @@ class Learner:
             for j, (shard, normalizer) in enumerate(zip(mini_batches, normalizers)):
                 # the sampler/learner mismatch is only clean before the first optimizer step
                 parts += self._accumulate(shard, normalizer, measure_mismatch=mismatch is None and epoch == j == 0)
-                grad_norm = self._grad_norm_before_step()
                 self.engine.step()
-                norm = self.engine.get_global_grad_norm() if grad_norm is None else grad_norm
-                norms.append(float(norm) if norm is not None else float("nan"))
+                norms.append(self._grad_norm())
         self.version += 1
         return self._fold(parts, norms, mismatch)
 
@@ -143,17 +143,30 @@ class Learner:
         self.engine.eval()
         return batched_logprobs(self.engine.module, batch, self.micro_batch_size)
 
-    def _grad_norm_before_step(self) -> float | None:
-        """ZeRO 0/1 keep full gradients on the parameters, and DeepSpeed reports no norm there
-        with a client optimizer; stages 2/3 partition gradients and DeepSpeed reports it."""
-        if self.zero_stage >= 2:
-            return None
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        if not grads:
-            return 0.0
-        if self.world_size > 1:  # reduced only inside step(); this is the local shard's norm
-            return None
-        return float(torch.nn.utils.get_total_norm(grads))
+    def _measure_reduced_grad_norm(self) -> None:
+        """Record the norm of the gradient every rank steps with: ZeRO 0 reduces gradients across
+        ranks inside step() (unmanaged accumulation) and reports no norm with a client fp32
+        optimizer, so the norm is taken right after that all-reduce, before clipping. Stages 1-3
+        reduce in their ZeRO optimizer, which reports the global norm itself."""
+        if self.zero_stage != 0:
+            return
+        reduce = self.engine.allreduce_gradients
+
+        def reduce_then_measure(*args, **kwargs):
+            reduce(*args, **kwargs)
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self._reduced_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+        self.engine.allreduce_gradients = reduce_then_measure
+
+    def _grad_norm(self) -> float:
+        """The global gradient norm of the optimizer step just taken (before clipping): the ZeRO
+        or bf16 optimizer's own when it reports one, else the one measured after the all-reduce."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._reduced_norm
+        self._reduced_norm = None
+        return float("nan") if norm is None else float(norm)
 
     @contextlib.contextmanager
     def _full_parameters(self):

@@ -134,7 +134,7 @@ def test_cli_bad_input_exits_2_naming_the_key(args, needle):
 def test_two_learner_ranks_zero3_sync_and_save(ray_local, tiny_model_dir, tmp_path):
     """M=2 DeepSpeed ranks (one gloo group across two Ray actors), ZeRO-3: the gathered weights
     reach the generator (its logprobs equal the learner's at the next step) and the saved policy
-    has full, updated parameters. Gradient equality with M=1 is issue 5's test."""
+    has full, updated parameters. Equality with M=1: tests/test_learner_ranks.py."""
     from transformers import AutoModelForCausalLM
 
     from grpo_ray.train import train
