@@ -1,4 +1,5 @@
-"""Where the plain role classes become Ray actors: resources, restarts and process-group set-up.
+"""Where the plain role classes become Ray actors: their place in the roles' placement group
+(placement.py), restarts, and the learners' process-group rendezvous.
 
 On a 2-core machine every role asks for a fraction of a CPU: whole-CPU requests can leave a
 task unschedulable behind actors that are idle most of the step.
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import ray
 
 from .config import Config
+from .placement import Placement, reserve
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.
 # GRPC_ENABLE_FORK_SUPPORT=0: with it on, gRPC's fork handler starts a poller thread in every
@@ -36,16 +38,15 @@ def init_ray(address: str | None = None) -> None:
 
 
 def actor_env() -> dict:
-    """ACTOR_ENV, plus DeepSpeed's CPU accelerator on a cluster without GPUs (DeepSpeed would
-    otherwise probe for CUDA and other accelerators)."""
-    env = dict(ACTOR_ENV)
-    if not ray.cluster_resources().get("GPU"):
-        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
-    return env
+    return dict(ACTOR_ENV)
 
 
-def _options(cpus: float, env: dict, **kw) -> dict:
-    return dict(num_cpus=cpus, runtime_env={"env_vars": env}, **kw)
+def _options(cfg: Config, placement: Placement | None, role: str, index: int = 0, **kw) -> dict:
+    """The role instance's resources (its bundle and share when placed) plus the actor env."""
+    res = cfg.resources
+    where = placement.options(role, index) if placement else dict(
+        num_cpus=getattr(res, f"{role}_cpus"), num_gpus=getattr(res, f"{role}_gpus"))
+    return dict(**where, runtime_env={"env_vars": actor_env()}, **kw)
 
 
 def _restarts(cfg: Config) -> dict:
@@ -66,64 +67,92 @@ class Roles:
     verifier: object  # VerifierPool: a Ray Serve deployment, not an actor
     reference: object
     learners: list
+    placement: Placement | None = None
     weight_version: int = 0  # what the generators hold: the learner step last pushed to them
 
 
-def start_generators(cfg: Config, model_path: str) -> list:
+def start_generators(cfg: Config, model_path: str, placement: Placement | None = None) -> list:
     """rollout.num_generators vLLM actors (not waited for: call .ready())."""
     from .generator import Generator
 
-    res = cfg.resources
+    gen_cls = ray.remote(Generator)
     # restarted after a crash (the driver then pushes the current weights; see train.generate)
-    gen_cls = ray.remote(Generator).options(**_options(res.generator_cpus, actor_env(), **_restarts(cfg)))
-    return [gen_cls.remote(model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
-                           kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=res.vllm_cpu_threads)
+    return [gen_cls.options(**_options(cfg, placement, "generator", i, **_restarts(cfg))).remote(
+                model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
+                kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=cfg.resources.vllm_cpu_threads,
+                enforce_eager=cfg.rollout.enforce_eager)
             for i in range(cfg.rollout.num_generators)]
 
 
-def start_reference(cfg: Config, model_path: str):
+def start_reference(cfg: Config, model_path: str, placement: Placement | None = None):
     """The reference actor (not waited for). Stateless: a crash restart reloads model_path."""
     from .reference import Reference
 
-    res = cfg.resources
-    ref_cls = ray.remote(Reference).options(**_options(res.reference_cpus, actor_env(), **_restarts(cfg)))
-    return ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=res.torch_threads,
+    ref_cls = ray.remote(Reference).options(**_options(cfg, placement, "reference", **_restarts(cfg)))
+    return ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=cfg.resources.torch_threads,
                           micro_batch_size=cfg.learner.micro_batch_size)
 
 
-def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, reference: str | None = None) -> Roles:
-    """Create every actor and wait until all are ready (vLLM, DeepSpeed and the verifier pool
-    start in parallel). resume_from: a checkpoint directory; the generators start from its
-    policy and the learners restore its state. reference: the reference policy's folder (the
-    initial model unless algo.ref_reset_every has replaced it)."""
-    from .learner import Learner
-    from .verifier_pool import VerifierPool
+def _rendezvous(placement: Placement) -> tuple[str, int]:
+    """MASTER_ADDR/PORT of the learners' process group: rank 0's node, which hosts the store.
+    One node: the driver's. Several: a zero-CPU task in rank 0's bundle looks it up."""
+    if len([n for n in ray.nodes() if n["Alive"]]) == 1:
+        return ray.util.get_node_ip_address(), _free_port()
+    where = placement.options("learner", 0)
+    where.update(num_cpus=0, num_gpus=0)
+    return ray.get(ray.remote(_node_address).options(**where).remote())
 
-    res, env = cfg.resources, actor_env()
-    generators = start_generators(cfg, os.path.join(resume_from, "policy") if resume_from else model_path)
-    reference = start_reference(cfg, reference or model_path)
+
+def _node_address() -> tuple[str, int]:
+    return ray.util.get_node_ip_address(), _free_port()
+
+
+def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:
+    """learner.num_ranks DeepSpeed ranks, one process group (not waited for)."""
+    from .learner import Learner
+
     a = cfg.algo
     loss_kwargs = dict(eps_low=a.epsilon, eps_high=cfg.epsilon_high, beta=a.beta, aggregation=a.aggregation,
                        clip_ratio_c=a.clip_ratio_c, entropy_coef=a.entropy_coef)
-    learner_cls = ray.remote(Learner).options(**_options(res.learner_cpus, env, max_restarts=0))
-    master_addr, master_port = ray.util.get_node_ip_address(), _free_port()
-    learners = [learner_cls.remote(model_path, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay,
-                                   grad_clip=cfg.learner.grad_clip, zero_stage=cfg.learner.zero_stage,
-                                   warmup_steps=cfg.learner.warmup_steps,
-                                   dtype=cfg.model.dtype, loss_kwargs=loss_kwargs,
-                                   micro_batch_size=cfg.learner.micro_batch_size, rank=rank,
-                                   world_size=cfg.learner.num_ranks, master_addr=master_addr,
-                                   master_port=master_port, threads=res.torch_threads, seed=cfg.run.seed,
-                                   recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis, tis_cap=a.tis_cap)
-                for rank in range(cfg.learner.num_ranks)]
-    verifier = VerifierPool(cfg, env)  # blocks until its replicas run, while the actors start
-    restored = [lr.load_state.remote(os.path.join(resume_from, "learner")) for lr in learners] if resume_from else []
-    ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]
-            + [reference.__ray_ready__.remote()] + restored)
-    return Roles(generators, verifier, reference, learners)
+    master_addr, master_port = _rendezvous(placement)
+    learner_cls = ray.remote(Learner)
+    return [learner_cls.options(**_options(cfg, placement, "learner", rank, max_restarts=0)).remote(
+                model_path, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay, grad_clip=cfg.learner.grad_clip,
+                zero_stage=cfg.learner.zero_stage, warmup_steps=cfg.learner.warmup_steps, dtype=cfg.model.dtype,
+                loss_kwargs=loss_kwargs, micro_batch_size=cfg.learner.micro_batch_size, rank=rank,
+                world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
+                threads=cfg.resources.torch_threads, seed=cfg.run.seed,
+                recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis, tis_cap=a.tis_cap)
+            for rank in range(cfg.learner.num_ranks)]
+
+
+def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, reference: str | None = None) -> Roles:
+    """Reserve the roles' placement group, then create every actor and wait until all are ready
+    (vLLM, DeepSpeed and the verifier pool start in parallel). resume_from: a checkpoint
+    directory; the generators start from its policy and the learners restore its state.
+    reference: the reference policy's folder (the initial model unless algo.ref_reset_every has
+    replaced it). Raises placement.PlacementError when the cluster cannot hold the roles."""
+    from .verifier_pool import VerifierPool
+
+    placement = reserve(cfg)
+    try:
+        generators = start_generators(cfg, os.path.join(resume_from, "policy") if resume_from else model_path,
+                                      placement)
+        reference = start_reference(cfg, reference or model_path, placement)
+        learners = start_learners(cfg, model_path, placement)
+        verifier = VerifierPool(cfg, actor_env())  # blocks until its replicas run, while the actors start
+        restored = [lr.load_state.remote(os.path.join(resume_from, "learner")) for lr in learners] if resume_from else []
+        ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]
+                + [reference.__ray_ready__.remote()] + restored)
+    except BaseException:
+        placement.remove()  # kills the actors placed in it
+        raise
+    return Roles(generators, verifier, reference, learners, placement)
 
 
 def stop_roles(roles: Roles) -> None:
     roles.verifier.shutdown()
     for actor in roles.generators + [roles.reference] + roles.learners:
         ray.kill(actor)
+    if roles.placement is not None:
+        roles.placement.remove()

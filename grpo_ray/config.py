@@ -65,6 +65,9 @@ class DataConfig:
     eval_path: str = ""
     prompt_key: str = "prompt"
     answer_key: str = "answer"
+    prompt_template: str = _f("{prompt}", doc="what the generators see; {prompt} is the row's prompt, e.g. "
+                                               "'{prompt}\\nPut the final answer after ####.'")
+    verifier: str = _f("math", doc="scores rows without a `task` field: math, code, or module:function")
     max_operand: int = _f(49, lo=1)  # arithmetic only
     eval_fraction: float = _f(0.1, lo=0.0, hi=0.9, lo_open=True)
 
@@ -148,6 +151,7 @@ class RolloutConfig:
     num_generators: int = _f(1, lo=1)
     max_model_len: int = _f(512, lo=16)
     kv_cache_mb: int = _f(256, lo=16)
+    enforce_eager: bool = True  # vLLM without CUDA graphs; set false on GPUs (faster decoding)
 
 
 @dataclass
@@ -181,10 +185,23 @@ class EvalConfig:
 
 @dataclass
 class ResourcesConfig:
-    """Fractional CPUs: on 2 cores, whole-CPU requests can starve other actors into a hang."""
-    generator_cpus: float = _f(0.25, lo=0.0)
-    learner_cpus: float = _f(0.25, lo=0.0)
-    reference_cpus: float = _f(0.25, lo=0.0)
+    """What each role instance asks Ray for. The roles are reserved together in one placement
+    group (grpo_ray/placement.py): a bundle per learner rank, generator and the reference, or
+    shared bundles when co-located. Fractional CPUs by default: on 2 cores, whole-CPU requests
+    can starve other actors into a hang. On GPU nodes: 1 GPU per learner rank and generator."""
+    generator_cpus: float = _f(0.25, lo=0.0, lo_open=True)
+    learner_cpus: float = _f(0.25, lo=0.0, lo_open=True)
+    reference_cpus: float = _f(0.25, lo=0.0, lo_open=True)
+    generator_gpus: float = _f(0.0, lo=0.0, hi=1.0, doc="GPUs per vLLM generator (one engine per GPU at most)")
+    learner_gpus: float = _f(0.0, lo=0.0, hi=1.0, doc="GPUs per learner rank (DeepSpeed: one device per rank)")
+    reference_gpus: float = _f(0.0, lo=0.0, hi=1.0)
+    colocate: Literal["none", "learner_reference", "all"] = _f(
+        "none", doc="none: a bundle per actor; learner_reference: the reference shares learner rank 0's bundle; "
+                    "all: generators and the reference share the learner ranks' bundles (and their GPUs)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _f(
+        "PACK", doc="Ray placement-group strategy over the bundles: PACK fills few nodes, SPREAD keeps them apart")
+    placement_timeout_s: float = _f(120.0, lo=0.0, lo_open=True,
+                                    doc="how long to wait for the cluster (or its autoscaler) to fit every role")
     torch_threads: int = _f(2, lo=1)
     actor_restarts: int = _f(3, lo=0, doc="restarts of a crashed generator or reference actor (learners: none; "
                                           "resume from a checkpoint instead)")
@@ -298,6 +315,9 @@ def _validate(cfg: Config) -> None:
     if pool.max_replicas < pool.min_replicas:
         raise ConfigError(f"reward.pool.max_replicas={pool.max_replicas} is below reward.pool.min_replicas="
                           f"{pool.min_replicas}; raise max_replicas or lower min_replicas")
+    if "{prompt}" not in cfg.data.prompt_template:
+        raise ConfigError(f"data.prompt_template={cfg.data.prompt_template!r} has no {{prompt}}: the row's prompt "
+                          "would not reach the model")
     if cfg.data.task == "jsonl" and not cfg.data.train_path:
         raise ConfigError("data.task='jsonl' needs data.train_path (a .jsonl file with prompt and answer fields)")
     if cfg.model.path == "builtin:tiny" and cfg.data.task != "arithmetic":

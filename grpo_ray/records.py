@@ -6,6 +6,7 @@ Shapes: B = completions in the batch, P = padded prompt length, T = padded respo
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,11 @@ class TrainBatch:
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The same batch with every tensor on `device` (a no-op on the CPU)."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
     @property
     def response_ids(self) -> torch.Tensor:  # [B, T]

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from .modeling import batched_logprobs, load_causal_lm
+from .modeling import batched_logprobs, device, load_causal_lm
 from .records import TrainBatch
 
 
 class Reference:
     def __init__(self, model_path: str, *, dtype: str = "float32", threads: int = 2, micro_batch_size: int = 64):
         torch.set_num_threads(threads)
-        self.model = load_causal_lm(model_path, dtype).eval().requires_grad_(False)
+        self.model = load_causal_lm(model_path, dtype).to(device()).eval().requires_grad_(False)
         self.micro_batch_size = micro_batch_size
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:

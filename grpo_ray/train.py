@@ -373,9 +373,10 @@ class Run:
         policy. It is saved to reference_policy/ and the reference actor is started from there,
         so a crash restart of that actor, and a resume, load the reset policy too."""
         path = save_policy(self.roles, self.cfg, self.run_dir, self.tokenizer, "reference_policy")
-        old, self.roles.reference = self.roles.reference, start_reference(self.cfg, path)
+        # the old actor goes first: the new one takes its place in the placement group
+        ray.kill(self.roles.reference)
+        self.roles.reference = start_reference(self.cfg, path, self.roles.placement)
         ray.get(self.roles.reference.__ray_ready__.remote())
-        ray.kill(old)
         self.metrics.write({"step": step, "event": "ref_reset", "message": f"reference := policy of step {step}"})
 
     def died(self, step: int, e: Exception) -> str:

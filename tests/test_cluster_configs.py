@@ -79,3 +79,30 @@ def test_kuberay_manifests(name):
         argv = shlex.split(doc["spec"]["entrypoint"])
         assert argv[:2] == ["grpo-ray", "train"] and (REPO / argv[2]).is_file()
         load_config(str(REPO / argv[2]), argv[3:])  # the job's config and overrides are valid
+
+
+def _k8s_gpu_group() -> dict:
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
+    gpu = _check_cluster_spec(doc["spec"]["rayClusterSpec"])["gpu"]
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    return {"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"])}
+
+
+@pytest.mark.parametrize("name", ["gsm8k_qwen2.5_1.5b_8gpu.yaml", "code_humaneval_8gpu.yaml"])
+def test_realistic_configs_fit_the_gpu_nodes_of_both_cluster_definitions(name):
+    """8 GPUs' worth of roles that one GPU node of aws.yaml and of the KubeRay job can hold, and
+    a verifier pool no larger than the verifier nodes can run."""
+    from grpo_ray.placement import plan
+
+    cfg = load_config(str(REPO / "configs" / name))
+    bundles, slots = plan(cfg)
+    need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+    assert need["GPU"] == 8
+    assert all(s.gpus > 0 for s in slots)  # every role on a GPU
+    types = yaml.safe_load((CLUSTER / "aws.yaml").read_text())["available_node_types"]
+    for node in (types["gpu_worker"]["resources"], _k8s_gpu_group()):
+        assert all(need[k] <= node[k] for k in need), (node, need)
+    pool = cfg.reward.pool
+    verifier = types["verifier"]
+    assert pool.max_replicas * pool.verifier_resource <= verifier["max_workers"] * verifier["resources"]["verifier"]
+    assert pool.replica_cpus * verifier["resources"]["verifier"] <= verifier["resources"]["CPU"]

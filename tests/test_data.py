@@ -33,7 +33,7 @@ def test_load_jsonl_good_file(tmp_path):
     ])
     recs = load_jsonl(path)
     assert len(recs) == 3
-    assert recs[0] == {"prompt": "1+1?", "answer": "2", "task": "math"}
+    assert recs[0] == {"prompt": "1+1?", "raw_prompt": "1+1?", "answer": "2", "task": "math"}
     assert recs[1]["answer"] == 4  # answer kept as given
     assert recs[1]["extra"] == "kept"
     assert recs[1]["task"] == "math"
@@ -111,6 +111,42 @@ def test_gsm8k_loads_with_question_key():
     # GSM8K has no 'prompt' field: the default keys fail on the first row
     with pytest.raises(DataError, match=re.escape(f"{GSM8K_TEST}:1") + ".*'prompt'"):
         load_jsonl(str(GSM8K_TEST))
+
+
+def test_prompt_template_and_default_verifier(tmp_path):
+    path = write_jsonl(tmp_path, [{"prompt": "What is {x}?", "answer": "2"}, {"prompt": "p", "answer": "a",
+                                                                             "task": "math"}])
+    recs = load_jsonl(path, template="Q: {prompt}\nPut the answer in \\boxed{}.", verifier="code")
+    # braces in the prompt and the template stay as written (no str.format)
+    assert recs[0]["prompt"] == "Q: What is {x}?\nPut the answer in \\boxed{}."
+    assert recs[0]["raw_prompt"] == "What is {x}?"
+    assert [r["task"] for r in recs] == ["code", "math"]  # a row's own task wins
+    cfg = DataConfig(task="jsonl", train_path=path, eval_path=path, prompt_template="[{prompt}]", verifier="code")
+    train, held_out = load_datasets(cfg, seed=0)
+    assert train[0]["prompt"] == held_out[0]["prompt"] == "[What is {x}?]" and train[0]["task"] == "code"
+
+
+def test_prompt_template_without_placeholder_is_a_config_error():
+    from grpo_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.prompt_template='Solve it' has no \{prompt\}"):
+        load_config(None, ["data.prompt_template=Solve it"])
+
+
+def test_humaneval_rows_from_the_cli_score_their_canonical_solutions(tmp_path):
+    """`grpo-ray data humaneval` writes the 164 problems as code rows; under a prompt template
+    the verifier still completes the problem's own code (raw_prompt), not the templated text."""
+    from grpo_ray.cli import main
+    from grpo_ray.verifiers import verify
+
+    out = tmp_path / "he.jsonl"
+    main(["data", "humaneval", str(out)])
+    recs = load_jsonl(str(out), template="Complete this function:\n{prompt}")
+    assert len(recs) == 164 and {r["task"] for r in recs} == {"code"}
+    assert recs[0]["prompt"].startswith("Complete this function:\nfrom typing import List")
+    for rec in recs[:3]:
+        assert verify(rec, rec["answer"]).reward == 1.0, rec["id"]
+        assert verify(rec, "    return None\n").reward == 0.0
 
 
 # --------------------------------------------------------------------------- load_datasets

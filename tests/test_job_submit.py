@@ -15,6 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+# as in docs/guide.md: offline actors, and no git history or local runs uploaded with the code
+RUNTIME_ENV = json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".git", "runs/"]})
 
 
 def _free_port():
@@ -43,7 +45,7 @@ def test_ray_job_submit_runs_training_and_leaves_run_dir(ray_head, tmp_path):
     env, address = ray_head
     out_dir = tmp_path / "runs"
     cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", address,
-           "--working-dir", str(REPO), "--", "grpo-ray", "train", "configs/default.yaml", "warmstart.steps=30",
+           "--working-dir", str(REPO), "--runtime-env-json", RUNTIME_ENV, "--", "grpo-ray", "train", "configs/default.yaml", "warmstart.steps=30",
            "rollout.prompts_per_step=4", "train.steps=2", "train.eval_every=0", "eval.num_prompts=4", "eval.samples=10",
            f"run.output_dir={out_dir}", "run.name=job"]
     for _ in range(30):  # `ray start` returns before the dashboard agent takes jobs

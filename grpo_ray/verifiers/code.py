@@ -324,13 +324,18 @@ def _defines(code: str, name: str) -> bool:
     return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
 
 
+def _source_prompt(record: dict) -> str:
+    """The row's own prompt (the code the response completes), not data.prompt_template's text."""
+    return record.get("raw_prompt") or record.get("prompt") or ""
+
+
 def build_program(record: dict, response: str) -> str:
     """HumanEval: a bare body completes the prompt. A full `def entry_point` also gets the prompt
     in front (it is only the stub, redefined right after), so the prompt's imports (typing.List)
     and helpers stay available, which models often leave out of a restated function."""
     entry = record.get("entry_point")
     code = extract_code(response, entry)
-    prompt = record.get("prompt") or ""
+    prompt = _source_prompt(record)
     if not prompt:
         return code
     if entry and _defines(code, entry):
@@ -366,7 +371,7 @@ def score_code(record: dict, response: str, *, timeout_s: float = 2.0, memory_mb
         return Score(0.0, f"bad timeout_s {record.get('timeout_s')!r}")
     nonce = secrets.token_hex(16)
     job = {"nonce": nonce, "program": build_program(record, response), "tests": tests,
-           "entry_point": entry, "prompt": record.get("prompt") or "", "worker": _WORKER,
+           "entry_point": entry, "prompt": _source_prompt(record), "worker": _WORKER,
            "partial": bool(partial_credit)}
     res = run_python(_HARNESS, stdin=json.dumps(job).encode(), side_channel=True,
                      timeout_s=timeout, memory_mb=memory_mb)

@@ -1,0 +1,131 @@
+"""Where each role runs: one Ray placement group reserves every generator, learner rank and the
+reference at once, from the config's `resources` section.
+
+Reserving all bundles together means a job either gets every device it needs or fails with a
+message naming the role and the missing resource, instead of starting half its actors while the
+rest wait for ever. Co-located roles share a bundle (OpenRLHF's colocate options): the bundle
+holds the largest GPU count of its members, and each GPU-using member asks for an equal share of
+it, so Ray gives them the same device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Config
+
+
+class PlacementError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One role instance's place: its bundle in the placement group and what it asks for there."""
+    role: str     # generator | learner | reference
+    index: int    # generator index or learner rank
+    bundle: int
+    cpus: float
+    gpus: float
+
+
+def plan(cfg: Config) -> tuple[list[dict[str, float]], list[Slot]]:
+    """The placement group's bundles and every role instance's slot (pure: no Ray).
+    Bundles 0..M-1 are the learner ranks, so rank r's bundle index is r."""
+    res = cfg.resources
+    groups: list[list[tuple[str, int, float, float]]] = [
+        [("learner", r, res.learner_cpus, res.learner_gpus)] for r in range(cfg.learner.num_ranks)]
+    gens = [("generator", i, res.generator_cpus, res.generator_gpus) for i in range(cfg.rollout.num_generators)]
+    ref = ("reference", 0, res.reference_cpus, res.reference_gpus)
+    if res.colocate == "none":
+        groups += [[g] for g in gens] + [[ref]]
+    else:
+        groups[0].append(ref)
+        if res.colocate == "all":  # generator i with learner rank i mod M
+            for i, g in enumerate(gens):
+                groups[i % len(groups)].append(g)
+        else:
+            groups += [[g] for g in gens]
+    bundles, slots = [], []
+    for b, members in enumerate(groups):
+        gpus = max(m[3] for m in members)
+        users = sum(m[3] > 0 for m in members)
+        bundle = {"CPU": round(sum(m[2] for m in members), 4)}
+        if gpus:
+            bundle["GPU"] = gpus
+        bundles.append(bundle)
+        slots += [Slot(role, i, b, cpus, round(gpus / users, 4) if g else 0.0) for role, i, cpus, g in members]
+    return bundles, slots
+
+
+def _config_key(role: str, resource: str) -> str:
+    return f"resources.{role}_{resource.lower()}s"
+
+
+def diagnose(bundles: list[dict], slots: list[Slot], total: dict, nodes: list[dict], available: dict,
+             strategy: str) -> str:
+    """Why the bundles do not fit: a role asking for more of a resource than the cluster has,
+    a bundle larger than any node, or a strategy the node count cannot meet; else what is free."""
+    demand: dict[str, float] = {}
+    for bundle in bundles:
+        for key, amount in bundle.items():
+            demand[key] = demand.get(key, 0.0) + amount
+    for key, need in demand.items():
+        if need > total.get(key, 0.0) + 1e-9:
+            roles = sorted({s.role for s in slots if (s.gpus if key == "GPU" else s.cpus) > 0})
+            asks = ", ".join(f"{r} {sum(s.gpus if key == 'GPU' else s.cpus for s in slots if s.role == r):g} "
+                             f"({_config_key(r, key)})" for r in roles)
+            return (f"the roles need {key} {need:g} in all ({asks}) but the cluster has {key} "
+                    f"{total.get(key, 0.0):g}; lower those resources or add nodes with {key}")
+    for b, bundle in enumerate(bundles):
+        if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for node in nodes):
+            who = " + ".join(f"{s.role} {s.index}" for s in slots if s.bundle == b)
+            return (f"the bundle of {who} ({bundle}) fits on no node; lower resources.*_cpus/_gpus, "
+                    "co-locate fewer roles (resources.colocate), or add larger nodes")
+    if strategy == "STRICT_PACK" and not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in demand.items())
+                                             for n in nodes):
+        return f"resources.placement_strategy=STRICT_PACK needs {demand} on one node; use PACK"
+    if strategy == "STRICT_SPREAD" and len(nodes) < len(bundles):
+        return (f"resources.placement_strategy=STRICT_SPREAD needs {len(bundles)} nodes, the cluster has "
+                f"{len(nodes)}; use SPREAD")
+    return (f"the cluster has the resources ({total}) but not free now (free: {available}): other jobs or "
+            f"actors hold them, or the autoscaler is still adding nodes; raise resources.placement_timeout_s")
+
+
+@dataclass
+class Placement:
+    group: object  # ray.util.placement_group.PlacementGroup
+    slots: list[Slot]
+
+    def slot(self, role: str, index: int = 0) -> Slot:
+        return next(s for s in self.slots if s.role == role and s.index == index)
+
+    def options(self, role: str, index: int = 0) -> dict:
+        """Actor options that put this role instance in its bundle with its share of it."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        s = self.slot(role, index)
+        return dict(num_cpus=s.cpus, num_gpus=s.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=self.group, placement_group_bundle_index=s.bundle))
+
+    def remove(self) -> None:
+        from ray.util import remove_placement_group
+
+        remove_placement_group(self.group)
+
+
+def reserve(cfg: Config) -> Placement:
+    """Create the placement group and wait for it; PlacementError says what could not be placed."""
+    import ray
+    from ray.util import placement_group, remove_placement_group
+
+    res = cfg.resources
+    bundles, slots = plan(cfg)
+    group = placement_group(bundles, strategy=res.placement_strategy)
+    if group.wait(timeout_seconds=res.placement_timeout_s):
+        return Placement(group, slots)
+    remove_placement_group(group)
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    why = diagnose(bundles, slots, ray.cluster_resources(), nodes, ray.available_resources(),
+                   res.placement_strategy)
+    raise PlacementError(f"could not place the roles within {res.placement_timeout_s:g}s "
+                         f"(resources.placement_timeout_s): {why}")
