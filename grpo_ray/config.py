@@ -152,6 +152,7 @@ class RolloutConfig:
     max_model_len: int = _f(512, lo=16)
     kv_cache_mb: int = _f(256, lo=16)
     enforce_eager: bool = True  # vLLM without CUDA graphs; set false on GPUs (faster decoding)
+    asynchronous: bool = _f(False, doc="one step off-policy: step n+1's rollout is sampled while step n trains")
 
 
 @dataclass
@@ -332,6 +333,9 @@ def _validate(cfg: Config) -> None:
     if rows % parts:
         raise ConfigError(f"algo.mini_batches * learner.num_ranks = {parts} must divide rollout.prompts_per_step * "
                           f"algo.group_size = {rows} (every rank takes an equal share of every mini-batch)")
+    if cfg.rollout.asynchronous and cfg.algo.dynamic_sampling:
+        raise ConfigError("rollout.asynchronous=true does not work with algo.dynamic_sampling=true yet (the extra "
+                          "rounds would be sampled with other weights); turn one of them off")
     if cfg.algo.tis != "none" and not cfg.algo.recompute_old_logprobs:
         raise ConfigError(f"algo.tis={cfg.algo.tis!r} needs algo.recompute_old_logprobs=true: the importance "
                           "weights compare the learner's old logprobs with the sampler's")

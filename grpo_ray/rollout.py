@@ -2,6 +2,8 @@
 parallel, and put the results back in order. (Scoring fans out in verifier_pool.py.)"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import ray
 
 
@@ -16,15 +18,35 @@ def split(items: list, parts: int) -> list[list]:
     return [c for c in out if c]
 
 
-def sample(generators: list, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int,
+def launch(generators: list, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int,
            top_p: float, seed: int) -> list:
-    """Prompts split across generators, sampled in parallel; one Rollout per generator, in
-    order (Rollout.concat joins them; the caller checks their weight versions first)."""
+    """Prompts split across generators and sampled in parallel: one ObjectRef[Rollout] per
+    generator, in prompt order. Nothing waits here."""
     chunks = split(prompts, len(generators))
     refs, offset = [], 0
     for gen, chunk in zip(generators, chunks):
         refs.append(gen.generate.remote(chunk, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
                                         top_p=top_p, seed=seed + offset * n))
         offset += len(chunk)
-    return ray.get(refs)
+    return refs
+
+
+def sample(generators: list, prompts: list[str], **kwargs) -> list:
+    """launch() and wait: one Rollout per generator, in order (Rollout.concat joins them; the
+    caller checks their weight versions first)."""
+    return ray.get(launch(generators, prompts, **kwargs))
+
+
+@dataclass
+class InFlight:
+    """A step's rollout sampled ahead, while the learner trains on the step before
+    (rollout.asynchronous): its prompts are drawn and its generation started, not awaited."""
+    step: int
+    records: list[dict]
+    refs: list            # one ObjectRef[Rollout] per generator
+    version: int          # the weights it samples with (one update behind when it is trained on)
+    sampler_state: dict   # the prompt sampler before these records were drawn: what a checkpoint saves
+
+    def wait(self) -> None:
+        ray.wait(self.refs, num_returns=len(self.refs), fetch_local=False)
 

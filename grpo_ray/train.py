@@ -26,7 +26,7 @@ from .evaluation import evaluate
 from .metrics import Monitor, advantage_variance, combine_parts, reward_stats
 from .modeling import load_tokenizer
 from .records import Rollout, TrainBatch
-from .rollout import sample, split
+from .rollout import InFlight, launch, sample, split
 from .tracking import Tracker
 
 
@@ -49,10 +49,15 @@ class PhaseTimer:
 
 
 # ---------------------------------------------------------------- the step
-def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad_id: int) -> tuple[dict, list]:
-    """One GRPO step; returns its metrics and a few samples for the spot-check files."""
-    G, timer = cfg.algo.group_size, PhaseTimer()
-    records, rollout, scores, sampling = collect_rollout(step, cfg, roles, sampler, timer)  # generate + verify
+def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad_id: int,
+               ahead: InFlight | None = None) -> tuple[dict, list, InFlight | None]:
+    """One GRPO step; returns its metrics, a few samples for the spot-check files, and with
+    rollout.asynchronous the next step's rollout, sampling while this step trains."""
+    G, timer, sampling = cfg.algo.group_size, PhaseTimer(), {}
+    if cfg.rollout.asynchronous:  # generate (started last step) + verify; starts the next rollout
+        records, rollout, scores, ahead = collect_ahead(step, cfg, roles, sampler, timer, ahead)
+    else:  # generate + verify
+        records, rollout, scores, sampling = collect_rollout(step, cfg, roles, sampler, timer)
     rewards, shaping = shaped_rewards(cfg, rollout, scores)
     advantages = group_advantages(rewards, G, estimator=cfg.algo.estimator)
     batch = TrainBatch.from_rollout(rollout, advantages, pad_id)
@@ -62,11 +67,14 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
         batch.ref_logprobs = ray.get(roles.reference.logprobs.remote(batch))
     with timer("learner"):
         stats = update_policy(roles, cfg, batch)
+    if ahead is not None:  # the generators take new weights once the next rollout is sampled
+        with timer("generate"):
+            ahead.wait()
     with timer("sync"):
         sync_weights(roles, cfg, version=step)
     metrics = {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
                **shaping, **sampling, **stats, "verify/retries": roles.verifier.retries, **timer.metrics()}
-    return metrics, spot_samples(records, rollout, scores, advantages, G, cfg.train.spot_check_samples)
+    return metrics, spot_samples(records, rollout, scores, advantages, G, cfg.train.spot_check_samples), ahead
 
 
 # ---------------------------------------------------------------- the phases
@@ -101,6 +109,41 @@ def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler
         return records, rollout, scores, stats
     return ([rec for rec, _, _ in kept[:n]], Rollout.concat([r for _, r, _ in kept[:n]]),
             [s for _, _, group in kept[:n] for s in group], stats)
+
+
+def collect_ahead(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, timer: PhaseTimer,
+                  ahead: InFlight | None):
+    """rollout.asynchronous: this step's rollout was started during the previous step (or now: at
+    the first step, after a resume or a rollback), and the next step's is started before this one
+    is scored and trained on, so generation overlaps verification, reference and learner. The
+    samples are then one update behind the learner; old_logprobs stay the sampler's, so the
+    ratio exp(logp - old_logp) corrects for that lag (one-step off-policy, as in PPO's epochs)."""
+    if ahead is None or ahead.step != step:
+        ahead = start_rollout(step, cfg, roles, sampler)
+    with timer("generate"):
+        rollout = receive(roles, cfg, ahead)
+    following = start_rollout(step + 1, cfg, roles, sampler) if step < cfg.train.steps else None
+    with timer("verify"):
+        scores = roles.verifier.score([r for r in ahead.records for _ in range(cfg.algo.group_size)], rollout.texts)
+    return ahead.records, rollout, scores, following
+
+
+def start_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler) -> InFlight:
+    """Draw the step's prompts and start sampling them with the generators' current weights."""
+    before = sampler.state_dict()
+    records, r = sampler.next(cfg.rollout.prompts_per_step), cfg.rollout
+    refs = launch(roles.generators, [x["prompt"] for x in records], n=cfg.algo.group_size, temperature=r.temperature,
+                  max_new_tokens=r.max_new_tokens, top_p=r.top_p, seed=step_seed(cfg, step))
+    return InFlight(step, records, refs, roles.weight_version, before)
+
+
+def receive(roles: Roles, cfg: Config, ahead: InFlight) -> Rollout:
+    """The rollout started ahead; sampled again if a generator restarted meanwhile (it came back
+    with other weights: generate() pushes the current ones first)."""
+    parts = ray.get(ahead.refs)
+    if all(p.weight_version == ahead.version for p in parts):
+        return Rollout.concat(parts)
+    return generate(roles, cfg, [r["prompt"] for r in ahead.records], seed=step_seed(cfg, ahead.step))
 
 
 def spot_samples(records: list[dict], rollout: Rollout, scores: list, advantages: torch.Tensor, G: int,
@@ -315,6 +358,7 @@ class Run:
                                wandb_project=cfg.run.wandb_project or None, run_name=cfg.run.name,
                                config=cfg.to_dict(), resumed=bool(list_checkpoints(run_dir)))
         self.lr_scale, self.rollbacks = 1.0, 0  # KL rollbacks so far and the lr factor they left
+        self.ahead: InFlight | None = None  # rollout.asynchronous: the next step's rollout, sampling
 
     def restore(self, path: str, state: dict) -> int:
         """Sampler and monitor as they were at the checkpoint; returns the first step to run."""
@@ -332,7 +376,8 @@ class Run:
         bar = tqdm(desc="grpo", unit="step", file=sys.stderr, initial=start - 1, total=steps)
         while step <= steps:
             try:
-                m, samples = train_step(step, cfg, self.roles, self.sampler, self.tokenizer.pad_token_id)
+                m, samples, self.ahead = train_step(step, cfg, self.roles, self.sampler,
+                                                    self.tokenizer.pad_token_id, self.ahead)
             except ray.exceptions.RayActorError as e:  # a learner (no restarts) or a role out of restarts
                 raise RuntimeError(self.died(step, e)) from None
             self.metrics.write(m)
@@ -401,6 +446,7 @@ class Run:
         ray.get([lr.load_state.remote(os.path.join(path, "learner")) for lr in self.roles.learners])
         lrs = ray.get([lr.scale_lr.remote(scale / state.get("lr_scale", 1.0)) for lr in self.roles.learners])
         self.lr_scale = scale
+        self.ahead = None  # sampled by the rolled-back policy
         sync_weights(self.roles, self.cfg, version=state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.monitor.load_state_dict(state["monitor"])
@@ -435,7 +481,9 @@ class Run:
 
     def checkpoint(self, step: int) -> None:
         ref = os.path.join(self.run_dir, "reference_policy")
-        state = {"sampler": self.sampler.state_dict(), "monitor": self.monitor.state_dict(),
+        # a rollout sampling ahead is not saved: a resume draws its prompts again
+        sampler = self.ahead.sampler_state if self.ahead else self.sampler.state_dict()
+        state = {"sampler": sampler, "monitor": self.monitor.state_dict(),
                  "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
                  "reference": ref if os.path.isdir(ref) else None}
         path = save_checkpoint(self.roles, gathering_ranks(self.roles, self.cfg), self.tokenizer, self.run_dir,

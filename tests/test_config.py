@@ -321,3 +321,9 @@ def test_empty_eval_ks_names_key():
 def test_nan_rejected():
     with pytest.raises(ConfigError, match="algo.epsilon"):
         load_config(None, ["algo.epsilon=.nan"])
+
+
+def test_async_rollouts_with_dynamic_sampling_is_an_error():
+    with pytest.raises(ConfigError, match="rollout.asynchronous=true does not work with algo.dynamic_sampling"):
+        load_config(None, ["rollout.asynchronous=true", "algo.dynamic_sampling=true"])
+    assert load_config(None, ["rollout.asynchronous=true"]).rollout.asynchronous

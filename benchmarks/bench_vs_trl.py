@@ -1,0 +1,151 @@
+"""grpo-ray vs TRL's GRPOTrainer, the same workload at three model sizes.
+
+    .venv/bin/pip install -e '.[bench]'          # TRL (optional extra)
+    .venv/bin/python benchmarks/bench_vs_trl.py [--sizes tiny,small,medium]
+
+Same model folder, prompts (the default job's arithmetic task), group size 16, 8 prompts per
+step, completion length (tiny 32 tokens, small/medium 128), learning rate (constant 1e-4, AdamW
+betas 0.9/0.99, grad clip 1), beta 0.001, epsilon 10, per-sequence loss ("grpo"), temperature 1,
+fp32 and the same step count. TRL runs on the CPU with its default HF `generate`; grpo-ray with
+its default actors (vLLM generator, reference, DeepSpeed learner, verifier pool). Each system
+runs in its own process, one after the other. Prints a table per size, both reward curves, a
+PNG of step time vs model size, and as its last line one JSON object with the headline ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import GROUP, LR, PROMPTS, REPO, SIZES, model_dir, num_params, records, run_ours, steady  # noqa: E402
+
+
+def run_trl(model: str, new_tokens: int, steps: int, out_dir: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo_ray.verifiers.math import score_math
+
+    torch.set_num_threads(2)
+
+    def correct(prompts, completions, answer, **_):
+        return [score_math({"answer": a}, c).reward for c, a in zip(completions, answer)]
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.step_s, self.rewards, self.kl, self.t = [], [], [], 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.step_s.append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                self.rewards.append(logs["reward"])
+                self.kl.append(logs.get("kl", float("nan")))
+
+    data = Dataset.from_list([{"prompt": r["prompt"], "answer": str(r["answer"])} for r in records()])
+    args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
+                      max_completion_length=new_tokens, learning_rate=LR, lr_scheduler_type="constant",
+                      warmup_steps=0, adam_beta2=0.99, weight_decay=0.0, max_grad_norm=1.0, max_steps=steps,
+                      beta=0.001, epsilon=10.0, loss_type="grpo", temperature=1.0, logging_steps=1,
+                      report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0, disable_tqdm=True)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    clock = Clock()
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+                          reward_funcs=correct, args=args, train_dataset=data, processing_class=tok,
+                          callbacks=[clock])
+    t0 = time.perf_counter()
+    trainer.train()
+    return {"wall_s": time.perf_counter() - t0, "step_s": clock.step_s, "rewards": clock.rewards, "kl": clock.kl}
+
+
+def worker(system: str, size: str, root: str, out: str) -> None:
+    spec, model = SIZES[size], model_dir(size)
+    run = run_trl if system == "trl" else run_ours
+    result = run(model, spec["new_tokens"], spec["steps"], tempfile.mkdtemp(prefix=f"{system}-", dir=root))
+    result["params"] = num_params(model)
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def measure(system: str, size: str, root: str) -> dict:
+    """One system at one size in a fresh process (no shared threads, caches or memory)."""
+    out = os.path.join(root, f"{system}-{size}.json")
+    log = os.path.join(root, f"{system}-{size}.log")
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, __file__, "--worker", system, "--size", size, "--root", root,
+                               "--out", out], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        sys.exit(f"{system} at size {size} failed; see {log}")
+    return json.load(open(out))
+
+
+def report(size: str, trl: dict, ours: dict) -> float:
+    ratio = steady(ours["step_s"]) / steady(trl["step_s"])
+    print(f"\n{size}: {ours['params'] / 1e6:.1f}M parameters, {SIZES[size]['new_tokens']} new tokens, "
+          f"{PROMPTS} prompts x {GROUP} samples, {SIZES[size]['steps']} steps")
+    print(f"{'':<10}{'step s':>9}{'wall s':>9}   reward per step")
+    for name, r in (("TRL", trl), ("grpo-ray", ours)):
+        curve = " ".join(f"{x:.2f}" for x in r["rewards"])
+        print(f"{name:<10}{steady(r['step_s']):>9.2f}{r['wall_s']:>9.1f}   {curve}")
+    phases = " ".join(f"{k} {steady(v):.2f}" for k, v in ours["phases"].items() if k != "step")
+    print(f"step time ratio (grpo-ray / TRL): {ratio:.2f}; grpo-ray phases (s): {phases}")
+    return ratio
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(results)
+    params = [results[s]["ours"]["params"] / 1e6 for s in sizes]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system, label in (("trl", "TRL GRPOTrainer"), ("ours", "grpo-ray")):
+        ax.plot(params, [steady(results[s][system]["step_s"]) for s in sizes], "o-", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="step time (s, median)",
+           title="GRPO step time, 8 prompts x 16 samples, 2 CPU cores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    os.replace(path + ".tmp.png", path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="tiny,small,medium")
+    ap.add_argument("--root", default=None, help="models and logs (default: a new temp dir)")
+    ap.add_argument("--plot", default=os.path.join(REPO, "benchmarks", "step_time_vs_size.png"))
+    ap.add_argument("--worker", choices=["trl", "ours"])
+    ap.add_argument("--size")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker, args.size, args.root, args.out)
+    root = args.root or tempfile.mkdtemp(prefix="bench-vs-trl-")
+    results, ratios = {}, {}
+    for size in args.sizes.split(","):
+        results[size] = {"trl": measure("trl", size, root), "ours": measure("ours", size, root)}
+        ratios[size] = report(size, results[size]["trl"], results[size]["ours"])
+    plot(results, args.plot)
+    print(f"\nplot: {args.plot}; logs: {root}")
+    largest = list(ratios)[-1]
+    print(json.dumps({"step_time_ratio_vs_trl": round(ratios[largest], 3),
+                      **{f"step_time_ratio_vs_trl_{s}": round(r, 3) for s, r in ratios.items()}}))
+
+
+if __name__ == "__main__":
+    main()
