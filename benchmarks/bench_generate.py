@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import GROUP, PROMPTS, REPO, SIZES, model_dir, records  # noqa: E402
+from common import GROUP, KV_CACHE_MB, PROMPTS, REPO, SIZES, model_dir, records  # noqa: E402
 
 
 def prompts() -> list[str]:
@@ -30,7 +30,7 @@ def prompts() -> list[str]:
 def time_ours(model: str, dtype: str, new_tokens: int) -> list[tuple[int, float]]:
     from grpo_ray.generator import Generator
 
-    gen = Generator(model, dtype=dtype, max_model_len=512, kv_cache_mb=512, cpu_threads="0-1")
+    gen = Generator(model, dtype=dtype, max_model_len=512, kv_cache_mb=KV_CACHE_MB, cpu_threads="0-1")
     out = []
     for i in range(4):
         t = time.perf_counter()

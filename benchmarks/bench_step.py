@@ -71,8 +71,8 @@ def main() -> None:
         print(f"{p:<20}{results['sync']['phases'][p]:>10.3f}{results['async']['phases'][p]:>10.3f}")
     for key, label in (("tokens_per_s", "tokens/s (step)"), ("wall_s", "wall s (run)"), ("kl_end", "KL, last step")):
         print(f"{label:<20}{results['sync'][key]:>10.3f}{results['async'][key]:>10.3f}")
-    print(f"{'pass@1 start -> end':<20}{results['sync']['pass1'][0]:>5.3f}->{results['sync']['pass1'][-1]:.3f}"
-          f"{results['async']['pass1'][0]:>5.3f}->{results['async']['pass1'][-1]:.3f}")
+    ends = [f"{results[m]['pass1'][0]:.3f}->{results[m]['pass1'][-1]:.3f}" for m in ("sync", "async")]
+    print(f"{'pass@1 start->end':<20}{ends[0]:>13}{ends[1]:>13}")
     print("\npeak memory (MiB, RSS)")
     for actor in results["sync"]["memory_mb"]:
         print(f"{actor:<20}{results['sync']['memory_mb'][actor]:>10.0f}{results['async']['memory_mb'][actor]:>10.0f}")

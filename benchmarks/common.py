@@ -23,6 +23,7 @@ SIZES = {
                                   intermediate_size=3072), "new_tokens": 128, "steps": 3},
 }
 PROMPTS, GROUP, LR = 8, 16, 1e-4
+KV_CACHE_MB = 2048  # room for a whole step's 128 sequences at the medium size (~43 KB per token in fp32)
 CACHE = os.environ.get("GRPO_BENCH_CACHE", "/tmp/grpo-bench-models")  # models, built once for every benchmark
 
 
@@ -65,7 +66,8 @@ def run_ours(model: str, new_tokens: int, steps: int, out_dir: str, *overrides: 
 
     cfg = load_config("configs/default.yaml", [
         f"model.path={model}", f"rollout.prompts_per_step={PROMPTS}", f"algo.group_size={GROUP}",
-        f"rollout.max_new_tokens={new_tokens}", f"train.steps={steps}", f"learner.lr={LR}", "learner.warmup_steps=0",
+        f"rollout.max_new_tokens={new_tokens}", f"rollout.kv_cache_mb={KV_CACHE_MB}", f"train.steps={steps}",
+        f"learner.lr={LR}", "learner.warmup_steps=0",
         "train.eval_every=0", "train.checkpoint_every=0", "eval.num_prompts=8", "eval.samples=1", "eval.ks=[1]",
         "run.plots=false", "run.tensorboard=false", f"run.output_dir={out_dir}", *overrides])
     t0 = time.perf_counter()

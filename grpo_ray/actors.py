@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import ray
 
-from .config import Config
+from .config import Config, cpu_list
 from .placement import Placement, reserve
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.
@@ -46,7 +46,12 @@ def _options(cfg: Config, placement: Placement | None, role: str, index: int = 0
     res = cfg.resources
     where = placement.options(role, index) if placement else dict(
         num_cpus=getattr(res, f"{role}_cpus"), num_gpus=getattr(res, f"{role}_gpus"))
-    return dict(**where, runtime_env={"env_vars": actor_env()}, **kw)
+    # Ray sets OMP_NUM_THREADS to the actor's CPU count (1 for a fraction), which slowed vLLM's
+    # CPU decoding by ~15% here (125 vs 106 ms a step at the tiny size) even with its own threads
+    # bound; give OpenMP the threads the role really uses.
+    threads = len(cpu_list(res.vllm_cpu_threads)) if role == "generator" else res.torch_threads
+    return dict(**where, runtime_env={"env_vars": {**actor_env(), "OMP_NUM_THREADS": str(max(1, threads))}}, **kw)
+
 
 
 def _restarts(cfg: Config) -> dict:

@@ -333,6 +333,11 @@ def _validate(cfg: Config) -> None:
     if rows % parts:
         raise ConfigError(f"algo.mini_batches * learner.num_ranks = {parts} must divide rollout.prompts_per_step * "
                           f"algo.group_size = {rows} (every rank takes an equal share of every mini-batch)")
+    try:
+        cpu_list(cfg.resources.vllm_cpu_threads)
+    except ValueError:
+        raise ConfigError(f"resources.vllm_cpu_threads={cfg.resources.vllm_cpu_threads!r}: expected CPU ids like "
+                          "'0-1' or '0-3,8'") from None
     if cfg.rollout.asynchronous and cfg.algo.dynamic_sampling:
         raise ConfigError("rollout.asynchronous=true does not work with algo.dynamic_sampling=true yet (the extra "
                           "rounds would be sampled with other weights); turn one of them off")
@@ -342,6 +347,15 @@ def _validate(cfg: Config) -> None:
     if cfg.algo.overlong == "penalty" and overlong_buffer(cfg) > cfg.rollout.max_new_tokens:
         raise ConfigError(f"algo.overlong_buffer={cfg.algo.overlong_buffer} is longer than rollout.max_new_tokens="
                           f"{cfg.rollout.max_new_tokens}")
+
+
+def cpu_list(spec: str) -> list[int]:
+    """CPU ids of a list like "0-1,4" (vLLM's VLLM_CPU_OMP_THREADS_BIND syntax)."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def overlong_buffer(cfg: Config) -> int:

@@ -7,6 +7,7 @@ weights can be swapped in place through the worker's `reload_weights`.
 """
 from __future__ import annotations
 
+import math
 import os
 
 from .records import Rollout
@@ -41,6 +42,27 @@ class Generator:
                        enable_prefix_caching=False)
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
+        from vllm.platforms import current_platform
+
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        # tokens of KV cache (0 = unknown); checked on CPU only, see _check_kv_cache
+        self.kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size if current_platform.is_cpu() else 0
+        self.kv_block, self.kv_cache_mb = cache.block_size, kv_cache_mb
+
+    def _check_kv_cache(self, prompts: list[str], n: int, max_new_tokens: int) -> None:
+        """vLLM preempts sequences when the KV cache runs out, and on the CPU a preempted seeded
+        request then fails deep in the sampler ("CPU Generator does not use offset"). Say so up
+        front, with the size that fits the step."""
+        if not self.kv_tokens:
+            return
+        lens = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+        blocks = sum(n * -(-(p + max_new_tokens) // self.kv_block) for p in lens)
+        if blocks * self.kv_block > self.kv_tokens:
+            need = math.ceil(self.kv_cache_mb * blocks * self.kv_block / self.kv_tokens)
+            raise ValueError(f"rollout.kv_cache_mb={self.kv_cache_mb} holds {self.kv_tokens} tokens for this model; "
+                             f"{len(prompts)} prompts x {n} samples up to {max_new_tokens} new tokens need "
+                             f"{blocks * self.kv_block}: set rollout.kv_cache_mb to at least {need}, or give the "
+                             "step more generators (rollout.num_generators)")
 
     def generate(self, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int,
                  top_p: float = 1.0, seed: int | None = None) -> Rollout:
@@ -49,6 +71,7 @@ class Generator:
         child k of a request seed + k), so no two completions share a random stream."""
         from vllm import SamplingParams
 
+        self._check_kv_cache(prompts, n, max_new_tokens)
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                  logprobs=0, seed=None if seed is None else seed + j * n)
                   for j in range(len(prompts))]

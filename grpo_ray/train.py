@@ -15,9 +15,8 @@ from contextlib import contextmanager
 
 import ray
 import torch
-import yaml
 
-from .actors import Roles, in_ray_job, init_ray, start_reference, start_roles, stop_roles
+from .actors import Roles, init_ray, start_reference, start_roles, stop_roles
 from .algorithm import group_advantages, informative_groups, loss_normalizer, overlong_penalty
 from .checkpoint import find_resume, list_checkpoints, load_state, save_checkpoint
 from .config import Config, overlong_buffer
@@ -25,6 +24,7 @@ from .data import PromptSampler, load_datasets
 from .evaluation import evaluate
 from .metrics import Monitor, advantage_variance, combine_parts, reward_stats
 from .modeling import load_tokenizer
+from .outputs import create_run_dir, prepare_model, summary_line, write_samples
 from .records import Rollout, TrainBatch
 from .rollout import InFlight, launch, sample, split
 from .tracking import Tracker
@@ -243,39 +243,6 @@ def component_means(scores: list) -> dict:
 
 
 # ---------------------------------------------------------------- the run
-def resolve_run_dir(cfg: Config) -> str:
-    """Absolute run directory. Under `ray job submit` the cwd is Ray's temporary copy of the
-    working dir, which is deleted later: relative paths then go under ~/grpo-ray instead."""
-    base = os.path.expanduser("~/grpo-ray") if in_ray_job() else os.getcwd()
-    out = cfg.run.output_dir if os.path.isabs(cfg.run.output_dir) else os.path.join(base, cfg.run.output_dir)
-    return os.path.join(os.path.abspath(out), cfg.run.name)
-
-
-def create_run_dir(cfg: Config) -> str:
-    run_dir = resolve_run_dir(cfg)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        write_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    except OSError as e:
-        raise OSError(f"run directory {run_dir!r} is not writable ({e.strerror}); set run.output_dir") from None
-    return run_dir
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def prepare_model(cfg: Config, train_records: list[dict], run_dir: str, log) -> str:
-    if cfg.model.path != "builtin:tiny":
-        return cfg.model.path
-    from .warmstart import builtin_model
-
-    return builtin_model(cfg, train_records, os.path.join(os.path.dirname(run_dir), ".cache"), log)
-
-
 def save_policy(roles: Roles, cfg: Config, run_dir: str, tokenizer, name: str) -> str:
     """Policy in Hugging Face format (loadable by transformers and vLLM), written atomically."""
     final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
@@ -285,33 +252,6 @@ def save_policy(roles: Roles, cfg: Config, run_dir: str, tokenizer, name: str) -
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
-
-
-def write_samples(run_dir: str, step: int, samples: list[dict]) -> None:
-    """samples/step_N.jsonl and a Markdown table of the same rows, for manual inspection."""
-    import json
-
-    folder = os.path.join(run_dir, "samples")
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.join(folder, f"step_{step:06d}")
-    write_atomic(base + ".jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-
-    def cell(v) -> str:
-        text = f"{v:.3f}" if isinstance(v, float) else str(v)
-        return text.replace("|", "\\|").replace("\n", "<br>")
-
-    cols = ["prompt", "response", "reward", "advantage", "reason"]
-    lines = [f"# Samples at step {step}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(s[c]) for c in cols) + " |" for s in samples]
-    write_atomic(base + ".md", "\n".join(lines) + "\n")
-
-
-def summary_line(m: dict, steps: int) -> str:
-    t = " ".join(f"{k[5:]} {m[k]:.2f}" for k in ("time/generate", "time/verify", "time/reference",
-                                                  "time/learner", "time/sync"))
-    return (f"step {m['step']}/{steps} | reward {m['reward/mean']:.3f} (std {m['reward/std']:.2f}) | "
-            f"kl {m['kl']:.4f} | clip {m['clip/low']:.3f}/{m['clip/high']:.3f} | ent {m['entropy']:.2f} | "
-            f"len {m['response_length/mean']:.1f} | {m['time/step']:.2f}s ({t})")
 
 
 def train(cfg: Config, address: str | None = None) -> str:

@@ -327,3 +327,11 @@ def test_async_rollouts_with_dynamic_sampling_is_an_error():
     with pytest.raises(ConfigError, match="rollout.asynchronous=true does not work with algo.dynamic_sampling"):
         load_config(None, ["rollout.asynchronous=true", "algo.dynamic_sampling=true"])
     assert load_config(None, ["rollout.asynchronous=true"]).rollout.asynchronous
+
+
+def test_vllm_cpu_threads_list():
+    from grpo_ray.config import cpu_list
+
+    assert cpu_list("0-1") == [0, 1] and cpu_list("0-3,8") == [0, 1, 2, 3, 8] and cpu_list("") == []
+    with pytest.raises(ConfigError, match="resources.vllm_cpu_threads='one'"):
+        load_config(None, ["resources.vllm_cpu_threads=one"])

@@ -93,7 +93,7 @@ def test_loop_with_dapo_and_off_policy_options(ray_local, tiny_model_dir, tmp_pa
 
 
 def test_spot_check_files_escape_markdown(tmp_path):
-    from grpo_ray.train import write_samples
+    from grpo_ray.outputs import write_samples
 
     row = {"prompt": "a|b\nc", "response": "x", "reward": 1.0, "advantage": 0.5, "reason": "correct",
            "truncated": False}

@@ -1,0 +1,69 @@
+"""What a run leaves on disk besides checkpoints: the run directory and its config.yaml, the
+spot-check samples, and the one-line step summary. Writes are atomic (temp file + rename)."""
+from __future__ import annotations
+
+import json
+import os
+
+import yaml
+
+from .actors import in_ray_job
+from .config import Config
+
+
+def resolve_run_dir(cfg: Config) -> str:
+    """Absolute run directory. Under `ray job submit` the cwd is Ray's temporary copy of the
+    working dir, which is deleted later: relative paths then go under ~/grpo-ray instead."""
+    base = os.path.expanduser("~/grpo-ray") if in_ray_job() else os.getcwd()
+    out = cfg.run.output_dir if os.path.isabs(cfg.run.output_dir) else os.path.join(base, cfg.run.output_dir)
+    return os.path.join(os.path.abspath(out), cfg.run.name)
+
+
+def create_run_dir(cfg: Config) -> str:
+    run_dir = resolve_run_dir(cfg)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        write_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except OSError as e:
+        raise OSError(f"run directory {run_dir!r} is not writable ({e.strerror}); set run.output_dir") from None
+    return run_dir
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def prepare_model(cfg: Config, train_records: list[dict], run_dir: str, log) -> str:
+    if cfg.model.path != "builtin:tiny":
+        return cfg.model.path
+    from .warmstart import builtin_model
+
+    return builtin_model(cfg, train_records, os.path.join(os.path.dirname(run_dir), ".cache"), log)
+
+
+def write_samples(run_dir: str, step: int, samples: list[dict]) -> None:
+    """samples/step_N.jsonl and a Markdown table of the same rows, for manual inspection."""
+    folder = os.path.join(run_dir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    base = os.path.join(folder, f"step_{step:06d}")
+    write_atomic(base + ".jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+
+    def cell(v) -> str:
+        text = f"{v:.3f}" if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    cols = ["prompt", "response", "reward", "advantage", "reason"]
+    lines = [f"# Samples at step {step}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(s[c]) for c in cols) + " |" for s in samples]
+    write_atomic(base + ".md", "\n".join(lines) + "\n")
+
+
+def summary_line(m: dict, steps: int) -> str:
+    t = " ".join(f"{k[5:]} {m[k]:.2f}" for k in ("time/generate", "time/verify", "time/reference",
+                                                  "time/learner", "time/sync"))
+    return (f"step {m['step']}/{steps} | reward {m['reward/mean']:.3f} (std {m['reward/std']:.2f}) | "
+            f"kl {m['kl']:.4f} | clip {m['clip/low']:.3f}/{m['clip/high']:.3f} | ent {m['entropy']:.2f} | "
+            f"len {m['response_length/mean']:.1f} | {m['time/step']:.2f}s ({t})")
