@@ -80,9 +80,12 @@ def worker(system: str, size: str, root: str, out: str) -> None:
         json.dump(result, f)
 
 
-def measure(system: str, size: str, root: str) -> dict:
-    """One system at one size in a fresh process (no shared threads, caches or memory)."""
+def measure(system: str, size: str, root: str, reuse: bool = False) -> dict:
+    """One system at one size in a fresh process (no shared threads, caches or memory); with
+    reuse, a result already in root (from an earlier run of this script) is read instead."""
     out = os.path.join(root, f"{system}-{size}.json")
+    if reuse and os.path.isfile(out):
+        return json.load(open(out))
     log = os.path.join(root, f"{system}-{size}.log")
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, __file__, "--worker", system, "--size", size, "--root", root,
@@ -129,6 +132,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="tiny,small,medium")
     ap.add_argument("--root", default=None, help="models and logs (default: a new temp dir)")
     ap.add_argument("--plot", default=os.path.join(REPO, "benchmarks", "step_time_vs_size.png"))
+    ap.add_argument("--reuse", action="store_true", help="read results already in --root instead of measuring")
     ap.add_argument("--worker", choices=["trl", "ours"])
     ap.add_argument("--size")
     ap.add_argument("--out")
@@ -138,7 +142,7 @@ def main() -> None:
     root = args.root or tempfile.mkdtemp(prefix="bench-vs-trl-")
     results, ratios = {}, {}
     for size in args.sizes.split(","):
-        results[size] = {"trl": measure("trl", size, root), "ours": measure("ours", size, root)}
+        results[size] = {system: measure(system, size, root, args.reuse) for system in ("trl", "ours")}
         ratios[size] = report(size, results[size]["trl"], results[size]["ours"])
     plot(results, args.plot)
     print(f"\nplot: {args.plot}; logs: {root}")

@@ -85,7 +85,8 @@ def start_generators(cfg: Config, model_path: str, placement: Placement | None =
     return [gen_cls.options(**_options(cfg, placement, "generator", i, **_restarts(cfg))).remote(
                 model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
                 kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=cfg.resources.vllm_cpu_threads,
-                enforce_eager=cfg.rollout.enforce_eager)
+                enforce_eager=cfg.rollout.enforce_eager,
+                gpu_share=placement.slot("generator", i).gpus if placement else cfg.resources.generator_gpus)
             for i in range(cfg.rollout.num_generators)]
 
 
@@ -139,7 +140,7 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
     replaced it). Raises placement.PlacementError when the cluster cannot hold the roles."""
     from .verifier_pool import VerifierPool
 
-    placement = reserve(cfg)
+    placement, verifier = reserve(cfg), None
     try:
         generators = start_generators(cfg, os.path.join(resume_from, "policy") if resume_from else model_path,
                                       placement)
@@ -151,6 +152,8 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
                 + [reference.__ray_ready__.remote()] + restored)
     except BaseException:
         placement.remove()  # kills the actors placed in it
+        if verifier is not None:
+            verifier.shutdown()
         raise
     return Roles(generators, verifier, reference, learners, placement)
 

@@ -338,6 +338,16 @@ def _validate(cfg: Config) -> None:
     except ValueError:
         raise ConfigError(f"resources.vllm_cpu_threads={cfg.resources.vllm_cpu_threads!r}: expected CPU ids like "
                           "'0-1' or '0-3,8'") from None
+    if cfg.rollout.asynchronous and cfg.algo.recompute_old_logprobs and cfg.algo.tis == "none":
+        raise ConfigError("rollout.asynchronous=true with algo.recompute_old_logprobs=true needs algo.tis=token or "
+                          "sequence: the recomputed old logprobs are the learner's, one update past the sampler, "
+                          "and only the importance weights against the sampler's correct for that lag")
+    if cfg.learner.num_ranks > 1 and 0 < cfg.resources.learner_gpus < 1:
+        raise ConfigError(f"resources.learner_gpus={cfg.resources.learner_gpus} with learner.num_ranks="
+                          f"{cfg.learner.num_ranks}: two ranks could share one GPU, which NCCL refuses; use 1 "
+                          "(or 0 on CPUs)")
+    if cfg.data.verifier not in ("math", "code") and ":" not in cfg.data.verifier:
+        raise ConfigError(f"data.verifier={cfg.data.verifier!r}: expected math, code, or module:function")
     if cfg.rollout.asynchronous and cfg.algo.dynamic_sampling:
         raise ConfigError("rollout.asynchronous=true does not work with algo.dynamic_sampling=true yet (the extra "
                           "rounds would be sampled with other weights); turn one of them off")

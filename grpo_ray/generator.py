@@ -33,13 +33,16 @@ def _reload(worker, buckets):
 class Generator:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512,
                  kv_cache_mb: int = 256, seed: int = 0, cpu_threads: str | None = None,
-                 max_num_seqs: int = 256, enforce_eager: bool = True):
+                 max_num_seqs: int = 256, enforce_eager: bool = True, gpu_share: float = 1.0):
         _vllm_env(cpu_threads)
         from vllm import LLM
 
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
                        kv_cache_memory_bytes=kv_cache_mb << 20, seed=seed, max_num_seqs=max_num_seqs,
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False,
+                       # vLLM checks at start that this fraction of the GPU is free: a generator
+                       # sharing its GPU (resources.colocate) may only claim its share
+                       gpu_memory_utilization=0.9 * min(1.0, gpu_share or 1.0))
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version = 0
         from vllm.platforms import current_platform
@@ -47,7 +50,8 @@ class Generator:
         cache = self.llm.llm_engine.vllm_config.cache_config
         # tokens of KV cache (0 = unknown); checked on CPU only, see _check_kv_cache
         self.kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size if current_platform.is_cpu() else 0
-        self.kv_block, self.kv_cache_mb = cache.block_size, kv_cache_mb
+        self.kv_block, self.kv_cache_mb, self.max_num_seqs = cache.block_size, kv_cache_mb, max_num_seqs
+        self.kv_tokens = max(0, self.kv_tokens - cache.block_size)  # vLLM keeps one block back
 
     def _check_kv_cache(self, prompts: list[str], n: int, max_new_tokens: int) -> None:
         """vLLM preempts sequences when the KV cache runs out, and on the CPU a preempted seeded
@@ -56,9 +60,11 @@ class Generator:
         if not self.kv_tokens:
             return
         lens = [len(ids) for ids in self.tokenizer(prompts)["input_ids"]]
-        blocks = sum(n * -(-(p + max_new_tokens) // self.kv_block) for p in lens)
+        # vLLM runs at most max_num_seqs sequences at once: the largest of them must fit together
+        per_seq = sorted((-(-(p + max_new_tokens) // self.kv_block) for p in lens for _ in range(n)), reverse=True)
+        blocks = sum(per_seq[:self.max_num_seqs])
         if blocks * self.kv_block > self.kv_tokens:
-            need = math.ceil(self.kv_cache_mb * blocks * self.kv_block / self.kv_tokens)
+            need = math.ceil(self.kv_cache_mb * (blocks + 1) * self.kv_block / self.kv_tokens)
             raise ValueError(f"rollout.kv_cache_mb={self.kv_cache_mb} holds {self.kv_tokens} tokens for this model; "
                              f"{len(prompts)} prompts x {n} samples up to {max_new_tokens} new tokens need "
                              f"{blocks * self.kv_block}: set rollout.kv_cache_mb to at least {need}, or give the "

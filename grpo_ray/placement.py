@@ -9,6 +9,7 @@ it, so Ray gives them the same device.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import Config
@@ -53,7 +54,9 @@ def plan(cfg: Config) -> tuple[list[dict[str, float]], list[Slot]]:
         if gpus:
             bundle["GPU"] = gpus
         bundles.append(bundle)
-        slots += [Slot(role, i, b, cpus, round(gpus / users, 4) if g else 0.0) for role, i, cpus, g in members]
+        # rounded down: shares that add up to more than the bundle would leave one actor unplaced
+        share = math.floor(gpus / users * 1e4) / 1e4 if users else 0.0
+        slots += [Slot(role, i, b, cpus, share if g else 0.0) for role, i, cpus, g in members]
     return bundles, slots
 
 

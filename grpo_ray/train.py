@@ -273,12 +273,14 @@ def train(cfg: Config, address: str | None = None) -> str:
     log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
         f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), reference, "
         f"{cfg.learner.num_ranks} learner rank(s)")
-    run = Run(cfg, roles, run_dir, model_path, PromptSampler(train_records, cfg.run.seed),
-              eval_records[:cfg.eval.num_prompts], log)
+    run = None
     try:
+        run = Run(cfg, roles, run_dir, model_path, PromptSampler(train_records, cfg.run.seed),
+                  eval_records[:cfg.eval.num_prompts], log)
         run.loop(run.restore(*resume) if resume else 1, tqdm)
     finally:
-        run.metrics.close()
+        if run is not None:
+            run.metrics.close()
         stop_roles(roles)
     log(f"run directory: {run_dir}")
     return run_dir

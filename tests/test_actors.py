@@ -70,3 +70,18 @@ def test_after_sync_generator_samples_from_the_learners_weights(engines):
     assert _max_diff(ray.get(learner.logprobs.remote(b2)), b2.old_logprobs, b2.response_mask) < 1e-4
     # the reference stays frozen at the initial policy
     assert _max_diff(ray.get(ref.logprobs.remote(b2)), b2.old_logprobs, b2.response_mask) > 1e-2
+
+
+def test_a_step_larger_than_the_kv_cache_is_a_clear_error(ray_local, tiny_model_dir):
+    """vLLM's CPU sampler crashes on preempted seeded requests deep inside the engine; the
+    generator refuses such a step up front and says what to set."""
+    from grpo_ray.generator import Generator
+
+    ray = ray_local
+    gen = ray.remote(Generator).options(num_cpus=0.25).remote(tiny_model_dir, cpu_threads="0-1", kv_cache_mb=16)
+    with pytest.raises(ValueError, match=r"rollout.kv_cache_mb=16 holds \d+ tokens .* set rollout.kv_cache_mb to "
+                                         r"at least \d+"):
+        ray.get(gen.generate.remote(PROMPTS, n=64, temperature=1.0, max_new_tokens=200, seed=0))
+    ok = ray.get(gen.generate.remote(PROMPTS[:1], n=4, temperature=1.0, max_new_tokens=16, seed=0))
+    assert len(ok) == 4  # a step that fits still runs on the same engine
+    ray.kill(gen)

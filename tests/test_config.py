@@ -1,6 +1,7 @@
 """Tests for grpo_ray/config.py: defaults, YAML + dotted overrides, and error messages."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,13 @@ def test_vllm_cpu_threads_list():
     assert cpu_list("0-1") == [0, 1] and cpu_list("0-3,8") == [0, 1, 2, 3, 8] and cpu_list("") == []
     with pytest.raises(ConfigError, match="resources.vllm_cpu_threads='one'"):
         load_config(None, ["resources.vllm_cpu_threads=one"])
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["rollout.asynchronous=true", "algo.recompute_old_logprobs=true"], "needs algo.tis=token or sequence"),
+    (["learner.num_ranks=2", "resources.learner_gpus=0.5"], "two ranks could share one GPU"),
+    (["data.verifier=maths"], "data.verifier='maths': expected math, code, or module:function"),
+])
+def test_resource_and_async_combinations_that_cannot_work(overrides, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(None, overrides)

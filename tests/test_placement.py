@@ -74,3 +74,12 @@ def test_unplaceable_roles_fail_fast_with_a_clear_message(ray_local, tiny_model_
     assert "within 2s (resources.placement_timeout_s)" in msg and "learner 1 (resources.learner_gpus)" in msg
     assert "cluster has GPU 0" in msg
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
+
+
+def test_gpu_shares_never_add_up_to_more_than_the_bundle():
+    """Six members on one GPU: 1/6 rounded to 0.1667 six times would ask for 1.0002 GPUs, and
+    the last actor would wait for ever; shares are rounded down."""
+    bundles, slots = plan(_cfg("rollout.num_generators=5", "resources.colocate=all", "resources.learner_gpus=1",
+                               "resources.generator_gpus=1"))
+    assert bundles[0]["GPU"] == 1.0 and len([s for s in slots if s.bundle == 0]) == 7
+    assert sum(s.gpus for s in slots if s.bundle == 0) <= 1.0

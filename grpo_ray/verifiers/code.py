@@ -326,7 +326,7 @@ def _defines(code: str, name: str) -> bool:
 
 def _source_prompt(record: dict) -> str:
     """The row's own prompt (the code the response completes), not data.prompt_template's text."""
-    return record.get("raw_prompt") or record.get("prompt") or ""
+    return (record["raw_prompt"] if "raw_prompt" in record else record.get("prompt")) or ""
 
 
 def build_program(record: dict, response: str) -> str:
