@@ -28,9 +28,26 @@ def ray_local():
     """A local Ray instance per test module (never joins another cluster). Module scope, not
     session: test_job_submit's `ray stop` stops every Ray on the machine, and a driver whose
     raylet dies exits at once, so no in-process Ray may be alive while it runs."""
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}})
+    ray = init_local_ray()
     yield ray
     ray.shutdown()
+
+
+def init_local_ray(**resources):
+    """ray.init of a private local instance. Once in a CI run its raylet did not come up ("The
+    current node timed out during startup") right after another module's instance had shut
+    down; a second attempt after a pause starts cleanly."""
+    import time
+
+    import ray
+
+    for attempt in (1, 2):
+        try:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+                     runtime_env={"env_vars": {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}}, **resources)
+            return ray
+        except Exception as e:
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
+            time.sleep(10)

@@ -13,12 +13,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_gpus():
-    import ray
+    from conftest import init_local_ray
 
-    from conftest import REPO
-
-    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}})
+    ray = init_local_ray(num_gpus=2)
     yield ray
     ray.shutdown()
 
