@@ -53,7 +53,6 @@ def _options(cfg: Config, placement: Placement | None, role: str, index: int = 0
     return dict(**where, runtime_env={"env_vars": {**actor_env(), "OMP_NUM_THREADS": str(max(1, threads))}}, **kw)
 
 
-
 def _restarts(cfg: Config) -> dict:
     """Stateless or re-syncable roles come back after a crash and the interrupted call is run again."""
     n = cfg.resources.actor_restarts
@@ -103,7 +102,7 @@ def _rendezvous(placement: Placement) -> tuple[str, int]:
     """MASTER_ADDR/PORT of the learners' process group: rank 0's node, which hosts the store.
     One node: the driver's. Several: a zero-CPU task in rank 0's bundle looks it up."""
     if len([n for n in ray.nodes() if n["Alive"]]) == 1:
-        return ray.util.get_node_ip_address(), _free_port()
+        return _node_address()
     where = placement.options("learner", 0)
     where.update(num_cpus=0, num_gpus=0)
     return ray.get(ray.remote(_node_address).options(**where).remote())
