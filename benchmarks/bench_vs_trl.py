@@ -6,8 +6,9 @@
 Same model folder, prompts (the default job's arithmetic task), group size 16, 8 prompts per
 step, completion length (tiny 32 tokens, small/medium 128), learning rate (constant 1e-4, AdamW
 betas 0.9/0.99, grad clip 1), beta 0.001, epsilon 10, per-sequence loss ("grpo"), temperature 1,
-fp32 and the same step count. TRL runs on the CPU with its default HF `generate`; grpo-ray with
-its default actors (vLLM generator, reference, DeepSpeed learner, verifier pool). Each system
+the same step count, fp32 (--dtype bfloat16: TRL's bf16=True with the model loaded in bf16, and
+grpo-ray's model.dtype=bfloat16, which keeps fp32 master weights). TRL runs on the CPU with its
+default HF `generate`; grpo-ray with its default actors (vLLM generator, reference, DeepSpeed learner, verifier pool). Each system
 runs in its own process, one after the other. Prints a table per size, both reward curves, a
 PNG of step time vs model size, and as its last line one JSON object with the headline ratios.
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import GROUP, LR, PROMPTS, REPO, SIZES, model_dir, num_params, records, run_ours, steady  # noqa: E402
 
 
-def run_trl(model: str, new_tokens: int, steps: int, out_dir: str) -> dict:
+def run_trl(model: str, new_tokens: int, steps: int, out_dir: str, dtype: str = "float32") -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -59,11 +60,13 @@ def run_trl(model: str, new_tokens: int, steps: int, out_dir: str) -> dict:
                       max_completion_length=new_tokens, learning_rate=LR, lr_scheduler_type="constant",
                       warmup_steps=0, adam_beta2=0.99, weight_decay=0.0, max_grad_norm=1.0, max_steps=steps,
                       beta=0.001, epsilon=10.0, loss_type="grpo", temperature=1.0, logging_steps=1,
-                      report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0, disable_tqdm=True)
+                      report_to="none", save_strategy="no", use_cpu=True, bf16=dtype == "bfloat16", seed=0,
+                      disable_tqdm=True)
     tok = AutoTokenizer.from_pretrained(model)
     tok.pad_token = tok.pad_token or tok.eos_token
     clock = Clock()
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
+    # bfloat16: the model itself in bf16 as well as autocast, TRL's fastest CPU setting (generation too)
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)),
                           reward_funcs=correct, args=args, train_dataset=data, processing_class=tok,
                           callbacks=[clock])
     t0 = time.perf_counter()
@@ -71,25 +74,29 @@ def run_trl(model: str, new_tokens: int, steps: int, out_dir: str) -> dict:
     return {"wall_s": time.perf_counter() - t0, "step_s": clock.step_s, "rewards": clock.rewards, "kl": clock.kl}
 
 
-def worker(system: str, size: str, root: str, out: str) -> None:
+def worker(system: str, size: str, root: str, out: str, dtype: str) -> None:
     spec, model = SIZES[size], model_dir(size)
-    run = run_trl if system == "trl" else run_ours
-    result = run(model, spec["new_tokens"], spec["steps"], tempfile.mkdtemp(prefix=f"{system}-", dir=root))
+    out_dir = tempfile.mkdtemp(prefix=f"{system}-", dir=root)
+    if system == "trl":
+        result = run_trl(model, spec["new_tokens"], spec["steps"], out_dir, dtype)
+    else:
+        result = run_ours(model, spec["new_tokens"], spec["steps"], out_dir, f"model.dtype={dtype}")
     result["params"] = num_params(model)
     with open(out, "w") as f:
         json.dump(result, f)
 
 
-def measure(system: str, size: str, root: str, reuse: bool = False) -> dict:
+def measure(system: str, size: str, root: str, dtype: str, reuse: bool = False) -> dict:
     """One system at one size in a fresh process (no shared threads, caches or memory); with
     reuse, a result already in root (from an earlier run of this script) is read instead."""
-    out = os.path.join(root, f"{system}-{size}.json")
+    tag = size if dtype == "float32" else f"{size}-{dtype}"
+    out = os.path.join(root, f"{system}-{tag}.json")
     if reuse and os.path.isfile(out):
         return json.load(open(out))
-    log = os.path.join(root, f"{system}-{size}.log")
+    log = os.path.join(root, f"{system}-{tag}.log")
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, __file__, "--worker", system, "--size", size, "--root", root,
-                               "--out", out], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+                               "--out", out, "--dtype", dtype], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         sys.exit(f"{system} at size {size} failed; see {log}")
     return json.load(open(out))
@@ -108,7 +115,7 @@ def report(size: str, trl: dict, ours: dict) -> float:
     return ratio
 
 
-def plot(results: dict, path: str) -> None:
+def plot(results: dict, path: str, dtype: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,7 +127,7 @@ def plot(results: dict, path: str) -> None:
     for system, label in (("trl", "TRL GRPOTrainer"), ("ours", "grpo-ray")):
         ax.plot(params, [steady(results[s][system]["step_s"]) for s in sizes], "o-", label=label)
     ax.set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="step time (s, median)",
-           title="GRPO step time, 8 prompts x 16 samples, 2 CPU cores")
+           title=f"GRPO step time, 8 prompts x 16 samples, {dtype}, 2 CPU cores")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
@@ -133,22 +140,27 @@ def main() -> None:
     ap.add_argument("--root", default=None, help="models and logs (default: a new temp dir)")
     ap.add_argument("--plot", default=os.path.join(REPO, "benchmarks", "step_time_vs_size.png"))
     ap.add_argument("--reuse", action="store_true", help="read results already in --root instead of measuring")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="both systems: TRL bf16=True with the model in bf16; grpo-ray model.dtype")
     ap.add_argument("--worker", choices=["trl", "ours"])
     ap.add_argument("--size")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.size, args.root, args.out)
+        return worker(args.worker, args.size, args.root, args.out, args.dtype)
     root = args.root or tempfile.mkdtemp(prefix="bench-vs-trl-")
+    os.makedirs(root, exist_ok=True)
     results, ratios = {}, {}
     for size in args.sizes.split(","):
-        results[size] = {system: measure(system, size, root, args.reuse) for system in ("trl", "ours")}
+        results[size] = {system: measure(system, size, root, args.dtype, args.reuse) for system in ("trl", "ours")}
         ratios[size] = report(size, results[size]["trl"], results[size]["ours"])
-    plot(results, args.plot)
-    print(f"\nplot: {args.plot}; logs: {root}")
+    suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+    path = args.plot.replace(".png", f"{suffix}.png")
+    plot(results, path, args.dtype)
+    print(f"\nplot: {path}; logs: {root}")
     largest = list(ratios)[-1]
-    print(json.dumps({"step_time_ratio_vs_trl": round(ratios[largest], 3),
-                      **{f"step_time_ratio_vs_trl_{s}": round(r, 3) for s, r in ratios.items()}}))
+    print(json.dumps({f"step_time_ratio_vs_trl{suffix}": round(ratios[largest], 3),
+                      **{f"step_time_ratio_vs_trl_{s}{suffix}": round(r, 3) for s, r in ratios.items()}}))
 
 
 if __name__ == "__main__":

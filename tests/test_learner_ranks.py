@@ -67,4 +67,7 @@ def test_two_ranks_match_one_rank(ray_local, tiny_model_dir, zero_stage, aggrega
     assert w1.keys() == w2.keys() and w1.keys() <= init.keys()
     assert max(float((w1[k] - init[k]).abs().max()) for k in w1) > 1e-3  # both updates moved the weights
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
-    assert diff < 1e-5, f"M=2 weights differ from M=1 by {diff}"
+    # Adam divides by sqrt(v): where a gradient is ~0, float rounding from another summation order
+    # (ranks, length-sorted micro-batches, the shared prompt pass) moves the weight by a visible
+    # fraction of lr. 3e-5 is 3% of one step at lr 1e-3; the gradient norms above are the tight check.
+    assert diff < 3e-5, f"M=2 weights differ from M=1 by {diff}"

@@ -62,3 +62,69 @@ def test_weight_buckets_round_trip_and_split():
     assert len(one) == 1 and isinstance(one[0].data, np.ndarray)
     half = dict(unpack_bucket(pack_state_dict(tensors, dtype=torch.bfloat16)[0]))
     assert half["a"].dtype == torch.bfloat16 and half["b"].dtype == torch.int64
+
+
+def _grouped_batch(groups: int = 3, group_size: int = 4, seed: int = 0) -> TrainBatch:
+    """GRPO-shaped: each prompt (of varying length) answered group_size times, responses of
+    varying length (including a 1-token one and an empty one)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses = [], []
+    for j in range(groups):
+        prompt = torch.randint(3, 200, (3 + 2 * j,), generator=g).tolist()
+        for k in range(group_size):
+            prompts.append(prompt)
+            n = 0 if (j, k) == (0, 0) else 1 if (j, k) == (1, 1) else int(torch.randint(2, 9, (1,), generator=g))
+            responses.append(torch.randint(3, 200, (n,), generator=g).tolist())
+    ro = Rollout(prompts, responses, [[-1.0] * len(r) for r in responses], [""] * len(responses),
+                 [False] * len(responses))
+    return TrainBatch.from_rollout(ro, torch.randn(len(responses), generator=g), pad_id=0)
+
+
+def test_micro_batches_sorted_by_length_cover_every_row_once():
+    b = _grouped_batch()
+    parts = b.micro_batches(5)
+    rows = torch.cat([r for r, _ in parts])
+    assert sorted(rows.tolist()) == list(range(b.size))
+    lengths = b.response_mask.sum(dim=1)
+    assert lengths[rows].tolist() == sorted(lengths.tolist())  # shortest first: less padding
+    for r, mb in parts:  # each micro-batch padded only to its own longest response
+        assert mb.response_mask.shape[1] == max(1, int(lengths[r].max()))
+        assert torch.equal(mb.advantages, b.advantages[r])
+
+
+@pytest.mark.parametrize("rows", [slice(0, 12), slice(2, 9)])
+def test_shared_prompt_pass_equals_the_plain_pass(tiny_model_dir, rows):
+    """Prompts run once per group (their KV cache indexed out to the group's rows) give the same
+    logprobs, entropy and gradient as running every row's prompt; also for a slice that cuts
+    groups apart, as micro-batches and learner ranks do."""
+    model = load_causal_lm(tiny_model_dir)
+    b = _grouped_batch().select(rows)
+    from grpo_ray.modeling import _prompt_groups
+
+    assert _prompt_groups(b) is not None  # the shared path really runs
+    out = {}
+    for share in (False, True):
+        model.zero_grad()
+        lp, ent = response_logprobs(model, b, with_entropy=True, share_prompts=share)
+        (lp * b.response_mask * b.advantages[:, None]).sum().backward()
+        out[share] = (lp.detach() * b.response_mask, ent * b.response_mask,
+                      [p.grad.clone() for p in model.parameters()])
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-5)
+    assert torch.allclose(out[True][1], out[False][1], atol=1e-5)
+    for g_share, g_plain in zip(out[True][2], out[False][2]):
+        assert torch.allclose(g_share, g_plain, atol=1e-5, rtol=1e-4)
+    assert sum(float(g.abs().sum()) for g in out[True][2]) > 0
+
+
+def test_prompt_groups_map_rows_to_a_row_with_the_same_prompt():
+    from grpo_ray.modeling import _prompt_groups
+
+    assert _prompt_groups(_grouped_batch(groups=4, group_size=1)) is None  # nothing to share
+    b = _grouped_batch(groups=2, group_size=3)
+    first, inverse = _prompt_groups(b)
+    assert len(first) == 2 and sorted(inverse.tolist()) == [0, 0, 0, 1, 1, 1]
+    P = b.prompt_len
+    for i in range(b.size):
+        j = int(first[inverse[i]])
+        assert torch.equal(b.input_ids[j, :P], b.input_ids[i, :P])
+        assert torch.equal(b.attention_mask[j, :P], b.attention_mask[i, :P])
