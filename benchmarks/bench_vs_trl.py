@@ -79,8 +79,9 @@ def worker(system: str, size: str, root: str, out: str, dtype: str) -> None:
     out_dir = tempfile.mkdtemp(prefix=f"{system}-", dir=root)
     if system == "trl":
         result = run_trl(model, spec["new_tokens"], spec["steps"], out_dir, dtype)
-    else:
-        result = run_ours(model, spec["new_tokens"], spec["steps"], out_dir, f"model.dtype={dtype}")
+    else:  # ours_async: one-step off-policy rollouts (generation of step n+1 overlaps learning on n)
+        result = run_ours(model, spec["new_tokens"], spec["steps"], out_dir, f"model.dtype={dtype}",
+                          f"rollout.asynchronous={system == 'ours_async'}")
     result["params"] = num_params(model)
     with open(out, "w") as f:
         json.dump(result, f)
@@ -102,17 +103,20 @@ def measure(system: str, size: str, root: str, dtype: str, reuse: bool = False) 
     return json.load(open(out))
 
 
-def report(size: str, trl: dict, ours: dict) -> float:
+def report(size: str, trl: dict, ours: dict, ours_async: dict | None = None) -> tuple[float, float | None]:
+    """Prints one size's table; returns the step-time ratios (sync, async or None) against TRL."""
     ratio = steady(ours["step_s"]) / steady(trl["step_s"])
     print(f"\n{size}: {ours['params'] / 1e6:.1f}M parameters, {SIZES[size]['new_tokens']} new tokens, "
           f"{PROMPTS} prompts x {GROUP} samples, {SIZES[size]['steps']} steps")
-    print(f"{'':<10}{'step s':>9}{'wall s':>9}   reward per step")
-    for name, r in (("TRL", trl), ("grpo-ray", ours)):
+    print(f"{'':<16}{'step s':>9}{'wall s':>9}   reward per step")
+    rows = (("TRL", trl), ("grpo-ray", ours), ("grpo-ray async", ours_async))
+    for name, r in (row for row in rows if row[1] is not None):
         curve = " ".join(f"{x:.2f}" for x in r["rewards"])
-        print(f"{name:<10}{steady(r['step_s']):>9.2f}{r['wall_s']:>9.1f}   {curve}")
-    phases = " ".join(f"{k} {steady(v):.2f}" for k, v in ours["phases"].items() if k != "step")
-    print(f"step time ratio (grpo-ray / TRL): {ratio:.2f}; grpo-ray phases (s): {phases}")
-    return ratio
+        print(f"{name:<16}{steady(r['step_s']):>9.2f}{r['wall_s']:>9.1f}   {curve}")
+    for name, r in (row for row in rows[1:] if row[1] is not None):
+        phases = " ".join(f"{k} {steady(v):.2f}" for k, v in r["phases"].items() if k != "step")
+        print(f"step time ratio ({name} / TRL): {steady(r['step_s']) / steady(trl['step_s']):.2f}; phases (s): {phases}")
+    return ratio, None if ours_async is None else steady(ours_async["step_s"]) / steady(trl["step_s"])
 
 
 def plot(results: dict, path: str, dtype: str) -> None:
@@ -124,7 +128,9 @@ def plot(results: dict, path: str, dtype: str) -> None:
     sizes = list(results)
     params = [results[s]["ours"]["params"] / 1e6 for s in sizes]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for system, label in (("trl", "TRL GRPOTrainer"), ("ours", "grpo-ray")):
+    for system, label in (("trl", "TRL GRPOTrainer"), ("ours", "grpo-ray"), ("ours_async", "grpo-ray async")):
+        if system not in results[sizes[0]]:
+            continue
         ax.plot(params, [steady(results[s][system]["step_s"]) for s in sizes], "o-", label=label)
     ax.set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="step time (s, median)",
            title=f"GRPO step time, 8 prompts x 16 samples, {dtype}, 2 CPU cores")
@@ -142,7 +148,9 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="read results already in --root instead of measuring")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="both systems: TRL bf16=True with the model in bf16; grpo-ray model.dtype")
-    ap.add_argument("--worker", choices=["trl", "ours"])
+    ap.add_argument("--with-async", action="store_true",
+                    help="also run grpo-ray with rollout.asynchronous=true (one-step off-policy)")
+    ap.add_argument("--worker", choices=["trl", "ours", "ours_async"])
     ap.add_argument("--size")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -150,17 +158,20 @@ def main() -> None:
         return worker(args.worker, args.size, args.root, args.out, args.dtype)
     root = args.root or tempfile.mkdtemp(prefix="bench-vs-trl-")
     os.makedirs(root, exist_ok=True)
-    results, ratios = {}, {}
+    results, ratios, async_ratios = {}, {}, {}
+    systems = ("trl", "ours", "ours_async") if args.with_async else ("trl", "ours")
     for size in args.sizes.split(","):
-        results[size] = {system: measure(system, size, root, args.dtype, args.reuse) for system in ("trl", "ours")}
-        ratios[size] = report(size, results[size]["trl"], results[size]["ours"])
+        results[size] = {system: measure(system, size, root, args.dtype, args.reuse) for system in systems}
+        ratios[size], async_ratios[size] = report(size, *(results[size][s] for s in systems))
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
     path = args.plot.replace(".png", f"{suffix}.png")
     plot(results, path, args.dtype)
     print(f"\nplot: {path}; logs: {root}")
     largest = list(ratios)[-1]
     print(json.dumps({f"step_time_ratio_vs_trl{suffix}": round(ratios[largest], 3),
-                      **{f"step_time_ratio_vs_trl_{s}{suffix}": round(r, 3) for s, r in ratios.items()}}))
+                      **{f"step_time_ratio_vs_trl_{s}{suffix}": round(r, 3) for s, r in ratios.items()},
+                      **{f"step_time_ratio_vs_trl_{s}{suffix}_async": round(r, 3)
+                         for s, r in async_ratios.items() if r is not None}}))
 
 
 if __name__ == "__main__":

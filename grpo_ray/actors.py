@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import ray
 
-from .config import Config, cpu_list
+from .config import Config, cpu_list, cpu_threads
 from .placement import Placement, reserve
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.
@@ -49,8 +49,15 @@ def _options(cfg: Config, placement: Placement | None, role: str, index: int = 0
     # Ray sets OMP_NUM_THREADS to the actor's CPU count (1 for a fraction), which slowed vLLM's
     # CPU decoding by ~15% here (125 vs 106 ms a step at the tiny size) even with its own threads
     # bound; give OpenMP the threads the role really uses.
-    threads = len(cpu_list(res.vllm_cpu_threads)) if role == "generator" else res.torch_threads
+    vllm_cpus, torch_threads = node_threads(cfg)
+    threads = len(cpu_list(vllm_cpus)) if role == "generator" else torch_threads
     return dict(**where, runtime_env={"env_vars": {**actor_env(), "OMP_NUM_THREADS": str(max(1, threads))}}, **kw)
+
+
+def node_threads(cfg: Config) -> tuple[str, int]:
+    """resources.vllm_cpu_threads and torch_threads with auto resolved for this (the driver's)
+    node; on a cluster of unlike nodes, set them explicitly."""
+    return cpu_threads(cfg, len(os.sched_getaffinity(0)))
 
 
 def _restarts(cfg: Config) -> dict:
@@ -83,7 +90,7 @@ def start_generators(cfg: Config, model_path: str, placement: Placement | None =
     # restarted after a crash (the driver then pushes the current weights; see train.generate)
     return [gen_cls.options(**_options(cfg, placement, "generator", i, **_restarts(cfg))).remote(
                 model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
-                kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=cfg.resources.vllm_cpu_threads,
+                kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=node_threads(cfg)[0],
                 enforce_eager=cfg.rollout.enforce_eager,
                 gpu_share=placement.slot("generator", i).gpus if placement else cfg.resources.generator_gpus)
             for i in range(cfg.rollout.num_generators)]
@@ -94,7 +101,7 @@ def start_reference(cfg: Config, model_path: str, placement: Placement | None = 
     from .reference import Reference
 
     ref_cls = ray.remote(Reference).options(**_options(cfg, placement, "reference", **_restarts(cfg)))
-    return ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=cfg.resources.torch_threads,
+    return ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=node_threads(cfg)[1],
                           share_prompts=cfg.model.share_prompts,
                           micro_batch_size=cfg.learner.micro_batch_size)
 
@@ -127,7 +134,7 @@ def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:
                 zero_stage=cfg.learner.zero_stage, warmup_steps=cfg.learner.warmup_steps, dtype=cfg.model.dtype,
                 loss_kwargs=loss_kwargs, micro_batch_size=cfg.learner.micro_batch_size, rank=rank,
                 world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
-                threads=cfg.resources.torch_threads, seed=cfg.run.seed,
+                threads=node_threads(cfg)[1], seed=cfg.run.seed,
                 recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis, tis_cap=a.tis_cap,
                 share_prompts=cfg.model.share_prompts)
             for rank in range(cfg.learner.num_ranks)]

@@ -101,7 +101,7 @@ class Learner:
     def _accumulate(self, shard: TrainBatch, normalizer: float, measure_mismatch: bool) -> list[dict]:
         """Backward over the shard's micro-batches (gradients add up until engine.step())."""
         parts = []
-        for _, mb in shard.micro_batches(self.micro_batch_size):
+        for _, mb in shard.micro_batches(self.micro_batch_size, by_prompt=self.share_prompts):
             mb = mb.to(self.engine.device)
             logprobs, entropy = response_logprobs(self.engine, mb, with_entropy=True,
                                                   entropy_grad=bool(self.loss_kwargs.get("entropy_coef")),

@@ -6,6 +6,7 @@ import os
 import torch
 
 from .algorithm import entropy_from_logits, token_logprobs
+from .packing import pack_plan
 from .records import TrainBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,9 +47,7 @@ def _prompt_groups(batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor] | Non
     """Rows that share a prompt (GRPO's group_size completions per prompt): (first [U], one row
     per distinct prompt; inverse [B], row -> its prompt's index in first), or None when fewer
     than half the rows repeat a prompt (one forward over the whole batch is cheaper then)."""
-    P = batch.prompt_len
-    key = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], dim=1)
-    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    inverse = batch.prompt_index()
     U = int(inverse.max()) + 1
     if 2 * U > batch.size:
         return None
@@ -57,63 +56,75 @@ def _prompt_groups(batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor] | Non
     return first.scatter_reduce(0, inverse, rows, reduce="amin"), inverse
 
 
-def response_logits(model, batch: TrainBatch, share_prompts: bool = True) -> torch.Tensor:
-    """Logits [B, T, V] at the positions that predict the response tokens (position t predicts
-    token t+1), with the lm head applied to those positions only.
+def response_logits(model, batch: TrainBatch, share_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, V] at the positions that predict response tokens, and index [N]: the flat
+    position in [B, T] of the token each row predicts. The lm head runs on those positions only.
 
     share_prompts: GRPO samples group_size completions of each prompt, so the prompt's forward
-    pass is the same for all of them. It runs once per distinct prompt, and the completions
-    attend to its key/value cache, indexed out to every row (gradients flow back through the
-    index into the one prompt pass, summing over the group, as they would over G copies).
-    With a 100-token prompt and 200-token completions at G=16 that is a third fewer tokens
-    through the model (Prefix Grouper, Liu et al. 2025, arXiv:2506.05433). Same logits as
-    the plain pass to float rounding (tests/test_records_and_sync.py)."""
-    P, T = batch.prompt_len, batch.response_mask.shape[1]
+    pass is the same for all of them. It runs once per distinct prompt, and the completions,
+    packed end to end (grpo_ray/packing.py), attend to its key/value cache (gradients flow back
+    through the index into the one prompt pass, summing over the group, as they would over G
+    copies). No padding between completions, and no prompt repeated: on the default job a third
+    fewer tokens through the model than padded rows. Same logits as the plain pass to float
+    rounding (tests/test_records_and_sync.py)."""
+    B, P, T = batch.size, batch.prompt_len, batch.response_mask.shape[1]
     position_ids = (batch.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    groups = _prompt_groups(batch) if share_prompts else None
-    if groups is None:
+    attn = getattr(getattr(model, "module", model).config, "_attn_implementation", None)  # DeepSpeed wraps
+    groups = _prompt_groups(batch) if share_prompts and attn in ("sdpa", "eager") else None
+    if groups is None:  # flash attention takes no 4-D mask
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids,
                     use_cache=False, logits_to_keep=T + 1)
-        return out.logits[:, :T]
+        return out.logits[:, :T].flatten(0, 1), torch.arange(B * T, device=batch.input_ids.device)
     first, inverse = groups
     head = model(input_ids=batch.input_ids[first, :P], attention_mask=batch.attention_mask[first, :P],
                  position_ids=position_ids[first, :P], use_cache=True, logits_to_keep=1)
-    logits = head.logits[inverse]  # [B, 1, V]: the last prompt position predicts response token 0
-    if T == 1:
-        return logits
-    cache = head.past_key_values
-    cache.batch_select_indices(inverse)  # [U, ...] -> [B, ...], differentiable indexing
-    tail = model(input_ids=batch.input_ids[:, P:P + T - 1], attention_mask=batch.attention_mask[:, :P + T - 1],
-                 position_ids=position_ids[:, P:P + T - 1], past_key_values=cache, use_cache=True)
-    return torch.cat([logits, tail.logits], dim=1)
+    plan = pack_plan(batch.input_ids.cpu(), batch.attention_mask.cpu(), P, inverse.cpu()).to(batch.input_ids.device)
+    logits, index = [head.logits[plan.first_prompt, 0]], [plan.first_dst]  # the prompt's last position
+    if len(plan.src):
+        cache = head.past_key_values
+        cache.batch_select_indices(plan.row_prompt)  # [U, ...] -> [R, ...], differentiable indexing
+        mask = plan.mask if attn == "sdpa" else torch.zeros(plan.mask.shape, dtype=head.logits.dtype,
+                                                            device=plan.mask.device).masked_fill(
+            ~plan.mask, torch.finfo(head.logits.dtype).min)  # eager adds the mask to the scores
+        tail = model(input_ids=plan.input_ids, attention_mask=mask, position_ids=plan.position_ids,
+                     past_key_values=cache, use_cache=True)
+        logits.append(tail.logits.flatten(0, 1)[plan.src])
+        index.append(plan.dst)
+    return torch.cat(logits), torch.cat(index)
 
 
 def response_logprobs(model, batch: TrainBatch, with_entropy: bool = False, entropy_grad: bool = False,
                       share_prompts: bool = True):
     """Per-token log p(response token) under `model`.
 
-    Returns logprobs [B, T] (float32, with grad if the model has it) and entropy [B, T] (detached
-    unless entropy_grad, which an entropy bonus needs) or None. Position ids come from the
-    attention mask, so left-padded prompts get the same positions as the unpadded sequence vLLM
-    saw (logprobs match to ~1e-6 in float32).
+    Returns logprobs [B, T] (float32, with grad if the model has it; 0 on padding) and entropy
+    [B, T] (detached unless entropy_grad, which an entropy bonus needs) or None. Position ids
+    come from the attention mask, so left-padded prompts get the same positions as the unpadded
+    sequence vLLM saw (logprobs match to ~1e-6 in float32).
     """
     batch = batch.to(next(model.parameters()).device)
-    logits = response_logits(model, batch, share_prompts)
-    logprobs = token_logprobs(logits, batch.response_ids)
+    shape = batch.response_mask.shape
+    logits, index = response_logits(model, batch, share_prompts)
+    logprobs = _scatter(token_logprobs(logits, batch.response_ids.reshape(-1)[index]), index, shape)
     entropy = None
     if with_entropy and entropy_grad:
-        entropy = entropy_from_logits(logits)
+        entropy = _scatter(entropy_from_logits(logits), index, shape)
     elif with_entropy:
         with torch.no_grad():
-            entropy = entropy_from_logits(logits.detach())
+            entropy = _scatter(entropy_from_logits(logits.detach()), index, shape)
     return logprobs, entropy
+
+
+def _scatter(values: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """values [N] placed at flat positions index [N] of a zero [B, T] tensor (differentiable)."""
+    return values.new_zeros(shape.numel()).scatter(0, index, values).view(shape)
 
 
 @torch.no_grad()
 def batched_logprobs(model, batch: TrainBatch, micro_batch_size: int, share_prompts: bool = True) -> torch.Tensor:
     """logprobs [B, T] of the batch's responses, micro-batch by micro-batch (0 on padding)."""
     out = torch.zeros_like(batch.old_logprobs)
-    for rows, mb in batch.micro_batches(micro_batch_size):
+    for rows, mb in batch.micro_batches(micro_batch_size, by_prompt=share_prompts):
         lp, _ = response_logprobs(model, mb, share_prompts=share_prompts)
         out[rows, :lp.shape[1]] = lp.cpu() * mb.response_mask
     return out

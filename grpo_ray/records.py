@@ -109,12 +109,24 @@ class TrainBatch:
                           cut(self.response_mask), cut(self.old_logprobs), self.advantages[rows], P - start,
                           cut(self.ref_logprobs), cut(self.sampler_logprobs))
 
-    def micro_batches(self, size: int) -> list[tuple[torch.Tensor, TrainBatch]]:
-        """(rows, micro-batch) pairs of at most `size` rows, rows ordered by response length so
-        that each micro-batch is padded only to its own longest response (on an early step of
-        the default job, lengths 4-14 in two micro-batches: a third fewer response tokens).
-        The order does not change the loss: every micro-batch divides by the same normaliser."""
-        order = self.response_mask.sum(dim=1).argsort(stable=True)
+    def prompt_index(self) -> torch.Tensor:
+        """[B] the index of each row's prompt among the batch's distinct prompts."""
+        P = self.prompt_len
+        key = torch.cat([self.input_ids[:, :P], self.attention_mask[:, :P]], dim=1)
+        return torch.unique(key, dim=0, return_inverse=True)[1]
+
+    def micro_batches(self, size: int, by_prompt: bool = False) -> list[tuple[torch.Tensor, TrainBatch]]:
+        """(rows, micro-batch) pairs of at most `size` rows. The order does not change the loss:
+        every micro-batch divides by the same normaliser.
+
+        Rows are ordered by response length, so that each micro-batch is padded only to its own
+        longest response (on an early step of the default job, lengths 4-14 in two micro-batches:
+        a third fewer response tokens); with by_prompt, by prompt first, so that a group's
+        completions share a micro-batch and can be packed behind their one prompt pass."""
+        order = self.response_mask.sum(dim=1)
+        if by_prompt:
+            order = order + self.prompt_index() * (self.response_mask.shape[1] + 1)
+        order = order.argsort(stable=True)
         return [(order[i:i + size], self.select(order[i:i + size])) for i in range(0, self.size, size)]
 
 

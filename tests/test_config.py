@@ -338,6 +338,21 @@ def test_vllm_cpu_threads_list():
         load_config(None, ["resources.vllm_cpu_threads=one"])
 
 
+@pytest.mark.parametrize("overrides,cpus,want", [
+    ([], 2, ("0-1", 2)),                                  # sync: every role gets every core
+    (["rollout.asynchronous=true"], 2, ("0-0", 1)),       # async: generator and training split them
+    (["rollout.asynchronous=true"], 16, ("0-7", 8)),
+    (["rollout.asynchronous=true"], 1, ("0-0", 1)),       # nothing to split
+    (["rollout.asynchronous=true", "resources.generator_gpus=1"], 8, ("0-7", 8)),  # vLLM on a GPU
+    (["rollout.asynchronous=true", "resources.vllm_cpu_threads=0-2", "resources.torch_threads=3"], 2, ("0-2", 3)),
+])
+def test_auto_cpu_threads(overrides, cpus, want):
+    from grpo_ray.config import cpu_threads
+
+    assert load_config(None, overrides).resources.vllm_cpu_threads == ("auto" if len(overrides) < 3 else "0-2")
+    assert cpu_threads(load_config(None, overrides), cpus) == want
+
+
 @pytest.mark.parametrize("overrides,needle", [
     (["rollout.asynchronous=true", "algo.recompute_old_logprobs=true"], "needs algo.tis=token or sequence"),
     (["learner.num_ranks=2", "resources.learner_gpus=0.5"], "two ranks could share one GPU"),

@@ -92,12 +92,15 @@ def test_micro_batches_sorted_by_length_cover_every_row_once():
         assert torch.equal(mb.advantages, b.advantages[r])
 
 
-@pytest.mark.parametrize("rows", [slice(0, 12), slice(2, 9)])
-def test_shared_prompt_pass_equals_the_plain_pass(tiny_model_dir, rows):
-    """Prompts run once per group (their KV cache indexed out to the group's rows) give the same
-    logprobs, entropy and gradient as running every row's prompt; also for a slice that cuts
-    groups apart, as micro-batches and learner ranks do."""
-    model = load_causal_lm(tiny_model_dir)
+@pytest.mark.parametrize("rows,attn", [(slice(0, 12), "sdpa"), (slice(2, 9), "sdpa"), (slice(0, 12), "eager")])
+def test_shared_prompt_pass_equals_the_plain_pass(tiny_model_dir, rows, attn):
+    """Prompts run once per group, their completions packed behind the prompt's KV cache, give
+    the same logprobs, entropy and gradient as running every row's prompt; also for a slice that
+    cuts groups apart (as micro-batches and learner ranks do), and with eager attention (an
+    additive mask). In this batch, rows hold several completions and groups span several rows."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
     b = _grouped_batch().select(rows)
     from grpo_ray.modeling import _prompt_groups
 
@@ -114,6 +117,35 @@ def test_shared_prompt_pass_equals_the_plain_pass(tiny_model_dir, rows):
     for g_share, g_plain in zip(out[True][2], out[False][2]):
         assert torch.allclose(g_share, g_plain, atol=1e-5, rtol=1e-4)
     assert sum(float(g.abs().sum()) for g in out[True][2]) > 0
+
+
+@pytest.mark.parametrize("capacity", [0, 256])
+def test_pack_plan_places_every_response_token_once(capacity):
+    from grpo_ray.modeling import _prompt_groups
+    from grpo_ray.packing import pack_plan
+
+    b = _grouped_batch()
+    P, T = b.prompt_len, b.response_mask.shape[1]
+    _, inverse = _prompt_groups(b)
+    plan = pack_plan(b.input_ids, b.attention_mask, P, inverse, capacity)
+    n = b.attention_mask[:, P:].sum(dim=1)
+    want = sorted(i * T + k for i in range(b.size) for k in range(int(n[i])))
+    assert sorted(plan.dst.tolist() + plan.first_dst.tolist()) == want  # each scored token once
+    R, L = plan.input_ids.shape
+    assert L <= max(capacity, int(n.max()) - 1) and len(plan.src) == len(set(plan.src.tolist()))
+    for src, dst in zip(plan.src.tolist(), plan.dst.tolist()):
+        i, k = divmod(dst, T)  # slot src feeds token k-1 of response i, at its true position
+        r, c = divmod(src, L)
+        assert plan.input_ids[r, c] == b.input_ids[i, P + k - 1]
+        assert plan.position_ids[r, c] == b.attention_mask[i, :P].sum() + k - 1
+        assert plan.row_prompt[r] == inverse[i]
+        seen = plan.mask[r, 0, c, P:]  # its own completion's earlier slots, nothing else in the row
+        assert seen.sum() == k and bool(seen[c - k + 1:c + 1].all())
+    fed_per_row = torch.bincount(plan.src // L, minlength=R)
+    if capacity == 0:  # rows as long as the longest answer: groups spread over several rows
+        assert L == int(n.max()) - 1 and R > int(inverse.max()) + 1
+    assert R < int((n > 1).sum())  # and rows hold several completions (fewer rows than answers)
+    assert int(fed_per_row.min()) > 0  # no empty rows
 
 
 def test_prompt_groups_map_rows_to_a_row_with_the_same_prompt():
