@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -80,6 +80,7 @@ class Roles:
     learners: list
     placement: Placement | None = None
     weight_version: int = 0  # what the generators hold: the learner step last pushed to them
+    loading: list = field(default_factory=list)  # async mode: the weight loads not yet awaited
 
 
 def start_generators(cfg: Config, model_path: str, placement: Placement | None = None) -> list:

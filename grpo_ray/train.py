@@ -73,7 +73,7 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
         with timer("generate"):
             ahead.wait()
     with timer("sync"):
-        finish_sync(roles, pushed, version=step)
+        finish_sync(roles, pushed, version=step, wait=ahead is None)
     metrics = {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
                **shaping, **sampling, **stats, "verify/retries": roles.verifier.retries, **timer.metrics()}
     return metrics, spot_samples(records, rollout, scores, advantages, G, cfg.train.spot_check_samples), ahead
@@ -227,8 +227,13 @@ def push_weights(roles: Roles, weights: ray.ObjectRef, version: int) -> list:
     return [g.update_weights.remote(weights, version) for g in roles.generators]
 
 
-def finish_sync(roles: Roles, pushed: list, version: int) -> None:
-    ray.get(pushed)
+def finish_sync(roles: Roles, pushed: list, version: int, wait: bool = True) -> None:
+    """The generators hold `version` once `pushed` (their weight loads) is done. wait=False
+    (async mode) leaves the load running behind the rollout already sampled while the next step
+    verifies and runs the reference pass; an actor runs its calls in order, so the next rollout
+    still starts on the new weights. The next sync raises any error the load had."""
+    ray.get(roles.loading + (pushed if wait else []))
+    roles.loading = [] if wait else pushed
     roles.weight_version = version
 
 
@@ -434,6 +439,7 @@ class Run:
 
     def evaluate(self, step: int) -> None:
         c = self.cfg
+        finish_sync(self.roles, [], self.roles.weight_version)  # evaluate the weights of `step`, loaded
         m, _ = evaluate(self.roles.generators, self.roles.verifier, self.eval_records, samples=c.eval.samples,
                         ks=c.eval.ks, temperature=c.eval.temperature, max_new_tokens=c.rollout.max_new_tokens)
         self.metrics.write({"step": step, **m})
