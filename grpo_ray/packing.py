@@ -1,8 +1,8 @@
 """Packing a micro-batch's responses into rows behind their shared prompt (pure torch).
 
 GRPO's group_size completions of one prompt differ in length; padded to the longest, a batch
-of short and long answers spends much of its forward and backward pass on padding (on the
-default job's early steps ~40% of the response slots). Here the completions of one prompt are
+of short and long answers spends much of its forward and backward pass on padding (on a saved
+step of the tiny benchmark, 2,816 padded response slots held 1,590 tokens). Here the completions of one prompt are
 laid end to end in a row that continues that prompt's KV cache, and a 4-D mask lets each
 completion see the prompt and its own earlier tokens only (Prefix Grouper, Liu et al. 2025,
 arXiv:2506.05433, with packing as in Krell et al. 2021, arXiv:2107.02027). Position ids restart
@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 
 @dataclass
 class PackPlan:
