@@ -49,15 +49,32 @@ def _options(cfg: Config, placement: Placement | None, role: str, index: int = 0
     # Ray sets OMP_NUM_THREADS to the actor's CPU count (1 for a fraction), which slowed vLLM's
     # CPU decoding by ~15% here (125 vs 106 ms a step at the tiny size) even with its own threads
     # bound; give OpenMP the threads the role really uses.
-    vllm_cpus, torch_threads = node_threads(cfg)
+    vllm_cpus, torch_threads = role_threads(cfg, placement, role, index)
     threads = len(cpu_list(vllm_cpus)) if role == "generator" else torch_threads
     return dict(**where, runtime_env={"env_vars": {**actor_env(), "OMP_NUM_THREADS": str(max(1, threads))}}, **kw)
 
 
-def node_threads(cfg: Config) -> tuple[str, int]:
-    """resources.vllm_cpu_threads and torch_threads with auto resolved for this (the driver's)
-    node; on a cluster of unlike nodes, set them explicitly."""
-    return cpu_threads(cfg, len(os.sched_getaffinity(0)))
+def role_threads(cfg: Config, placement: Placement | None, role: str, index: int = 0) -> tuple[str, int]:
+    """resources.vllm_cpu_threads and torch_threads for one role instance, auto resolved for the
+    node its bundle landed on and the instances of its role that share that node (see
+    config.cpu_threads). Without a placement group, every instance is on the driver's node."""
+    count = {"generator": cfg.rollout.num_generators, "learner": cfg.learner.num_ranks}.get(role, 1)
+    here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    if placement is None:
+        return cpu_threads(cfg, _node_cpus(here, here), index, count)
+    nodes = placement.nodes()
+    node = nodes[placement.slot(role, index).bundle]
+    peers = [i for i in range(count) if nodes[placement.slot(role, i).bundle] == node]
+    return cpu_threads(cfg, _node_cpus(node, here), peers.index(index), len(peers))
+
+
+def _node_cpus(node: str | None, here: str | None) -> int:
+    """CPUs of a node: the driver's own from its CPU affinity (what processes there may use),
+    another's from its Ray CPU resource."""
+    if node is None or node == here:
+        return len(os.sched_getaffinity(0))
+    info = next((n for n in ray.nodes() if n["NodeID"] == node), None)
+    return int(info["Resources"].get("CPU", 1)) if info else len(os.sched_getaffinity(0))
 
 
 def _restarts(cfg: Config) -> dict:
@@ -91,7 +108,7 @@ def start_generators(cfg: Config, model_path: str, placement: Placement | None =
     # restarted after a crash (the driver then pushes the current weights; see train.generate)
     return [gen_cls.options(**_options(cfg, placement, "generator", i, **_restarts(cfg))).remote(
                 model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
-                kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=node_threads(cfg)[0],
+                kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=role_threads(cfg, placement, "generator", i)[0],
                 enforce_eager=cfg.rollout.enforce_eager,
                 gpu_share=placement.slot("generator", i).gpus if placement else cfg.resources.generator_gpus)
             for i in range(cfg.rollout.num_generators)]
@@ -102,7 +119,7 @@ def start_reference(cfg: Config, model_path: str, placement: Placement | None = 
     from .reference import Reference
 
     ref_cls = ray.remote(Reference).options(**_options(cfg, placement, "reference", **_restarts(cfg)))
-    return ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=node_threads(cfg)[1],
+    return ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=role_threads(cfg, placement, "reference")[1],
                           share_prompts=cfg.model.share_prompts,
                           micro_batch_size=cfg.learner.micro_batch_size)
 
@@ -135,7 +152,7 @@ def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:
                 zero_stage=cfg.learner.zero_stage, warmup_steps=cfg.learner.warmup_steps, dtype=cfg.model.dtype,
                 loss_kwargs=loss_kwargs, micro_batch_size=cfg.learner.micro_batch_size, rank=rank,
                 world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
-                threads=node_threads(cfg)[1], seed=cfg.run.seed,
+                threads=role_threads(cfg, placement, "learner", rank)[1], seed=cfg.run.seed,
                 recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis, tis_cap=a.tis_cap,
                 share_prompts=cfg.model.share_prompts)
             for rank in range(cfg.learner.num_ranks)]

@@ -98,6 +98,7 @@ def diagnose(bundles: list[dict], slots: list[Slot], total: dict, nodes: list[di
 class Placement:
     group: object  # ray.util.placement_group.PlacementGroup
     slots: list[Slot]
+    _nodes: dict[int, str] | None = None
 
     def slot(self, role: str, index: int = 0) -> Slot:
         return next(s for s in self.slots if s.role == role and s.index == index)
@@ -109,6 +110,14 @@ class Placement:
         s = self.slot(role, index)
         return dict(num_cpus=s.cpus, num_gpus=s.gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=self.group, placement_group_bundle_index=s.bundle))
+
+    def nodes(self) -> dict[int, str]:
+        """Bundle index -> the Ray node id it was placed on (the group is ready)."""
+        from ray.util import placement_group_table
+
+        if self._nodes is None:
+            self._nodes = dict(placement_group_table(self.group)["bundles_to_node_id"])
+        return self._nodes
 
     def remove(self) -> None:
         from ray.util import remove_placement_group

@@ -338,19 +338,34 @@ def test_vllm_cpu_threads_list():
         load_config(None, ["resources.vllm_cpu_threads=one"])
 
 
-@pytest.mark.parametrize("overrides,cpus,want", [
-    ([], 2, ("0-1", 2)),                                  # sync: every role gets every core
-    (["rollout.asynchronous=true"], 2, ("0-0", 1)),       # async: generator and training split them
-    (["rollout.asynchronous=true"], 16, ("0-7", 8)),
-    (["rollout.asynchronous=true"], 1, ("0-0", 1)),       # nothing to split
-    (["rollout.asynchronous=true", "resources.generator_gpus=1"], 8, ("0-7", 8)),  # vLLM on a GPU
-    (["rollout.asynchronous=true", "resources.vllm_cpu_threads=0-2", "resources.torch_threads=3"], 2, ("0-2", 3)),
+@pytest.mark.parametrize("overrides,cpus,peer,want", [
+    ([], 2, (0, 1), ("0-1", 2)),                                  # sync: every role gets every core
+    (["rollout.asynchronous=true"], 2, (0, 1), ("0-0", 1)),       # async: generator and training split them
+    (["rollout.asynchronous=true"], 16, (0, 1), ("0-7", 8)),
+    (["rollout.asynchronous=true"], 1, (0, 1), ("0-0", 1)),       # nothing to split
+    (["rollout.asynchronous=true", "resources.generator_gpus=1"], 8, (0, 1), ("0-7", 8)),  # vLLM on a GPU
+    (["rollout.asynchronous=true", "resources.vllm_cpu_threads=0-2", "resources.torch_threads=3"], 2, (0, 1),
+     ("0-2", 3)),
+    ([], 2, (1, 2), ("1-1", 1)),                                  # two generators (or ranks) on a node: a core each
+    ([], 8, (2, 3), ("5-7", 2)),                                  # uneven slices, still disjoint
+    (["rollout.asynchronous=true"], 16, (1, 2), ("4-7", 4)),      # the generators' half, split again
+    ([], 2, (2, 3), ("0-0", 1)),                                  # more instances than cores wrap around
 ])
-def test_auto_cpu_threads(overrides, cpus, want):
+def test_auto_cpu_threads(overrides, cpus, peer, want):
     from grpo_ray.config import cpu_threads
 
     assert load_config(None, overrides).resources.vllm_cpu_threads == ("auto" if len(overrides) < 3 else "0-2")
-    assert cpu_threads(load_config(None, overrides), cpus) == want
+    assert cpu_threads(load_config(None, overrides), cpus, *peer) == want
+
+
+def test_auto_cpu_slices_are_disjoint_and_cover_the_node():
+    from grpo_ray.config import cpu_list, cpu_threads
+
+    cfg = load_config(None, [])
+    for cpus in (2, 3, 8, 13):
+        for k in range(1, cpus + 1):
+            ids = [i for p in range(k) for i in cpu_list(cpu_threads(cfg, cpus, p, k)[0])]
+            assert sorted(ids) == list(range(cpus)), (cpus, k)
 
 
 @pytest.mark.parametrize("overrides,needle", [

@@ -11,7 +11,8 @@ from grpo_ray.placement import PlacementError, diagnose, plan
 
 
 def _cfg(*overrides):
-    return load_config("configs/default.yaml", list(overrides))
+    """default.yaml with one generator and one learner rank, unless the test says otherwise."""
+    return load_config("configs/default.yaml", ["rollout.num_generators=1", "learner.num_ranks=1", *overrides])
 
 
 def test_plan_gives_each_instance_a_bundle_by_default():

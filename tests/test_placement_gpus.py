@@ -31,6 +31,7 @@ def test_separate_roles_get_their_own_gpus(ray_gpus, tiny_model_dir):
 
     ray = ray_gpus
     cfg = load_config("configs/default.yaml", ["resources.learner_gpus=1", "resources.generator_gpus=1",
+                                               "rollout.num_generators=1", "learner.num_ranks=1",
                                                f"model.path={tiny_model_dir}"])
     roles = start_roles(cfg, tiny_model_dir)
     try:
@@ -52,7 +53,7 @@ def test_colocated_roles_share_one_gpu_and_train(ray_gpus, tiny_model_dir, tmp_p
     ray = ray_gpus
     cfg = load_config("configs/default.yaml", [
         "resources.colocate=all", "resources.learner_gpus=1", "resources.generator_gpus=1",
-        "resources.reference_gpus=1", "rollout.prompts_per_step=4", "algo.group_size=4", "train.steps=1",
+        "resources.reference_gpus=1", "rollout.num_generators=1", "learner.num_ranks=1", "rollout.prompts_per_step=4", "algo.group_size=4", "train.steps=1",
         "train.eval_every=0", "eval.num_prompts=4", "eval.samples=10", f"run.output_dir={tmp_path}",
         f"model.path={tiny_model_dir}", "data.task=jsonl", f"data.train_path={_dataset(tmp_path / 't.jsonl')}",
         "data.eval_fraction=0.5"])
