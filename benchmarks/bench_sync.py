@@ -52,7 +52,8 @@ def step_time(size: str, steps_from: str | None) -> tuple[float, float]:
     if steps_from and os.path.isfile(saved):
         run = json.load(open(saved))
     else:
-        run = run_ours(model_dir(size), SIZES[size]["new_tokens"], 3, tempfile.mkdtemp(prefix="bench-sync-"))
+        run = run_ours(model_dir(size), SIZES[size]["new_tokens"], 3, tempfile.mkdtemp(prefix="bench-sync-"),
+                       *SIZES[size].get("overrides", []))
     return steady(run["step_s"]), steady(run["phases"]["sync"])
 
 

@@ -81,7 +81,7 @@ def worker(system: str, size: str, root: str, out: str, dtype: str) -> None:
         result = run_trl(model, spec["new_tokens"], spec["steps"], out_dir, dtype)
     else:  # ours_async: one-step off-policy rollouts (generation of step n+1 overlaps learning on n)
         result = run_ours(model, spec["new_tokens"], spec["steps"], out_dir, f"model.dtype={dtype}",
-                          f"rollout.asynchronous={system == 'ours_async'}")
+                          f"rollout.asynchronous={system == 'ours_async'}", *spec.get("overrides", []))
     result["params"] = num_params(model)
     with open(out, "w") as f:
         json.dump(result, f)

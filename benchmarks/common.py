@@ -20,7 +20,10 @@ SIZES = {
     "small": {"shape": TinyShape(hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=2048),
               "new_tokens": 128, "steps": 4},
     "medium": {"shape": TinyShape(hidden_size=768, num_layers=14, num_heads=12, num_kv_heads=6,
-                                  intermediate_size=3072), "new_tokens": 128, "steps": 3},
+                                  intermediate_size=3072), "new_tokens": 128, "steps": 3,
+               # default.yaml's two generators and two learner ranks ran out of this box's 24 GB
+               # at 124M parameters (Ray's OOM killer, 2026-11-26): one of each
+               "overrides": ["rollout.num_generators=1", "learner.num_ranks=1"]},
 }
 PROMPTS, GROUP, LR = 8, 16, 1e-4
 KV_CACHE_MB = 2048  # room for a whole step's 128 sequences at the medium size (~43 KB per token in fp32)

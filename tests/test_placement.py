@@ -77,6 +77,28 @@ def test_unplaceable_roles_fail_fast_with_a_clear_message(ray_local, tiny_model_
     assert all(pg["state"] == "REMOVED" for pg in placement_group_table().values())
 
 
+def test_auto_threads_follow_where_the_bundles_landed(ray_local):
+    """resources.*threads=auto, resolved per instance from the placement group: the two
+    generators on this node take disjoint cores, the two learner ranks split the torch threads,
+    and the reference (one instance) gets every core."""
+    import os
+
+    from grpo_ray.actors import role_threads
+    from grpo_ray.config import cpu_list
+    from grpo_ray.placement import reserve
+
+    cfg = _cfg("rollout.num_generators=2", "learner.num_ranks=2")
+    placement, cpus = reserve(cfg), len(os.sched_getaffinity(0))
+    try:
+        gens = [cpu_list(role_threads(cfg, placement, "generator", i)[0]) for i in range(2)]
+        assert set(gens[0]) | set(gens[1]) == set(range(cpus))
+        assert not set(gens[0]) & set(gens[1]) or cpus == 1
+        assert [role_threads(cfg, placement, "learner", r)[1] for r in range(2)] == [max(1, cpus // 2)] * 2
+        assert role_threads(cfg, placement, "reference")[1] == cpus
+    finally:
+        placement.remove()
+
+
 def test_gpu_shares_never_add_up_to_more_than_the_bundle():
     """Six members on one GPU: 1/6 rounded to 0.1667 six times would ask for 1.0002 GPUs, and
     the last actor would wait for ever; shares are rounded down."""
