@@ -108,7 +108,8 @@ def start_generators(cfg: Config, model_path: str, placement: Placement | None =
     # restarted after a crash (the driver then pushes the current weights; see train.generate)
     return [gen_cls.options(**_options(cfg, placement, "generator", i, **_restarts(cfg))).remote(
                 model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
-                kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=role_threads(cfg, placement, "generator", i)[0],
+                kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i,
+                cpu_threads=role_threads(cfg, placement, "generator", i)[0],
                 enforce_eager=cfg.rollout.enforce_eager,
                 gpu_share=placement.slot("generator", i).gpus if placement else cfg.resources.generator_gpus)
             for i in range(cfg.rollout.num_generators)]
