@@ -97,7 +97,7 @@ class Roles:
     learners: list
     placement: Placement | None = None
     weight_version: int = 0  # what the generators hold: the learner step last pushed to them
-    loading: list = field(default_factory=list)  # async mode: the weight loads not yet awaited
+    loading: list = field(default_factory=list)  # the weight loads not yet awaited (see train.finish_sync)
 
 
 def start_generators(cfg: Config, model_path: str, placement: Placement | None = None) -> list:
