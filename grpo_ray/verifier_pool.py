@@ -74,6 +74,7 @@ def deployment_options(cfg: Config, env: dict, has_verifier_resource: bool) -> d
                 logging_config=QUIET)
 
 
+PROBE = 8  # checks in the request that measures a check's cost, when chunk_size is auto
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # not a line per request
 
 
@@ -96,6 +97,19 @@ class VerifierPool:
 
     def score(self, records: list[dict], responses: list[str]) -> list[Score]:
         """Scores for (records[i], responses[i]), in order."""
+        if self.check_s is None and not self.cfg.chunk_size and len(records) > PROBE:
+            # Cost unknown: one small request measures it before the rest is cut into chunks.
+            # Without it, a first call of cheap math checks went out as 128 requests of 8, which
+            # the autoscaler read as load: 3 more replicas started on a 2-core node and slowed
+            # the next steps 2-5x while they booted.
+            head = self._score(records[:PROBE], responses[:PROBE])
+            retries = self.retries
+            tail = self._score(records[PROBE:], responses[PROBE:])
+            self.retries += retries
+            return head + tail
+        return self._score(records, responses)
+
+    def _score(self, records: list[dict], responses: list[str]) -> list[Score]:
         n = self.chunk_size(len(records))
         chunks = [(records[i:i + n], responses[i:i + n]) for i in range(0, len(records), n)]
         results: list = [None] * len(chunks)
@@ -120,7 +134,7 @@ class VerifierPool:
         if self.cfg.chunk_size:
             return self.cfg.chunk_size
         if self.check_s is None:
-            return 8  # first call: cost unknown, assume code-like
+            return PROBE  # cost unknown: assume code-like
         return int(min(max(self.cfg.target_request_s / max(self.check_s, 1e-6), 1), max(total, 1)))
 
     def _gather(self, chunks: list, todo: list[int], results: list) -> tuple[list[int], str]:

@@ -153,3 +153,30 @@ def test_retries_run_out_with_a_clear_error(ray_local, tmp_path):
             pool.score([{"answer": "1"}], ["1"])
     finally:
         pool.shutdown()
+
+
+@pytest.mark.slow
+def test_a_first_burst_of_cheap_checks_does_not_scale_the_pool(ray_local, tmp_path):
+    """Auto chunks: the first call measures a check's cost on one small request, then sends the
+    rest in a few large ones. Cut into requests of 8 before the cost was known, the default job's
+    first 1024 math checks read as load and started 3 replicas that slowed the next steps."""
+    from grpo_ray.actors import actor_env
+    from grpo_ray.verifier_pool import VerifierPool
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "reward.pool.upscale_delay_s=0.5"])
+    pool = VerifierPool(cfg, actor_env())  # chunk_size 0 (auto), 1-4 replicas
+    try:
+        records = [{"answer": str(i)} for i in range(1024)]
+        responses = [f"#### {i if i % 3 else i + 1}" for i in range(1024)]
+        peak, ends = 1, None
+        for _ in range(3):  # like the evaluation and first steps of a run
+            scores = pool.score(records, responses)
+            assert [s.reward for s in scores] == [1.0 if i % 3 else 0.0 for i in range(1024)]
+        ends = time.monotonic() + 4.0  # the autoscaler acts within upscale_delay_s + a metrics round
+        while time.monotonic() < ends:
+            peak = max(peak, sum(pool.replicas().values()))
+            time.sleep(0.25)
+        assert pool.check_s is not None and pool.check_s < 0.01
+        assert peak == 1, f"cheap checks scaled the pool to {peak} replicas"
+    finally:
+        pool.shutdown()
