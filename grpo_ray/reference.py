@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .modeling import batched_logprobs, device, load_causal_lm
-from .records import TrainBatch
+from .records import Rollout, TrainBatch
 
 
 class Reference:
@@ -17,3 +17,11 @@ class Reference:
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """ref_logprobs [B, T] for the batch's responses (0 on padding)."""
         return batched_logprobs(self.model, batch, self.micro_batch_size, self.share_prompts)
+
+    def rollout_logprobs(self, pad_id: int, *parts: Rollout) -> torch.Tensor:
+        """ref_logprobs [B, T] of a rollout given as its generators' parts, laid out as the
+        driver's TrainBatch.from_rollout of Rollout.concat(parts). Async mode calls it with the
+        parts' ObjectRefs while they are still sampling (Ray runs it once they are done), so the
+        frozen reference pass of step n+1 runs beside the learner of step n."""
+        rollout = Rollout.concat(list(parts))
+        return self.logprobs(TrainBatch.from_rollout(rollout, torch.zeros(len(rollout)), pad_id))

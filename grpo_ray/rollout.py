@@ -46,6 +46,7 @@ class InFlight:
     refs: list            # one ObjectRef[Rollout] per generator
     version: int          # the weights it samples with (one update behind when it is trained on)
     sampler_state: dict   # the prompt sampler before these records were drawn: what a checkpoint saves
+    ref_logprobs: object = None  # ObjectRef[Tensor [B, T]]: the reference pass, queued behind the sampling
 
     def wait(self) -> None:
         ray.wait(self.refs, num_returns=len(self.refs), fetch_local=False)

@@ -55,9 +55,9 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
                ahead: InFlight | None = None, started: float | None = None) -> tuple[dict, list, InFlight | None]:
     """One GRPO step; returns its metrics, a few samples for the spot-check files, and with
     rollout.asynchronous the next step's rollout, sampling while this step trains."""
-    G, timer, sampling = cfg.algo.group_size, PhaseTimer(started), {}
+    G, timer, sampling, ref_ahead = cfg.algo.group_size, PhaseTimer(started), {}, None
     if cfg.rollout.asynchronous:  # generate (started last step) + verify; starts the next rollout
-        records, rollout, scores, ahead = collect_ahead(step, cfg, roles, sampler, timer, ahead)
+        records, rollout, scores, ahead, ref_ahead = collect_ahead(step, cfg, roles, sampler, timer, ahead)
     else:  # generate + verify
         records, rollout, scores, sampling = collect_rollout(step, cfg, roles, sampler, timer)
     rewards, shaping = shaped_rewards(cfg, rollout, scores)
@@ -66,7 +66,9 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
     if cfg.algo.overlong == "mask":  # DAPO overlong filtering: truncated answers teach nothing
         batch.response_mask[torch.tensor(rollout.truncated, dtype=torch.bool)] = 0.0
     with timer("reference"):
-        batch.ref_logprobs = ray.get(roles.reference.logprobs.remote(batch))
+        batch.ref_logprobs = reference_logprobs(roles, batch, ref_ahead)
+        if ahead is not None and not ref_reset_due(cfg, step):  # a reset replaces the reference actor
+            ahead.ref_logprobs = roles.reference.rollout_logprobs.remote(pad_id, *ahead.refs)
     with timer("learner"):  # the generators' weight load is queued behind the update, not awaited
         pending, weights = update_policy(roles, cfg, batch)
         pushed = push_weights(roles, weights, version=step)
@@ -121,7 +123,9 @@ def collect_ahead(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, 
     the first step, after a resume or a rollback), and the next step's is started before this one
     is scored and trained on, so generation overlaps verification, reference and learner. The
     samples are then one update behind the learner; old_logprobs stay the sampler's, so the
-    ratio exp(logp - old_logp) corrects for that lag (one-step off-policy, as in PPO's epochs)."""
+    ratio exp(logp - old_logp) corrects for that lag (one-step off-policy, as in PPO's epochs).
+    The reference is frozen, so train_step queues the next rollout's reference pass behind its
+    sampling: it runs beside this step's learner, not after it. Returns that pass's ref too."""
     if ahead is None or ahead.step != step:
         ahead = start_rollout(step, cfg, roles, sampler)
     with timer("generate"):
@@ -129,7 +133,15 @@ def collect_ahead(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, 
     following = start_rollout(step + 1, cfg, roles, sampler) if step < cfg.train.steps else None
     with timer("verify"):
         scores = roles.verifier.score([r for r in ahead.records for _ in range(cfg.algo.group_size)], rollout.texts)
-    return ahead.records, rollout, scores, following
+    return ahead.records, rollout, scores, following, ahead.ref_logprobs
+
+
+def reference_logprobs(roles: Roles, batch: TrainBatch, ahead: ray.ObjectRef | None) -> torch.Tensor:
+    """ref_logprobs [B, T]: the pass queued while the rollout sampled (async mode), or run now.
+    The queued pass saw the response mask before overlong masking, hence the product."""
+    if ahead is None:
+        return ray.get(roles.reference.logprobs.remote(batch))
+    return ray.get(ahead) * batch.response_mask
 
 
 def start_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler) -> InFlight:
@@ -147,6 +159,7 @@ def receive(roles: Roles, cfg: Config, ahead: InFlight) -> Rollout:
     parts = ray.get(ahead.refs)
     if all(p.weight_version == ahead.version for p in parts):
         return Rollout.concat(parts)
+    ahead.ref_logprobs = None  # it scored the samples thrown away
     return generate(roles, cfg, [r["prompt"] for r in ahead.records], seed=step_seed(cfg, ahead.step))
 
 

@@ -72,6 +72,23 @@ def test_after_sync_generator_samples_from_the_learners_weights(engines):
     assert _max_diff(ray.get(ref.logprobs.remote(b2)), b2.old_logprobs, b2.response_mask) > 1e-2
 
 
+def test_reference_pass_queued_behind_sampling_matches_the_drivers_batch(engines):
+    """Async mode hands the reference the generators' refs before they finish: Ray runs the pass
+    once the parts exist, in the layout the driver builds, whatever is masked after."""
+    from grpo_ray.records import Rollout
+
+    ray, gen, learner, ref = engines
+    kw = dict(n=4, temperature=1.0, max_new_tokens=8)
+    parts = [gen.generate.remote(PROMPTS[:3], seed=4, **kw), gen.generate.remote(PROMPTS[3:], seed=5, **kw)]
+    queued = ref.rollout_logprobs.remote(0, *parts)  # pad_id 0, as _batch
+    b = _batch(Rollout.concat(ray.get(parts)))
+    b.response_mask[::3] = 0.0  # as overlong masking does, after the pass was queued
+    direct = ray.get(ref.logprobs.remote(b))
+    got = ray.get(queued) * b.response_mask
+    assert got.shape == direct.shape and bool((direct != 0).any())
+    assert float((got - direct).abs().max()) < 1e-5
+
+
 def test_a_step_larger_than_the_kv_cache_is_a_clear_error(ray_local, tiny_model_dir):
     """vLLM's CPU sampler crashes on preempted seeded requests deep inside the engine; the
     generator refuses such a step up front and says what to set."""

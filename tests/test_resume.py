@@ -133,13 +133,16 @@ def test_kl_rollback_goes_back_to_the_checkpoint_with_a_lower_lr(ray_local, tiny
 
 
 @pytest.mark.slow
-def test_reference_reset_makes_kl_zero_at_the_next_step(ray_local, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_reference_reset_makes_kl_zero_at_the_next_step(ray_local, tiny_model_dir, tmp_path, asynchronous):
     """algo.ref_reset_every=2: after step 2 the reference is the policy, so step 3's KL (measured
     before its update) is zero, while step 2 saw drift; the reset policy (not the final one) is
-    what a resume would load as the reference."""
+    what a resume would load as the reference. Async mode queues step 3's reference pass during
+    step 2, which must not happen on the reference that step 2 replaces."""
     from grpo_ray.train import train
 
-    run_dir = train(_cfg(tmp_path, tiny_model_dir, "refreset", 3, "algo.ref_reset_every=2", "algo.mini_batches=1"))
+    run_dir = train(_cfg(tmp_path, tiny_model_dir, f"refreset-{asynchronous}", 3, "algo.ref_reset_every=2",
+                         "algo.mini_batches=1", f"rollout.asynchronous={asynchronous}"))
     steps = {r["step"]: r for r in _rows(run_dir) if "reward/mean" in r}
     assert steps[2]["kl"] > 1e-6
     assert steps[3]["kl"] < 1e-7
