@@ -41,8 +41,9 @@ def actor_env() -> dict:
     return dict(ACTOR_ENV)
 
 
-def _options(cfg: Config, placement: Placement | None, role: str, index: int = 0, **kw) -> dict:
-    """The role instance's resources (its bundle and share when placed) plus the actor env."""
+def _placed(cfg: Config, placement: Placement | None, role: str, index: int = 0, **kw) -> tuple[dict, str, int]:
+    """The role instance's actor options (its bundle and share when placed, plus the actor env),
+    and its resolved (vLLM CPU ids, torch threads) from role_threads."""
     res = cfg.resources
     where = placement.options(role, index) if placement else dict(
         num_cpus=getattr(res, f"{role}_cpus"), num_gpus=getattr(res, f"{role}_gpus"))
@@ -51,7 +52,8 @@ def _options(cfg: Config, placement: Placement | None, role: str, index: int = 0
     # bound; give OpenMP the threads the role really uses.
     vllm_cpus, torch_threads = role_threads(cfg, placement, role, index)
     threads = len(cpu_list(vllm_cpus)) if role == "generator" else torch_threads
-    return dict(**where, runtime_env={"env_vars": {**actor_env(), "OMP_NUM_THREADS": str(max(1, threads))}}, **kw)
+    env = {**actor_env(), "OMP_NUM_THREADS": str(max(1, threads))}
+    return dict(**where, runtime_env={"env_vars": env}, **kw), vllm_cpus, torch_threads
 
 
 def role_threads(cfg: Config, placement: Placement | None, role: str, index: int = 0) -> tuple[str, int]:
@@ -104,25 +106,26 @@ def start_generators(cfg: Config, model_path: str, placement: Placement | None =
     """rollout.num_generators vLLM actors (not waited for: call .ready())."""
     from .generator import Generator
 
-    gen_cls = ray.remote(Generator)
-    # restarted after a crash (the driver then pushes the current weights; see train.generate)
-    return [gen_cls.options(**_options(cfg, placement, "generator", i, **_restarts(cfg))).remote(
-                model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
-                kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i,
-                cpu_threads=role_threads(cfg, placement, "generator", i)[0],
-                enforce_eager=cfg.rollout.enforce_eager,
-                gpu_share=placement.slot("generator", i).gpus if placement else cfg.resources.generator_gpus)
-            for i in range(cfg.rollout.num_generators)]
+    gen_cls, actors = ray.remote(Generator), []
+    for i in range(cfg.rollout.num_generators):
+        # restarted after a crash (the driver then pushes the current weights; see train.generate)
+        options, cpus, _ = _placed(cfg, placement, "generator", i, **_restarts(cfg))
+        actors.append(gen_cls.options(**options).remote(
+            model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
+            kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=cpus,
+            enforce_eager=cfg.rollout.enforce_eager,
+            gpu_share=placement.slot("generator", i).gpus if placement else cfg.resources.generator_gpus))
+    return actors
 
 
 def start_reference(cfg: Config, model_path: str, placement: Placement | None = None):
     """The reference actor (not waited for). Stateless: a crash restart reloads model_path."""
     from .reference import Reference
 
-    ref_cls = ray.remote(Reference).options(**_options(cfg, placement, "reference", **_restarts(cfg)))
-    return ref_cls.remote(model_path, dtype=cfg.model.dtype, threads=role_threads(cfg, placement, "reference")[1],
-                          share_prompts=cfg.model.share_prompts,
-                          micro_batch_size=cfg.learner.micro_batch_size)
+    options, _, threads = _placed(cfg, placement, "reference", **_restarts(cfg))
+    return ray.remote(Reference).options(**options).remote(
+        model_path, dtype=cfg.model.dtype, threads=threads, share_prompts=cfg.model.share_prompts,
+        micro_batch_size=cfg.learner.micro_batch_size)
 
 
 def _rendezvous(placement: Placement) -> tuple[str, int]:
@@ -147,16 +150,17 @@ def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:
     loss_kwargs = dict(eps_low=a.epsilon, eps_high=cfg.epsilon_high, beta=a.beta, aggregation=a.aggregation,
                        clip_ratio_c=a.clip_ratio_c, entropy_coef=a.entropy_coef)
     master_addr, master_port = _rendezvous(placement)
-    learner_cls = ray.remote(Learner)
-    return [learner_cls.options(**_options(cfg, placement, "learner", rank, max_restarts=0)).remote(
-                model_path, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay, grad_clip=cfg.learner.grad_clip,
-                zero_stage=cfg.learner.zero_stage, warmup_steps=cfg.learner.warmup_steps, dtype=cfg.model.dtype,
-                loss_kwargs=loss_kwargs, micro_batch_size=cfg.learner.micro_batch_size, rank=rank,
-                world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
-                threads=role_threads(cfg, placement, "learner", rank)[1], seed=cfg.run.seed,
-                recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis, tis_cap=a.tis_cap,
-                share_prompts=cfg.model.share_prompts)
-            for rank in range(cfg.learner.num_ranks)]
+    learner_cls, actors = ray.remote(Learner), []
+    for rank in range(cfg.learner.num_ranks):
+        options, _, threads = _placed(cfg, placement, "learner", rank, max_restarts=0)
+        actors.append(learner_cls.options(**options).remote(
+            model_path, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay, grad_clip=cfg.learner.grad_clip,
+            zero_stage=cfg.learner.zero_stage, warmup_steps=cfg.learner.warmup_steps, dtype=cfg.model.dtype,
+            loss_kwargs=loss_kwargs, micro_batch_size=cfg.learner.micro_batch_size, rank=rank,
+            world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
+            threads=threads, seed=cfg.run.seed, recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis,
+            tis_cap=a.tis_cap, share_prompts=cfg.model.share_prompts))
+    return actors
 
 
 def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, reference: str | None = None) -> Roles:
