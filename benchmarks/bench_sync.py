@@ -1,12 +1,14 @@
 """Weight sync (learner -> generators) time vs model size, and its share of a step.
 
-    .venv/bin/python benchmarks/bench_sync.py [--sizes tiny,small,medium] [--generators 1]
+    .venv/bin/python benchmarks/bench_sync.py [--sizes tiny,small,medium] [--generators N]
                                               [--steps-from BENCH_VS_TRL_LOG_DIR]
 
 Starts a real DeepSpeed learner and vLLM generator(s) as Ray actors on each benchmark model and
 times the sync the driver does every step (the learner packs its weights into byte buckets, Ray
 stores them once, every generator loads them into its running engine): median of 5 after one
-warm-up. The share of a step uses grpo-ray's step time at that size, from a bench_vs_trl run's
+warm-up. In-loop: the sync's cost inside a step (time/sync + time/generate_queued: the load is
+queued, not awaited, and the next rollout waits for what is left of it). The share of a step
+uses grpo-ray's step time at that size, from a bench_vs_trl run's
 log directory when given (ours-SIZE.json), else from a 3-step run here. Last line: one JSON object.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import SIZES, model_dir, num_params, run_ours, steady  # noqa: E402
 
 
-def time_sync(model: str, generators: int) -> float:
+def time_sync(model: str, overrides: list[str]) -> float:
     import ray
 
     from grpo_ray.actors import init_ray, start_generators, start_learners
@@ -32,10 +34,11 @@ def time_sync(model: str, generators: int) -> float:
     from grpo_ray.placement import reserve
 
     init_ray(None)
-    cfg = load_config("configs/default.yaml", [f"model.path={model}", f"rollout.num_generators={generators}"])
+    cfg = load_config("configs/default.yaml", [f"model.path={model}", *overrides])
     placement = reserve(cfg)
-    gens, (learner,) = start_generators(cfg, model, placement), start_learners(cfg, model, placement)
-    ray.get([g.ready.remote() for g in gens] + [learner.__ray_ready__.remote()])
+    gens, learners = start_generators(cfg, model, placement), start_learners(cfg, model, placement)
+    ray.get([g.ready.remote() for g in gens] + [lr.__ray_ready__.remote() for lr in learners])
+    learner = learners[0]  # below ZeRO-3, rank 0 alone packs the weights (train.gathering_ranks)
     times = []
     for version in range(6):
         t = time.perf_counter()
@@ -47,20 +50,25 @@ def time_sync(model: str, generators: int) -> float:
 
 
 def step_time(size: str, steps_from: str | None) -> tuple[float, float]:
-    """(grpo-ray's median step time, its in-loop time/sync) at this size."""
+    """(grpo-ray's median step time, the sync's cost inside it) at this size. The loop queues the
+    weight load without awaiting it (time/sync ~0); what the next rollout still waits for of it
+    is time/generate_queued, so the cost is the sum of the two."""
     saved = os.path.join(steps_from or "", f"ours-{size}.json")
     if steps_from and os.path.isfile(saved):
         run = json.load(open(saved))
     else:
         run = run_ours(model_dir(size), SIZES[size]["new_tokens"], 3, tempfile.mkdtemp(prefix="bench-sync-"),
                        *SIZES[size].get("overrides", []))
-    return steady(run["step_s"]), steady(run["phases"]["sync"])
+    phases = run["phases"]
+    queued = phases.get("generate_queued", [0.0] * len(phases["sync"]))  # absent in older saved runs
+    return steady(run["step_s"]), steady([s + q for s, q in zip(phases["sync"], queued)])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="tiny,small,medium")
-    ap.add_argument("--generators", type=int, default=1)
+    ap.add_argument("--generators", type=int, default=None, help="default: the size's layout (default.yaml's, "
+                    "or SIZES[size]['overrides'])")
     ap.add_argument("--steps-from", default=None)
     args = ap.parse_args()
     print(f"{'size':<8}{'params':>9}{'fp32 MB':>9}{'sync s':>9}{'in-loop s':>11}{'step s':>9}{'share':>8}")
@@ -68,7 +76,10 @@ def main() -> None:
     for size in args.sizes.split(","):
         model = model_dir(size)
         params = num_params(model)
-        sync = time_sync(model, args.generators)
+        layout = SIZES[size].get("overrides", [])
+        if args.generators:
+            layout = [*layout, f"rollout.num_generators={args.generators}"]
+        sync = time_sync(model, layout)
         step, in_loop = step_time(size, args.steps_from)
         headline[f"sync_s_{size}"], headline[f"sync_share_{size}"] = round(sync, 4), round(in_loop / step, 4)
         print(f"{size:<8}{params / 1e6:>8.1f}M{params * 4 / 2**20:>9.0f}{sync:>9.3f}{in_loop:>11.3f}{step:>9.2f}"

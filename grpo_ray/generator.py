@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 from .records import Rollout
 from .weight_sync import WeightBucket, unpack_bucket
@@ -71,10 +72,13 @@ class Generator:
                              "step more generators (rollout.num_generators)")
 
     def generate(self, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int,
-                 top_p: float = 1.0, seed: int | None = None) -> Rollout:
+                 top_p: float = 1.0, seed: int | None = None, sent: float | None = None) -> Rollout:
         """n completions per prompt, grouped contiguously: completion i answers prompt i // n.
         With a seed, prompt j's completions use seeds seed + j*n ... seed + j*n + n-1 (vLLM gives
-        child k of a request seed + k), so no two completions share a random stream."""
+        child k of a request seed + k), so no two completions share a random stream. sent: the
+        caller's time.time() when it made the call; the wait since goes in Rollout.queued_s
+        (wall clocks: exact on one node, as good as the clocks' agreement across nodes)."""
+        queued = max(0.0, time.time() - sent) if sent else 0.0
         from vllm import SamplingParams
 
         self._check_kv_cache(prompts, n, max_new_tokens)
@@ -95,7 +99,7 @@ class Generator:
                 truncated.append(c.finish_reason == "length")
         # the text vLLM would have returned: special tokens (EOS) skipped
         texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        return Rollout(prompt_ids, response_ids, logprobs, texts, truncated, self.weight_version)
+        return Rollout(prompt_ids, response_ids, logprobs, texts, truncated, self.weight_version, queued)
 
     def update_weights(self, buckets: list[WeightBucket], version: int) -> int:
         """Load the learner's weights into the running engine; returns tensors loaded."""

@@ -21,6 +21,9 @@ class Rollout:
     texts: list[str]                 # [B] decoded responses
     truncated: list[bool]            # [B] stopped by max_new_tokens rather than EOS
     weight_version: int = 0          # learner step whose weights sampled this rollout
+    # seconds the generate call waited on its generator behind earlier calls; in sync mode, the
+    # part of the weight load (queued, not awaited) that the next rollout still had to wait for
+    queued_s: float = 0.0
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -37,6 +40,7 @@ class Rollout:
             texts=[x for p in parts for x in p.texts],
             truncated=[x for p in parts for x in p.truncated],
             weight_version=versions.pop() if versions else 0,
+            queued_s=max((p.queued_s for p in parts), default=0.0),
         )
 
 
@@ -45,7 +49,7 @@ class Rollout:
         rows = [g * group_size + k for g in groups for k in range(group_size)]
         return Rollout([self.prompt_ids[i] for i in rows], [self.response_ids[i] for i in rows],
                        [self.old_logprobs[i] for i in rows], [self.texts[i] for i in rows],
-                       [self.truncated[i] for i in rows], self.weight_version)
+                       [self.truncated[i] for i in rows], self.weight_version, self.queued_s)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 parallel, and put the results back in order. (Scoring fans out in verifier_pool.py.)"""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import ray
@@ -26,7 +27,7 @@ def launch(generators: list, prompts: list[str], *, n: int, temperature: float, 
     refs, offset = [], 0
     for gen, chunk in zip(generators, chunks):
         refs.append(gen.generate.remote(chunk, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                                        top_p=top_p, seed=seed + offset * n))
+                                        top_p=top_p, seed=seed + offset * n, sent=time.time()))
         offset += len(chunk)
     return refs
 

@@ -79,7 +79,8 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
     with timer("sync"):  # not awaited: the load runs while the driver logs this step (see finish_sync)
         finish_sync(roles, pushed, version=step, wait=False)
     metrics = {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
-               **shaping, **sampling, **stats, "verify/retries": roles.verifier.retries, **timer.metrics()}
+               **shaping, **sampling, **stats, "verify/retries": roles.verifier.retries, **timer.metrics(),
+               "time/generate_queued": rollout.queued_s}  # inside time/generate: see Rollout.queued_s
     return metrics, spot_samples(records, rollout, scores, advantages, G, cfg.train.spot_check_samples), ahead
 
 

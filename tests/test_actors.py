@@ -1,4 +1,6 @@
 """Real Ray actors around real vLLM and DeepSpeed engines (slow: engines start in ~15-30 s)."""
+import time
+
 import pytest
 import torch
 
@@ -62,10 +64,13 @@ def test_after_sync_generator_samples_from_the_learners_weights(engines):
     # the update moved the policy: the generator's (stale) logprobs no longer match the learner
     stale = _max_diff(ray.get(learner.logprobs.remote(b)), b.old_logprobs, b.response_mask)
     assert stale > 1e-2
-    n = ray.get(gen.update_weights.remote(learner.weight_buckets.remote(), 1))
-    assert n >= 20
-    ro2 = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=3))
-    assert ro2.weight_version == 1
+    # the load is queued, not awaited (as the loop does): the next rollout waits behind it, and says how long
+    loading = gen.update_weights.remote(learner.weight_buckets.remote(), 1)
+    ro2 = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=3, sent=time.time()))
+    assert ray.get(loading) >= 20
+    assert ro2.weight_version == 1 and ro2.queued_s > 0.005
+    idle = ray.get(gen.generate.remote(PROMPTS[:1], n=1, temperature=1.0, max_new_tokens=2, sent=time.time()))
+    assert 0 <= idle.queued_s < ro2.queued_s
     b2 = _batch(ro2)
     assert _max_diff(ray.get(learner.logprobs.remote(b2)), b2.old_logprobs, b2.response_mask) < 1e-4
     # the reference stays frozen at the initial policy

@@ -8,7 +8,7 @@ from grpo_ray.config import load_config
 
 TRAIN_FIELDS = ["step", "reward/mean", "reward/std", "reward/frac_zero_std", "advantage/variance", "kl", "clip/low",
                 "clip/high", "entropy", "response_length/mean", "truncated/frac", "time/generate", "time/verify",
-                "time/reference", "time/learner", "time/sync", "time/step"]
+                "time/reference", "time/learner", "time/sync", "time/step", "time/generate_queued"]
 
 SMALL = ["rollout.prompts_per_step=4", "algo.group_size=4", "train.steps=3",
          "train.eval_every=2", "eval.num_prompts=6", "eval.samples=10", "learner.lr=1e-3", "learner.micro_batch_size=8",
@@ -42,6 +42,7 @@ def test_few_steps_move_weights_and_log_every_field(ray_local, tiny_model_dir, t
         missing = [f for f in TRAIN_FIELDS if f not in r]
         assert not missing, missing
         assert r["time/step"] >= r["time/generate"] > 0
+        assert r["time/generate"] >= r["time/generate_queued"] >= 0
     assert [r["weight_version"] for r in train_rows] == [0, 1, 2]  # each rollout used the latest weights
     assert [r["step"] for r in eval_rows] == [0, 2, 3]
     assert all(0 <= r["eval/pass@1"] <= r["eval/pass@10"] <= 1 for r in eval_rows)
