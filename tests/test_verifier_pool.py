@@ -115,10 +115,11 @@ def test_replica_killed_mid_burst_loses_no_score(ray_local, tmp_path):
     pool = _pool(tmp_path, "reward.pool.min_replicas=2", "reward.pool.max_replicas=2")
     try:
         assert len(_replica_actors(pool.app)) == 2
-        # 80 checks of 0.3 s on 2 replicas x 4 at a time take ~3.5 s; killing at 2 s of a 40-check
-        # burst once found the victim already idle (no request to send again)
-        thread, out, expected = _burst(pool, 80)
-        time.sleep(1.0)  # mid-burst: both replicas are working on checks
+        # 160 checks of 0.3 s on 2 replicas x 4 at a time take ~7 s. Killing at 2 s of a 40-check
+        # burst once found the victim already idle, and at 1 s of an 80-check burst, in a busy CI
+        # run, before it had been sent anything: either way, no request to send again
+        thread, out, expected = _burst(pool, 160)
+        time.sleep(2.0)  # mid-burst: both replicas are working on checks
         victim = _replica_actors(pool.app)[0]
         ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
         thread.join(timeout=120)
