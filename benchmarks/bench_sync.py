@@ -49,7 +49,7 @@ def time_sync(model: str, overrides: list[str]) -> float:
     return statistics.median(times[1:])
 
 
-def step_time(size: str, steps_from: str | None) -> tuple[float, float]:
+def step_time(size: str, steps_from: str | None, layout: list[str]) -> tuple[float, float]:
     """(grpo-ray's median step time, the sync's cost inside it) at this size. The loop queues the
     weight load without awaiting it (time/sync ~0); what the next rollout still waits for of it
     is time/generate_queued, so the cost is the sum of the two."""
@@ -58,7 +58,7 @@ def step_time(size: str, steps_from: str | None) -> tuple[float, float]:
         run = json.load(open(saved))
     else:
         run = run_ours(model_dir(size), SIZES[size]["new_tokens"], 3, tempfile.mkdtemp(prefix="bench-sync-"),
-                       *SIZES[size].get("overrides", []))
+                       *layout)
     phases = run["phases"]
     queued = phases.get("generate_queued", [0.0] * len(phases["sync"]))  # absent in older saved runs
     return steady(run["step_s"]), steady([s + q for s, q in zip(phases["sync"], queued)])
@@ -80,7 +80,7 @@ def main() -> None:
         if args.generators:
             layout = [*layout, f"rollout.num_generators={args.generators}"]
         sync = time_sync(model, layout)
-        step, in_loop = step_time(size, args.steps_from)
+        step, in_loop = step_time(size, args.steps_from, layout)
         headline[f"sync_s_{size}"], headline[f"sync_share_{size}"] = round(sync, 4), round(in_loop / step, 4)
         print(f"{size:<8}{params / 1e6:>8.1f}M{params * 4 / 2**20:>9.0f}{sync:>9.3f}{in_loop:>11.3f}{step:>9.2f}"
               f"{in_loop / step:>8.1%}", flush=True)
