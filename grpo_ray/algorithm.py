@@ -231,19 +231,25 @@ def policy_loss(
     else:
         kl = kl_k3(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(logprobs)
     loss = aggregate(per_token, response_mask, aggregation, normalizer)
-
-    with torch.no_grad():
-        mask = response_mask.bool()
-        low = (ratio < 1.0 - eps_low) & (advantages < 0)  # clip acting: no gradient
-        high = (ratio > 1.0 + eps_high) & (advantages > 0)
-        masked_ratio = ratio[mask] if mask.any() else ratio.new_ones(1)
-        metrics = {
-            "pg_loss": aggregate(pg.detach(), response_mask, aggregation, normalizer),
-            "kl": masked_mean(kl.detach(), response_mask),
-            "clip/low": masked_mean(low.float(), response_mask),
-            "clip/high": masked_mean(high.float(), response_mask),
-            "ratio/mean": masked_mean(ratio.detach(), response_mask),
-            "ratio/max": masked_ratio.max(),
-            "ratio/min": masked_ratio.min(),
-        }
+    metrics = _loss_metrics(ratio, advantages, pg, kl, response_mask, eps_low, eps_high, aggregation, normalizer)
     return loss, metrics
+
+
+@torch.no_grad()
+def _loss_metrics(ratio, advantages, pg, kl, response_mask, eps_low, eps_high, aggregation, normalizer):
+    """Detached token means over the response tokens (ratio, kl, pg, response_mask: [B, T];
+    advantages: [B, 1] or [B, T]). clip/low and clip/high count the tokens where the clip acts,
+    i.e. where the token gets no gradient from the surrogate."""
+    mask = response_mask.bool()
+    low = (ratio < 1.0 - eps_low) & (advantages < 0)
+    high = (ratio > 1.0 + eps_high) & (advantages > 0)
+    masked_ratio = ratio[mask] if mask.any() else ratio.new_ones(1)
+    return {
+        "pg_loss": aggregate(pg.detach(), response_mask, aggregation, normalizer),
+        "kl": masked_mean(kl.detach(), response_mask),
+        "clip/low": masked_mean(low.float(), response_mask),
+        "clip/high": masked_mean(high.float(), response_mask),
+        "ratio/mean": masked_mean(ratio.detach(), response_mask),
+        "ratio/max": masked_ratio.max(),
+        "ratio/min": masked_ratio.min(),
+    }

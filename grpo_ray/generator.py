@@ -77,8 +77,9 @@ class Generator:
         With a seed, prompt j's completions use seeds seed + j*n ... seed + j*n + n-1 (vLLM gives
         child k of a request seed + k), so no two completions share a random stream. sent: the
         caller's time.time() when it made the call; the wait since goes in Rollout.queued_s
-        (wall clocks: exact on one node, as good as the clocks' agreement across nodes)."""
-        queued = max(0.0, time.time() - sent) if sent else 0.0
+        (wall clocks: exact on one node, as good as the clocks' agreement across nodes), and the
+        time spent here in Rollout.sample_s."""
+        queued, start = max(0.0, time.time() - sent) if sent else 0.0, time.perf_counter()
         from vllm import SamplingParams
 
         self._check_kv_cache(prompts, n, max_new_tokens)
@@ -99,7 +100,8 @@ class Generator:
                 truncated.append(c.finish_reason == "length")
         # the text vLLM would have returned: special tokens (EOS) skipped
         texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        return Rollout(prompt_ids, response_ids, logprobs, texts, truncated, self.weight_version, queued)
+        return Rollout(prompt_ids, response_ids, logprobs, texts, truncated, self.weight_version, queued,
+                       time.perf_counter() - start)
 
     def update_weights(self, buckets: list[WeightBucket], version: int) -> int:
         """Load the learner's weights into the running engine; returns tensors loaded."""

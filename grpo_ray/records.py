@@ -24,6 +24,9 @@ class Rollout:
     # seconds the generate call waited on its generator behind earlier calls; in sync mode, the
     # part of the weight load (queued, not awaited) that the next rollout still had to wait for
     queued_s: float = 0.0
+    # seconds the generator spent sampling it (its busy time: async mode's `generate` phase only
+    # shows the wait, and the overlap is judged against this)
+    sample_s: float = 0.0
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -41,6 +44,7 @@ class Rollout:
             truncated=[x for p in parts for x in p.truncated],
             weight_version=versions.pop() if versions else 0,
             queued_s=max((p.queued_s for p in parts), default=0.0),
+            sample_s=max((p.sample_s for p in parts), default=0.0),  # generators run side by side
         )
 
 
@@ -49,7 +53,7 @@ class Rollout:
         rows = [g * group_size + k for g in groups for k in range(group_size)]
         return Rollout([self.prompt_ids[i] for i in rows], [self.response_ids[i] for i in rows],
                        [self.old_logprobs[i] for i in rows], [self.texts[i] for i in rows],
-                       [self.truncated[i] for i in rows], self.weight_version, self.queued_s)
+                       [self.truncated[i] for i in rows], self.weight_version, self.queued_s, self.sample_s)
 
 
 @dataclass

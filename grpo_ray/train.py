@@ -80,7 +80,8 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
         finish_sync(roles, pushed, version=step, wait=False)
     metrics = {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
                **shaping, **sampling, **stats, "verify/retries": roles.verifier.retries, **timer.metrics(),
-               "time/generate_queued": rollout.queued_s}  # sync mode: the load's share of generate
+               "time/generate_queued": rollout.queued_s,  # sync mode: the load's share of generate
+               "time/generate_sampling": rollout.sample_s}  # the generators' busy time (async: hidden)
     return metrics, spot_samples(records, rollout, scores, advantages, G, cfg.train.spot_check_samples), ahead
 
 

@@ -25,6 +25,21 @@ def test_train_batch_layout():
     assert b.response_ids[0].tolist() == [11, 12, 0, 0]
 
 
+def test_concat_keeps_versions_and_the_slowest_generators_timings():
+    """Generators sample side by side: the step waited for the slowest, so its queue and
+    sampling times are the rollout's; select_groups keeps them."""
+    a, b = _rollout(), _rollout()
+    a.queued_s, a.sample_s, b.queued_s, b.sample_s = 0.01, 0.30, 0.02, 0.20
+    both = Rollout.concat([a, b])
+    assert len(both) == 6 and both.texts == ["a", "b", "", "a", "b", ""]
+    assert (both.queued_s, both.sample_s) == (0.02, 0.30)
+    picked = both.select_groups([1], group_size=3)
+    assert picked.texts == ["a", "b", ""] and (picked.queued_s, picked.sample_s) == (0.02, 0.30)
+    b.weight_version = 1
+    with pytest.raises(RuntimeError, match="different weight versions"):
+        Rollout.concat([a, b])
+
+
 def test_select_trims_padding_columns():
     b = TrainBatch.from_rollout(_rollout(), torch.tensor([1.0, -1.0, 0.0]), pad_id=0)
     first = b.select(slice(0, 1))
