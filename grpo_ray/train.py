@@ -26,7 +26,7 @@ from .metrics import Monitor, advantage_variance, combine_parts, reward_stats
 from .modeling import load_tokenizer
 from .outputs import create_run_dir, prepare_model, summary_line, write_samples
 from .records import Rollout, TrainBatch
-from .rollout import InFlight, launch, sample, split
+from .rollout import InFlight, launch, split
 from .tracking import Tracker
 
 
@@ -58,8 +58,8 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
     G, timer, sampling, ref_ahead = cfg.algo.group_size, PhaseTimer(started), {}, None
     if cfg.rollout.asynchronous:  # generate (started last step) + verify; starts the next rollout
         records, rollout, scores, ahead, ref_ahead = collect_ahead(step, cfg, roles, sampler, timer, ahead)
-    else:  # generate + verify
-        records, rollout, scores, sampling = collect_rollout(step, cfg, roles, sampler, timer)
+    else:  # generate + verify; the reference pass is queued behind the sampling, beside verify
+        records, rollout, scores, sampling, ref_ahead = collect_rollout(step, cfg, roles, sampler, timer, pad_id)
     rewards, shaping = shaped_rewards(cfg, rollout, scores)
     advantages = group_advantages(rewards, G, estimator=cfg.algo.estimator)
     batch = TrainBatch.from_rollout(rollout, advantages, pad_id)
@@ -86,8 +86,10 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
 
 
 # ---------------------------------------------------------------- the phases
-def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, timer: PhaseTimer):
-    """Sample G completions for each of prompts_per_step prompts and score them. With DAPO's
+def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, timer: PhaseTimer, pad_id: int):
+    """Sample G completions for each of prompts_per_step prompts and score them; the frozen
+    reference's pass is queued behind the sampling (returned as a ref), so it runs while the
+    driver scores, instead of after (on code tasks scoring takes seconds). With DAPO's
     dynamic sampling (algo.dynamic_sampling), groups whose rewards are all equal (zero advantage,
     no gradient) are dropped and new prompts sampled, up to dynamic_sampling_rounds extra rounds.
     The batch is then the first prompts_per_step informative groups, trimmed to a size every
@@ -96,12 +98,13 @@ def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler
     kept, seen = [], 0
     for rounds in range(1 + (a.dynamic_sampling_rounds if a.dynamic_sampling else 0)):
         records = sampler.next(P)
-        with timer("generate"):
-            rollout = generate(roles, cfg, [r["prompt"] for r in records], seed=step_seed(cfg, step, rounds))
+        with timer("generate"):  # dynamic sampling keeps a subset of the rounds: no queued pass
+            rollout, ref_ahead = generate(roles, cfg, [r["prompt"] for r in records], seed=step_seed(cfg, step, rounds),
+                                          pad_id=None if a.dynamic_sampling else pad_id)
         with timer("verify"):
             scores = roles.verifier.score([r for r in records for _ in range(G)], rollout.texts)
         if not a.dynamic_sampling:
-            return records, rollout, scores, {}
+            return records, rollout, scores, {}, ref_ahead
         useful = informative_groups(torch.tensor([s.reward for s in scores]), G).tolist()
         kept += [(records[i], rollout.select_groups([i], G), scores[i * G:(i + 1) * G])
                  for i, u in enumerate(useful) if u]
@@ -114,9 +117,9 @@ def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler
     stats = {"dynamic/frac_dropped": 1.0 - len(kept) / seen, "dynamic/rounds": float(rounds + 1),
              "dynamic/groups": float(n)}  # informative groups trained on (0: none found, last round used)
     if n == 0:
-        return records, rollout, scores, stats
+        return records, rollout, scores, stats, None
     return ([rec for rec, _, _ in kept[:n]], Rollout.concat([r for _, r, _ in kept[:n]]),
-            [s for _, _, group in kept[:n] for s in group], stats)
+            [s for _, _, group in kept[:n] for s in group], stats, None)
 
 
 def collect_ahead(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, timer: PhaseTimer,
@@ -139,7 +142,7 @@ def collect_ahead(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, 
 
 
 def reference_logprobs(roles: Roles, batch: TrainBatch, ahead: ray.ObjectRef | None) -> torch.Tensor:
-    """ref_logprobs [B, T]: the pass queued while the rollout sampled (async mode), or run now.
+    """ref_logprobs [B, T]: the pass queued behind the rollout's sampling, or run now.
     The queued pass saw the response mask before overlong masking, hence the product."""
     if ahead is None:
         return ray.get(roles.reference.logprobs.remote(batch))
@@ -162,7 +165,7 @@ def receive(roles: Roles, cfg: Config, ahead: InFlight) -> Rollout:
     if all(p.weight_version == ahead.version for p in parts):
         return Rollout.concat(parts)
     ahead.ref_logprobs = None  # it scored the samples thrown away
-    return generate(roles, cfg, [r["prompt"] for r in ahead.records], seed=step_seed(cfg, ahead.step))
+    return generate(roles, cfg, [r["prompt"] for r in ahead.records], seed=step_seed(cfg, ahead.step))[0]
 
 
 def spot_samples(records: list[dict], rollout: Rollout, scores: list, advantages: torch.Tensor, G: int,
@@ -193,17 +196,21 @@ def step_seed(cfg: Config, step: int, round: int = 0) -> int:
             + round * 10**13)
 
 
-def generate(roles: Roles, cfg: Config, prompts: list[str], seed: int) -> Rollout:
-    """G completions per prompt from the generators. A generator that Ray restarted after a
-    crash comes back with the weights it started with: its rollout carries another weight
-    version, so the current weights are pushed to every generator and the prompts sampled
-    again (same seeds), and no sample from stale weights reaches the learner."""
+def generate(roles: Roles, cfg: Config, prompts: list[str], seed: int,
+             pad_id: int | None = None) -> tuple[Rollout, ray.ObjectRef | None]:
+    """G completions per prompt from the generators, and with a pad_id the reference pass on
+    them, queued behind the sampling (Reference.rollout_logprobs). A generator that Ray
+    restarted after a crash comes back with the weights it started with: its rollout carries
+    another weight version, so the current weights are pushed to every generator and the prompts
+    sampled again (same seeds), and no sample from stale weights reaches the learner."""
     r = cfg.rollout
     for _ in range(3):
-        parts = sample(roles.generators, prompts, n=cfg.algo.group_size, temperature=r.temperature,
-                       max_new_tokens=r.max_new_tokens, top_p=r.top_p, seed=seed)
+        refs = launch(roles.generators, prompts, n=cfg.algo.group_size, temperature=r.temperature,
+                      max_new_tokens=r.max_new_tokens, top_p=r.top_p, seed=seed)
+        ref_pass = None if pad_id is None else roles.reference.rollout_logprobs.remote(pad_id, *refs)
+        parts = ray.get(refs)
         if all(p.weight_version == roles.weight_version for p in parts):
-            return Rollout.concat(parts)
+            return Rollout.concat(parts), ref_pass
         print(f"generator weights at versions {sorted({p.weight_version for p in parts})}, expected "
               f"{roles.weight_version} (a restarted generator?): pushing the current weights and resampling",
               file=sys.stderr)
