@@ -87,15 +87,16 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
 
 # ---------------------------------------------------------------- the phases
 def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, timer: PhaseTimer, pad_id: int):
-    """Sample G completions for each of prompts_per_step prompts and score them; the frozen
-    reference's pass is queued behind the sampling (returned as a ref), so it runs while the
-    driver scores, instead of after (on code tasks scoring takes seconds). With DAPO's
+    """Sample G completions for each of prompts_per_step prompts and score them. Without dynamic
+    sampling the frozen reference's pass is queued behind the sampling (returned as a ref), so it
+    runs while the driver scores, not after (on code tasks scoring takes seconds; with
+    algo.overlong=mask it also runs on the truncated rows, masked later). With DAPO's
     dynamic sampling (algo.dynamic_sampling), groups whose rewards are all equal (zero advantage,
     no gradient) are dropped and new prompts sampled, up to dynamic_sampling_rounds extra rounds.
     The batch is then the first prompts_per_step informative groups, trimmed to a size every
     learner rank and mini-batch can share (or the last round whole, if none was informative)."""
     G, P, a = cfg.algo.group_size, cfg.rollout.prompts_per_step, cfg.algo
-    kept, seen = [], 0
+    kept, seen, waited = [], 0, [0.0, 0.0]
     for rounds in range(1 + (a.dynamic_sampling_rounds if a.dynamic_sampling else 0)):
         records = sampler.next(P)
         with timer("generate"):  # dynamic sampling keeps a subset of the rounds: no queued pass
@@ -103,6 +104,7 @@ def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler
                                           pad_id=None if a.dynamic_sampling else pad_id)
         with timer("verify"):
             scores = roles.verifier.score([r for r in records for _ in range(G)], rollout.texts)
+        waited = [waited[0] + rollout.queued_s, waited[1] + rollout.sample_s]  # rounds run one after another
         if not a.dynamic_sampling:
             return records, rollout, scores, {}, ref_ahead
         useful = informative_groups(torch.tensor([s.reward for s in scores]), G).tolist()
@@ -116,10 +118,11 @@ def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler
     n = min(len(kept), P) // unit * unit
     stats = {"dynamic/frac_dropped": 1.0 - len(kept) / seen, "dynamic/rounds": float(rounds + 1),
              "dynamic/groups": float(n)}  # informative groups trained on (0: none found, last round used)
-    if n == 0:
-        return records, rollout, scores, stats, None
-    return ([rec for rec, _, _ in kept[:n]], Rollout.concat([r for _, r, _ in kept[:n]]),
-            [s for _, _, group in kept[:n] for s in group], stats, None)
+    if n:
+        records, rollout, scores = ([rec for rec, _, _ in kept[:n]], Rollout.concat([r for _, r, _ in kept[:n]]),
+                                    [s for _, _, group in kept[:n] for s in group])
+    rollout.queued_s, rollout.sample_s = waited
+    return records, rollout, scores, stats, None
 
 
 def collect_ahead(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, timer: PhaseTimer,
@@ -211,6 +214,8 @@ def generate(roles: Roles, cfg: Config, prompts: list[str], seed: int,
         parts = ray.get(refs)
         if all(p.weight_version == roles.weight_version for p in parts):
             return Rollout.concat(parts), ref_pass
+        if ref_pass is not None:  # it scores samples about to be thrown away
+            ray.cancel(ref_pass)
         print(f"generator weights at versions {sorted({p.weight_version for p in parts})}, expected "
               f"{roles.weight_version} (a restarted generator?): pushing the current weights and resampling",
               file=sys.stderr)

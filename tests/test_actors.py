@@ -80,7 +80,7 @@ def test_after_sync_generator_samples_from_the_learners_weights(engines):
 
 
 def test_reference_pass_queued_behind_sampling_matches_the_drivers_batch(engines):
-    """Async mode hands the reference the generators' refs before they finish: Ray runs the pass
+    """The driver hands the reference the generators' refs before they finish: Ray runs the pass
     once the parts exist, in the layout the driver builds, whatever is masked after."""
     from grpo_ray.records import Rollout
 
