@@ -88,7 +88,7 @@ def main() -> None:
     bound = max(asyn["generate_sampling"], asyn["learner"] + asyn["reference"])
     print("\nreward per step, sync :", " ".join(f"{x:.2f}" for x in results["sync"]["reward"]))
     print("reward per step, async:", " ".join(f"{x:.2f}" for x in results["async"]["reward"]))
-    print(json.dumps({"sync_step_s": round(sync["step"], 3), "async_step_s": round(results["async"]["phases"]["step"], 3),
+    print(json.dumps({"sync_step_s": round(sync["step"], 3), "async_step_s": round(asyn["step"], 3),
                       "async_step_vs_overlap_bound_same_run": round(asyn["step"] / bound, 3),
                       # the load is queued, not awaited: what the next rollout waited for is its cost
                       "sync_share": round((sync["sync"] + sync["generate_queued"]) / sync["step"], 4),

@@ -104,9 +104,9 @@ def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler
                                           pad_id=None if a.dynamic_sampling else pad_id)
         with timer("verify"):
             scores = roles.verifier.score([r for r in records for _ in range(G)], rollout.texts)
-        waited = [waited[0] + rollout.queued_s, waited[1] + rollout.sample_s]  # rounds run one after another
         if not a.dynamic_sampling:
             return records, rollout, scores, {}, ref_ahead
+        waited = [waited[0] + rollout.queued_s, waited[1] + rollout.sample_s]  # rounds run one after another
         useful = informative_groups(torch.tensor([s.reward for s in scores]), G).tolist()
         kept += [(records[i], rollout.select_groups([i], G), scores[i * G:(i + 1) * G])
                  for i, u in enumerate(useful) if u]
