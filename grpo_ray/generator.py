@@ -3,12 +3,15 @@ token ids with the sampler's own per-token logprobs (the `old_logprobs` of GRPO'
 
 A plain class: Ray wraps it with `ray.remote` where actors are created (see `cluster_actors`).
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): no extra process per actor, and
-weights can be swapped in place through the worker's `reload_weights`.
+weights are swapped in place inside the running engine: on the CPU backend by the model's own
+loaders plus a repack of each matmul handle (`_reload_cpu_gemms`), elsewhere by the worker's
+generic `reload_weights`.
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 import time
 
 from .records import Rollout
@@ -28,20 +31,30 @@ def _reload(worker, buckets):
     """Runs inside the vLLM worker (collective_rpc): load named tensors into the live model."""
     weights = [item for bucket in buckets for item in unpack_bucket(bucket)]
     model = worker.model_runner.model
-    gemms = getattr(model, "_grpo_cpu_gemms", None)
-    if gemms is None:
-        gemms = model._grpo_cpu_gemms = _cpu_gemm_layers(model)
-    if gemms:
-        _reload_cpu_gemms(model, gemms, weights)
+    plan = getattr(model, "_grpo_cpu_gemms", None)
+    if plan is None:
+        plan = model._grpo_cpu_gemms = _cpu_gemm_layers(model)
+    if plan:
+        _reload_cpu_gemms(model, plan, weights)
     else:
         worker.reload_weights(weights_iterator=weights)
     return len(weights)
 
 
+_BLOCK = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _block(name: str) -> int:
+    """The transformer block a weight or module belongs to (-1: embeddings, final norm, head)."""
+    m = _BLOCK.search(name)
+    return int(m.group(1)) if m else -1
+
+
 def _cpu_gemm_layers(model) -> list:
-    """The fast reload's plan on vLLM's CPU backend, or [] for vLLM's generic path: each layer
-    whose matmul vLLM packed into a oneDNN handle at start-up, with a full-size weight for its
-    loader to fill (None where vLLM kept the layer's weight: embeddings and the LM head).
+    """The fast reload's plan on vLLM's CPU backend, or [] for vLLM's generic path: (module name,
+    layer, meta) for every layer with a matmul handle; meta is the checkpoint-format shape of a
+    weight vLLM dropped after packing it (None: the weight is still there, as in embeddings and
+    the LM head).
 
     Why: vLLM's generic `reload_weights` restores every module to meta tensors and wraps every
     loader (~9 ms a sync for a 0.5M model here, 8-9% of the tiny step) and, on a tied LM head
@@ -54,43 +67,75 @@ def _cpu_gemm_layers(model) -> list:
 
     if not current_platform.is_cpu():
         return []
-    try:  # the start-up load recorded each layer's checkpoint-format weight (as meta tensors)
+    try:  # the start-up load recorded each layer's checkpoint-format tensors as meta tensors
         from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
-        from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
-        from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
     except ImportError:
         return []
     plan = []
-    for layer in model.modules():
+    for name, layer in model.named_modules():
         method = getattr(layer, "quant_method", None)
-        if method is None or not hasattr(layer, "weight"):
+        if method is None:
             continue
         if not isinstance(method, (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)):
-            return []  # quantized or fused-MoE layers: only the generic path knows them
-        if layer.weight.numel() > 0:
-            plan.append((layer, None))
-            continue
-        meta = get_layerwise_info(layer).restore_metadata[0].get("weight")
-        if meta is None or getattr(layer, "_cpu_skip_gemm_dispatch", False):
+            return []  # quantized, fused-MoE or other packed layers: only the generic path knows them
+        if getattr(layer, "_cpu_skip_gemm_dispatch", False) or not hasattr(layer, "weight"):
             return []
-        plan.append((layer, materialize_meta_tensor(restore_layer_refs(meta, layer))))
+        meta = None if layer.weight.numel() > 0 else get_layerwise_info(layer).restore_metadata[0].get("weight")
+        if meta is None and layer.weight.numel() == 0:
+            return []
+        plan.append((name, layer, meta))
     return plan
 
 
-def _reload_cpu_gemms(model, plan: list, weights: list) -> None:
-    """Give each packed layer its full-size weight back, load through the model's own
-    loaders (they split q/k/v and gate/up into place), then let each layer's quant method
-    pack its handle again; that step puts the empty placeholder back, even after an error."""
-    import torch
+def _loadable(weight):
+    """A weight made from vLLM's recorded meta tensor, with its own loader: once vLLM's generic
+    reload has run, the recorded tensor still carries the generic path's deferring wrapper
+    (which would buffer the load and copy nothing here)."""
+    loader = getattr(weight, "weight_loader", None)
+    while getattr(loader, "__name__", "") == "online_process_loader":
+        loader = loader.__wrapped__
+    if loader is not None:
+        weight.weight_loader = loader
+    return weight
 
+
+def _reload_cpu_gemms(model, plan: list, weights: list, group_bytes: int = 256 << 20) -> None:
+    """Load in groups of whole transformer blocks, so that at most ~group_bytes of dropped
+    weights exist at a time (the generic path holds one layer's): give each packed layer of the
+    group a full-size weight, load through the model's own loaders (they put q/k/v and gate/up
+    in place), check that every weight of the group came, then let each layer's quant method
+    pack its handle again (which drops the full weight). One group for a small model: each
+    `load_weights` call walks the whole module tree (~1.5 ms at the tiny size). An error leaves
+    the engine half-loaded: the Generator then refuses to sample (see update_weights)."""
+    import torch
+    from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
+    from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
+
+    sent: dict[int, list] = {}
+    for item in weights:
+        sent.setdefault(_block(item[0]), []).append(item)
+    expected: dict[int, set] = {}
+    for name, _ in model.named_parameters():
+        expected.setdefault(_block(name), set()).add(name)
+    groups, size = [[]], 0
+    for block in sorted(set(sent) | set(expected)):
+        if size >= group_bytes:
+            groups, size = groups + [[]], 0
+        groups[-1].append(block)
+        size += sum(meta.numel() * meta.element_size() for name, _, meta in plan
+                    if meta is not None and _block(name) == block)
     with torch.no_grad():
-        try:
-            for layer, full in plan:
-                if full is not None:
-                    layer.weight = full
-            model.load_weights(weights)
-        finally:
-            for layer, _ in plan:
+        for blocks in groups:
+            layers = [(layer, meta) for name, layer, meta in plan if _block(name) in blocks]
+            for layer, meta in layers:
+                if meta is not None:
+                    layer.weight = _loadable(restore_layer_refs(materialize_meta_tensor(meta), layer))
+            loaded = model.load_weights([item for block in blocks for item in sent.get(block, [])])
+            missing = sorted(set().union(*(expected.get(block, set()) for block in blocks)) - set(loaded))
+            if missing:
+                raise ValueError(f"weight sync: {len(missing)} of the engine's weights were not sent "
+                                 f"(e.g. {missing[:3]}); send the learner's whole state_dict")
+            for layer, _ in layers:
                 layer.quant_method.process_weights_after_loading(layer)
 
 
@@ -108,7 +153,7 @@ class Generator:
                        # sharing its GPU (resources.colocate) may only claim its share
                        gpu_memory_utilization=0.9 * min(1.0, gpu_share or 1.0))
         self.tokenizer = self.llm.get_tokenizer()
-        self.weight_version = 0
+        self.weight_version, self.load_error = 0, None
         from vllm.platforms import current_platform
 
         cache = self.llm.llm_engine.vllm_config.cache_config
@@ -143,6 +188,9 @@ class Generator:
         (wall clocks: exact on one node, as good as the clocks' agreement across nodes), and the
         time spent here in Rollout.sample_s."""
         queued, start = max(0.0, time.time() - sent) if sent else 0.0, time.perf_counter()
+        if self.load_error:
+            raise RuntimeError(f"the generator's last weight load failed ({self.load_error}), so its engine holds "
+                               "part old, part new weights; load a whole set (update_weights) before sampling")
         from vllm import SamplingParams
 
         self._check_kv_cache(prompts, n, max_new_tokens)
@@ -167,8 +215,16 @@ class Generator:
                        time.perf_counter() - start)
 
     def update_weights(self, buckets: list[WeightBucket], version: int) -> int:
-        """Load the learner's weights into the running engine; returns tensors loaded."""
-        loaded = self.llm.collective_rpc(_reload, args=(buckets,))[0]
+        """Load the learner's weights into the running engine; returns tensors loaded. A load
+        that fails part way leaves some layers new and some old: sampling is refused until a
+        load succeeds, rather than sampling from that mix."""
+        self.load_error = "a weight load is in progress"
+        try:
+            loaded = self.llm.collective_rpc(_reload, args=(buckets,))[0]
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            raise
+        self.load_error = None
         # Cached KV blocks were computed with the old weights (stale blocks gave logprob errors
         # up to 2.3 here). Prefix caching is off (the reset then walks every free block: 0.7 ms).
         if self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching:
