@@ -115,6 +115,9 @@ def test_replica_killed_mid_burst_loses_no_score(ray_local, tmp_path):
     pool = _pool(tmp_path, "reward.pool.min_replicas=2", "reward.pool.max_replicas=2")
     try:
         assert len(_replica_actors(pool.app)) == 2
+        # the first call of a run probes the checks' cost with one small request (one replica
+        # busy); done here, so that the burst goes out in chunks to both replicas at once
+        assert [s.reward for s in pool.score([SLOW] * 2, [RIGHT, WRONG])] == [1.0, 0.0]
         # 160 checks of 0.3 s on 2 replicas x 4 at a time take ~7 s. Killing at 2 s of a 40-check
         # burst once found the victim already idle, and at 1 s of an 80-check burst, in a busy CI
         # run, before it had been sent anything: either way, no request to send again
