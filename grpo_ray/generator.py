@@ -196,8 +196,11 @@ class Generator:
         self._check_kv_cache(prompts, n, max_new_tokens)
         # detokenize=False: vLLM's incremental detokenizer runs per token per step (~10% of a
         # tiny model's generate here); one batched decode of the finished responses is cheaper.
+        # flat_logprobs: a few flat lists per completion instead of a dict and a Logprob object
+        # per token (~2.5% of a tiny model's generate call here)
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 logprobs=0, detokenize=False, seed=None if seed is None else seed + j * n)
+                                 logprobs=0, flat_logprobs=True, detokenize=False,
+                                 seed=None if seed is None else seed + j * n)
                   for j in range(len(prompts))]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         prompt_ids, response_ids, logprobs, truncated = [], [], [], []
@@ -206,8 +209,10 @@ class Generator:
                 ids = list(c.token_ids)
                 prompt_ids.append(list(out.prompt_token_ids))
                 response_ids.append(ids)
-                # logprobs=0: each position's dict holds just the sampled token
-                logprobs.append([pos[tok].logprob for tok, pos in zip(ids, c.logprobs)])
+                # logprobs=0: one entry per position, the sampled token's
+                if c.logprobs.token_ids != ids:
+                    raise RuntimeError("vLLM returned logprobs for other tokens than the sampled ones")
+                logprobs.append(list(c.logprobs.logprobs))
                 truncated.append(c.finish_reason == "length")
         # the text vLLM would have returned: special tokens (EOS) skipped
         texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
