@@ -80,8 +80,11 @@ def _cpu_gemm_layers(model) -> list:
             return []  # quantized, fused-MoE or other packed layers: only the generic path knows them
         if getattr(layer, "_cpu_skip_gemm_dispatch", False) or not hasattr(layer, "weight"):
             return []
-        meta = None if layer.weight.numel() > 0 else get_layerwise_info(layer).restore_metadata[0].get("weight")
-        if meta is None and layer.weight.numel() == 0:
+        if layer.weight.numel() > 0:  # vLLM kept this weight: it loads in place
+            plan.append((name, layer, None))
+            continue
+        meta = get_layerwise_info(layer).restore_metadata[0].get("weight")
+        if meta is None:
             return []
         plan.append((name, layer, meta))
     return plan
