@@ -18,6 +18,17 @@ def hang_once(record, response):
     return 1.0
 
 
+def crash_once(record, response):
+    """Kills its own process (the replica) the first time it sees record["marker"] missing: a
+    replica that dies with a request in flight, for the verifier pool's resend test."""
+    import os
+
+    if not os.path.exists(record["marker"]):
+        open(record["marker"], "w").close()
+        os._exit(1)
+    return 1.0
+
+
 def hang_always(record, response):
     import time
 

@@ -108,6 +108,20 @@ def _replica_actors(app: str) -> list:
             if a["name"].startswith(f"SERVE_REPLICA::{app}#")]
 
 
+def _busy_replica(app: str, deadline_s: float):
+    """The handle of a replica of app with requests in flight (Serve's own queue-length probe)."""
+    import ray
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        for a in _replica_actors(app):
+            handle = ray.get_actor(a["name"], namespace=a["namespace"])
+            if ray.get(handle.get_num_ongoing_requests.remote(), timeout=10) > 0:
+                return handle
+        time.sleep(0.05)
+    raise AssertionError(f"no replica of {app} had a request in flight within {deadline_s} s")
+
+
 @pytest.mark.slow
 def test_replica_killed_mid_burst_loses_no_score(ray_local, tmp_path):
     import ray
@@ -118,17 +132,19 @@ def test_replica_killed_mid_burst_loses_no_score(ray_local, tmp_path):
         # the first call of a run probes the checks' cost with one small request (one replica
         # busy); done here, so that the burst goes out in chunks to both replicas at once
         assert [s.reward for s in pool.score([SLOW] * 2, [RIGHT, WRONG])] == [1.0, 0.0]
-        # 160 checks of 0.3 s on 2 replicas x 4 at a time take ~7 s. Killing at 2 s of a 40-check
-        # burst once found the victim already idle, and at 1 s of an 80-check burst, in a busy CI
-        # run, before it had been sent anything: either way, no request to send again
+        # kill a replica seen working on checks: a fixed sleep once found the victim idle, or not
+        # yet sent anything, in a busy CI run, and then there was no request to send again.
+        # 160 checks of 0.3 s on 2 replicas x 4 at a time take ~7 s
         thread, out, expected = _burst(pool, 160)
-        time.sleep(2.0)  # mid-burst: both replicas are working on checks
-        victim = _replica_actors(pool.app)[0]
-        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        victim = _busy_replica(pool.app, deadline_s=30)
+        ray.kill(victim, no_restart=True)
         thread.join(timeout=120)
         assert not thread.is_alive(), "the step hung after a replica died"
+        # every score came back, in order, although the victim died with checks in flight: they
+        # were sent again, by the pool (the error reached it: pool.retries counts them) or by
+        # Serve's router (Ray 2.60 re-routes what it had not handed over yet). Which of the two
+        # happens is a matter of timing, so neither is asserted
         assert [s.reward for s in out["scores"]] == expected
-        assert pool.retries >= 1  # the killed replica's requests were sent again
     finally:
         pool.shutdown()
 
@@ -144,6 +160,21 @@ def test_request_that_times_out_is_sent_again(ray_local, tmp_path):
         assert [s.reward for s in scores] == [1.0]
         assert pool.retries == 1 and marker.exists()
         assert 3 <= time.monotonic() - t < 20
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.slow
+def test_request_whose_replica_dies_is_sent_again(ray_local, tmp_path):
+    """The replica dies while it works on the request (the check kills its process): the error
+    reaches the pool, which sends the request again, to the other replica."""
+    marker = tmp_path / "crashed-once"
+    pool = _pool(tmp_path, "reward.pool.min_replicas=2", "reward.pool.max_replicas=2",
+                 "reward.components={correct: 0, 'reward_fns:crash_once': 1.0}")
+    try:
+        scores = pool.score([{"answer": "1", "marker": str(marker)}], ["1"])
+        assert [s.reward for s in scores] == [1.0]
+        assert pool.retries == 1 and marker.exists()
     finally:
         pool.shutdown()
 
