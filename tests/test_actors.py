@@ -69,10 +69,12 @@ def test_after_sync_generator_samples_from_the_learners_weights(engines):
     ro2 = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=3, sent=time.time()))
     assert ray.get(loading) >= 20
     assert ro2.weight_version == 1 and ro2.queued_s > 0.005
-    idle = ray.get(gen.generate.remote(PROMPTS[:1], n=1, temperature=1.0, max_new_tokens=2, sent=time.time()))
-    assert 0 <= idle.queued_s < ro2.queued_s
+    # the best of 3 small calls on an idle engine: one stalled call on a busy machine is not the cost
+    idle = [ray.get(gen.generate.remote(PROMPTS[:1], n=1, temperature=1.0, max_new_tokens=2, sent=time.time()))
+            for _ in range(3)]
+    assert 0 <= min(r.queued_s for r in idle) < ro2.queued_s
     # sample_s is the sampling alone, not the wait before it: 32 completions of 8 tokens vs 1 of 2
-    assert 0 < idle.sample_s < ro2.sample_s
+    assert 0 < min(r.sample_s for r in idle) < ro2.sample_s
     b2 = _batch(ro2)
     assert _max_diff(ray.get(learner.logprobs.remote(b2)), b2.old_logprobs, b2.response_mask) < 1e-4
     # the reference stays frozen at the initial policy

@@ -87,8 +87,10 @@ def test_loop_with_dapo_and_off_policy_options(ray_local, tiny_model_dir, tmp_pa
         assert r["reward/overlong/mean"] <= 0.0
         assert 0 < r["tis/weight_mean"] <= 2.0 and abs(r["sampler_kl"]) < 1e-3  # fp32 vLLM ~ learner
         assert r["time/generate"] > 0 and r["time/verify"] > 0
-        # the rounds' sampling and queueing add up, and are part of the generate phase
-        assert 0 < r["time/generate_sampling"] + r["time/generate_queued"] <= r["time/generate"] + 0.01
+        # the rounds' sampling and queueing are part of the generate phase; each is a round's
+        # largest over the generators, which may be two different ones, so their sum is not bounded
+        assert 0 < r["time/generate_sampling"] <= r["time/generate"] + 0.01
+        assert 0 <= r["time/generate_queued"] <= r["time/generate"] + 0.01
     assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == ["step_000002.jsonl", "step_000002.md"]
     samples = [json.loads(line) for line in open(os.path.join(run_dir, "samples", "step_000002.jsonl"))]
     assert len(samples) == 6 and all(s["reason"] for s in samples)

@@ -119,15 +119,19 @@ def test_sandbox_overhead():
     """Sandbox launch vs a bare interpreter start; the per-check time includes two interpreters."""
     python, _ = _interpreter()
 
-    def mean(fn, n=10):
-        start = time.monotonic()
+    def fastest(fn, n=10):
+        """The fastest of n runs: a busy machine only adds time, so the minimum is the cost
+        itself (a mean of 10 moved past the limits when a few process starts stalled in CI)."""
+        times = []
         for _ in range(n):
+            start = time.monotonic()
             fn()
-        return (time.monotonic() - start) / n
+            times.append(time.monotonic() - start)
+        return min(times)
 
-    bare = mean(lambda: subprocess.run([python, "-I", "-S", "-c", "pass"], check=True))
-    boxed = mean(lambda: run_python("pass"))
-    check = mean(lambda: score(GOOD))
+    bare = fastest(lambda: subprocess.run([python, "-I", "-S", "-c", "pass"], check=True))
+    boxed = fastest(lambda: run_python("pass"))
+    check = fastest(lambda: score(GOOD))
     print(f"\nbare python -c pass {bare * 1000:.0f} ms, run_python('pass') {boxed * 1000:.0f} ms, "
           f"passing check {check * 1000:.0f} ms, isolated={bwrap_works()}")
     assert boxed - bare < 0.1
@@ -362,7 +366,7 @@ def test_code_options_from_config_reach_the_sandbox():
     from grpo_ray.verifiers import Verifier
 
     rec = {"task": "code", "entry_point": "f", "tests": "assert f() == 1\n"}
-    slow = "import time\ntime.sleep(1.0)\ndef f():\n    return 1\n"
+    slow = "import time\ntime.sleep(0.6)\ndef f():\n    return 1\n"  # 1.4 s left for the sandbox's start
     assert Verifier().score([rec], [slow])[0].reward == 1.0  # default limit 2 s
     s = Verifier(code={"timeout_s": 0.5}).score([rec], [slow])[0]
     assert s.reward == 0.0 and s.reason == "timeout after 0.5s"
