@@ -5,7 +5,8 @@ A plain class: Ray wraps it with `ray.remote` where actors are created (see `clu
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): no extra process per actor, and
 weights are swapped in place inside the running engine: on the CPU backend by the model's own
 loaders plus a repack of each matmul handle (`_reload_cpu_gemms`), elsewhere by the worker's
-generic `reload_weights`.
+generic `reload_weights`. On the CPU backend the sampler also draws each seeded completion's
+step seed with one vectorised hash per step (`_install_seeded_cpu_sampler`).
 """
 from __future__ import annotations
 
@@ -142,12 +143,78 @@ def _reload_cpu_gemms(model, plan: list, weights: list, group_bytes: int = 256 <
                 layer.quant_method.process_weights_after_loading(layer)
 
 
+def _s64(c: int) -> int:
+    """A 64-bit constant as the signed int64 torch holds."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GAMMA, _MIX1, _MIX2 = _s64(0x9E3779B97F4A7C15), _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB)
+
+
+def splitmix64(x):
+    """SplitMix64's output function (Steele, Lea & Flood 2014) on an int64 tensor, elementwise:
+    int64 arithmetic wraps as uint64 does, and `>>` is made logical by masking the sign fill."""
+    def lsr(v, s):
+        return (v >> s) & ((1 << (64 - s)) - 1)
+
+    x = x + _GAMMA
+    x = (x ^ lsr(x, 30)) * _MIX1
+    x = (x ^ lsr(x, 27)) * _MIX2
+    return x ^ lsr(x, 31)
+
+
+def _install_seeded_cpu_sampler() -> None:
+    """Seeded sampling on vLLM's CPU backend, one vectorised hash per decoding step.
+
+    Why: every completion samples with its own seed (reproducible, and the same whatever else is
+    in the batch or however the step is split over generators). vLLM's CPU sampler then draws
+    each row's step seed from the request's own torch.Generator: a randint and an .item() per
+    completion per token, ~8 us each, ~38 ms of a ~95 ms tiny generate call (128 x 33) here.
+    Here a row's step seed is SplitMix64(SplitMix64(request seed) + tokens it sampled so far):
+    the same contract (one stream per completion, independent of the batch), other draws. The
+    Gumbel-max kernel is vLLM's own. Rows without a seed, and fp64 Gumbel noise, stay stock."""
+    import weakref
+
+    import torch
+    from vllm.v1.sample.ops import topk_topp_sampler as ops
+
+    stock = getattr(ops.TopKTopPSampler, "forward_cpu", None)
+    if stock is None or getattr(stock, "_grpo_seeded", False):
+        return  # a vLLM without this CPU path samples as it does; or installed already
+    sampled = weakref.WeakKeyDictionary()  # a request's generator -> tokens it has sampled
+
+    def forward_cpu(self, logits, generators, k, p):
+        if not generators or self.use_fp64_gumbel:
+            return stock(self, logits, generators, k, p)
+        logits = ops.apply_top_k_top_p(logits, k, p)
+        to_return = None  # as stock: the logits or logprobs vLLM reports, if processed ones
+        if self.logprobs_mode == "processed_logits":
+            to_return = logits
+        elif self.logprobs_mode == "processed_logprobs":
+            to_return = logits.log_softmax(dim=-1, dtype=torch.float32)
+        seeds = torch.randint(0, 2**31, (logits.shape[0],), dtype=torch.long)  # unseeded rows
+        gens = list(generators.values())
+        count = [sampled.get(g, 0) for g in gens]
+        sampled.update(zip(gens, [n + 1 for n in count]))
+        base = [g.initial_seed() & ((1 << 63) - 1) for g in gens]
+        mixed = splitmix64(splitmix64(torch.tensor(base)) + torch.tensor(count))
+        seeds[list(generators)] = mixed & (2**31 - 1)
+        return torch.ops._C.fused_gumbel_argmax(logits.to(dtype=torch.float32), seeds), to_return
+
+    forward_cpu._grpo_seeded = True
+    ops.TopKTopPSampler.forward_cpu = forward_cpu
+
+
 class Generator:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512,
                  kv_cache_mb: int = 256, seed: int = 0, cpu_threads: str | None = None,
                  max_num_seqs: int = 256, enforce_eager: bool = True, gpu_share: float = 1.0):
         _vllm_env(cpu_threads)
         from vllm import LLM
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            _install_seeded_cpu_sampler()  # before the engine builds its sampler
 
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
                        kv_cache_memory_bytes=kv_cache_mb << 20, seed=seed, max_num_seqs=max_num_seqs,
@@ -157,8 +224,6 @@ class Generator:
                        gpu_memory_utilization=0.9 * min(1.0, gpu_share or 1.0))
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version, self.load_error = 0, None
-        from vllm.platforms import current_platform
-
         cache = self.llm.llm_engine.vllm_config.cache_config
         # tokens of KV cache (0 = unknown); checked on CPU only, see _check_kv_cache
         self.kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size if current_platform.is_cpu() else 0

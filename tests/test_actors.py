@@ -48,6 +48,10 @@ def test_generator_returns_groups_with_sampler_logprobs(engines):
     assert len(set(map(tuple, ro.response_ids[:4]))) > 1  # a group's samples differ (distinct seeds)
     again = ray.get(gen.generate.remote(PROMPTS, n=4, temperature=1.0, max_new_tokens=8, seed=1))
     assert again.response_ids == ro.response_ids  # and are reproducible
+    # prompt j's completions sample with seeds seed + j*n + k, whatever else is in the call: a
+    # step split over generators, or sampled again after a generator restart, draws the same
+    part = ray.get(gen.generate.remote(PROMPTS[1:3], n=4, temperature=1.0, max_new_tokens=8, seed=1 + 4))
+    assert part.response_ids == ro.response_ids[4:12]
     # before any update, generator, learner and reference agree on the sampled tokens' logprobs
     b = _batch(ro)
     assert _max_diff(ray.get(learner.logprobs.remote(b)), b.old_logprobs, b.response_mask) < 1e-4
