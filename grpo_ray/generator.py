@@ -169,7 +169,7 @@ def _install_seeded_cpu_sampler() -> None:
     Why: every completion samples with its own seed (reproducible, and the same whatever else is
     in the batch or however the step is split over generators). vLLM's CPU sampler then draws
     each row's step seed from the request's own torch.Generator: a randint and an .item() per
-    completion per token: ~5 us each, 0.69 of the sampler's 1.02 ms a step for 128 completions here.
+    completion per token, ~5 us each: 0.69 of the sampler's 1.02 ms a step for 128 completions.
     Here a row's step seed is SplitMix64(SplitMix64(request seed) + tokens it sampled so far):
     the same contract (one stream per completion, independent of the batch), other draws. The
     Gumbel-max kernel is vLLM's own. Rows without a seed, and fp64 Gumbel noise, stay stock."""

@@ -132,8 +132,7 @@ def test_replica_killed_mid_burst_loses_no_score(ray_local, tmp_path):
     pool = _pool(tmp_path, "reward.pool.min_replicas=2", "reward.pool.max_replicas=2")
     try:
         assert len(_replica_actors(pool.app)) == 2
-        # the first call of a run probes the checks' cost with one small request (one replica
-        # busy); done here, so that the burst goes out in chunks to both replicas at once
+        # both replicas answer before the burst (chunk_size=1: no cost probe, every check its own request)
         assert [s.reward for s in pool.score([SLOW] * 2, [RIGHT, WRONG])] == [1.0, 0.0]
         # kill a replica seen working on checks: a fixed sleep once found the victim idle, or not
         # yet sent anything, in a busy CI run, and then there was no request to send again.
