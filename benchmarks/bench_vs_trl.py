@@ -1,22 +1,31 @@
 """grpo-ray vs TRL's GRPOTrainer, the same workload at three model sizes.
 
     .venv/bin/pip install -e '.[bench]'          # TRL (optional extra)
-    .venv/bin/python benchmarks/bench_vs_trl.py [--sizes tiny,small,medium]
+    .venv/bin/python benchmarks/bench_vs_trl.py [--sizes tiny,small,medium] [--rounds N]
 
 Same model folder, prompts (the default job's arithmetic task), group size 16, 8 prompts per
 step, completion length (tiny 32 tokens, small/medium 128), learning rate (constant 1e-4, AdamW
 betas 0.9/0.99, grad clip 1), beta 0.001, epsilon 10, per-sequence loss ("grpo"), temperature 1,
 the same step count, fp32 (--dtype bfloat16: TRL's bf16=True with the model loaded in bf16, and
 grpo-ray's model.dtype=bfloat16, which keeps fp32 master weights). TRL runs on the CPU with its
-default HF `generate`; grpo-ray with its default actors (vLLM generator, reference, DeepSpeed learner, verifier pool). Each system
-runs in its own process, one after the other. Prints a table per size, both reward curves, a
+default HF `generate`; grpo-ray with its default actors (vLLM generators, reference, DeepSpeed
+learner ranks, verifier pool). --compiled compiles grpo-ray's vLLM engines
+(rollout.enforce_eager=false): sampling ~12% faster at the tiny size and ~4% at small
+(in-process, alternating), for 6-40 s more start-up, which the wall time shows and the step
+time does not. Each system runs in its own process, one after the other. Prints a table per size, both reward curves, a
 PNG of step time vs model size, and as its last line one JSON object with the headline ratios.
+
+--rounds N runs the systems N times in turn (TRL, grpo-ray, TRL, grpo-ray, ...) and reports the
+median of the N ratios, each taken between runs minutes apart. On a shared 2-core box the same
+TRL run took 0.28 s a step in one run and 0.45 s in another (benchmarks/RESULTS.md, fifth
+session): a ratio of two single runs said more about the box than about either system.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,38 +83,43 @@ def run_trl(model: str, new_tokens: int, steps: int, out_dir: str, dtype: str = 
     return {"wall_s": time.perf_counter() - t0, "step_s": clock.step_s, "rewards": clock.rewards, "kl": clock.kl}
 
 
-def worker(system: str, size: str, root: str, out: str, dtype: str) -> None:
+def worker(system: str, size: str, root: str, out: str, dtype: str, compiled: bool) -> None:
     spec, model = SIZES[size], model_dir(size)
     out_dir = tempfile.mkdtemp(prefix=f"{system}-", dir=root)
     if system == "trl":
         result = run_trl(model, spec["new_tokens"], spec["steps"], out_dir, dtype)
     else:  # ours_async: one-step off-policy rollouts (generation of step n+1 overlaps learning on n)
         result = run_ours(model, spec["new_tokens"], spec["steps"], out_dir, f"model.dtype={dtype}",
-                          f"rollout.asynchronous={system == 'ours_async'}", *spec.get("overrides", []))
+                          f"rollout.asynchronous={system == 'ours_async'}", f"rollout.enforce_eager={not compiled}",
+                          *spec.get("overrides", []))
     result["params"] = num_params(model)
     with open(out, "w") as f:
         json.dump(result, f)
 
 
-def measure(system: str, size: str, root: str, dtype: str, reuse: bool = False) -> dict:
+def measure(system: str, size: str, root: str, dtype: str, reuse: bool = False, round_: int = 0,
+            compiled: bool = False) -> dict:
     """One system at one size in a fresh process (no shared threads, caches or memory); with
     reuse, a result already in root (from an earlier run of this script) is read instead."""
-    tag = size if dtype == "float32" else f"{size}-{dtype}"
+    tag = ((size if dtype == "float32" else f"{size}-{dtype}") + ("-compiled" if compiled and system != "trl" else "")
+           + (f"-r{round_}" if round_ else ""))
     out = os.path.join(root, f"{system}-{tag}.json")
     if reuse and os.path.isfile(out):
         return json.load(open(out))
     log = os.path.join(root, f"{system}-{tag}.log")
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, __file__, "--worker", system, "--size", size, "--root", root,
-                               "--out", out, "--dtype", dtype], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        cmd = [sys.executable, __file__, "--worker", system, "--size", size, "--root", root, "--out", out,
+               "--dtype", dtype] + (["--compiled"] if compiled else [])
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         sys.exit(f"{system} at size {size} failed; see {log}")
     return json.load(open(out))
 
 
-def report(size: str, trl: dict, ours: dict, ours_async: dict | None = None) -> tuple[float, float | None]:
-    """Prints one size's table; returns the step-time ratios (sync, async or None) against TRL."""
-    ratio = steady(ours["step_s"]) / steady(trl["step_s"])
+def report(size: str, rounds: list[dict[str, dict]]) -> tuple[float, float | None]:
+    """Prints one size's table; returns the step-time ratios against TRL (sync, and async or
+    None), each the median over rounds of the ratio within a round."""
+    trl, ours, ours_async = (rounds[0].get(s) for s in ("trl", "ours", "ours_async"))
     print(f"\n{size}: {ours['params'] / 1e6:.1f}M parameters, {SIZES[size]['new_tokens']} new tokens, "
           f"{PROMPTS} prompts x {GROUP} samples, {SIZES[size]['steps']} steps")
     print(f"{'':<16}{'step s':>9}{'wall s':>9}   reward per step")
@@ -113,10 +127,19 @@ def report(size: str, trl: dict, ours: dict, ours_async: dict | None = None) -> 
     for name, r in (row for row in rows if row[1] is not None):
         curve = " ".join(f"{x:.2f}" for x in r["rewards"])
         print(f"{name:<16}{steady(r['step_s']):>9.2f}{r['wall_s']:>9.1f}   {curve}")
-    for name, r in (row for row in rows[1:] if row[1] is not None):
-        phases = " ".join(f"{k} {steady(v):.2f}" for k, v in r["phases"].items() if k != "step")
-        print(f"step time ratio ({name} / TRL): {steady(r['step_s']) / steady(trl['step_s']):.2f}; phases (s): {phases}")
-    return ratio, None if ours_async is None else steady(ours_async["step_s"]) / steady(trl["step_s"])
+    ratios = {}
+    for system, name in (("ours", "grpo-ray"), ("ours_async", "grpo-ray async")):
+        if system not in rounds[0]:
+            continue
+        per_round = [steady(r[system]["step_s"]) / steady(r["trl"]["step_s"]) for r in rounds]
+        ratios[system] = statistics.median(per_round)
+        phases = " ".join(f"{k} {steady(v):.2f}" for k, v in rounds[0][system]["phases"].items() if k != "step")
+        print(f"step time ratio ({name} / TRL): {ratios[system]:.2f}; phases (s): {phases}")
+        if len(rounds) > 1:
+            steps = ", ".join(f"{steady(r['trl']['step_s']):.3f} / {steady(r[system]['step_s']):.3f}" for r in rounds)
+            print(f"  per round (TRL / {name} s): {steps}; ratios {' '.join(f'{x:.2f}' for x in per_round)}, "
+                  f"median {ratios[system]:.2f}")
+    return ratios["ours"], ratios.get("ours_async")
 
 
 def plot(results: dict, path: str, dtype: str) -> None:
@@ -126,12 +149,13 @@ def plot(results: dict, path: str, dtype: str) -> None:
     import matplotlib.pyplot as plt
 
     sizes = list(results)
-    params = [results[s]["ours"]["params"] / 1e6 for s in sizes]
+    params = [results[s][0]["ours"]["params"] / 1e6 for s in sizes]
     fig, ax = plt.subplots(figsize=(6, 4))
     for system, label in (("trl", "TRL GRPOTrainer"), ("ours", "grpo-ray"), ("ours_async", "grpo-ray async")):
-        if system not in results[sizes[0]]:
+        if system not in results[sizes[0]][0]:
             continue
-        ax.plot(params, [steady(results[s][system]["step_s"]) for s in sizes], "o-", label=label)
+        ax.plot(params, [statistics.median(steady(r[system]["step_s"]) for r in results[s]) for s in sizes],
+                "o-", label=label)
     ax.set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="step time (s, median)",
            title=f"GRPO step time, 8 prompts x 16 samples, {dtype}, 2 CPU cores")
     ax.legend()
@@ -148,21 +172,29 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="read results already in --root instead of measuring")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="both systems: TRL bf16=True with the model in bf16; grpo-ray model.dtype")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the systems this many times in turn; each ratio is the median over rounds")
     ap.add_argument("--with-async", action="store_true",
                     help="also run grpo-ray with rollout.asynchronous=true (one-step off-policy)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="grpo-ray's vLLM engines compiled (rollout.enforce_eager=false; default: eager, as configured)")
     ap.add_argument("--worker", choices=["trl", "ours", "ours_async"])
     ap.add_argument("--size")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.size, args.root, args.out, args.dtype)
+        return worker(args.worker, args.size, args.root, args.out, args.dtype, args.compiled)
+    if args.rounds < 1:
+        ap.error(f"--rounds={args.rounds}: run each system at least once (--rounds 1)")
     root = args.root or tempfile.mkdtemp(prefix="bench-vs-trl-")
     os.makedirs(root, exist_ok=True)
     results, ratios, async_ratios = {}, {}, {}
     systems = ("trl", "ours", "ours_async") if args.with_async else ("trl", "ours")
     for size in args.sizes.split(","):
-        results[size] = {system: measure(system, size, root, args.dtype, args.reuse) for system in systems}
-        ratios[size], async_ratios[size] = report(size, *(results[size][s] for s in systems))
+        results[size] = [{system: measure(system, size, root, args.dtype, args.reuse, k, args.compiled)
+                          for system in systems}
+                         for k in range(args.rounds)]
+        ratios[size], async_ratios[size] = report(size, results[size])
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
     path = args.plot.replace(".png", f"{suffix}.png")
     plot(results, path, args.dtype)

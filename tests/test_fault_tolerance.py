@@ -3,9 +3,6 @@ Ray restarts them, the generator gets the current weights again, and every step 
 all its samples, none from stale weights."""
 import json
 import os
-import signal
-import threading
-import time
 
 import psutil
 import pytest
@@ -16,19 +13,31 @@ pytestmark = pytest.mark.slow
 
 
 def _kill(title: str) -> int:
-    """SIGKILL the Ray worker whose process title is `title` (e.g. ray::Generator)."""
+    """SIGKILL the Ray worker whose process title is `title` (e.g. ray::Generator) and wait
+    until it is gone."""
     for p in psutil.process_iter(["cmdline"]):
         if (p.info["cmdline"] or [""])[0].startswith(title):
-            os.kill(p.pid, signal.SIGKILL)
+            p.kill()
+            p.wait(timeout=30)
             return p.pid
     raise AssertionError(f"no process {title}")
 
 
-def _steps_logged(path) -> int:
-    try:
-        return sum(1 for line in open(path) if '"reward/mean"' in line)
-    except OSError:
-        return 0
+def _kill_at(monkeypatch, phase: str, kills: dict[int, str], killed: list) -> None:
+    """Wrap the driver's `phase` (a function of grpo_ray.train) so that its n-th call first
+    kills the actor kills[n]: the crash lands at a chosen point of a chosen step, however fast
+    the box runs (a thread watching metrics.jsonl could land a step late, or after the run)."""
+    import grpo_ray.train as driver
+
+    original, calls = getattr(driver, phase), [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] in kills:
+            killed.append((kills[calls[0]], _kill(kills[calls[0]])))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(driver, phase, wrapped)
 
 
 def _overrides(tmp_path, model_dir, name: str, steps: int) -> list[str]:
@@ -41,24 +50,15 @@ def _overrides(tmp_path, model_dir, name: str, steps: int) -> list[str]:
             f"train.steps={steps}", "train.eval_every=0", "eval.num_prompts=3", "eval.samples=10", "learner.lr=1e-3"]
 
 
-def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_path):
+def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_path, monkeypatch):
     from grpo_ray.train import train
 
     cfg = load_config("configs/default.yaml", _overrides(tmp_path, tiny_model_dir, "ft", 6))
     metrics = tmp_path / "ft" / "metrics.jsonl"
     killed = []
-
-    def killer():
-        for after, title in ((2, "ray::Generator"), (4, "ray::Reference")):
-            deadline = time.monotonic() + 300
-            while _steps_logged(metrics) < after and time.monotonic() < deadline:
-                time.sleep(0.05)
-            killed.append((title, _kill(title)))
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    # step 3's rollout goes to a dead generator; step 5's queued reference pass to a dead reference
+    _kill_at(monkeypatch, "generate", {3: "ray::Generator", 5: "ray::Reference"}, killed)
     run_dir = train(cfg)
-    thread.join(timeout=10)
     assert [t for t, _ in killed] == ["ray::Generator", "ray::Reference"]
     steps = [json.loads(line) for line in open(metrics) if '"reward/mean"' in line]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
@@ -68,23 +68,18 @@ def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_p
     assert os.path.isdir(os.path.join(run_dir, "final_model"))
 
 
-def test_learner_killed_ends_the_run_with_a_resume_hint_and_resume_finishes(ray_local, tiny_model_dir, tmp_path):
+def test_learner_killed_ends_the_run_with_a_resume_hint_and_resume_finishes(ray_local, tiny_model_dir, tmp_path,
+                                                                             monkeypatch):
     from grpo_ray.train import train
 
     overrides = _overrides(tmp_path, tiny_model_dir, "lk", 5) + ["train.checkpoint_every=2"]
     metrics = tmp_path / "lk" / "metrics.jsonl"
-
-    def killer():
-        deadline = time.monotonic() + 300
-        while _steps_logged(metrics) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        _kill("ray::Learner")
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    with pytest.raises(RuntimeError, match=r"an actor died at step [34] .*the last checkpoint is step 2 .*--resume"):
+    killed = []
+    _kill_at(monkeypatch, "update_policy", {4: "ray::Learner"}, killed)  # step 4's update finds it dead
+    with pytest.raises(RuntimeError, match=r"an actor died at step 4 .*the last checkpoint is step 2 .*--resume"):
         train(load_config("configs/default.yaml", overrides))
-    thread.join(timeout=10)
+    assert [t for t, _ in killed] == ["ray::Learner"]
+    monkeypatch.undo()
     run_dir = train(load_config("configs/default.yaml", overrides + ["run.resume=must"]))
     steps = [json.loads(line)["step"] for line in open(metrics) if '"reward/mean"' in line]
     assert steps[-3:] == [3, 4, 5] and steps[:2] == [1, 2]  # resumed after step 2's checkpoint
