@@ -12,8 +12,9 @@ default HF `generate`; grpo-ray with its default actors (vLLM generators, refere
 learner ranks, verifier pool). --compiled compiles grpo-ray's vLLM engines
 (rollout.enforce_eager=false): sampling ~12% faster at the tiny size and ~4% at small
 (in-process, alternating), for 6-40 s more start-up, which the wall time shows and the step
-time does not. Each system runs in its own process, one after the other. Prints a table per size, both reward curves, a
-PNG of step time vs model size, and as its last line one JSON object with the headline ratios.
+time does not. Each system runs in its own process, one after the other. Prints a table per
+size, both reward curves, a PNG of step time vs model size, and as its last line one JSON
+object with the headline ratios (and the rounds and engine mode they came from).
 
 --rounds N runs the systems N times in turn (TRL, grpo-ray, TRL, grpo-ray, ...) and reports the
 median of the N ratios, each taken between runs minutes apart. On a shared 2-core box the same
@@ -203,7 +204,8 @@ def main() -> None:
     print(json.dumps({f"step_time_ratio_vs_trl{suffix}": round(ratios[largest], 3),
                       **{f"step_time_ratio_vs_trl_{s}{suffix}": round(r, 3) for s, r in ratios.items()},
                       **{f"step_time_ratio_vs_trl_{s}{suffix}_async": round(r, 3)
-                         for s, r in async_ratios.items() if r is not None}}))
+                         for s, r in async_ratios.items() if r is not None},
+                      "rounds": args.rounds, "engines": "compiled" if args.compiled else "eager"}))
 
 
 if __name__ == "__main__":
