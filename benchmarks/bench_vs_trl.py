@@ -11,10 +11,11 @@ grpo-ray's model.dtype=bfloat16, which keeps fp32 master weights). TRL runs on t
 default HF `generate`; grpo-ray with its default actors (vLLM generators, reference, DeepSpeed
 learner ranks, verifier pool). --compiled compiles grpo-ray's vLLM engines
 (rollout.enforce_eager=false): sampling ~12% faster at the tiny size and ~4% at small
-(in-process, alternating), for 6-40 s more start-up, which the wall time shows and the step
-time does not. Each system runs in its own process, one after the other. Prints a table per
-size, both reward curves, a PNG of step time vs model size, and as its last line one JSON
-object with the headline ratios (and the rounds and engine mode they came from).
+(in-process, alternating), for 0-6 s more start-up per engine with a warm compile cache and
+28-37 s without, which the wall time shows and the step time does not. Each system runs in
+its own process, one after the other. Prints a table per size, both reward curves, a PNG of
+step time vs model size, and as its last line one JSON object with the headline ratios (and
+the rounds and engine mode they came from).
 
 --rounds N runs the systems N times in turn (TRL, grpo-ray, TRL, grpo-ray, ...) and reports the
 median of the N ratios, each taken between runs minutes apart. On a shared 2-core box the same

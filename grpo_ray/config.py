@@ -156,7 +156,7 @@ class RolloutConfig:
     # true: vLLM runs the model eagerly. false: CUDA graphs on GPUs (faster decoding); on the CPU,
     # vLLM compiles the model with inductor: measured here (2026-11-26, one process, alternating),
     # sampling 8 x 16 answers took 0.16 -> 0.14 s (tiny) and 5.7 -> 5.5 s (small, 128 tokens), for
-    # 6-40 s more start-up per engine (the first compile of a model; ~/.cache/vllm keeps it):
+    # 0-6 s more start-up per engine with a warm compile cache (~/.cache/vllm), 28-37 s without:
     # worth it on long CPU runs, not on the 20-step default job.
     enforce_eager: bool = True
     asynchronous: bool = _f(False, doc="one step off-policy: step n+1's rollout is sampled while step n trains")
