@@ -170,7 +170,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="tiny,small,medium")
     ap.add_argument("--root", default=None, help="models and logs (default: a new temp dir)")
-    ap.add_argument("--plot", default=os.path.join(REPO, "benchmarks", "step_time_vs_size.png"))
+    ap.add_argument("--plot", default=None,
+                    help="PNG path (default: benchmarks/step_time_vs_size.png when all three sizes run, "
+                         "else in --root, so a partial run does not replace the recorded plot)")
     ap.add_argument("--reuse", action="store_true", help="read results already in --root instead of measuring")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="both systems: TRL bf16=True with the model in bf16; grpo-ray model.dtype")
@@ -198,7 +200,8 @@ def main() -> None:
                          for k in range(args.rounds)]
         ratios[size], async_ratios[size] = report(size, results[size])
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
-    path = args.plot.replace(".png", f"{suffix}.png")
+    where = os.path.join(REPO, "benchmarks") if set(args.sizes.split(",")) == set(SIZES) else root
+    path = (args.plot or os.path.join(where, "step_time_vs_size.png")).replace(".png", f"{suffix}.png")
     plot(results, path, args.dtype)
     print(f"\nplot: {path}; logs: {root}")
     largest = list(ratios)[-1]
