@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import GROUP, KV_CACHE_MB, PROMPTS, REPO, SIZES, model_dir, records  # noqa: E402
+from common import GROUP, KV_CACHE_MB, PROMPTS, REPO, SIZES, machine, model_dir, records  # noqa: E402
 
 
 def prompts() -> list[str]:
@@ -95,7 +95,7 @@ def main() -> None:
             ours, hf = measure("ours", size, dtype, root), measure("hf", size, dtype, root)
             headline[f"generate_ratio_vs_hf_{size}_{dtype}"] = round(ours / hf, 2)
             print(f"{size:<8}{dtype:<10}{ours:>12.0f}{hf:>12.0f}{ours / hf:>8.2f}", flush=True)
-    print(json.dumps(headline))
+    print(json.dumps({**headline, "machine": machine()}))
 
 
 if __name__ == "__main__":

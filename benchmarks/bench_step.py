@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, steady  # noqa: E402
+from common import REPO, machine, steady  # noqa: E402
 
 import grpo_ray.train as train_mod  # noqa: E402
 from grpo_ray.config import load_config  # noqa: E402
@@ -94,7 +94,7 @@ def main() -> None:
                       "sync_share": round((sync["sync"] + sync["generate_queued"]) / sync["step"], 4),
                       "overhead_share": round(sync["overhead"] / sync["step"], 4),
                       "pass1_end_sync": round(results["sync"]["pass1"][-1], 3),
-                      "pass1_end_async": round(results["async"]["pass1"][-1], 3)}))
+                      "pass1_end_async": round(results["async"]["pass1"][-1], 3), "machine": machine()}))
 
 
 if __name__ == "__main__":

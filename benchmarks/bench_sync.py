@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import SIZES, model_dir, num_params, run_ours, steady  # noqa: E402
+from common import SIZES, machine, model_dir, num_params, run_ours, steady  # noqa: E402
 
 
 def time_sync(model: str, overrides: list[str]) -> float:
@@ -84,7 +84,7 @@ def main() -> None:
         headline[f"sync_s_{size}"], headline[f"sync_share_{size}"] = round(sync, 4), round(in_loop / step, 4)
         print(f"{size:<8}{params / 1e6:>8.1f}M{params * 4 / 2**20:>9.0f}{sync:>9.3f}{in_loop:>11.3f}{step:>9.2f}"
               f"{in_loop / step:>8.1%}", flush=True)
-    print(json.dumps(headline))
+    print(json.dumps({**headline, "machine": machine()}))
 
 
 if __name__ == "__main__":

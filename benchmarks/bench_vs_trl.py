@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import GROUP, LR, PROMPTS, REPO, SIZES, model_dir, num_params, records, run_ours, steady  # noqa: E402
+from common import GROUP, LR, PROMPTS, REPO, SIZES, machine, model_dir, num_params, records, run_ours, steady  # noqa: E402
 
 
 def run_trl(model: str, new_tokens: int, steps: int, out_dir: str, dtype: str = "float32") -> dict:
@@ -209,7 +209,8 @@ def main() -> None:
                       **{f"step_time_ratio_vs_trl_{s}{suffix}": round(r, 3) for s, r in ratios.items()},
                       **{f"step_time_ratio_vs_trl_{s}{suffix}_async": round(r, 3)
                          for s, r in async_ratios.items() if r is not None},
-                      "rounds": args.rounds, "engines": "compiled" if args.compiled else "eager"}))
+                      "rounds": args.rounds, "engines": "compiled" if args.compiled else "eager",
+                      "machine": machine()}))
 
 
 if __name__ == "__main__":

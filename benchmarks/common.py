@@ -54,6 +54,27 @@ def model_dir(size: str, root: str = CACHE) -> str:
     return path
 
 
+def machine() -> str:
+    """The CPU the numbers came from, e.g. "AMD EPYC, 2 CPUs, avx512": the same code gave a tiny
+    ratio of 0.85 against TRL on an AMD EPYC box and 1.16-1.28 on a Xeon (benchmarks/RESULTS.md),
+    so a figure without its machine cannot be compared with another."""
+    name, flags = "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:  # not Linux
+        import platform
+
+        name = platform.processor() or name
+    extras = [label for flag, label in (("avx512f", "avx512"), ("amx_bf16", "amx_bf16")) if flag in flags]
+    return ", ".join([name, f"{os.cpu_count()} CPUs", *extras])
+
+
 def num_params(path: str) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
