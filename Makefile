@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-all clean
+.PHONY: setup run test test-quick clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,9 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-all: setup
-	$(BIN)/python -m pytest -q --runslow $(PYTEST_ARGS)
+# the unit tests only (~1 min): no Ray cluster, vLLM or DeepSpeed engine starts
+test-quick: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

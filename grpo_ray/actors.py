@@ -99,7 +99,7 @@ class Roles:
     learners: list
     placement: Placement | None = None
     weight_version: int = 0  # what the generators hold: the learner step last pushed to them
-    loading: list = field(default_factory=list)  # the weight loads not yet awaited (see train.finish_sync)
+    loading: list = field(default_factory=list)  # the weight loads not yet awaited (see step.finish_sync)
 
 
 def start_generators(cfg: Config, model_path: str, placement: Placement | None = None) -> list:
@@ -108,7 +108,7 @@ def start_generators(cfg: Config, model_path: str, placement: Placement | None =
 
     gen_cls, actors = ray.remote(Generator), []
     for i in range(cfg.rollout.num_generators):
-        # restarted after a crash (the driver then pushes the current weights; see train.generate)
+        # restarted after a crash (the driver then pushes the current weights; see step.generate)
         options, cpus, _ = _placed(cfg, placement, "generator", i, **_restarts(cfg))
         actors.append(gen_cls.options(**options).remote(
             model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,

@@ -24,10 +24,10 @@ def _kill(title: str) -> int:
 
 
 def _kill_at(monkeypatch, phase: str, kills: dict[int, str], killed: list) -> None:
-    """Wrap the driver's `phase` (a function of grpo_ray.train) so that its n-th call first
+    """Wrap the driver's `phase` (a function of grpo_ray.step) so that its n-th call first
     kills the actor kills[n]: the crash lands at a chosen point of a chosen step, however fast
     the box runs (a thread watching metrics.jsonl could land a step late, or after the run)."""
-    import grpo_ray.train as driver
+    import grpo_ray.step as driver
 
     original, calls = getattr(driver, phase), [0]
 

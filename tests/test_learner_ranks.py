@@ -27,7 +27,7 @@ def _learners(ray, model_dir, world_size, zero_stage, aggregation):
 
 def _train(ray, learners, batches, aggregation):
     """One update per batch, each rank on a contiguous 1/M of it, every rank dividing by the
-    whole batch's normaliser (as train.update_policy does). Returns per-step (grad_norm, loss)
+    whole batch's normaliser (as step.update_policy does). Returns per-step (grad_norm, loss)
     and the final weights."""
     from grpo_ray.metrics import combine_parts
 
