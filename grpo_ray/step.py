@@ -81,7 +81,8 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
 
 # ---------------------------------------------------------------- the phases
 def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, timer: PhaseTimer, pad_id: int):
-    """Sample G completions for each of prompts_per_step prompts and score them. Without dynamic
+    """Sample G completions for each of prompts_per_step prompts and score them (each
+    generator's part as soon as it is sampled, see generate). Without dynamic
     sampling the frozen reference's pass is queued behind the sampling (returned as a ref), so it
     runs while the driver scores, not after (on code tasks scoring takes seconds; with
     algo.overlong=mask it also runs on the truncated rows, masked later). With DAPO's
@@ -94,10 +95,10 @@ def collect_rollout(step: int, cfg: Config, roles: Roles, sampler: PromptSampler
     for rounds in range(1 + (a.dynamic_sampling_rounds if a.dynamic_sampling else 0)):
         records = sampler.next(P)
         with timer("generate"):  # dynamic sampling keeps a subset of the rounds: no queued pass
-            rollout, ref_ahead = generate(roles, cfg, [r["prompt"] for r in records], seed=step_seed(cfg, step, rounds),
-                                          pad_id=None if a.dynamic_sampling else pad_id)
-        with timer("verify"):
-            scores = roles.verifier.score([r for r in records for _ in range(G)], rollout.texts)
+            rollout, ref_ahead, scoring = generate(roles, cfg, records, seed=step_seed(cfg, step, rounds),
+                                                   pad_id=None if a.dynamic_sampling else pad_id, score=True)
+        with timer("verify"):  # what is left of the scoring once the last part is sampled
+            scores = roles.verifier.collect(scoring)
         if not a.dynamic_sampling:
             return records, rollout, scores, {}, ref_ahead
         waited = [waited[0] + rollout.queued_s, waited[1] + rollout.sample_s]  # rounds run one after another
@@ -162,7 +163,7 @@ def receive(roles: Roles, cfg: Config, ahead: InFlight) -> Rollout:
     if all(p.weight_version == ahead.version for p in parts):
         return Rollout.concat(parts)
     ahead.ref_logprobs = None  # it scored the samples thrown away
-    return generate(roles, cfg, [r["prompt"] for r in ahead.records], seed=step_seed(cfg, ahead.step))[0]
+    return generate(roles, cfg, ahead.records, seed=step_seed(cfg, ahead.step))[0]
 
 
 def spot_samples(records: list[dict], rollout: Rollout, scores: list, advantages: torch.Tensor, G: int,
@@ -193,28 +194,48 @@ def step_seed(cfg: Config, step: int, round: int = 0) -> int:
             + round * 10**13)
 
 
-def generate(roles: Roles, cfg: Config, prompts: list[str], seed: int,
-             pad_id: int | None = None) -> tuple[Rollout, ray.ObjectRef | None]:
-    """G completions per prompt from the generators, and with a pad_id the reference pass on
-    them, queued behind the sampling (Reference.rollout_logprobs). A generator that Ray
-    restarted after a crash comes back with the weights it started with: its rollout carries
-    another weight version, so the current weights are pushed to every generator and the prompts
-    sampled again (same seeds), and no sample from stale weights reaches the learner."""
+def generate(roles: Roles, cfg: Config, records: list[dict], seed: int, pad_id: int | None = None,
+             score: bool = False) -> tuple[Rollout, ray.ObjectRef | None, list]:
+    """G completions for each record's prompt from the generators. With a pad_id, the reference
+    pass on them, queued behind the sampling (Reference.rollout_logprobs). With score, each
+    generator's part goes to the verifier pool the moment it is sampled, so scoring runs while
+    the other generators still sample (code checks take seconds, and on a cluster the parts
+    finish at different times); the pool's pending requests are returned, for
+    roles.verifier.collect. A generator that Ray restarted after a crash comes back with the
+    weights it started with: its rollout carries another weight version, so the current weights
+    are pushed to every generator and the prompts sampled again (same seeds), and no sample from
+    stale weights reaches the learner."""
     r = cfg.rollout
     for _ in range(3):
-        refs = launch(roles.generators, prompts, n=cfg.algo.group_size, temperature=r.temperature,
-                      max_new_tokens=r.max_new_tokens, top_p=r.top_p, seed=seed)
+        refs = launch(roles.generators, [x["prompt"] for x in records], n=cfg.algo.group_size,
+                      temperature=r.temperature, max_new_tokens=r.max_new_tokens, top_p=r.top_p, seed=seed)
         ref_pass = None if pad_id is None else roles.reference.rollout_logprobs.remote(pad_id, *refs)
-        parts = ray.get(refs)
+        parts, scoring = arrivals(roles, refs, split(records, len(roles.generators)) if score else None,
+                                  cfg.algo.group_size)
         if all(p.weight_version == roles.weight_version for p in parts):
-            return Rollout.concat(parts), ref_pass
-        if ref_pass is not None:  # it scores samples about to be thrown away
+            return Rollout.concat(parts), ref_pass, scoring
+        roles.verifier.cancel(scoring)  # they score samples about to be thrown away
+        if ref_pass is not None:
             ray.cancel(ref_pass)
         print(f"generator weights at versions {sorted({p.weight_version for p in parts})}, expected "
               f"{roles.weight_version} (a restarted generator?): pushing the current weights and resampling",
               file=sys.stderr)
         sync_weights(roles, cfg, roles.weight_version)
     raise RuntimeError("generators keep returning stale weight versions after 3 weight pushes")
+
+
+def arrivals(roles: Roles, refs: list, by_part: list[list[dict]] | None, G: int) -> tuple[list[Rollout], list]:
+    """The generators' parts, in order, taken as each finishes; with by_part (each part's
+    records, as launch split the prompts), a part sampled with the current weights is submitted
+    for scoring on arrival. Returns the parts and the pool's pending requests in part order."""
+    parts, pending, waiting = [None] * len(refs), {}, list(refs)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1)
+        i = refs.index(done[0])
+        parts[i] = ray.get(done[0])
+        if by_part is not None and parts[i].weight_version == roles.weight_version:
+            pending[i] = roles.verifier.submit([rec for rec in by_part[i] for _ in range(G)], parts[i].texts)
+    return parts, [pending[i] for i in sorted(pending)]
 
 
 def update_policy(roles: Roles, cfg: Config, batch: TrainBatch) -> tuple[list, ray.ObjectRef]:

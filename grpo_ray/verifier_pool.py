@@ -20,6 +20,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import ray
 
@@ -78,8 +79,19 @@ PROBE = 8  # checks in the request that measures a check's cost, when chunk_size
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # not a line per request
 
 
+@dataclass
+class Pending:
+    """Checks sent to the pool and not yet awaited (VerifierPool.submit)."""
+    chunks: list            # (records, responses) per request
+    sent: dict              # chunk index -> Serve's DeploymentResponse
+    deadline: float         # time.monotonic() by which every answer is due
+    head: list = field(default_factory=list)  # scores already in (the cost probe's), before the chunks'
+    retries: int = 0        # resends the probe needed
+
+
 class VerifierPool:
-    """The driver's handle on the deployment: `score(records, responses)`, `replicas()`, `shutdown()`."""
+    """The driver's handle on the deployment: `score(records, responses)` (or `submit` now,
+    `collect` later), `replicas()`, `shutdown()`."""
 
     def __init__(self, cfg: Config, env: dict):
         from ray import serve
@@ -97,34 +109,45 @@ class VerifierPool:
 
     def score(self, records: list[dict], responses: list[str]) -> list[Score]:
         """Scores for (records[i], responses[i]), in order."""
+        return self.collect([self.submit(records, responses)])
+
+    def submit(self, records: list[dict], responses: list[str]) -> Pending:
+        """Send the checks to the pool and return at once; collect() awaits them. The driver
+        submits each generator's part the moment it is sampled, so scoring runs while the other
+        generators still sample."""
+        head, retries = [], 0
         if self.check_s is None and not self.cfg.chunk_size and len(records) > PROBE:
             # Cost unknown: one small request measures it before the rest is cut into chunks.
             # Without it, a first call of cheap math checks went out as 128 requests of 8, which
             # the autoscaler read as load: 3 more replicas started on a 2-core node and slowed
             # the next steps 2-5x while they booted.
-            head = self._score(records[:PROBE], responses[:PROBE])
-            retries = self.retries
-            tail = self._score(records[PROBE:], responses[PROBE:])
-            self.retries += retries
-            return head + tail
-        return self._score(records, responses)
-
-    def _score(self, records: list[dict], responses: list[str]) -> list[Score]:
+            head = self.collect([self.submit(records[:PROBE], responses[:PROBE])])
+            records, responses, retries = records[PROBE:], responses[PROBE:], self.retries
         n = self.chunk_size(len(records))
         chunks = [(records[i:i + n], responses[i:i + n]) for i in range(0, len(records), n)]
-        results: list = [None] * len(chunks)
-        pending, reason, self.retries = list(range(len(chunks))), "", 0
-        for attempt in range(self.cfg.max_retries + 1):
-            if attempt:
-                self.retries += len(pending)
-                log.warning("verifier pool: resending %d request(s) (%s), attempt %d of %d",
-                            len(pending), reason, attempt + 1, self.cfg.max_retries + 1)
-            pending, reason = self._gather(chunks, pending, results)
-            if not pending:
-                return [s for part in results for s in part]
-        raise RuntimeError(f"verifier pool {self.app}: {len(pending)} request(s) failed after "
-                           f"{self.cfg.max_retries} retries ({reason}); raise reward.pool.max_retries "
-                           f"or reward.pool.request_timeout_s")
+        return Pending(chunks, *self._send(chunks, range(len(chunks))), head=head, retries=retries)
+
+    def collect(self, pending: list[Pending]) -> list[Score]:
+        """The scores of submitted checks, in order; a chunk whose replica died or timed out is
+        sent again, up to reward.pool.max_retries. self.retries: the resends in this call."""
+        self.retries = sum(p.retries for p in pending)
+        return [s for p in pending for s in self._finish(p)]
+
+    def _finish(self, p: Pending) -> list[Score]:
+        results: list = [None] * len(p.chunks)
+        failed, reason = self._wait(p.sent, p.deadline, results)
+        for attempt in range(1, self.cfg.max_retries + 1):
+            if not failed:
+                break
+            self.retries += len(failed)
+            log.warning("verifier pool: resending %d request(s) (%s), attempt %d of %d",
+                        len(failed), reason, attempt + 1, self.cfg.max_retries + 1)
+            failed, reason = self._wait(*self._send(p.chunks, failed), results)
+        if failed:
+            raise RuntimeError(f"verifier pool {self.app}: {len(failed)} request(s) failed after "
+                               f"{self.cfg.max_retries} retries ({reason}); raise reward.pool.max_retries "
+                               f"or reward.pool.request_timeout_s")
+        return p.head + [s for part in results for s in part]
 
     def chunk_size(self, total: int) -> int:
         """reward.pool.chunk_size, or when it is 0 (auto), as many checks as take about
@@ -137,10 +160,15 @@ class VerifierPool:
             return PROBE  # cost unknown: assume code-like
         return int(min(max(self.cfg.target_request_s / max(self.check_s, 1e-6), 1), max(total, 1)))
 
-    def _gather(self, chunks: list, todo: list[int], results: list) -> tuple[list[int], str]:
-        """Send chunks[i] for i in todo, wait for all; returns (failed indices, last reason)."""
+    def _send(self, chunks: list, todo) -> tuple[dict, float]:
+        """Send chunks[i] for i in todo; returns the responses by index and their deadline."""
         sent = {i: self.handle.score.remote(*chunks[i]) for i in todo}
-        deadline, failed, reason = time.monotonic() + self.cfg.request_timeout_s, [], ""
+        return sent, time.monotonic() + self.cfg.request_timeout_s
+
+    def _wait(self, sent: dict, deadline: float, results: list) -> tuple[list[int], str]:
+        """Wait for the sent chunks, results[i] for each answered one; returns (failed indices,
+        last reason)."""
+        failed, reason = [], ""
         for i, response in sent.items():
             try:
                 results[i], busy = response.result(timeout_s=max(deadline - time.monotonic(), 0.001))
@@ -154,6 +182,12 @@ class VerifierPool:
                 failed.append(i)
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         return failed, reason
+
+    def cancel(self, pending: list[Pending]) -> None:
+        """Drop submitted checks whose scores are no longer wanted (samples thrown away)."""
+        for p in pending:
+            for response in p.sent.values():
+                response.cancel()
 
     def replicas(self) -> dict[str, int]:
         """Replica counts by state, e.g. {"RUNNING": 3, "STARTING": 1}."""

@@ -46,3 +46,10 @@ def uniform_for_even(record, response):
 def has_digit(record, response):
     """1 when the response contains a digit: an untrained tiny model passes sometimes."""
     return float(any(c.isdigit() for c in response))
+
+
+def now(record, response):
+    """The wall-clock time of the check as its reward: when the pool scored it."""
+    import time
+
+    return time.time()

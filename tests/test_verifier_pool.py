@@ -218,3 +218,39 @@ def test_a_first_burst_of_cheap_checks_does_not_scale_the_pool(ray_local, tmp_pa
         assert peak == 1, f"cheap checks scaled the pool to {peak} replicas"
     finally:
         pool.shutdown()
+
+
+@pytest.mark.slow
+def test_each_generator_part_is_scored_the_moment_it_arrives(ray_local, tmp_path):
+    """step.arrivals: the first part goes to the pool while the second is still sampling
+    (two Ray tasks stand in for generators that finish 4 s apart; the check's reward is the
+    time it ran), and collect() gives the scores back in part order."""
+    import types
+
+    import ray
+
+    from grpo_ray.records import Rollout
+    from grpo_ray.step import arrivals
+
+    @ray.remote
+    def part(texts, delay):
+        time.sleep(delay)
+        # sample_s carries the time the part was returned
+        return Rollout([[1]] * len(texts), [[2]] * len(texts), [[-0.5]] * len(texts), texts, [False] * len(texts),
+                       0, 0.0, time.time())
+
+    pool = _pool(tmp_path)
+    try:
+        rec = {"task": "reward_fns:now", "answer": ""}
+        refs = [part.remote(["a", "b"], 0.0), part.remote(["c", "d"], 4.0)]
+        roles = types.SimpleNamespace(weight_version=0, verifier=pool)
+        parts, pending = arrivals(roles, refs, [[rec], [rec]], G=2)
+        scored = [s.reward for s in pool.collect(pending)]
+        assert [p.texts for p in parts] == [["a", "b"], ["c", "d"]] and len(scored) == 4
+        assert max(scored[:2]) < parts[1].sample_s, "part 0 waited for part 1 before it was scored"
+        assert min(scored[2:]) >= parts[1].sample_s
+        # a part sampled with other weights (a restarted generator) is not sent: it is resampled
+        stale = types.SimpleNamespace(weight_version=1, verifier=pool)
+        assert arrivals(stale, [part.remote(["e"], 0.0)], [[rec]], G=1)[1] == []
+    finally:
+        pool.shutdown()
