@@ -19,11 +19,12 @@ def evaluate(generators: list, verifier, records: list[dict], *, samples: int, k
              temperature: float, max_new_tokens: int, top_p: float = 1.0,
              progress_every: int = 0) -> tuple[dict, list[dict]]:
     """Returns ({"eval/pass@k": ...}, per-problem rows with num_samples and num_correct).
-    `verifier` is anything with score(records, responses) -> list[Score] (the VerifierPool).
+    `verifier`: the VerifierPool (submit now, collect later).
     progress_every > 0: work in chunks of that many prompts behind a progress bar (the samples
-    are the same: prompt j always samples with seeds EVAL_SEED + j*samples + k)."""
+    are the same: prompt j always samples with seeds EVAL_SEED + j*samples + k); each chunk is
+    scored while the next one samples."""
     chunk = progress_every or max(len(records), 1)
-    texts, scores = [], []
+    texts, pending = [], []
     starts = range(0, len(records), chunk)
     if progress_every:
         from tqdm import tqdm
@@ -35,7 +36,8 @@ def evaluate(generators: list, verifier, records: list[dict], *, samples: int, k
                                         max_new_tokens=max_new_tokens, top_p=top_p,
                                         seed=EVAL_SEED + start * samples))
         texts += rollout.texts
-        scores += verifier.score([r for r in part for _ in range(samples)], rollout.texts)
+        pending.append(verifier.submit([r for r in part for _ in range(samples)], rollout.texts))
+    scores = verifier.collect(pending)
     rows = []
     for i, rec in enumerate(records):
         group = scores[i * samples:(i + 1) * samples]
