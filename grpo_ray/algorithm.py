@@ -45,7 +45,10 @@ def group_advantages(
         )
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator={estimator!r}; allowed: {', '.join(ESTIMATORS)}")
-    grouped = rewards.float().view(-1, group_size)  # [P, G]
+    # float64: in float32 the mean of G copies of e.g. 0.1 is not 0.1, and (r - mean) / (std + eps)
+    # of a constant group was ~1e-9 / ~1e-8, a large uniform advantage instead of zero
+    grouped = rewards.double().view(-1, group_size)  # [P, G]
+    constant = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)  # [P, 1]
     mean = grouped.mean(dim=1, keepdim=True)
     if estimator == "grpo":
         std = grouped.std(dim=1, unbiased=False, keepdim=True)
@@ -57,7 +60,7 @@ def group_advantages(
             raise ValueError("estimator='rloo' needs group_size >= 2")
         others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
         adv = grouped - others
-    return adv.reshape(-1)
+    return adv.masked_fill(constant, 0.0).float().reshape(-1)  # equal rewards: exactly no signal
 
 
 def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -130,11 +133,14 @@ def loss_normalizer(response_mask: torch.Tensor, aggregation: str, max_tokens: i
 
     response_mask: [B, T]. Passing this number to every micro-batch (on every rank) makes the sum
     of the micro-batch losses equal the full-batch loss, so gradients do not depend on the split.
-    seq_mean -> number of sequences; token_mean -> number of response tokens;
+    seq_mean -> number of sequences with a token in the loss (a row masked whole, as DAPO's
+    overlong filter masks truncated answers, is left out of the mean, not counted as a 0 that
+    shrinks every other row's weight by the step's truncation rate);
+    token_mean -> number of response tokens;
     constant -> number of sequences * max_tokens (Dr. GRPO's fixed budget; default: T).
     """
     if aggregation == "seq_mean":
-        return float(response_mask.shape[0])
+        return float((response_mask.sum(dim=1) > 0).sum().clamp(min=1).item())
     if aggregation == "token_mean":
         return float(response_mask.sum().clamp(min=1).item())
     if aggregation == "constant":

@@ -3,12 +3,13 @@
 Layout: <run_dir>/checkpoints/step_000010/
     policy/      the policy in Hugging Face format (transformers and vLLM load it as is)
     learner/     DeepSpeed's checkpoint: weights, AdamW moments, LR schedule (every rank's shard)
-    state.json   step, prompt-sampler position, KL-monitor window; written last
+    state.json   step, prompt-sampler position, KL-monitor window, the LR scale and rollbacks of
+                 algo.kl_action=rollback, the reference's folder; written last
 
 A checkpoint is written to `.step_000010.tmp` and renamed into place, so a crash mid-save leaves
 the previous checkpoint as the newest valid one; the last `train.keep_checkpoints` are kept. On
-resume the generators start from policy/, the learner restores learner/ (the reference stays
-the initial model), and the sampler draws the prompts the interrupted run would have drawn:
+resume the generators start from policy/, the learner restores learner/ (the reference is the
+initial model, or reference_policy/ after an algo.ref_reset_every reset), and the sampler draws the prompts the interrupted run would have drawn:
 there is no other randomness in the driver, and sampling seeds derive from the step number.
 """
 from __future__ import annotations

@@ -359,6 +359,11 @@ def _validate(cfg: Config) -> None:
     if cfg.rollout.asynchronous and cfg.algo.dynamic_sampling:
         raise ConfigError("rollout.asynchronous=true does not work with algo.dynamic_sampling=true yet (the extra "
                           "rounds would be sampled with other weights); turn one of them off")
+    if cfg.rollout.top_p < 1.0 and not cfg.algo.recompute_old_logprobs:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} samples from the renormalised nucleus, so the sampler's "
+                          "logprobs (old_logprobs) are not the full softmax the learner computes: the ratio would "
+                          "start below 1 and the clip act on that gap. Set algo.recompute_old_logprobs=true "
+                          "algo.tis=token (importance weights against the sampler), or rollout.top_p=1.0")
     if cfg.algo.tis != "none" and not cfg.algo.recompute_old_logprobs:
         raise ConfigError(f"algo.tis={cfg.algo.tis!r} needs algo.recompute_old_logprobs=true: the importance "
                           "weights compare the learner's old logprobs with the sampler's")

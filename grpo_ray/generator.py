@@ -1,7 +1,7 @@
 """Generator role: a vLLM engine that samples group_size completions per prompt and returns the
 token ids with the sampler's own per-token logprobs (the `old_logprobs` of GRPO's ratio).
 
-A plain class: Ray wraps it with `ray.remote` where actors are created (see `cluster_actors`).
+A plain class: Ray wraps it with `ray.remote` where actors are created (`actors.start_generators`).
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0): no extra process per actor, and
 weights are swapped in place inside the running engine: on the CPU backend by the model's own
 loaders plus a repack of each matmul handle (`_reload_cpu_gemms`), elsewhere by the worker's
@@ -219,6 +219,10 @@ class Generator:
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
                        kv_cache_memory_bytes=kv_cache_mb << 20, seed=seed, max_num_seqs=max_num_seqs,
                        enable_prefix_caching=False,
+                       # the sampled token's logprob after temperature (and top-p): the policy
+                       # that sampled, which the learner computes as log_softmax(logits / T).
+                       # vLLM's default (raw_logprobs) is the T = 1 softmax whatever the temperature
+                       logprobs_mode="processed_logprobs",
                        # vLLM checks at start that this fraction of the GPU is free: a generator
                        # sharing its GPU (resources.colocate) may only claim its share
                        gpu_memory_utilization=0.9 * min(1.0, gpu_share or 1.0))

@@ -1,9 +1,10 @@
 """Learner role: a DeepSpeed engine that computes the GRPO loss over micro-batches and steps the
-optimizer once per rollout batch. World size 1 by default; M ranks (one Ray actor each) form one
+optimizer once per mini-batch per pass (algo.mini_batches x algo.ppo_epochs; once per rollout by
+default). World size 1 by default; M ranks (one Ray actor each) form one
 gloo/NCCL process group and each takes 1/M of the batch.
 
 Split invariance: every micro-batch on every rank divides by the same global normaliser
-(algorithm.loss_normalizer over the whole step's batch), DeepSpeed's own 1/GAS scaling is off
+(algorithm.loss_normalizer over its whole mini-batch, on all ranks), DeepSpeed's own 1/GAS scaling is off
 (unmanaged accumulation, step() is the boundary), and the loss is multiplied by the world size
 because DeepSpeed averages gradients across ranks. The sum over all micro-batches and ranks is
 then exactly the full-batch loss, so the gradient does not depend on how the batch was split.
@@ -28,7 +29,7 @@ class Learner:
                  micro_batch_size: int = 64, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 29500, threads: int = 2, seed: int = 0,
                  recompute_old_logprobs: bool = False, tis: str = "none", tis_cap: float = 2.0,
-                 share_prompts: bool = True):
+                 share_prompts: bool = True, temperature: float = 1.0):
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         for key, value in {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
@@ -43,6 +44,7 @@ class Learner:
         self.loss_kwargs = dict(loss_kwargs or {})
         self.recompute_old_logprobs, self.tis, self.tis_cap = recompute_old_logprobs or tis != "none", tis, tis_cap
         self.micro_batch_size, self.share_prompts = micro_batch_size, share_prompts
+        self.temperature = temperature  # rollout.temperature: logprobs of the policy that sampled
         model = load_causal_lm(model_path, "float32")  # fp32 master weights; bf16 via DeepSpeed
         # A client AdamW skips DeepSpeed's ~40 s fused_adam JIT build on CPU.
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
@@ -105,7 +107,7 @@ class Learner:
             mb = mb.to(self.engine.device)
             logprobs, entropy = response_logprobs(self.engine, mb, with_entropy=True,
                                                   entropy_grad=bool(self.loss_kwargs.get("entropy_coef")),
-                                                  share_prompts=self.share_prompts)
+                                                  share_prompts=self.share_prompts, temperature=self.temperature)
             is_weights = None
             if self.tis != "none":
                 is_weights = truncated_is_weights(mb.old_logprobs, mb.sampler_logprobs, mb.response_mask,
@@ -145,7 +147,8 @@ class Learner:
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """Current policy's logprobs [B, T] of the batch's responses (0 on padding)."""
         self.engine.eval()
-        return batched_logprobs(self.engine.module, batch, self.micro_batch_size, self.share_prompts)
+        return batched_logprobs(self.engine.module, batch, self.micro_batch_size, self.share_prompts,
+                                self.temperature)
 
     def _measure_reduced_grad_norm(self) -> None:
         """Record the norm of the gradient every rank steps with: ZeRO 0 reduces gradients across

@@ -94,8 +94,10 @@ def response_logits(model, batch: TrainBatch, share_prompts: bool = True) -> tup
 
 
 def response_logprobs(model, batch: TrainBatch, with_entropy: bool = False, entropy_grad: bool = False,
-                      share_prompts: bool = True):
-    """Per-token log p(response token) under `model`.
+                      share_prompts: bool = True, temperature: float = 1.0):
+    """Per-token log p(response token) under `model` at the sampling temperature: the policy
+    that sampled is softmax(logits / T), and the ratio and the KL are about that policy (as in
+    TRL's and verl's learners); the generator reports vLLM's logprobs after the same scaling.
 
     Returns logprobs [B, T] (float32, with grad if the model has it; 0 on padding) and entropy
     [B, T] (detached unless entropy_grad, which an entropy bonus needs) or None. Position ids
@@ -105,6 +107,8 @@ def response_logprobs(model, batch: TrainBatch, with_entropy: bool = False, entr
     batch = batch.to(next(model.parameters()).device)
     shape = batch.response_mask.shape
     logits, index = response_logits(model, batch, share_prompts)
+    if temperature != 1.0:
+        logits = logits / temperature
     logprobs = _scatter(token_logprobs(logits, batch.response_ids.reshape(-1)[index]), index, shape)
     entropy = None
     if with_entropy and entropy_grad:
@@ -121,10 +125,11 @@ def _scatter(values: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> to
 
 
 @torch.no_grad()
-def batched_logprobs(model, batch: TrainBatch, micro_batch_size: int, share_prompts: bool = True) -> torch.Tensor:
-    """logprobs [B, T] of the batch's responses, micro-batch by micro-batch (0 on padding)."""
+def batched_logprobs(model, batch: TrainBatch, micro_batch_size: int, share_prompts: bool = True,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """logprobs [B, T] of the batch's responses at `temperature`, micro-batch by micro-batch (0 on padding)."""
     out = torch.zeros_like(batch.old_logprobs)
     for rows, mb in batch.micro_batches(micro_batch_size, by_prompt=share_prompts):
-        lp, _ = response_logprobs(model, mb, share_prompts=share_prompts)
+        lp, _ = response_logprobs(model, mb, share_prompts=share_prompts, temperature=temperature)
         out[rows, :lp.shape[1]] = lp.cpu() * mb.response_mask
     return out

@@ -84,8 +84,16 @@ def plot_run(run_dir: str, kl_stop: float | None = None) -> list[str]:
         figure("reward", "reward: mean and within-group std (guide: std 0.3-2.0)", reward)
         figure("kl", "KL to the reference (k3, per token)", kl)
         figure("clip", "clip fractions", lambda ax: series(ax, train, ["clip/low", "clip/high"]))
-        figure("length", "response length (tokens) and truncation",
-               lambda ax: series(ax, train, ["response_length/mean", "response_length/max"]))
+        def length(ax):
+            series(ax, train, ["response_length/mean", "response_length/max"])
+            if "truncated/frac" in train:  # a share, on its own axis
+                twin = ax.twinx()
+                series(twin, train, ["truncated/frac"], color="tab:red", ls="--")
+                twin.set_ylim(0, 1.05)
+                twin.set_ylabel("truncated/frac")
+                ax.plot([], [], color="tab:red", ls="--", marker=".", label="truncated/frac (right)")  # one legend
+
+        figure("length", "response length (tokens) and truncation", length)
         figure("timings", "seconds per phase", lambda ax: series(ax, train, [f"time/{p}" for p in PHASES]))
     if len(evals):
         figure("pass_at_k", "held-out pass@k (unbiased)",

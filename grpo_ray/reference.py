@@ -1,4 +1,5 @@
-"""Reference role: the frozen initial policy, giving per-token logprobs for the KL term."""
+"""Reference role: the frozen reference policy (the initial one unless algo.ref_reset_every resets
+it), giving per-token logprobs for the KL term."""
 from __future__ import annotations
 
 import torch
@@ -9,14 +10,15 @@ from .records import Rollout, TrainBatch
 
 class Reference:
     def __init__(self, model_path: str, *, dtype: str = "float32", threads: int = 2, micro_batch_size: int = 64,
-                 share_prompts: bool = True):
+                 share_prompts: bool = True, temperature: float = 1.0):
         torch.set_num_threads(threads)
         self.model = load_causal_lm(model_path, dtype).to(device()).eval().requires_grad_(False)
         self.micro_batch_size, self.share_prompts = micro_batch_size, share_prompts
+        self.temperature = temperature  # the KL is between the tempered policies, as the ratio
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """ref_logprobs [B, T] for the batch's responses (0 on padding)."""
-        return batched_logprobs(self.model, batch, self.micro_batch_size, self.share_prompts)
+        return batched_logprobs(self.model, batch, self.micro_batch_size, self.share_prompts, self.temperature)
 
     def rollout_logprobs(self, pad_id: int, *parts: Rollout) -> torch.Tensor:
         """ref_logprobs [B, T] of a rollout given as its generators' parts, laid out as the

@@ -1,7 +1,9 @@
 """One GRPO step and its phases, each a named call on the actors (OpenRLHF's and verl's drivers
 split the same way):
 
-    generate -> verify -> reference logprobs -> advantages -> learner update -> weight sync
+    generate -> verify -> advantages -> reference logprobs -> learner update -> weight sync
+
+(the reference pass itself is queued behind the sampling; its phase is the wait for it)
 
 train.py runs these steps in a loop and does what a run does between them (evaluate, checkpoint,
 watch the KL, roll back, reset the reference).

@@ -1,6 +1,6 @@
 """Where metrics go: metrics.jsonl always (the source of truth, append-only), TensorBoard event
 files under run_dir/tensorboard (run.tensorboard), and Weights & Biases when it is installed and
-run.wandb is on. A sink that fails to start is reported once and skipped: logging never stops a
+run.wandb_project is set. A sink that fails to start is reported once and skipped: logging never stops a
 training run."""
 from __future__ import annotations
 

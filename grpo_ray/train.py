@@ -1,6 +1,6 @@
 """The driver: one GRPO run over Ray actors, readable top to bottom. Each step (step.py):
 
-    generate -> verify -> reference logprobs -> advantages -> learner update -> weight sync -> log
+    generate -> verify -> advantages -> reference logprobs -> learner update -> weight sync -> log
 
 and between steps: evaluate, checkpoint, watch the KL (stop or roll back), reset the reference.
 Run as `grpo-ray train configs/default.yaml [dotted.key=value ...]` or `python -m grpo_ray.train ...`.

@@ -58,6 +58,26 @@ def test_generator_returns_groups_with_sampler_logprobs(engines):
     assert _max_diff(ray.get(ref.logprobs.remote(b)), b.old_logprobs, b.response_mask) < 1e-4
 
 
+def test_at_another_temperature_all_three_roles_give_the_tempered_policys_logprobs(engines, tiny_model_dir):
+    # the policy that samples at T is softmax(logits / T): vLLM's reported logprobs, the
+    # learner's and the reference's must all be of it, or the ratio is off from the first step
+    from grpo_ray.learner import Learner
+    from grpo_ray.reference import Reference
+
+    ray, gen, learner, ref = engines
+    ro = ray.get(gen.generate.remote(PROMPTS, n=4, temperature=0.5, max_new_tokens=8, seed=3))
+    b = _batch(ro)
+    hot = ray.remote(Learner).options(num_cpus=0.25).remote(tiny_model_dir, lr=1e-2, loss_kwargs=LOSS,
+                                                            micro_batch_size=16, master_port=29612, temperature=0.5)
+    try:
+        assert _max_diff(ray.get(hot.logprobs.remote(b)), b.old_logprobs, b.response_mask) < 1e-4
+    finally:
+        ray.kill(hot)
+    assert _max_diff(Reference(tiny_model_dir, temperature=0.5).logprobs(b), b.old_logprobs, b.response_mask) < 1e-4
+    # the T = 1 learner's logprobs are another policy's: this check can tell them apart
+    assert _max_diff(ray.get(learner.logprobs.remote(b)), b.old_logprobs, b.response_mask) > 0.05
+
+
 def test_after_sync_generator_samples_from_the_learners_weights(engines):
     ray, gen, learner, ref = engines
     ro = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=2))

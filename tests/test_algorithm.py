@@ -23,6 +23,19 @@ def test_equal_rewards_give_zero_advantages_and_groups_are_independent():
     assert torch.allclose(adv[4:], expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_equal_rewards_that_float32_cannot_hold_give_zero_advantages(estimator):
+    # a group all rewarded 0.1 (a format bonus on all-wrong answers): in float32 the mean of G
+    # copies of 0.1 is not 0.1, and (r - mean) / (std + 1e-8) came out as -0.43 for every member
+    for value in (0.1, 0.2, 0.3, 0.7, 0.9, 1 / 3):
+        for G in (2, 3, 5, 8, 16):
+            adv = group_advantages(torch.full((2 * G,), value), G, estimator=estimator)
+            assert torch.equal(adv, torch.zeros(2 * G)), (value, G)
+    # a group that differs by any amount is still normalised: one member 1e-4 above the others
+    adv = group_advantages(torch.tensor([0.1, 0.1, 0.1, 0.1 + 1e-4]), 4)
+    assert torch.allclose(adv, torch.tensor([-1 / 3 ** 0.5] * 3 + [3 ** 0.5]), atol=1e-3)
+
+
 def test_population_not_sample_std():
     adv = group_advantages(torch.tensor([0.0, 2.0]), group_size=2)
     assert torch.allclose(adv, torch.tensor([-1.0, 1.0]))  # sample std would give +-0.707
@@ -132,6 +145,15 @@ def test_aggregation_hand_values():
     assert loss_normalizer(mask, "token_mean") == 4 and loss_normalizer(mask, "seq_mean") == 2
     with pytest.raises(ValueError, match="aggregation"):
         aggregate(v, mask, "sum")
+
+
+def test_seq_mean_leaves_whole_masked_rows_out_of_the_mean():
+    # algo.overlong=mask zeroes the mask of truncated answers: the mean is over the other rows
+    v = torch.tensor([[1.0, 0.0], [3.0, 3.0], [5.0, 5.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    assert loss_normalizer(mask, "seq_mean") == 2
+    assert float(aggregate(v, mask, "seq_mean")) == pytest.approx((1 + 3) / 2)
+    assert loss_normalizer(torch.zeros(3, 2), "seq_mean") == 1  # all masked: a zero loss, not 0/0
 
 
 def _toy_batch(seed=0, B=7, T=6, V=11):

@@ -197,6 +197,11 @@ def test_upper_bound():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["rollout.top_p=1.5"])
     assert "rollout.top_p" in str(e.value) and "1.5" in str(e.value) and "<= 1.0" in str(e.value)
+    # nucleus sampling: vLLM's logprobs are the renormalised nucleus's, not the learner's softmax
+    with pytest.raises(ConfigError, match="rollout.top_p=0.9 .*algo.recompute_old_logprobs=true"):
+        load_config(None, ["rollout.top_p=0.9"])
+    assert load_config(None, ["rollout.top_p=0.9", "algo.recompute_old_logprobs=true",
+                              "algo.tis=token"]).rollout.top_p == 0.9
 
 
 def test_bad_value_in_file_names_file(tmp_path):

@@ -4,6 +4,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from grpo_ray.algorithm import group_advantages
 
 from grpo_ray.metrics import (MetricsLog, advantage_variance, mean_pass_at_k, pass_at_k, reward_stats,
                               threshold_warnings)
@@ -43,6 +44,16 @@ def test_reward_stats_per_group():
     assert s["reward/std"] == pytest.approx(0.25)  # mean of within-group stds 0.5 and 0
     assert s["reward/frac_zero_std"] == 0.5
     assert s["reward/frac_all_max"] == 0.5 and s["reward/frac_all_min"] == 0.0
+
+
+def test_zero_std_groups_are_the_groups_with_zero_advantages():
+    # 0.1 x4: float32's std is ~1e-8, not 0; the group gets zero advantages and counts as zero-std.
+    # 0.1 x3 + 0.1000005: a real (tiny) difference, normalised to +-1 advantages: not zero-std.
+    r = torch.tensor([0.1] * 4 + [0.1, 0.1, 0.1, 0.1000005])
+    s = reward_stats(r, group_size=4)
+    assert s["reward/frac_zero_std"] == 0.5
+    assert torch.equal(group_advantages(r, 4)[:4], torch.zeros(4))
+    assert group_advantages(r, 4)[4:].abs().min() > 0.5
 
 
 def test_advantage_variance():

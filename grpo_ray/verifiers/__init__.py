@@ -1,6 +1,6 @@
 """One entry point for every reward: `verify(record, response) -> Score`.
 
-The record's `task` field picks the verifier: "math", or a user function named by dotted path
+The record's `task` field picks the verifier: "math", "code", or a user function named by dotted path
 ("my_pkg.rewards:score", called as fn(record, response) -> Score | float). Bad input never raises:
 it scores 0 with the reason, so one malformed row cannot kill a training step.
 
@@ -88,7 +88,8 @@ def check_components(weights: dict) -> None:
 
 
 class Verifier:
-    """Verifier role: scores a batch of (record, response) pairs. A plain class; Ray wraps it."""
+    """Verifier role: scores a batch of (record, response) pairs. A plain class; Ray Serve runs it
+    in its replicas (verifier_pool.VerifierReplica)."""
 
     def __init__(self, components: dict[str, float] | None = None, math: dict | None = None,
                  code: dict | None = None):

@@ -4,7 +4,7 @@ record: `tests` (Python that raises on failure: plain asserts, or HumanEval's `d
 optional `entry_point` (the function under test; with a `check` in the tests, `check(entry_point)`
 is called), optional `prompt` (HumanEval: the signature and docstring the response completes),
 optional `timeout_s`. A fenced ```python block is extracted when present. Reward 1.0 when every test
-passes, else 0.0 with the reason.
+passes, else 0.0 with the reason (with partial_credit: the fraction of asserts that pass).
 
 Why two processes. Anything the untrusted program can reach, it can forge: in one process it can
 walk frames to a nonce, patch the checker, call sys.exit(0) or os._exit(0), or return an object
