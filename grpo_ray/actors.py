@@ -166,15 +166,15 @@ def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:
 def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, reference: str | None = None) -> Roles:
     """Reserve the roles' placement group, then create every actor and wait until all are ready
     (vLLM, DeepSpeed and the verifier pool start in parallel). resume_from: a checkpoint
-    directory; the generators start from its policy and the learners restore its state.
+    directory; the learners restore its state (the generators start from model_path and get its
+    weights pushed: Run.restore).
     reference: the reference policy's folder (the initial model unless algo.ref_reset_every has
     replaced it). Raises placement.PlacementError when the cluster cannot hold the roles."""
     from .verifier_pool import VerifierPool
 
     placement, verifier = reserve(cfg), None
     try:
-        generators = start_generators(cfg, os.path.join(resume_from, "policy") if resume_from else model_path,
-                                      placement)
+        generators = start_generators(cfg, model_path, placement)
         reference = start_reference(cfg, reference or model_path, placement)
         learners = start_learners(cfg, model_path, placement)
         verifier = VerifierPool(cfg, actor_env())  # blocks until its replicas run, while the actors start

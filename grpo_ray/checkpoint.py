@@ -7,10 +7,12 @@ Layout: <run_dir>/checkpoints/step_000010/
                  algo.kl_action=rollback, the reference's folder; written last
 
 A checkpoint is written to `.step_000010.tmp` and renamed into place, so a crash mid-save leaves
-the previous checkpoint as the newest valid one; the last `train.keep_checkpoints` are kept. On
-resume the generators start from policy/, the learner restores learner/ (the reference is the
-initial model, or reference_policy/ after an algo.ref_reset_every reset), and the sampler draws the prompts the interrupted run would have drawn:
-there is no other randomness in the driver, and sampling seeds derive from the step number.
+the previous checkpoint as the newest valid one; the last `train.keep_checkpoints` are kept, and
+the newest saved while the KL rule held (a KL stop saves one flagged `kl_stopped`). On resume the
+learner restores learner/ and the generators get its weights, the reference is the one the
+checkpoint names (the initial model, or reference_policy/step_N after an algo.ref_reset_every
+reset), and the sampler draws the prompts the interrupted run would have drawn: there is no
+other randomness in the driver, and sampling seeds derive from the step number.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import shutil
 import ray
 
 STATE_VERSION = 1
+REFERENCES = "reference_policy"  # algo.ref_reset_every: reference_policy/step_N, one per reset
 _NAME = re.compile(r"^step_(\d{6,})$")
 
 
@@ -45,7 +48,7 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
 
 def save_checkpoint(roles, gathering_ranks: list, tokenizer, run_dir: str, step: int, state: dict,
                     keep: int) -> str:
-    """Write checkpoint `step` atomically and prune to the newest `keep`."""
+    """Write checkpoint `step` atomically and prune to the newest `keep` (see prune)."""
     root = checkpoints_dir(run_dir)
     final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".step_{step:06d}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -58,9 +61,56 @@ def save_checkpoint(roles, gathering_ranks: list, tokenizer, run_dir: str, step:
     if os.path.exists(final):  # the same step saved again (e.g. a KL stop right after a save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for _, old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, keep)
     return final
+
+
+def kl_stopped(path: str) -> bool:
+    """Saved when the KL guard stopped the run: its policy is the one that drifted."""
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            return bool(json.load(f).get("kl_stopped"))
+    except (OSError, ValueError):
+        return False
+
+
+def newest_good(run_dir: str) -> tuple[int, str] | None:
+    """The newest checkpoint saved while the KL rule held (what a KL rollback goes back to)."""
+    good = [c for c in list_checkpoints(run_dir) if not kl_stopped(c[1])]
+    return good[-1] if good else None
+
+
+def prune(run_dir: str, keep: int) -> None:
+    """Keep the newest `keep` checkpoints, and the newest one saved while the KL rule held even
+    when it is older: the checkpoint of a KL stop must not push out the last good one. Then
+    drop the reset references (reference_policy/step_N) that no kept checkpoint names, except
+    the newest (the one the reference actor runs, and reloads if Ray restarts it)."""
+    found = list_checkpoints(run_dir)
+    good = newest_good(run_dir)
+    for step, old in found[:-keep]:
+        if good is None or step != good[0]:
+            shutil.rmtree(old, ignore_errors=True)
+    root = os.path.join(run_dir, REFERENCES)
+    resets = sorted(name for name in os.listdir(root) if _NAME.match(name)) if os.path.isdir(root) else []
+    named = set()
+    for _, path in list_checkpoints(run_dir):
+        try:
+            named.add(os.path.normpath(load_state(path).get("reference") or ""))
+        except CheckpointError:
+            continue
+    for name in resets[:-1]:
+        if os.path.normpath(os.path.join(root, name)) not in named:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def remove_partial_saves(run_dir: str) -> None:
+    """A save that crashed mid-write leaves its temp folder (.step_N.tmp); list_checkpoints
+    never returns it, so it would only take disk space for good."""
+    for root in (checkpoints_dir(run_dir), os.path.join(run_dir, REFERENCES)):
+        if os.path.isdir(root):
+            for name in os.listdir(root):
+                if name.startswith(".step_") and name.endswith(".tmp"):
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def load_state(path: str) -> dict:

@@ -17,12 +17,14 @@ def correctness(score) -> float:
 
 def evaluate(generators: list, verifier, records: list[dict], *, samples: int, ks: list[int],
              temperature: float, max_new_tokens: int, top_p: float = 1.0,
-             progress_every: int = 0) -> tuple[dict, list[dict]]:
+             progress_every: int = 0, version: int | None = None, resync=None) -> tuple[dict, list[dict]]:
     """Returns ({"eval/pass@k": ...}, per-problem rows with num_samples and num_correct).
     `verifier`: the VerifierPool (submit now, collect later).
     progress_every > 0: work in chunks of that many prompts behind a progress bar (the samples
     are the same: prompt j always samples with seeds EVAL_SEED + j*samples + k); each chunk is
-    scored while the next one samples."""
+    scored while the next one samples. version: the weight version every part must come from
+    (inside training); a chunk from other weights (a generator Ray restarted) is sampled again
+    after resync() pushes the current weights."""
     chunk = progress_every or max(len(records), 1)
     texts, pending = [], []
     starts = range(0, len(records), chunk)
@@ -32,9 +34,9 @@ def evaluate(generators: list, verifier, records: list[dict], *, samples: int, k
         starts = tqdm(starts, desc="eval", unit=f"x{chunk} prompts")
     for start in starts:
         part = records[start:start + chunk]
-        rollout = Rollout.concat(sample(generators, [r["prompt"] for r in part], n=samples, temperature=temperature,
-                                        max_new_tokens=max_new_tokens, top_p=top_p,
-                                        seed=EVAL_SEED + start * samples))
+        rollout = _sample_current(generators, [r["prompt"] for r in part], version, resync, n=samples,
+                                  temperature=temperature, max_new_tokens=max_new_tokens, top_p=top_p,
+                                  seed=EVAL_SEED + start * samples)
         texts += rollout.texts
         pending.append(verifier.submit([r for r in part for _ in range(samples)], rollout.texts))
     scores = verifier.collect(pending)
@@ -48,6 +50,16 @@ def evaluate(generators: list, verifier, records: list[dict], *, samples: int, k
     metrics = {f"eval/pass@{k}": mean_pass_at_k(n, c, k) for k in ks}
     metrics["eval/mean_reward"] = sum(s.reward for s in scores) / max(len(scores), 1)
     return metrics, rows
+
+
+def _sample_current(generators: list, prompts: list[str], version: int | None, resync, **kwargs) -> Rollout:
+    for _ in range(3):
+        parts = sample(generators, prompts, **kwargs)
+        if version is None or all(p.weight_version == version for p in parts):
+            return Rollout.concat(parts)
+        resync()
+    raise RuntimeError(f"generators keep returning weight versions {sorted({p.weight_version for p in parts})}, "
+                       f"not {version}, after 3 weight pushes")
 
 
 def dedupe_against(records: list[dict], train_records: list[dict]) -> tuple[list[dict], list[str]]:

@@ -29,6 +29,10 @@ class Tracker:
 
                 self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, dir=run_dir,
                                         resume="allow" if resumed else None)
+                # charts against our step, not W&B's own counter: W&B drops a log whose step is
+                # below its counter, and a KL rollback re-runs steps (metrics.jsonl keeps both)
+                self.wandb.define_metric("train/step")
+                self.wandb.define_metric("*", step_metric="train/step")
             except Exception as e:  # not installed, offline, no API key: say so and go on
                 print(f"grpo-ray: Weights & Biases logging off ({type(e).__name__}: {e})", file=sys.stderr)
 
@@ -45,7 +49,7 @@ class Tracker:
             if "event" in record:
                 self.tb.add_text(f"events/{record['event']}", str(record.get("message", "")), step)
         if self.wandb is not None and scalars:
-            self.wandb.log(scalars, step=step)
+            self.wandb.log({**scalars, "train/step": step})
 
     def close(self) -> None:
         self.jsonl.close()

@@ -15,12 +15,13 @@ import time
 import ray
 
 from .actors import Roles, init_ray, start_reference, start_roles, stop_roles
-from .checkpoint import find_resume, list_checkpoints, load_state, save_checkpoint
+from .checkpoint import (REFERENCES, find_resume, list_checkpoints, load_state, newest_good, remove_partial_saves,
+                         save_checkpoint)
 from .config import Config
 from .data import PromptSampler, load_datasets
 from .evaluation import evaluate
 from .metrics import Monitor
-from .modeling import load_tokenizer
+from .modeling import check_model_dir, load_tokenizer
 from .outputs import create_run_dir, prepare_model, summary_line, write_samples
 from .rollout import InFlight
 from .step import finish_sync, gathering_ranks, ref_reset_due, sync_weights, train_step
@@ -28,8 +29,10 @@ from .tracking import Tracker
 
 
 def save_policy(roles: Roles, cfg: Config, run_dir: str, tokenizer, name: str) -> str:
-    """Policy in Hugging Face format (loadable by transformers and vLLM), written atomically."""
-    final, tmp = os.path.join(run_dir, name), os.path.join(run_dir, f".{name}.tmp")
+    """Policy in Hugging Face format (loadable by transformers and vLLM), written atomically to
+    run_dir/name (name may be a/b: the temp folder is a/.b.tmp)."""
+    final = os.path.join(run_dir, name)
+    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ray.get([lr.save_pretrained.remote(tmp) for lr in gathering_ranks(roles, cfg)])
     tokenizer.save_pretrained(tmp)
@@ -46,9 +49,12 @@ def train(cfg: Config, address: str | None = None) -> str:
     log = tqdm.write
     # Bad data and bad checkpoints fail here, before anything is written or started.
     train_records, eval_records = load_datasets(cfg.data, cfg.run.seed)
+    if cfg.model.path != "builtin:tiny":
+        check_model_dir(cfg.model.path)
     run_dir = create_run_dir(cfg)
     log(f"run directory: {run_dir}")
     model_path = prepare_model(cfg, train_records, run_dir, log)
+    remove_partial_saves(run_dir)
     resume = find_resume(run_dir, cfg.run.resume, model_path)
     reference = (resume[1].get("reference") if resume else None) or model_path
     init_ray(address)
@@ -60,7 +66,7 @@ def train(cfg: Config, address: str | None = None) -> str:
     run = None
     try:
         run = Run(cfg, roles, run_dir, model_path, PromptSampler(train_records, cfg.run.seed),
-                  eval_records[:cfg.eval.num_prompts], log)
+                  eval_records[:cfg.eval.num_prompts], log, reference)
         run.loop(run.restore(*resume) if resume else 1, tqdm)
     finally:
         if run is not None:
@@ -75,9 +81,10 @@ class Run:
     monitor and the metrics file; and what it does besides steps: evaluate and checkpoint."""
 
     def __init__(self, cfg: Config, roles: Roles, run_dir: str, model_path: str, sampler: PromptSampler,
-                 eval_records: list[dict], log):
+                 eval_records: list[dict], log, reference: str | None = None):
         self.cfg, self.roles, self.run_dir, self.sampler, self.eval_records, self.log = (
             cfg, roles, run_dir, sampler, eval_records, log)
+        self.model_path, self.reference = model_path, reference or model_path  # the reference actor's folder
         self.tokenizer = load_tokenizer(model_path)
         self.monitor = Monitor(cfg.algo.kl_stop, cfg.algo.kl_window)
         self.metrics = Tracker(run_dir, tensorboard=cfg.run.tensorboard,  # metrics.jsonl appends on resume
@@ -87,7 +94,11 @@ class Run:
         self.ahead: InFlight | None = None  # rollout.asynchronous: the next step's rollout, sampling
 
     def restore(self, path: str, state: dict) -> int:
-        """Sampler and monitor as they were at the checkpoint; returns the first step to run."""
+        """Generators, sampler and monitor as they were at the checkpoint (the learners restored
+        theirs in start_roles); returns the first step to run. The generators start from the base
+        model and get the checkpoint's weights pushed: a Ray restart rebuilds an actor from its
+        constructor's folder, and pruning may delete the checkpoint's (train.keep_checkpoints)."""
+        sync_weights(self.roles, self.cfg, version=state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.monitor.load_state_dict(state["monitor"])
         self.lr_scale, self.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
@@ -101,6 +112,7 @@ class Run:
             self.evaluate(0)
         bar = tqdm(desc="grpo", unit="step", file=sys.stderr, initial=start - 1, total=steps)
         mark = None  # when the last step returned: its bookkeeping below counts in the next step's time
+        stopped = False  # by the KL guard
         while step <= steps:
             try:
                 m, samples, self.ahead = train_step(step, cfg, self.roles, self.sampler,
@@ -112,18 +124,19 @@ class Run:
             last = step
             if cfg.train.spot_check_every and step % cfg.train.spot_check_every == 0:
                 write_samples(self.run_dir, step, samples)
-            if ref_reset_due(cfg, step):
-                self.reset_reference(step)
-                mark = None
             if step % cfg.run.log_every == 0:
                 self.log(summary_line(m, steps))
             if self.watch(step, m):
                 back = self.rollback(step) if cfg.algo.kl_action == "rollback" else None
                 if back is None:
+                    stopped = True
                     break
                 step, mark = back + 1, None
                 bar.n = back
                 continue
+            if ref_reset_due(cfg, step):  # after the KL check: a policy that drifted is no reference
+                self.reset_reference(step)
+                mark = None
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
                 self.evaluate(step)
                 mark = None  # evaluations and checkpoints are not step time
@@ -133,27 +146,45 @@ class Run:
             step += 1
             bar.update(1)
         bar.close()
-        if last >= start:  # something was trained in this session
-            self.evaluate(last)
-            if not (cfg.train.checkpoint_every and last % cfg.train.checkpoint_every == 0):
-                self.checkpoint(last)
-            self.log(f"final policy: {save_policy(self.roles, cfg, self.run_dir, self.tokenizer, 'final_model')}")
-            if cfg.run.plots:
-                from .plots import plot_run
+        self.finish(start, last, stopped)
 
-                charts = plot_run(self.run_dir, cfg.algo.kl_stop)
-                self.log(f"plots: {len(charts)} charts in {os.path.join(self.run_dir, 'plots')}")
+    def finish(self, start: int, last: int, stopped: bool) -> None:
+        """The end of a run: evaluate, checkpoint, final_model/, plots. Also when this session
+        trained nothing but an earlier one was cut short after its last checkpoint."""
+        cfg, final = self.cfg, os.path.join(self.run_dir, "final_model")
+        if last < start and os.path.isdir(final):
+            return
+        self.evaluate(last)
+        if stopped:  # kept beside the last good one (checkpoint.prune), which a rollback goes back to
+            self.checkpoint(last, kl_stopped=True)
+            good = newest_good(self.run_dir)
+            self.log(f"KL guard: checkpoint of step {last} saved as stopped; the newest saved while the KL rule "
+                     f"held is {good[1] if good else 'none'}")
+        elif last >= start and not (cfg.train.checkpoint_every and last % cfg.train.checkpoint_every == 0):
+            self.checkpoint(last)
+        self.log(f"final policy: {save_policy(self.roles, cfg, self.run_dir, self.tokenizer, 'final_model')}")
+        if cfg.run.plots:
+            from .plots import plot_run
+
+            charts = plot_run(self.run_dir, cfg.algo.kl_stop)
+            self.log(f"plots: {len(charts)} charts in {os.path.join(self.run_dir, 'plots')}")
 
     def reset_reference(self, step: int) -> None:
         """algo.ref_reset_every (DeepSeek-R1: every 400 steps): the reference becomes the current
-        policy. It is saved to reference_policy/ and the reference actor is started from there,
-        so a crash restart of that actor, and a resume, load the reset policy too."""
-        path = save_policy(self.roles, self.cfg, self.run_dir, self.tokenizer, "reference_policy")
+        policy. It is saved to reference_policy/step_N (one folder per reset, so a checkpoint names
+        the reference it had: a resume or a rollback loads that one) and the reference actor is
+        started from there, so a crash restart of that actor loads the reset policy too."""
+        self.use_reference(save_policy(self.roles, self.cfg, self.run_dir, self.tokenizer,
+                                       os.path.join(REFERENCES, f"step_{step:06d}")))
+        self.metrics.write({"step": step, "event": "ref_reset", "message": f"reference := policy of step {step}"})
+
+    def use_reference(self, path: str) -> None:
+        """Restart the reference actor from the model folder `path`."""
         # the old actor goes first: the new one takes its place in the placement group
         ray.kill(self.roles.reference)
         self.roles.reference = start_reference(self.cfg, path, self.roles.placement)
         ray.get(self.roles.reference.__ray_ready__.remote())
-        self.metrics.write({"step": step, "event": "ref_reset", "message": f"reference := policy of step {step}"})
+        self.reference = path
 
     def died(self, step: int, e: Exception) -> str:
         found = list_checkpoints(self.run_dir)
@@ -163,15 +194,18 @@ class Run:
         return f"an actor died at step {step} and could not be restarted ({first}); {where}"
 
     def rollback(self, step: int) -> int | None:
-        """algo.kl_action=rollback: back to the newest checkpoint (saved while the KL rule held)
-        with the learning rate times kl_rollback_lr_factor; returns its step, or None to stop."""
-        a, found = self.cfg.algo, list_checkpoints(self.run_dir)
-        if self.rollbacks >= a.kl_max_rollbacks or not found:
-            why = "no checkpoint to roll back to" if not found else f"algo.kl_max_rollbacks={a.kl_max_rollbacks} used"
+        """algo.kl_action=rollback: back to the newest checkpoint saved while the KL rule held
+        (policy, optimizer, sampler, monitor and reference) with the learning rate times
+        kl_rollback_lr_factor; returns its step, or None to stop."""
+        a, good = self.cfg.algo, newest_good(self.run_dir)
+        if self.rollbacks >= a.kl_max_rollbacks or not good:
+            why = "no checkpoint to roll back to" if not good else f"algo.kl_max_rollbacks={a.kl_max_rollbacks} used"
             self.log(f"KL guard: stopping instead of rolling back ({why})")
             return None
-        path = found[-1][1]
+        path = good[1]
         state = load_state(path)
+        if (state.get("reference") or self.model_path) != self.reference:
+            self.use_reference(state.get("reference") or self.model_path)
         self.rollbacks += 1
         scale = a.kl_rollback_lr_factor ** self.rollbacks
         ray.get([lr.load_state.remote(os.path.join(path, "learner")) for lr in self.roles.learners])
@@ -201,23 +235,27 @@ class Run:
         return stop is not None
 
     def evaluate(self, step: int) -> None:
-        c = self.cfg
-        finish_sync(self.roles, [], self.roles.weight_version)  # evaluate the weights of `step`, loaded
-        m, _ = evaluate(self.roles.generators, self.roles.verifier, self.eval_records, samples=c.eval.samples,
-                        ks=c.eval.ks, temperature=c.eval.temperature, max_new_tokens=c.rollout.max_new_tokens)
+        c, roles = self.cfg, self.roles
+        finish_sync(roles, [], roles.weight_version)  # evaluate the weights of `step`, loaded
+        try:  # a generator Ray restarted mid-evaluation gets the current weights pushed (resync)
+            m, _ = evaluate(roles.generators, roles.verifier, self.eval_records, samples=c.eval.samples,
+                            ks=c.eval.ks, temperature=c.eval.temperature, max_new_tokens=c.rollout.max_new_tokens,
+                            version=roles.weight_version, resync=lambda: sync_weights(roles, c, roles.weight_version))
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError(self.died(step, e)) from None
         self.metrics.write({"step": step, **m})
         self.log(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in m.items()))
         for w in self.monitor.check_eval(m[f"eval/pass@{min(c.eval.ks)}"]):
             self.log(f"warning: {w}")
             self.metrics.write({"step": step, "event": "warning", "message": w})
 
-    def checkpoint(self, step: int) -> None:
-        ref = os.path.join(self.run_dir, "reference_policy")
+    def checkpoint(self, step: int, kl_stopped: bool = False) -> None:
         # a rollout sampling ahead is not saved: a resume draws its prompts again
         sampler = self.ahead.sampler_state if self.ahead else self.sampler.state_dict()
         state = {"sampler": sampler, "monitor": self.monitor.state_dict(),
                  "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
-                 "reference": ref if os.path.isdir(ref) else None}
+                 "reference": None if self.reference == self.model_path else self.reference,
+                 "kl_stopped": kl_stopped}
         path = save_checkpoint(self.roles, gathering_ranks(self.roles, self.cfg), self.tokenizer, self.run_dir,
                                step, state, self.cfg.train.keep_checkpoints)
         self.metrics.write({"step": step, "event": "checkpoint", "message": path})

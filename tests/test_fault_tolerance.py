@@ -23,12 +23,14 @@ def _kill(title: str) -> int:
     raise AssertionError(f"no process {title}")
 
 
-def _kill_at(monkeypatch, phase: str, kills: dict[int, str], killed: list) -> None:
-    """Wrap the driver's `phase` (a function of grpo_ray.step) so that its n-th call first
-    kills the actor kills[n]: the crash lands at a chosen point of a chosen step, however fast
-    the box runs (a thread watching metrics.jsonl could land a step late, or after the run)."""
-    import grpo_ray.step as driver
+def _kill_at(monkeypatch, phase: str, kills: dict[int, str], killed: list, module: str = "grpo_ray.step") -> list:
+    """Wrap the driver's `phase` (a function of `module`) so that its n-th call first kills the
+    actor kills[n]: the crash lands at a chosen point of a chosen step, however fast the box
+    runs (a thread watching metrics.jsonl could land a step late, or after the run). Returns
+    the call counter."""
+    import importlib
 
+    driver = importlib.import_module(module)
     original, calls = getattr(driver, phase), [0]
 
     def wrapped(*args, **kwargs):
@@ -38,6 +40,7 @@ def _kill_at(monkeypatch, phase: str, kills: dict[int, str], killed: list) -> No
         return original(*args, **kwargs)
 
     monkeypatch.setattr(driver, phase, wrapped)
+    return calls
 
 
 def _overrides(tmp_path, model_dir, name: str, steps: int) -> list[str]:
@@ -58,8 +61,12 @@ def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_p
     killed = []
     # step 3's rollout goes to a dead generator; step 5's queued reference pass to a dead reference
     _kill_at(monkeypatch, "generate", {3: "ray::Generator", 5: "ray::Reference"}, killed)
+    # and the final evaluation's sampling (call 2; call 1 is step 0's) goes to a dead generator:
+    # it comes back with the base weights, so the evaluation pushes step 6's and samples again
+    eval_calls = _kill_at(monkeypatch, "sample", {2: "ray::Generator"}, killed, module="grpo_ray.evaluation")
     run_dir = train(cfg)
-    assert [t for t, _ in killed] == ["ray::Generator", "ray::Reference"]
+    assert [t for t, _ in killed] == ["ray::Generator", "ray::Reference", "ray::Generator"]
+    assert eval_calls[0] == 3  # the final evaluation sampled twice: its first samples mixed policies
     steps = [json.loads(line) for line in open(metrics) if '"reward/mean"' in line]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     # every rollout came from the latest weights, also right after the generator's restart

@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from grpo_ray.checkpoint import CheckpointError, find_resume, list_checkpoints, load_state
+from grpo_ray.checkpoint import (CheckpointError, find_resume, kl_stopped, list_checkpoints, load_state, newest_good,
+                                 prune, remove_partial_saves)
 from grpo_ray.config import load_config
 
 SMALL = ["rollout.prompts_per_step=4", "algo.group_size=4", "train.eval_every=0", "eval.num_prompts=4",
@@ -55,6 +56,14 @@ def test_n_steps_then_resume_equals_2n_steps(ray_local, tiny_model_dir, tmp_path
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
     assert max(float((wa[k] - _weights(tiny_model_dir)[k]).abs().max()) for k in wa) > 1e-4  # it trained
     assert [s for s, _ in list_checkpoints(full)] == [2, 4]  # keep_checkpoints=2
+    # a resumed run whose last session was cut short after its last checkpoint (during the final
+    # evaluation, say) finishes the run: the evaluation and final_model/, and no step again
+    shutil.rmtree(os.path.join(half, "final_model"))
+    train(_cfg(tmp_path, tiny_model_dir, "half", 4))
+    assert os.path.isdir(os.path.join(half, "final_model"))
+    rows = _rows(half)
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval/pass@1" in r][-2:] == [4, 4]
 
 
 def _fake_checkpoint(run_dir, step, model_dir, state=None):
@@ -98,6 +107,31 @@ def test_resume_modes_and_bad_checkpoints(tiny_model_dir, tmp_path):
         find_resume(run, "auto", tiny_model_dir)
 
 
+def test_pruning_keeps_the_last_good_checkpoint_and_the_references_checkpoints_name(tiny_model_dir, tmp_path):
+    run = str(tmp_path / "run")
+    state = {"version": 1, "sampler": {"epoch": 0, "position": 0}, "monitor": {"active": [], "recent_kl": []}}
+    refs = os.path.join(run, "reference_policy")
+    for step in (1, 2, 3):
+        os.makedirs(os.path.join(refs, f"step_{step:06d}"))
+    _fake_checkpoint(run, 2, tiny_model_dir, {**state, "step": 2, "reference": os.path.join(refs, "step_000001")})
+    _fake_checkpoint(run, 3, tiny_model_dir, {**state, "step": 3, "kl_stopped": True,
+                                              "reference": os.path.join(refs, "step_000002")})
+    prune(run, keep=1)
+    # step 3 was saved by a KL stop: step 2, the last saved while the rule held, is kept too
+    assert [s for s, _ in list_checkpoints(run)] == [2, 3]
+    assert kl_stopped(list_checkpoints(run)[1][1]) and newest_good(run)[0] == 2
+    # references: 1 and 2 are named by the checkpoints, 3 is the newest (the actor's); none goes
+    assert sorted(os.listdir(refs)) == ["step_000001", "step_000002", "step_000003"]
+    _fake_checkpoint(run, 4, tiny_model_dir, {**state, "step": 4, "reference": os.path.join(refs, "step_000003")})
+    prune(run, keep=1)
+    assert [s for s, _ in list_checkpoints(run)] == [4]
+    assert os.listdir(refs) == ["step_000003"]
+    os.makedirs(os.path.join(run, "checkpoints", ".step_000005.tmp"))  # a save that crashed
+    os.makedirs(os.path.join(refs, ".step_000005.tmp"))
+    remove_partial_saves(run)
+    assert os.listdir(os.path.join(run, "checkpoints")) == ["step_000004"] and os.listdir(refs) == ["step_000003"]
+
+
 def test_cli_resume_without_checkpoint_exits_2(tiny_model_dir, tmp_path):
     import subprocess
     import sys
@@ -130,6 +164,9 @@ def test_kl_rollback_goes_back_to_the_checkpoint_with_a_lower_lr(ray_local, tiny
     assert [r["weight_version"] for r in steps] == [0, 1, 1, 1]  # each retry sampled from step 1's weights
     assert steps[0]["kl"] < 1e-6 and all(r["kl"] > 1e-6 for r in steps[1:])
     assert os.path.isdir(os.path.join(run_dir, "final_model"))
+    # the stop saved the drifted policy as step 2, flagged, and kept step 1 for a later rollback
+    assert [s for s, _ in list_checkpoints(run_dir)] == [1, 2]
+    assert kl_stopped(list_checkpoints(run_dir)[1][1]) and newest_good(run_dir)[0] == 1
 
 
 @pytest.mark.slow
@@ -147,6 +184,24 @@ def test_reference_reset_makes_kl_zero_at_the_next_step(ray_local, tiny_model_di
     assert steps[2]["kl"] > 1e-6
     assert steps[3]["kl"] < 1e-7
     state = load_state(list_checkpoints(run_dir)[-1][1])
-    assert state["reference"] == os.path.join(run_dir, "reference_policy")
+    assert state["reference"] == os.path.join(run_dir, "reference_policy", "step_000002")
     ref, final = _weights(state["reference"]), _weights(os.path.join(run_dir, "final_model"))
     assert max(float((ref[k] - final[k]).abs().max()) for k in ref) > 1e-5  # step 3 moved on from it
+
+
+@pytest.mark.slow
+def test_each_checkpoint_names_the_reference_it_had(ray_local, tiny_model_dir, tmp_path):
+    """Resets after steps 1, 2 and 3, checkpoints at 2 and 3: a resume from step 2 must load step
+    2's reset policy as its reference, not a later reset that overwrote a shared folder."""
+    from grpo_ray.train import train
+
+    run_dir = train(_cfg(tmp_path, tiny_model_dir, "refnames", 3, "algo.ref_reset_every=1",
+                         "train.checkpoint_every=2", "algo.mini_batches=1"))
+    (_, two), (_, three) = list_checkpoints(run_dir)
+    for ckpt, step in ((two, 2), (three, 3)):
+        ref = load_state(ckpt)["reference"]
+        assert ref == os.path.join(run_dir, "reference_policy", f"step_{step:06d}")
+        a, b = _weights(ref), _weights(os.path.join(ckpt, "policy"))
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6, step
+    # step 1's reset is named by no checkpoint and is not the actor's: pruned
+    assert sorted(os.listdir(os.path.join(run_dir, "reference_policy"))) == ["step_000002", "step_000003"]
