@@ -39,9 +39,14 @@ class VerifierReplica:
     """One replica: scores chunks in a thread pool, so a replica overlaps `threads` sandboxed
     checks (each mostly waits on its subprocess). A plain class; Serve wraps it."""
 
-    def __init__(self, components: dict, math: dict, code: dict, threads: int):
+    def __init__(self, components: dict, math: dict, code: dict, threads: int, code_task: bool = False):
+        from .verifiers.code import NOT_ISOLATED
         from .verifiers.math import warm_up
+        from .verifiers.sandbox import bwrap_works
 
+        if code_task and not code.get("allow_unsandboxed") and not bwrap_works():
+            # fail at start, naming the node, not with every check scoring 0 in the steps
+            raise RuntimeError(f"verifier replica on {os.uname().nodename}: {NOT_ISOLATED}")
         self.verifier = Verifier(components, math=math, code=code)
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify")
         # math-verify's child imports sympy (~1.4 s): start it now, off the request path (a step
@@ -104,7 +109,8 @@ class VerifierPool:
         serve.start(proxy_location="Disabled", logging_config=QUIET)  # no HTTP: only our driver calls it
         options = deployment_options(cfg, env, bool(ray.cluster_resources().get("verifier")))
         app = serve.deployment(VerifierReplica, name="verifier", **options).bind(
-            cfg.reward.components, vars(cfg.reward.math), vars(cfg.reward.code), self.cfg.max_ongoing_requests)
+            cfg.reward.components, vars(cfg.reward.math), vars(cfg.reward.code), self.cfg.max_ongoing_requests,
+            cfg.data.verifier == "code")  # rows with their own task: code are refused per check
         self.handle = serve.run(app, name=self.app, route_prefix=None)
 
     def score(self, records: list[dict], responses: list[str]) -> list[Score]:

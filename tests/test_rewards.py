@@ -4,7 +4,7 @@ import pytest
 from grpo_ray.config import ConfigError, load_config
 from grpo_ray.evaluation import correctness
 from grpo_ray.records import Score
-from grpo_ray.verifiers import Verifier, combine, format_reward
+from grpo_ray.verifiers import Verifier, combine, format_reward, verify
 
 GOOD = "<think>6*7 is 42</think>\n<answer>#### 42</answer>"
 
@@ -39,6 +39,17 @@ def test_user_component_and_broken_component_never_raise(tmp_path, monkeypatch):
     assert s.components == {"correct": 1.0, "facets:half": 0.5, "facets:boom": 0.0}
 
 
+def test_a_user_reward_of_nan_scores_zero_with_the_reason(tmp_path, monkeypatch):
+    # one NaN reward makes its group's advantages NaN, then the loss and every weight
+    (tmp_path / "bad_fns.py").write_text("def nan(r, t):\n    return float('nan')\ndef inf(r, t):\n"
+                                         "    return float('inf')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = verify({"task": "bad_fns:nan"}, "anything")
+    assert s.reward == 0.0 and "bad_fns:nan returned nan, not a finite number" in s.reason
+    s = combine({"answer": "1"}, "#### 1", {"correct": 1.0, "bad_fns:inf": 1.0})
+    assert s.reward == 1.0 and s.components["bad_fns:inf"] == 0.0
+
+
 def test_verifier_drops_zero_weights_and_defaults_to_correctness():
     assert Verifier().components == {"correct": 1.0}
     assert Verifier({"correct": 1.0, "format": 0}).components == {"correct": 1.0}
@@ -55,6 +66,8 @@ def test_config_components_merge_and_validate():
         load_config(None, ["reward.components.formt=0.1"])
     with pytest.raises(ConfigError, match="reward.components.format='high'"):
         load_config(None, ["reward.components.format=high"])
+    with pytest.raises(ConfigError, match="every weight is 0"):  # nothing could score: each request failed
+        load_config(None, ["reward.components.correct=0"])
 
 
 def test_pass_at_k_counts_correctness_not_the_weighted_sum():

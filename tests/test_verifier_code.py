@@ -343,6 +343,54 @@ def test_partial_credit_counts_assertions_never_reached_as_failed():
     assert s.reward == pytest.approx(0.5) and "RuntimeError" in s.reason
 
 
+def test_partial_credit_counts_the_error_that_stopped_the_tests_as_failed():
+    # one assertion in a loop, counted once in the source: the solution passes its first call and
+    # raises on the second, outside any assert; that used to score 1/max(1, 1) = 1.0
+    rec = {"task": "code", "entry_point": "f",
+           "tests": "def check(candidate):\n    for x in [1, 2, 3, 4, 5]:\n        y = candidate(x)\n"
+                    "        assert y == x + 1\n"}
+    s = verify(rec, "def f(x):\n    if x > 1:\n        raise ValueError('nope')\n    return x + 1\n",
+               code={"partial_credit": True})
+    assert s.reward == pytest.approx(0.5) and "ValueError" in s.reason
+
+
+def test_a_solution_raising_stop_iteration_does_not_end_the_tests_loop_early():
+    rec = {"task": "code", "entry_point": "f", "tests": "assert not any(map(f, [1, 2, 3]))\n"}
+    s = verify(rec, "def f(x):\n    raise StopIteration\n")
+    assert s.reward == 0.0 and "StopIteration" in s.reason
+    assert verify(rec, "def f(x):\n    return False\n").reward == 1.0
+
+
+@pytest.mark.skipif(not bwrap_works(), reason="the limits are bubblewrap's mounts")
+def test_only_the_sized_tmp_and_shm_are_writable():
+    r = run_python("import os\n"
+                   "for p in ['/x', '/dev/x', '/usr/x']:\n"
+                   "    try:\n        open(p, 'w'); print('WROTE', p)\n"
+                   "    except OSError as e:\n        print(p, e.errno)\n"
+                   "open('/tmp/ok', 'w').write('a'); open('/dev/shm/ok', 'w').write('a')\n"
+                   "try:\n    open('/dev/shm/big', 'w').write('a' * (64 << 20))\n"
+                   "except OSError as e:\n    print('shm full', e.errno)\n"
+                   "print(open('/dev/null', 'w').write('x'))\n", memory_mb=512)
+    assert "WROTE" not in r.stdout and r.stdout.count(" 30\n") == 3, r.stdout + r.stderr  # EROFS
+    assert "shm full 28" in r.stdout and r.returncode == 0, r.stdout + r.stderr  # ENOSPC
+
+
+def test_without_a_sandbox_code_checks_refuse_unless_allowed(monkeypatch):
+    from grpo_ray.verifiers import sandbox
+
+    rec = {"task": "code", "entry_point": "add", "tests": "assert add(2, 3) == 5\n"}
+    monkeypatch.setattr(sandbox, "bwrap_works", lambda: False)  # a node where the probe fails
+    s = verify(rec, GOOD)
+    assert s.reward == 0.0 and "reward.code.allow_unsandboxed=true" in s.reason
+    assert verify(rec, GOOD, code={"allow_unsandboxed": True}).reward == 1.0  # rlimits and uid only
+    # a code run's verifier replicas refuse to start on such a node, naming it and the key
+    from grpo_ray.verifier_pool import VerifierReplica
+
+    with pytest.raises(RuntimeError, match=r"verifier replica on .*reward.code.allow_unsandboxed=true"):
+        VerifierReplica({"correct": 1.0}, {}, {"allow_unsandboxed": False}, 1, code_task=True)
+    VerifierReplica({"correct": 1.0}, {}, {"allow_unsandboxed": True}, 1, code_task=True).executor.shutdown()
+
+
 def test_partial_credit_on_humaneval_check():
     p = _problems()[0]  # HumanEval/0: has_close_elements, 7 assertions
     rec = _he_record(p)

@@ -112,6 +112,9 @@ def test_to_number_not_plain(text):
     ("0.5", r"\boxed{50\%}"),  # the equivalent forms
     (r"\{1,2\}", r"\boxed{\{2,1\}}"),
     (r"\frac{1}{2}", r"\boxed{\frac{2}{4}}"),
+    (r"\$18.90", r"\boxed{\$18.90}"),  # MATH's currency answers: an escaped dollar is a unit
+    ("18.90", r"\boxed{\$18.90}"),
+    ("5", r"\boxed{\$5}"),
 ])
 def test_correct_answers(gold, response):
     s = verify(rec(gold), response)
@@ -127,6 +130,8 @@ def test_correct_answers(gold, response):
     ("#### 1,234", "#### 1235", "1235", "1,234"),
     (r"\frac{1}{2}", "0.4", "0.4", r"\frac{1}{2}"),
     ("0.5", r"\boxed{\frac{1}{3}}", r"\frac{1}{3}", "0.5"),
+    ("1234567890", "#### 1234567891", "1234567891", "1234567890"),  # exact: no relative tolerance
+    ("9007199254740993", "#### 9007199254740992", "9007199254740992", "9007199254740993"),  # past 2**53
 ])
 def test_wrong_answers_reward_zero_with_both_numbers(gold, response, pred, shown_gold):
     s = verify(rec(gold), response)

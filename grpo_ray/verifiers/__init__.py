@@ -12,6 +12,7 @@ reward/<name>/mean separately, which is how reward hacking of one facet shows up
 from __future__ import annotations
 
 import importlib
+import math as math_  # `math` is the math verifier's options below
 import re
 
 from ..records import Score
@@ -40,11 +41,19 @@ def verify(record: dict, response: str, *, math: dict | None = None, code: dict 
         if task in _BUILTIN:
             return _BUILTIN[task](record, response, **({"math": math, "code": code}[task] or {}))
         if isinstance(task, str) and ":" in task:
-            out = _user_verifier(task)(record, response)
-            return out if isinstance(out, Score) else Score(float(out), "user verifier")
+            return _finite(_user_verifier(task)(record, response), task)
     except Exception as e:  # a verifier bug must not kill the step; the reason says what broke
         return Score(0.0, f"verifier error: {type(e).__name__}: {e}")
     return Score(0.0, f"unknown task {task!r}; known: {', '.join(_BUILTIN)} or 'module:function'")
+
+
+def _finite(out, name: str) -> Score:
+    """A user function's Score or number, as a Score; NaN or inf scores 0 with the reason: one
+    NaN reward would make its group's advantages, and then the whole update, NaN."""
+    score = out if isinstance(out, Score) else Score(float(out), "user verifier")
+    if not math_.isfinite(score.reward):
+        return Score(0.0, f"verifier {name} returned {score.reward!r}, not a finite number")
+    return score
 
 
 _FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
@@ -70,7 +79,7 @@ def combine(record: dict, response: str, weights: dict[str, float], options: dic
                 score = verify(record, response, **(options or {}))
             else:
                 score = fn(record, response) if fn else _user_verifier(name)(record, response)
-            parts[name] = score if isinstance(score, Score) else Score(float(score), "user verifier")
+            parts[name] = _finite(score, name)
         except Exception as e:  # as in verify(): a broken component scores 0, the step goes on
             parts[name] = Score(0.0, f"verifier error in {name}: {type(e).__name__}: {e}")
     total = sum(weights[n] * parts[n].reward for n in weights)
@@ -83,8 +92,11 @@ def check_components(weights: dict) -> None:
         if name not in _COMPONENTS and ":" not in str(name):
             raise ValueError(f"reward.components key {name!r}: use one of {', '.join(_COMPONENTS)} "
                              f"or 'module:function'")
-        if isinstance(w, bool) or not isinstance(w, (int, float)):
-            raise ValueError(f"reward.components.{name}={w!r}: the weight must be a number")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math_.isfinite(w):
+            raise ValueError(f"reward.components.{name}={w!r}: the weight must be a finite number")
+    if weights and all(w == 0 for w in weights.values()):
+        raise ValueError(f"reward.components={weights}: every weight is 0, so no completion could earn a "
+                         "reward; give one component (e.g. correct) a nonzero weight")
 
 
 class Verifier:

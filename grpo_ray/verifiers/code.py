@@ -42,7 +42,12 @@ import re
 import secrets
 
 from ..records import Score
+from . import sandbox
 from .sandbox import run_python
+
+NOT_ISOLATED = ("not run: bubblewrap is not usable on this node (see the 'sandbox:' warning in its log), so "
+                "the check would run unisolated (network, world-readable files); install bubblewrap >= 0.8 "
+                "(apt-get install bubblewrap) or set reward.code.allow_unsandboxed=true to accept that")
 
 _WORKER = r'''
 import marshal, os, sys
@@ -170,7 +175,9 @@ def solution_error(msg):
     kind, text = (msg[1], msg[2]) if type(msg) is tuple and len(msg) == 3 else ("?", "bad reply")
     kind, text = str(kind), str(text)
     cls = getattr(builtins, kind, None)  # a builtin type lets tests expecting e.g. ValueError work
-    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+    # StopIteration would end the tests' any(map(f, ...)) as if the input ran out (PEP 479's reason)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)) or issubclass(cls, (StopIteration,
+                                                                                     StopAsyncIteration)):
         cls = RuntimeError
     err = cls(f"{kind}: {text}")
     err.from_solution = True
@@ -264,17 +271,19 @@ def run_tests(worker, tests, job, names):
         elif "check" in ns and not entry:
             return False, "tests did not run: the tests define check() but the record has no entry_point"
     except BaseException as e:
-        return False, failure(e), partial(tally, asserts)
+        return False, failure(e), partial(tally, asserts, crashed=True)
     if tally.passed < tally.run:
         failed = f"{tally.run - tally.passed} of {tally.run} assertions failed"
         return False, f"wrong answer: {failed}", partial(tally, asserts)
     return True, "all tests passed"
 
 
-def partial(tally, asserts):
+def partial(tally, asserts, crashed=False):
     """Fraction of assertions that held. An assertion in a loop counts each time it runs; one
-    never reached (the tests stopped early) counts as failed."""
-    total = max(tally.run, asserts)
+    never reached (the tests stopped early) counts as failed, and so does the error that stopped
+    them: `asserts` counts a loop's assertion once, so a solution that passed its first call and
+    raised on the second would otherwise score 1."""
+    total = max(tally.run + crashed, asserts)
     return tally.passed / total if total else 0.0
 
 
@@ -355,10 +364,13 @@ def _verdict(side: bytes, nonce: str) -> dict | None:
 
 
 def score_code(record: dict, response: str, *, timeout_s: float = 2.0, memory_mb: int = 512,
-               partial_credit: bool = False) -> Score:
+               partial_credit: bool = False, allow_unsandboxed: bool = False) -> Score:
     """1.0 when every test passes. partial_credit: the fraction of assertions that hold instead
     (plain asserts and HumanEval's check(); a timeout or crash still scores 0). The record's own
-    `timeout_s` overrides the argument."""
+    `timeout_s` overrides the argument. Without a working bubblewrap nothing runs (0, with the
+    reason) unless allow_unsandboxed: isolation fails closed."""
+    if not allow_unsandboxed and not sandbox.bwrap_works():
+        return Score(0.0, NOT_ISOLATED)
     tests = record.get("tests")
     if not isinstance(tests, str) or not tests.strip():
         return Score(0.0, "record has no 'tests' field")

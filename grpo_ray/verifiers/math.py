@@ -20,6 +20,7 @@ import select
 import subprocess
 import sys
 import threading
+from fractions import Fraction
 
 from ..records import Score
 
@@ -72,11 +73,23 @@ def gold_answer(answer: str) -> str:
     return answer.rsplit("####", 1)[1].strip() if "####" in answer else answer.strip()
 
 
+def _plain(text: str) -> str | None:
+    """A plain decimal number's digits ("\\$1,234.50" -> "1234.50"), or None. `\\$` is LaTeX's
+    escaped dollar sign (MATH's currency answers): a unit, not a math delimiter."""
+    s = text.strip().replace("\\$", "").replace("$", "").replace(" ", "").rstrip(".")
+    return s.replace(",", "") if _PLAIN.match(s) else None
+
+
 def to_number(text: str) -> float | None:
-    s = text.strip().replace("$", "").replace(" ", "").rstrip(".")
-    if not _PLAIN.match(s):
-        return None
-    return float(s.replace(",", ""))
+    s = _plain(text)
+    return None if s is None else float(s)
+
+
+def same_number(a: str, b: str) -> bool | None:
+    """Exact decimal comparison of two plain numbers (None if either is not one): a float with a
+    relative tolerance took 1234567891 for 1234567890, and loses digits past 2**53."""
+    x, y = _plain(a), _plain(b)
+    return None if x is None or y is None else Fraction(x) == Fraction(y)
 
 
 def _math_verify_equal(gold: str, pred: str) -> bool:
@@ -84,6 +97,7 @@ def _math_verify_equal(gold: str, pred: str) -> bool:
     from math_verify import parse, verify
 
     def wrap(s: str) -> str:  # math-verify finds LaTeX only inside math delimiters
+        s = s.replace("\\$", "")  # an escaped dollar (currency) is no delimiter; parse() found nothing
         return s if "$" in s else f"${s}$"
 
     g = parse(wrap(gold), parsing_timeout=None)
@@ -173,10 +187,10 @@ def score_math(record: dict, response: str, answer_key: str = "answer", *, extra
     if pred is None:
         where = {"boxed": " in \\boxed{}", "marked": " in \\boxed{} or after ####"}.get(extraction, "")
         return Score(0.0, f"no answer found{where}")
-    g, p = to_number(gold), to_number(pred)
-    if g is not None and p is not None:
-        correct = abs(g - p) <= 1e-9 * max(1.0, abs(g))
-    else:
+    correct = same_number(gold, pred)
+    if correct is None and " ".join(gold.split()) == " ".join(pred.split()):
+        correct = True  # the same text: no parser needed (or able to refuse it)
+    if correct is None:
         try:
             correct = _MATH_VERIFY.equal(gold, pred, timeout_s)
         except TimeoutError as e:

@@ -103,9 +103,13 @@ def _mounts(python: str, tmp_mb: int) -> list[str]:
     prefix = os.path.dirname(os.path.dirname(python))  # .../bin/python3.x -> ...
     if not prefix.startswith("/usr/") and prefix != "/usr":
         args += ["--ro-bind", prefix, prefix]
+    # Writable: only the sized tmpfs /tmp and /dev/shm. bwrap's root and its /dev are tmpfs
+    # mounts of their own with no size limit (RLIMIT_FSIZE caps one file, not how many, and
+    # RLIMIT_AS does not count tmpfs pages): left writable, a check could fill the host's RAM.
     args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache",
              "--size", str(tmp_mb << 20), "--tmpfs", "/tmp",
-             "--dev", "/dev", "--proc", "/proc", "--chdir", "/tmp"]
+             "--dev", "/dev", "--size", str(max(tmp_mb // 4, 1) << 20), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
+             "--proc", "/proc", "--remount-ro", "/", "--chdir", "/tmp"]
     return args
 
 
