@@ -375,6 +375,35 @@ def test_only_the_sized_tmp_and_shm_are_writable():
     assert "shm full 28" in r.stdout and r.returncode == 0, r.stdout + r.stderr  # ENOSPC
 
 
+@pytest.mark.skipif(not bwrap_works(), reason="needs a working bubblewrap to stand in for an old one")
+def test_bubblewrap_before_0_8_still_isolates_without_disable_userns(monkeypatch):
+    """Ubuntu 22.04 (Ray's images, the AWS AMI) ships bubblewrap 0.6, which has no --disable-userns:
+    the probe falls back to isolating without it, rather than failing (checks would refuse to run)."""
+    import tempfile
+
+    from grpo_ray.verifiers import sandbox
+
+    folder = tempfile.mkdtemp()
+    os.chmod(folder, 0o755)  # the checks run as uid 65534
+    old = os.path.join(folder, "bwrap")
+    with open(old, "w") as f:
+        f.write('#!/bin/sh\nfor a in "$@"; do [ "$a" = --disable-userns ] && '
+                '{ echo "bwrap: Unknown option --disable-userns" >&2; exit 1; }; done\n'
+                f'exec {sandbox.BWRAP} "$@"\n')
+    os.chmod(old, 0o755)
+    monkeypatch.setattr(sandbox, "BWRAP", old)
+    sandbox._probe.cache_clear()
+    try:
+        assert sandbox._probe() == (True, False)
+        r = run_python("import socket\ntry:\n    socket.create_connection(('1.1.1.1', 53), 1)\n"
+                       "except OSError as e:\n    print('no network', e.errno)\n")
+        assert r.isolated and "no network" in r.stdout, r.stdout + r.stderr
+    finally:
+        monkeypatch.undo()
+        sandbox._probe.cache_clear()
+    assert sandbox._probe() == (True, True)
+
+
 def test_without_a_sandbox_code_checks_refuse_unless_allowed(monkeypatch):
     from grpo_ray.verifiers import sandbox
 

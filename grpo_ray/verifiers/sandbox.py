@@ -41,6 +41,7 @@ NOBODY = 65534
 MAX_SOURCE_BYTES = 100_000  # the source travels as one argv element (Linux caps those at 128 KiB)
 _SIDE_CAP = 16_384
 _ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0"}
+BWRAP = shutil.which("bwrap")  # found on the PATH the verifier starts with
 
 # Runs first inside the sandbox. argv: limits, side-channel fd, source. Hard limits equal soft
 # ones, so the untrusted code cannot raise them back.
@@ -113,9 +114,11 @@ def _mounts(python: str, tmp_mb: int) -> list[str]:
     return args
 
 
-def _bwrap_prefix(python: str, tmp_mb: int) -> list[str]:
-    return ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
-            *_mounts(python, tmp_mb), "--"]
+def _bwrap_prefix(python: str, tmp_mb: int, disable_userns: bool | None = None) -> list[str]:
+    if disable_userns is None:
+        disable_userns = _probe()[1]
+    return [BWRAP, "--unshare-all", "--unshare-user", *(["--disable-userns"] if disable_userns else []),
+            "--die-with-parent", "--new-session", *_mounts(python, tmp_mb), "--"]
 
 
 def _as_nobody(drop: bool) -> tuple[list[str], dict]:
@@ -134,21 +137,35 @@ def _as_nobody(drop: bool) -> tuple[list[str], dict]:
     return [], {"user": NOBODY, "group": NOBODY, "extra_groups": []}
 
 
-@lru_cache(maxsize=1)
 def bwrap_works() -> bool:
     """Probe once: bubblewrap installed, and user namespaces allowed for the uid we run as."""
-    if not shutil.which("bwrap"):
-        return False
+    return _probe()[0]
+
+
+@lru_cache(maxsize=1)
+def _probe() -> tuple[bool, bool]:
+    """(bubblewrap works, with --disable-userns). That flag (bubblewrap >= 0.8) stops the
+    program making user namespaces of its own; Ubuntu 22.04, which Ray's images and the AWS
+    Deep Learning AMI are built on, ships 0.6, where the sandbox still isolates without it."""
+    if not BWRAP:
+        return False, False
     python, drop = _interpreter()
     prefix, ids = _as_nobody(drop)
-    try:
-        r = subprocess.run([*prefix, *_bwrap_prefix(python, 1), python, "-I", "-S", "-c", "pass"],
-                           env=_ENV, capture_output=True, timeout=10, check=False, **ids)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    if r.returncode != 0:
-        log.warning("sandbox: bwrap probe failed: %s", r.stderr.decode(errors="replace")[-300:])
-    return r.returncode == 0
+    errors = []
+    for disable_userns in (True, False):
+        try:
+            r = subprocess.run([*prefix, *_bwrap_prefix(python, 1, disable_userns), python, "-I", "-S", "-c", "pass"],
+                               env=_ENV, capture_output=True, timeout=10, check=False, **ids)
+        except (OSError, subprocess.SubprocessError):
+            return False, False
+        if r.returncode == 0:
+            if not disable_userns:
+                log.warning("sandbox: bwrap has no --disable-userns (bubblewrap < 0.8: %s); checks are "
+                            "isolated, but may create nested user namespaces", errors[0])
+            return True, disable_userns
+        errors.append(r.stderr.decode(errors="replace")[-300:].strip())
+    log.warning("sandbox: bwrap probe failed: %s", errors[-1])
+    return False, False
 
 
 @lru_cache(maxsize=1)
