@@ -115,7 +115,7 @@ class CodeRewardConfig:
     timeout_s: float = _f(2.0, lo=0.0, lo_open=True, doc="wall clock per check; a record's timeout_s wins")
     memory_mb: int = _f(512, lo=64, doc="address-space limit of the sandboxed program")
     partial_credit: bool = False  # reward = fraction of assertions that hold, instead of all-or-nothing
-    # without a working bubblewrap (>= 0.8, user namespaces allowed) code checks refuse to run;
+    # without a working bubblewrap (user namespaces allowed) code checks refuse to run;
     # true runs them with rlimits and uid 65534 only: NOT isolated (network, world-readable files)
     allow_unsandboxed: bool = False
 

@@ -140,6 +140,16 @@ def test_sandbox_overhead():
 
 # --------------------------------------------------------------------------- correct answers
 
+def test_a_prose_prompt_is_not_put_in_front_of_the_program():
+    # MBPP-style rows: the prompt is English; only a code prompt (HumanEval's stub) is completed
+    rec = {"task": "code", "prompt": "Write a function add(a, b) that returns the sum of two numbers.",
+           "tests": "assert add(2, 3) == 5\n"}
+    assert verify(rec, GOOD).reward == 1.0
+    assert verify({**rec, "raw_prompt": rec["prompt"], "prompt": "Q: ..."}, GOOD).reward == 1.0
+    stub = {"task": "code", "prompt": "def add(a, b):\n    \"\"\"The sum.\"\"\"\n", "entry_point": "add", "tests": "assert add(2, 3) == 5\n"}
+    assert verify(stub, "    return a + b\n").reward == 1.0  # a bare body still completes a code prompt
+
+
 def test_plain_asserts_without_entry_point():
     rec = {"task": "code", "tests": "assert add(1, 2) == 3\nassert add(0, 0) == 0\n"}
     assert verify(rec, GOOD).reward == 1.0

@@ -37,6 +37,7 @@ Residual risk, honestly:
 """
 from __future__ import annotations
 
+import ast
 import json
 import re
 import secrets
@@ -46,8 +47,8 @@ from . import sandbox
 from .sandbox import run_python
 
 NOT_ISOLATED = ("not run: bubblewrap is not usable on this node (see the 'sandbox:' warning in its log), so "
-                "the check would run unisolated (network, world-readable files); install bubblewrap >= 0.8 "
-                "(apt-get install bubblewrap) or set reward.code.allow_unsandboxed=true to accept that")
+                "the check would run unisolated (network, world-readable files); install bubblewrap "
+                "(apt-get install bubblewrap) with user namespaces allowed, or set reward.code.allow_unsandboxed=true to accept that")
 
 _WORKER = r'''
 import marshal, os, sys
@@ -334,8 +335,17 @@ def _defines(code: str, name: str) -> bool:
 
 
 def _source_prompt(record: dict) -> str:
-    """The row's own prompt (the code the response completes), not data.prompt_template's text."""
-    return (record["raw_prompt"] if "raw_prompt" in record else record.get("prompt")) or ""
+    """The row's own prompt when it is code the response completes (HumanEval's signature and
+    docstring), not data.prompt_template's text; "" when it is prose (MBPP's "Write a function
+    that..."), which in front of the program would make every answer a syntax error."""
+    prompt = (record["raw_prompt"] if "raw_prompt" in record else record.get("prompt")) or ""
+    for stub in (prompt, prompt.rstrip() + "\n    pass\n"):  # a def whose body the response writes
+        try:
+            ast.parse(stub)
+            return prompt
+        except (SyntaxError, ValueError):
+            continue
+    return ""
 
 
 def build_program(record: dict, response: str) -> str:
