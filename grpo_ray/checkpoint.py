@@ -58,11 +58,20 @@ def save_checkpoint(roles, gathering_ranks: list, tokenizer, run_dir: str, step:
     ray.get([lr.save_state.remote(os.path.join(tmp, "learner")) for lr in roles.learners])
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({"version": STATE_VERSION, "step": step, **state}, f, indent=1)
-    if os.path.exists(final):  # the same step saved again (e.g. a KL stop right after a save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)  # the same step saved again (e.g. a KL stop right after a save) replaces it
     prune(run_dir, keep)
     return final
+
+
+def replace_dir(new: str, final: str) -> None:
+    """Put the folder `new` at `final`. An existing `final` is moved aside first and deleted
+    last, so a crash in between leaves it whole (as `<new>.old`) instead of half-deleted."""
+    old = new + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def kl_stopped(path: str) -> bool:
@@ -149,17 +158,21 @@ def check_shape(path: str, base_model: str) -> None:
                               f"{', '.join(f'{k} {a} != {b}' for k, (a, b) in diff.items())}")
 
 
+def check_resume_mode(run_dir: str, mode: str) -> None:
+    """run.resume's refusals, checked before the run writes anything (config.yaml included)."""
+    found = list_checkpoints(run_dir)
+    if mode == "never" and found:
+        raise CheckpointError(f"run directory {run_dir} already has checkpoints (last: step {found[-1][0]}); "
+                              f"set run.resume=auto to continue it, or choose another run.name")
+    if mode == "must" and not found:
+        raise CheckpointError(f"--resume: no checkpoint in {checkpoints_dir(run_dir)}")
+
+
 def find_resume(run_dir: str, mode: str, base_model: str) -> tuple[str, dict] | None:
     """(checkpoint path, state) to resume from, or None for a fresh run. mode: run.resume."""
+    check_resume_mode(run_dir, mode)
     found = list_checkpoints(run_dir)
-    if mode == "never":
-        if found:
-            raise CheckpointError(f"run directory {run_dir} already has checkpoints (last: step {found[-1][0]}); "
-                                  f"set run.resume=auto to continue it, or choose another run.name")
-        return None
-    if not found:
-        if mode == "must":
-            raise CheckpointError(f"--resume: no checkpoint in {checkpoints_dir(run_dir)}")
+    if mode == "never" or not found:
         return None
     path = found[-1][1]
     state = load_state(path)

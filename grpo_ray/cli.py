@@ -7,6 +7,7 @@ import sys
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
+from .placement import PlacementError
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
@@ -22,10 +23,7 @@ def _eval(args) -> None:
     from .data import load_jsonl
     from .evaluation import dedupe_against, eval_model
 
-    ks = [int(k) for k in args.k.split(",") if k.strip()]
-    overrides = [f"eval.samples={args.samples}", f"eval.ks={ks}", f"eval.temperature={args.temperature}",
-                 f"rollout.max_new_tokens={args.max_new_tokens}", *args.overrides]
-    cfg = load_config(args.config, overrides)
+    cfg = eval_config(args)
     keys = (args.prompt_key, args.answer_key, cfg.data.prompt_template, cfg.data.verifier)
     records = load_jsonl(args.data, *keys)
     if args.train_data:
@@ -37,6 +35,28 @@ def _eval(args) -> None:
         if not records:
             raise ConfigError(f"every prompt of {args.data} is also in {args.train_data}: nothing held out")
     eval_model(cfg, args.model_dir, records[:args.limit] if args.limit else records, args.out)
+
+
+EVAL_DEFAULTS = {"k": "1,10", "samples": 16, "temperature": 1.0, "max_new_tokens": 256}
+
+
+def eval_config(args):
+    """`grpo-ray eval`'s config: --config with the flags given on the command line on top (a
+    flag's default must not override the file), then the dotted overrides. Without --config,
+    EVAL_DEFAULTS stand in for the flags not given."""
+    given = {name: getattr(args, name) for name in EVAL_DEFAULTS if getattr(args, name, None) is not None}
+    if args.config is None:
+        given = {**EVAL_DEFAULTS, **given}
+    overrides = []
+    if "k" in given:
+        try:
+            overrides.append(f"eval.ks={[int(k) for k in str(given['k']).split(',') if k.strip()]}")
+        except ValueError:
+            raise ConfigError(f"--k={given['k']!r}: expected comma-separated integers, e.g. 1,10") from None
+    overrides += [f"eval.{name}={given[name]}" for name in ("samples", "temperature") if name in given]
+    if "max_new_tokens" in given:
+        overrides.append(f"rollout.max_new_tokens={given['max_new_tokens']}")
+    return load_config(args.config, overrides + args.overrides)
 
 
 def _data(args) -> None:
@@ -78,10 +98,13 @@ def main(argv: list[str] | None = None) -> None:
     e = sub.add_parser("eval", help="pass@k of a model on held-out prompts (per-problem CSV + pass_at_k.json)")
     e.add_argument("model_dir", help="a Hugging Face model folder (e.g. runs/default/final_model)")
     e.add_argument("data", help="JSONL with prompt and answer fields (and task, tests, ... for code)")
-    e.add_argument("--k", default="1,10", help="comma-separated k for pass@k (default 1,10)")
-    e.add_argument("--samples", type=int, default=16, help="completions per prompt (n >= max k)")
-    e.add_argument("--temperature", type=float, default=1.0)
-    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--k", default=None, help="comma-separated k for pass@k (default: the config's eval.ks, "
+                                               "or 1,10 without --config)")
+    e.add_argument("--samples", type=int, default=None, help="completions per prompt, n >= max k (default: "
+                                                            "eval.samples, or 16)")
+    e.add_argument("--temperature", type=float, default=None, help="default: eval.temperature, or 1.0")
+    e.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: rollout.max_new_tokens, or 256 (prompt + answer fit rollout.max_model_len, 512)")
     e.add_argument("--out", default="eval", help="output folder (default ./eval)")
     e.add_argument("--train-data", default=None, help="training JSONL: its prompts are removed, with a warning")
     e.add_argument("--prompt-key", default="prompt")
@@ -110,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides, args.config = [args.config, *args.overrides], DEFAULT_CONFIG
     try:
         args.fn(args)
-    except (ConfigError, DataError, CheckpointError, OSError, ValueError) as e:
+    except (ConfigError, DataError, CheckpointError, PlacementError, OSError, ValueError) as e:
         print(f"grpo-ray: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -362,6 +362,11 @@ def _validate(cfg: Config) -> None:
     if cfg.rollout.asynchronous and cfg.algo.dynamic_sampling:
         raise ConfigError("rollout.asynchronous=true does not work with algo.dynamic_sampling=true yet (the extra "
                           "rounds would be sampled with other weights); turn one of them off")
+    if cfg.rollout.max_new_tokens >= cfg.rollout.max_model_len:
+        raise ConfigError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for the prompt in "
+                          f"rollout.max_model_len={cfg.rollout.max_model_len} (vLLM stops an answer there, so the "
+                          "truncation metrics and overlong handling would be off): raise rollout.max_model_len "
+                          "to the longest prompt plus max_new_tokens, or lower max_new_tokens")
     if cfg.rollout.top_p < 1.0 and not cfg.algo.recompute_old_logprobs:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} samples from the renormalised nucleus, so the sampler's "
                           "logprobs (old_logprobs) are not the full softmax the learner computes: the ratio would "
@@ -390,7 +395,10 @@ def cpu_threads(cfg: Config, node_cpus: int, peer: int = 0, peers: int = 1) -> t
     `peer` the peer-th slice; more generators than cores wrap around). vLLM's scheduler and
     output handling are single-threaded Python (~60% of a tiny model's generate call), so two
     engines on one core each sample faster than one engine on two: tiny sync step, generate
-    0.15 -> 0.12 s. Learner ranks on a node split the torch threads the same way."""
+    0.15 -> 0.12 s. Learner ranks on a node split the torch threads the same way. The engine runs
+    in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), where this vLLM binds no OpenMP threads to
+    the ids (only its multiprocess executor reads VLLM_CPU_OMP_THREADS_BIND): a slice's size sets
+    the actor's thread count (OMP_NUM_THREADS), and the OS places the threads."""
     res, n = cfg.resources, max(1, node_cpus)
     split = cfg.rollout.asynchronous and res.generator_gpus == 0 and n > 1
     gen = n // 2 if split else n

@@ -21,31 +21,77 @@ def load_jsonl(path: str, prompt_key: str = "prompt", answer_key: str = "answer"
     line; nothing is skipped silently."""
     records = []
     try:
-        f = open(path)
+        f = open(path, "rb")  # decoded line by line, so that an error can name its line
     except OSError as e:
         raise DataError(f"cannot read dataset {path!r}: {e.strerror}") from None
     with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        for lineno, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key in (prompt_key, answer_key):
-                if key not in row or row[key] in (None, ""):
-                    raise DataError(f"{path}:{lineno}: row has no '{key}' field "
-                                    f"(set data.prompt_key / data.answer_key to the dataset's field names)")
-            rec = dict(row)
-            rec["raw_prompt"], rec["answer"] = str(row[prompt_key]), row[answer_key]
-            rec["prompt"] = template.replace("{prompt}", rec["raw_prompt"])  # not format(): LaTeX has braces
-            rec.setdefault("task", verifier)
-            records.append(rec)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            rec = _record(path, lineno, line, prompt_key, answer_key, template, verifier)
+            if rec is not None:
+                records.append(rec)
     if not records:
         raise DataError(f"{path}: no rows")
     return records
+
+
+def _record(path: str, lineno: int, line: str, prompt_key: str, answer_key: str, template: str,
+            verifier: str) -> dict | None:
+    """One JSONL line as a record (None for a blank line); errors name the file and the line."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    for key in (prompt_key, answer_key):
+        if key not in row or row[key] in (None, ""):
+            raise DataError(f"{path}:{lineno}: row has no '{key}' field "
+                            f"(set data.prompt_key / data.answer_key to the dataset's field names)")
+    rec = dict(row)
+    rec["raw_prompt"], rec["answer"] = str(row[prompt_key]), row[answer_key]
+    rec["prompt"] = template.replace("{prompt}", rec["raw_prompt"])  # not format(): LaTeX has braces
+    rec.setdefault("task", verifier)
+    problem = task_problem(rec)
+    if problem:
+        raise DataError(f"{path}:{lineno}: {problem}")
+    return rec
+
+
+def task_problem(rec: dict) -> str | None:
+    """Why no verifier could score this row (every completion would get 0), or None."""
+    task = rec["task"]
+    if task == "code" and not isinstance(rec.get("tests"), str):
+        return "a code row needs a 'tests' field (Python asserts, or HumanEval's check(candidate))"
+    if task in ("math", "code"):
+        return None
+    if not isinstance(task, str) or ":" not in task:
+        return f"task {task!r}: expected math, code, or module:function (data.verifier for rows without one)"
+    try:
+        _resolve(task)
+    except (ImportError, AttributeError) as e:
+        return f"task {task!r}: {type(e).__name__}: {e}"
+    return None
+
+
+_RESOLVED: set = set()
+
+
+def _resolve(spec: str) -> None:
+    """Import module:function once (a dataset names the same few thousands of times)."""
+    if spec not in _RESOLVED:
+        import importlib
+
+        module, _, name = spec.partition(":")
+        fn = getattr(importlib.import_module(module), name)
+        if not callable(fn):
+            raise AttributeError(f"{spec} is not a function")
+        _RESOLVED.add(spec)
 
 
 def load_datasets(data_cfg, seed: int) -> tuple[list[dict], list[dict]]:

@@ -216,7 +216,15 @@ class Generator:
         if current_platform.is_cpu():
             _install_seeded_cpu_sampler()  # before the engine builds its sampler
 
+        cpu = current_platform.is_cpu()
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
+                       # CPU: no chunked prefill. A prompt split across steps makes vLLM rewind that
+                       # row's torch.Generator (set_offset), which a CPU generator refuses, so every
+                       # seeded request crashed once a step's prompts passed the 4096-token budget
+                       # (8 prompts x 16 samples x 40 tokens); and the split would shift that row's
+                       # seeds. Each step then takes whole prompts, up to the budget.
+                       **({"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
+                          if cpu else {}),
                        kv_cache_memory_bytes=kv_cache_mb << 20, seed=seed, max_num_seqs=max_num_seqs,
                        enable_prefix_caching=False,
                        # the sampled token's logprob after temperature (and top-p): the policy

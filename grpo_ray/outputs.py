@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import yaml
 
@@ -23,7 +24,11 @@ def create_run_dir(cfg: Config) -> str:
     run_dir = resolve_run_dir(cfg)
     try:
         os.makedirs(run_dir, exist_ok=True)
-        write_atomic(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        path, text = os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        if os.path.isfile(path) and open(path).read() != text:  # resumed with other settings: keep the old
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(os.path.getmtime(path)))
+            os.replace(path, os.path.join(run_dir, f"config.until-{stamp}.yaml"))
+        write_atomic(path, text)
     except OSError as e:
         raise OSError(f"run directory {run_dir!r} is not writable ({e.strerror}); set run.output_dir") from None
     return run_dir

@@ -15,14 +15,14 @@ import time
 import ray
 
 from .actors import Roles, init_ray, start_reference, start_roles, stop_roles
-from .checkpoint import (REFERENCES, find_resume, list_checkpoints, load_state, newest_good, remove_partial_saves,
-                         save_checkpoint)
-from .config import Config
-from .data import PromptSampler, load_datasets
+from .checkpoint import (REFERENCES, check_resume_mode, find_resume, list_checkpoints, load_state, newest_good,
+                         remove_partial_saves, replace_dir, save_checkpoint)
+from .config import Config, ConfigError
+from .data import PromptSampler, load_datasets, task_problem
 from .evaluation import evaluate
 from .metrics import Monitor
 from .modeling import check_model_dir, load_tokenizer
-from .outputs import create_run_dir, prepare_model, summary_line, write_samples
+from .outputs import create_run_dir, prepare_model, resolve_run_dir, summary_line, write_samples
 from .rollout import InFlight
 from .step import finish_sync, gathering_ranks, ref_reset_due, sync_weights, train_step
 from .tracking import Tracker
@@ -36,8 +36,7 @@ def save_policy(roles: Roles, cfg: Config, run_dir: str, tokenizer, name: str) -
     shutil.rmtree(tmp, ignore_errors=True)
     ray.get([lr.save_pretrained.remote(tmp) for lr in gathering_ranks(roles, cfg)])
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)
     return final
 
 
@@ -49,8 +48,13 @@ def train(cfg: Config, address: str | None = None) -> str:
     log = tqdm.write
     # Bad data and bad checkpoints fail here, before anything is written or started.
     train_records, eval_records = load_datasets(cfg.data, cfg.run.seed)
+    for name in cfg.reward.components:  # a component no one can import would score 0 every step
+        problem = task_problem({"task": name}) if ":" in name else None
+        if problem:
+            raise ConfigError(f"reward.components: {problem}")
     if cfg.model.path != "builtin:tiny":
         check_model_dir(cfg.model.path)
+    check_resume_mode(resolve_run_dir(cfg), cfg.run.resume)
     run_dir = create_run_dir(cfg)
     log(f"run directory: {run_dir}")
     model_path = prepare_model(cfg, train_records, run_dir, log)

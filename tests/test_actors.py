@@ -58,6 +58,18 @@ def test_generator_returns_groups_with_sampler_logprobs(engines):
     assert _max_diff(ray.get(ref.logprobs.remote(b)), b.old_logprobs, b.response_mask) < 1e-4
 
 
+def test_prompts_past_the_step_token_budget_sample_and_keep_their_seeds(engines):
+    # 8 prompts x 16 samples x ~350 tokens is ~45k prompt tokens, past vLLM's 4096 a step: with
+    # chunked prefill vLLM split a prompt and rewound its row's CPU generator, which raised
+    # "CPU Generator does not use offset" on every such step
+    ray, gen, _, _ = engines
+    prompts = ["Q: " + " ".join(f"{i + j}+{i}" for i in range(60)) + "=?\nA:" for j in range(8)]
+    ro = ray.get(gen.generate.remote(prompts, n=16, temperature=1.0, max_new_tokens=4, seed=7))
+    assert len(ro) == 128 and len(ro.prompt_ids[0]) > 300
+    part = ray.get(gen.generate.remote(prompts[5:7], n=16, temperature=1.0, max_new_tokens=4, seed=7 + 5 * 16))
+    assert part.response_ids == ro.response_ids[80:112]  # the same streams, however the steps were cut
+
+
 def test_at_another_temperature_all_three_roles_give_the_tempered_policys_logprobs(engines, tiny_model_dir):
     # the policy that samples at T is softmax(logits / T): vLLM's reported logprobs, the
     # learner's and the reference's must all be of it, or the ratio is off from the first step

@@ -197,6 +197,8 @@ def test_upper_bound():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["rollout.top_p=1.5"])
     assert "rollout.top_p" in str(e.value) and "1.5" in str(e.value) and "<= 1.0" in str(e.value)
+    with pytest.raises(ConfigError, match="rollout.max_new_tokens=512 leaves no room for the prompt"):
+        load_config(None, ["rollout.max_new_tokens=512", "rollout.max_model_len=512"])
     # nucleus sampling: vLLM's logprobs are the renormalised nucleus's, not the learner's softmax
     with pytest.raises(ConfigError, match="rollout.top_p=0.9 .*algo.recompute_old_logprobs=true"):
         load_config(None, ["rollout.top_p=0.9"])

@@ -29,7 +29,7 @@ def test_load_jsonl_good_file(tmp_path):
         {"prompt": "1+1?", "answer": "2"},
         "",  # blank lines are skipped
         {"prompt": "2+2?", "answer": 4, "extra": "kept"},
-        {"prompt": "q", "answer": "a", "task": "my.mod:fn"},
+        {"prompt": "q", "answer": "a", "task": "reward_fns:digit_fraction"},
     ])
     recs = load_jsonl(path)
     assert len(recs) == 3
@@ -37,7 +37,27 @@ def test_load_jsonl_good_file(tmp_path):
     assert recs[1]["answer"] == 4  # answer kept as given
     assert recs[1]["extra"] == "kept"
     assert recs[1]["task"] == "math"
-    assert recs[2]["task"] == "my.mod:fn"  # an explicit task is not overwritten
+    assert recs[2]["task"] == "reward_fns:digit_fraction"  # an explicit task is not overwritten
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"prompt": "q", "answer": "a", "task": "mth"}, "task 'mth': expected math, code, or module:function"),
+    ({"prompt": "q", "answer": "a", "task": "nomod:fn"}, "task 'nomod:fn': ModuleNotFoundError"),
+    ({"prompt": "q", "answer": "a", "task": "reward_fns:no_such_fn"}, "task 'reward_fns:no_such_fn': AttributeError"),
+    ({"prompt": "q", "answer": "a", "task": "code", "test_list": ["assert f()"]}, "a code row needs a 'tests' field"),
+])
+def test_a_row_no_verifier_could_score_is_an_error_naming_the_line(tmp_path, row, needle):
+    # else every completion of that row scores 0, and the run trains on nothing
+    path = write_jsonl(tmp_path, [{"prompt": "1+1?", "answer": "2"}, row])
+    with pytest.raises(DataError, match=f"d.jsonl:2: {re.escape(needle)}"):
+        load_jsonl(path)
+
+
+def test_a_line_that_is_not_utf8_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "1+1?", "answer": "2"}\n' * 3 + b'{"prompt": "\xff\xfe", "answer": "2"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:4: not UTF-8 text"):
+        load_jsonl(str(path))
 
 
 def test_missing_answer_field_names_path_line_and_key(tmp_path):
@@ -114,8 +134,8 @@ def test_gsm8k_loads_with_question_key():
 
 
 def test_prompt_template_and_default_verifier(tmp_path):
-    path = write_jsonl(tmp_path, [{"prompt": "What is {x}?", "answer": "2"}, {"prompt": "p", "answer": "a",
-                                                                             "task": "math"}])
+    path = write_jsonl(tmp_path, [{"prompt": "What is {x}?", "answer": "2", "tests": "assert True"},
+                                  {"prompt": "p", "answer": "a", "task": "math"}])
     recs = load_jsonl(path, template="Q: {prompt}\nPut the answer in \\boxed{}.", verifier="code")
     # braces in the prompt and the template stay as written (no str.format)
     assert recs[0]["prompt"] == "Q: What is {x}?\nPut the answer in \\boxed{}."

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from grpo_ray.config import ConfigError
 from grpo_ray.evaluation import dedupe_against, write_results
 from grpo_ray.metrics import mean_pass_at_k
 
@@ -51,3 +52,24 @@ def test_eval_command_writes_per_problem_csv_and_pass_at_k(tiny_model_dir, tmp_p
         expected = mean_pass_at_k(table["num_samples"].tolist(), table["num_correct"].tolist(), k)
         assert result[f"eval/pass@{k}"] == pytest.approx(expected)
     assert 0 <= result["eval/pass@1"] <= result["eval/pass@4"] <= 1 and result["problems"] == 6
+
+
+def test_eval_flags_not_given_leave_the_configs_values():
+    """The flags' own defaults used to override --config: the HumanEval config's 20 samples and
+    512 new tokens became 16 and 512, the GSM8K config's 768 new tokens 512."""
+    import argparse
+
+    from grpo_ray.cli import eval_config
+
+    def args(**kw):
+        return argparse.Namespace(**{"k": None, "samples": None, "temperature": None, "max_new_tokens": None,
+                                     "config": None, "overrides": [], **kw})
+
+    cfg = eval_config(args(config="configs/gsm8k_qwen2.5_1.5b_8gpu.yaml"))
+    assert (cfg.eval.samples, cfg.eval.ks, cfg.rollout.max_new_tokens) == (16, [1, 10], 768)
+    cfg = eval_config(args(config="configs/code_humaneval_8gpu.yaml", samples=4, k="1,2"))
+    assert (cfg.eval.samples, cfg.eval.ks, cfg.rollout.max_new_tokens) == (4, [1, 2], 512)
+    cfg = eval_config(args())  # no config: the CLI's defaults, which fit max_model_len 512
+    assert (cfg.eval.samples, cfg.eval.ks, cfg.rollout.max_new_tokens) == (16, [1, 10], 256)
+    with pytest.raises(ConfigError, match="--k='1,x'"):
+        eval_config(args(k="1,x"))

@@ -143,6 +143,17 @@ def test_cli_resume_without_checkpoint_exits_2(tiny_model_dir, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"--resume: no checkpoint in {tmp_path}/r/checkpoints" in proc.stderr
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_a_resume_with_other_settings_keeps_the_earlier_config(tmp_path):
+    from grpo_ray.outputs import create_run_dir
+
+    run = create_run_dir(load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", "learner.lr=1e-4"]))
+    create_run_dir(load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", "learner.lr=5e-5"]))
+    kept = [n for n in os.listdir(run) if n.startswith("config.until-")]
+    assert len(kept) == 1 and "lr: 0.0001" in open(os.path.join(run, kept[0])).read()
+    assert "lr: 5.0e-05" in open(os.path.join(run, "config.yaml")).read()
 
 
 @pytest.mark.slow
