@@ -318,6 +318,10 @@ def _validate(cfg: Config) -> None:
 
     if not cfg.reward.components:
         raise ConfigError("reward.components is empty; e.g. {correct: 1.0}")
+    name = cfg.run.name
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"run.name={name!r}: expected one folder name (the run directory is "
+                          f"run.output_dir/run.name), e.g. gsm8k-lr1e-6")
     try:
         check_components(cfg.reward.components)
     except ValueError as e:
@@ -344,8 +348,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"algo.mini_batches * learner.num_ranks = {parts} must divide rollout.prompts_per_step * "
                           f"algo.group_size = {rows} (every rank takes an equal share of every mini-batch)")
     try:
-        if cfg.resources.vllm_cpu_threads != "auto":
-            cpu_list(cfg.resources.vllm_cpu_threads)
+        if cfg.resources.vllm_cpu_threads != "auto" and not cpu_list(cfg.resources.vllm_cpu_threads):
+            raise ValueError("no CPU ids")
     except ValueError:
         raise ConfigError(f"resources.vllm_cpu_threads={cfg.resources.vllm_cpu_threads!r}: expected CPU ids like "
                           "'0-1' or '0-3,8', or auto") from None
@@ -444,6 +448,22 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last silently,
+    so a second `algo:` block would drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (line {key_node.start_mark.line + 1}); "
+                    "merge the two", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- YAML file <- overrides, each value checked as it is applied."""
     cfg = Config()
@@ -452,7 +472,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path!r} does not exist")
         with open(path) as f:
             try:
-                data = yaml.safe_load(f) or {}
+                data = yaml.load(f, Loader=_UniqueKeys) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
         _apply(cfg, data, "", path)

@@ -94,7 +94,20 @@ def write_results(out_dir: str, rows: list[dict], metrics: dict) -> tuple[str, s
 def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print) -> dict:
     """`grpo-ray eval`: start generators and the verifier pool on the cluster, evaluate
     `records` with cfg.eval's samples and ks, write the results; returns the pass@k metrics."""
+    import os
+
     import ray
+
+    from .modeling import check_model_dir
+
+    check_model_dir(model_dir)
+    try:  # before hours of sampling, not after
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, ".write-test"), "w"):
+            pass
+        os.remove(os.path.join(out_dir, ".write-test"))
+    except OSError as e:
+        raise OSError(f"--out {out_dir!r} is not writable ({e.strerror})") from None
 
     from .actors import actor_env, init_ray, start_generators
     from .verifier_pool import VerifierPool

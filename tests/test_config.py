@@ -383,3 +383,20 @@ def test_auto_cpu_slices_are_disjoint_and_cover_the_node():
 def test_resource_and_async_combinations_that_cannot_work(overrides, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(None, overrides)
+
+
+def test_a_key_given_twice_in_a_config_file_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algo:\n  beta: 0.1\nrun:\n  name: x\nalgo:\n  epsilon: 0.2\n")
+    with pytest.raises(ConfigError, match=r"key 'algo' appears twice in one mapping \(line 5\)"):
+        load_config(str(path))  # PyYAML alone keeps the second block and drops beta silently
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("run.name=../x", "run.name='../x': expected one folder name"),
+    ("run.name=.", "run.name='.': expected one folder name"),
+    ("resources.vllm_cpu_threads=3-1", "resources.vllm_cpu_threads='3-1': expected CPU ids"),
+])
+def test_run_name_is_one_folder_and_cpu_ids_are_not_empty(override, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(None, [override])

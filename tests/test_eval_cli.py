@@ -73,3 +73,12 @@ def test_eval_flags_not_given_leave_the_configs_values():
     assert (cfg.eval.samples, cfg.eval.ks, cfg.rollout.max_new_tokens) == (16, [1, 10], 256)
     with pytest.raises(ConfigError, match="--k='1,x'"):
         eval_config(args(k="1,x"))
+
+
+def test_an_unwritable_out_folder_fails_before_any_sampling(tiny_model_dir, tmp_path):
+    from grpo_ray.config import load_config
+    from grpo_ray.evaluation import eval_model
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OSError, match=r"--out '.*a_file/ev' is not writable"):  # no Ray, no engine started
+        eval_model(load_config(None), tiny_model_dir, [{"prompt": "1+1?", "answer": "2"}], str(tmp_path / "a_file" / "ev"))
