@@ -95,14 +95,14 @@ def prune(run_dir: str, keep: int) -> None:
     drop the reset references (reference_policy/step_N) that no kept checkpoint names, except
     the newest (the one the reference actor runs, and reloads if Ray restarts it)."""
     found = list_checkpoints(run_dir)
-    good = newest_good(run_dir)
-    for step, old in found[:-keep]:
-        if good is None or step != good[0]:
-            shutil.rmtree(old, ignore_errors=True)
+    kept = found[-keep:] + [c for c in found if not kl_stopped(c[1])][-1:]
+    for c in found:
+        if c not in kept:
+            shutil.rmtree(c[1], ignore_errors=True)
     root = os.path.join(run_dir, REFERENCES)
     resets = sorted(name for name in os.listdir(root) if _NAME.match(name)) if os.path.isdir(root) else []
     named = set()
-    for _, path in list_checkpoints(run_dir):
+    for _, path in kept:
         try:
             named.add(os.path.normpath(load_state(path).get("reference") or ""))
         except CheckpointError:

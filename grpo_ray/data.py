@@ -72,26 +72,13 @@ def task_problem(rec: dict) -> str | None:
         return None
     if not isinstance(task, str) or ":" not in task:
         return f"task {task!r}: expected math, code, or module:function (data.verifier for rows without one)"
+    from .verifiers import _user_verifier  # how the verifier will resolve it
+
     try:
-        _resolve(task)
+        fn = _user_verifier(task)
     except (ImportError, AttributeError) as e:
         return f"task {task!r}: {type(e).__name__}: {e}"
-    return None
-
-
-_RESOLVED: set = set()
-
-
-def _resolve(spec: str) -> None:
-    """Import module:function once (a dataset names the same few thousands of times)."""
-    if spec not in _RESOLVED:
-        import importlib
-
-        module, _, name = spec.partition(":")
-        fn = getattr(importlib.import_module(module), name)
-        if not callable(fn):
-            raise AttributeError(f"{spec} is not a function")
-        _RESOLVED.add(spec)
+    return None if callable(fn) else f"task {task!r}: not a function"
 
 
 def load_datasets(data_cfg, seed: int) -> tuple[list[dict], list[dict]]:

@@ -213,10 +213,10 @@ class Generator:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        if current_platform.is_cpu():
+        cpu = current_platform.is_cpu()
+        if cpu:
             _install_seeded_cpu_sampler()  # before the engine builds its sampler
 
-        cpu = current_platform.is_cpu()
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
                        # CPU: no chunked prefill. A prompt split across steps makes vLLM rewind that
                        # row's torch.Generator (set_offset), which a CPU generator refuses, so every
@@ -238,7 +238,7 @@ class Generator:
         self.weight_version, self.load_error = 0, None
         cache = self.llm.llm_engine.vllm_config.cache_config
         # tokens of KV cache (0 = unknown); checked on CPU only, see _check_kv_cache
-        self.kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size if current_platform.is_cpu() else 0
+        self.kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size if cpu else 0
         self.kv_block, self.kv_cache_mb, self.max_num_seqs = cache.block_size, kv_cache_mb, max_num_seqs
         self.kv_tokens = max(0, self.kv_tokens - cache.block_size)  # vLLM keeps one block back
 
