@@ -48,7 +48,8 @@ from .sandbox import run_python
 
 NOT_ISOLATED = ("not run: bubblewrap is not usable on this node (see the 'sandbox:' warning in its log), so "
                 "the check would run unisolated (network, world-readable files); install bubblewrap "
-                "(apt-get install bubblewrap) with user namespaces allowed, or set reward.code.allow_unsandboxed=true to accept that")
+                "(apt-get install bubblewrap) with user namespaces allowed, or set "
+                "reward.code.allow_unsandboxed=true to accept that")
 
 _WORKER = r'''
 import marshal, os, sys
