@@ -20,20 +20,16 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    from .data import load_jsonl
-    from .evaluation import dedupe_against, eval_model
+    from .data import drop_training_prompts, load_jsonl
+    from .evaluation import eval_model
 
     cfg = eval_config(args)
     keys = (args.prompt_key, args.answer_key, cfg.data.prompt_template, cfg.data.verifier)
     records = load_jsonl(args.data, *keys)
     if args.train_data:
-        records, dupes = dedupe_against(records, load_jsonl(args.train_data, *keys))
-        if dupes:
-            shown = "; ".join(repr(p[:60]) for p in dupes[:3])
-            print(f"grpo-ray: warning: dropped {len(dupes)} evaluation prompt(s) that are also in "
-                  f"{args.train_data}: {shown}{' ...' if len(dupes) > 3 else ''}", file=sys.stderr)
-        if not records:
-            raise ConfigError(f"every prompt of {args.data} is also in {args.train_data}: nothing held out")
+        records, dropped = drop_training_prompts(records, load_jsonl(args.train_data, *keys), args.train_data)
+        if dropped:
+            print(f"grpo-ray: warning: {dropped}", file=sys.stderr)
     eval_model(cfg, args.model_dir, records[:args.limit] if args.limit else records, args.out)
 
 

@@ -430,15 +430,39 @@ def overlong_buffer(cfg: Config) -> int:
     return cfg.algo.overlong_buffer or max(1, cfg.rollout.max_new_tokens // 5)
 
 
-def parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str, typ: Any = None) -> tuple[str, Any]:
+    """(dotted key, value). The value is YAML (numbers, lists, null), except for a key whose type
+    `typ` is text: YAML read run.name=0123 as 83 and data.prompt_template=Q: {prompt} as a mapping,
+    so text keys take the characters as typed; a quoted value is unquoted as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected dotted.key=value, e.g. algo.beta=0.01")
     key, raw = text.split("=", 1)
+    if _is_text(typ) and not (len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""):
+        return key.strip(), raw
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
     return key.strip(), value
+
+
+def _is_text(typ: Any) -> bool:
+    """str, or a Literal of strings (algo.aggregation)."""
+    return typ is str or (typing.get_origin(typ) is Literal and all(isinstance(a, str) for a in typing.get_args(typ)))
+
+
+def field_type(key: str) -> Any:
+    """The annotation of a dotted config key ("run.name" -> str), or None for a key that is not
+    a field (unknown keys, and keys inside a mapping such as reward.components.format)."""
+    obj: Any = Config()
+    parts = key.strip().split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            return None
+        if i == len(parts) - 1:
+            return typing.get_type_hints(type(obj))[part]
+        obj = getattr(obj, part)
+    return None
 
 
 def _nest(key: str, value: Any) -> dict:
@@ -477,7 +501,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
                 raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
         _apply(cfg, data, "", path)
     for text in overrides:
-        key, value = parse_override(text)
+        key, value = parse_override(text, field_type(text.split("=", 1)[0]))
         _apply(cfg, _nest(key, value), "", "command line")
     _validate(cfg)
     return cfg

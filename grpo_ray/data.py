@@ -98,6 +98,30 @@ def load_datasets(data_cfg, seed: int) -> tuple[list[dict], list[dict]]:
     return shuffled[n_eval:], shuffled[:n_eval]
 
 
+def dedupe_against(records: list[dict], train_records: list[dict]) -> tuple[list[dict], list[str]]:
+    """Held-out records whose prompt (whitespace-normalised) is not a training prompt, and the
+    prompts that were: an evaluation on training prompts measures memory, not generalisation."""
+    def key(text: str) -> str:
+        return " ".join(str(text).split())
+
+    seen = {key(r["prompt"]) for r in train_records}
+    kept = [r for r in records if key(r["prompt"]) not in seen]
+    return kept, [r["prompt"] for r in records if key(r["prompt"]) in seen]
+
+
+def drop_training_prompts(held_out: list[dict], train: list[dict], source: str) -> tuple[list[dict], str | None]:
+    """held_out without the prompts that are also in train, and a warning naming what was dropped
+    (None when nothing was); an error when nothing is left. `source` names the training data."""
+    kept, dupes = dedupe_against(held_out, train)
+    if not kept:
+        raise DataError(f"every held-out prompt is also a training prompt of {source}: nothing held out")
+    if not dupes:
+        return kept, None
+    shown = "; ".join(repr(p[:60]) for p in dupes[:3])
+    return kept, (f"dropped {len(dupes)} evaluation prompt(s) that are also in {source}: "
+                  f"{shown}{' ...' if len(dupes) > 3 else ''}")
+
+
 class PromptSampler:
     """Epoch-wise shuffled order; its state (epoch, position) is all a resume needs to draw the
     same next prompts as the interrupted run."""

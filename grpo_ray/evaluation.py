@@ -62,17 +62,6 @@ def _sample_current(generators: list, prompts: list[str], version: int | None, r
                        f"not {version}, after 3 weight pushes")
 
 
-def dedupe_against(records: list[dict], train_records: list[dict]) -> tuple[list[dict], list[str]]:
-    """Held-out records whose prompt (whitespace-normalised) is not a training prompt, and the
-    prompts that were: an evaluation on training prompts measures memory, not generalisation."""
-    def key(text: str) -> str:
-        return " ".join(str(text).split())
-
-    seen = {key(r["prompt"]) for r in train_records}
-    kept = [r for r in records if key(r["prompt"]) not in seen]
-    return kept, [r["prompt"] for r in records if key(r["prompt"]) in seen]
-
-
 def write_results(out_dir: str, rows: list[dict], metrics: dict) -> tuple[str, str]:
     """results.csv (one row per problem, via pandas) and pass_at_k.json, each written to a temp
     file and renamed, so an interrupted run never leaves a half-written result."""

@@ -18,7 +18,7 @@ from .actors import Roles, init_ray, start_reference, start_roles, stop_roles
 from .checkpoint import (REFERENCES, check_resume_mode, find_resume, list_checkpoints, load_state, newest_good,
                          remove_partial_saves, replace_dir, save_checkpoint)
 from .config import Config, ConfigError
-from .data import PromptSampler, load_datasets, task_problem
+from .data import PromptSampler, drop_training_prompts, load_datasets, task_problem
 from .evaluation import evaluate
 from .metrics import Monitor
 from .modeling import check_model_dir, load_tokenizer
@@ -48,6 +48,8 @@ def train(cfg: Config, address: str | None = None) -> str:
     log = tqdm.write
     # Bad data and bad checkpoints fail here, before anything is written or started.
     train_records, eval_records = load_datasets(cfg.data, cfg.run.seed)
+    # pass@k on prompts the policy trains on measures memory (GSM8K's train and test share some)
+    eval_records, dropped = drop_training_prompts(eval_records, train_records, cfg.data.train_path or "the task")
     for name in cfg.reward.components:  # a component no one can import would score 0 every step
         problem = task_problem({"task": name}) if ":" in name else None
         if problem:
@@ -57,6 +59,8 @@ def train(cfg: Config, address: str | None = None) -> str:
     check_resume_mode(resolve_run_dir(cfg), cfg.run.resume)
     run_dir = create_run_dir(cfg)
     log(f"run directory: {run_dir}")
+    if dropped:
+        log(f"warning: {dropped}")
     model_path = prepare_model(cfg, train_records, run_dir, log)
     remove_partial_saves(run_dir)
     resume = find_resume(run_dir, cfg.run.resume, model_path)

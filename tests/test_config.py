@@ -122,6 +122,30 @@ def test_parse_override(text, expected):
     assert parse_override(text) == expected
 
 
+@pytest.mark.parametrize("override,key,expected", [
+    ("run.name=0123", "run.name", "0123"),  # YAML: the octal 83
+    ("run.name=1e3", "run.name", "1e3"),  # YAML: 1000.0
+    ("run.name=true", "run.name", "true"),
+    ("data.prompt_template=Q: {prompt} A:", "prompt_template", "Q: {prompt} A:"),  # YAML: a mapping
+    ("data.prompt_template='Q: {prompt}'", "prompt_template", "Q: {prompt}"),  # quoted: unquoted as YAML
+    ("data.prompt_template=#{prompt}", "prompt_template", "#{prompt}"),  # YAML: a comment, so ""
+    ("run.name=a b ", "run.name", "a b "),
+])
+def test_text_keys_take_the_override_as_typed(override, key, expected):
+    cfg = load_config(None, [override])
+    section = cfg.run if override.startswith("run.") else cfg.data
+    assert getattr(section, key.split(".")[-1]) == expected
+
+
+def test_non_text_overrides_are_still_yaml():
+    cfg = load_config(None, ["algo.beta=0.5", "eval.ks=[1, 2]", "reward.components.format=0.5",
+                             "algo.aggregation=token_mean", "algo.epsilon_high=null"])
+    assert (cfg.algo.beta, cfg.eval.ks, cfg.algo.aggregation, cfg.algo.epsilon_high) == (0.5, [1, 2], "token_mean", None)
+    assert cfg.reward.components == {"correct": 1.0, "format": 0.5}
+    with pytest.raises(ConfigError, match="algo.aggregation='seq'"):
+        load_config(None, ["algo.aggregation=seq"])
+
+
 def test_parse_override_without_equals():
     with pytest.raises(ConfigError, match="algo.beta") as e:
         parse_override("algo.beta")

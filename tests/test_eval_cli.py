@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from grpo_ray.config import ConfigError
-from grpo_ray.evaluation import dedupe_against, write_results
+from grpo_ray.data import DataError, dedupe_against, drop_training_prompts
+from grpo_ray.evaluation import write_results
 from grpo_ray.metrics import mean_pass_at_k
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +21,16 @@ def test_dedupe_against_training_prompts():
     held = [{"prompt": "Q: 1+1=?"}, {"prompt": "Q: 2+2=?"}, {"prompt": "Q: 3+3=?"}]
     kept, dupes = dedupe_against(held, train)
     assert [r["prompt"] for r in kept] == ["Q: 3+3=?"] and dupes == ["Q: 1+1=?", "Q: 2+2=?"]
+
+
+def test_drop_training_prompts_warns_with_what_it_dropped_and_refuses_an_empty_held_out_set():
+    train = [{"prompt": f"Q: {i}"} for i in range(5)]
+    kept, warning = drop_training_prompts([{"prompt": "Q: 9"}, *train], train, "t.jsonl")
+    assert kept == [{"prompt": "Q: 9"}]
+    assert warning == "dropped 5 evaluation prompt(s) that are also in t.jsonl: 'Q: 0'; 'Q: 1'; 'Q: 2' ..."
+    assert drop_training_prompts([{"prompt": "Q: 9"}], train, "t.jsonl") == ([{"prompt": "Q: 9"}], None)
+    with pytest.raises(DataError, match="every held-out prompt is also a training prompt of t.jsonl"):
+        drop_training_prompts(train[:2], train, "t.jsonl")
 
 
 def test_write_results_leaves_no_temp_files(tmp_path):

@@ -121,6 +121,23 @@ def test_bad_dataset_row_fails_fast_and_writes_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_held_out_prompts_that_are_training_prompts_are_dropped_before_the_run(tmp_path):
+    """An eval file that only repeats training prompts fails before anything is written (the
+    partial case, a warning and the rest kept: test_eval_cli's drop_training_prompts test)."""
+    from grpo_ray.data import DataError
+    from grpo_ray.train import train
+
+    rows = "".join(json.dumps({"prompt": f"{i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(4))
+    (tmp_path / "train.jsonl").write_text(rows)
+    (tmp_path / "eval.jsonl").write_text(rows.replace("?", "?  "))  # the same prompts, spaced otherwise
+    cfg = load_config(None, ["data.task=jsonl", f"data.train_path={tmp_path / 'train.jsonl'}",
+                             f"data.eval_path={tmp_path / 'eval.jsonl'}", "model.path=/nonexistent",
+                             f"run.output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(DataError, match=r"every held-out prompt is also a training prompt of .*train\.jsonl"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["algo.betta=1"], "algo.betta"),
     (["algo.group_size=-4"], "algo.group_size=-4"),

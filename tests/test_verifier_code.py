@@ -156,6 +156,15 @@ def test_plain_asserts_without_entry_point():
     assert verify(rec, "def add(a, b):\n    return 3\n").reward == 0.0
 
 
+def test_a_helper_named_check_in_the_solution_is_not_taken_for_the_tests():
+    helper = "def check(x):\n    return x >= 0\n\ndef add(a, b):\n    return a + b if check(a) else b + a\n"
+    plain = {"task": "code", "tests": "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"}
+    assert verify({**plain, "entry_point": "add"}, helper).reward == 1.0  # scored 0: check(add) was False
+    assert verify(plain, helper).reward == 1.0  # was "the tests define check()" without an entry point
+    assert score(helper).reward == 1.0  # HumanEval's own check() still runs, over the solution's
+    assert score(helper.replace("a + b if", "a - b if")).reward == 0.0
+
+
 def test_expected_exception_and_pass_fail_reasons():
     tests = ("def check(candidate):\n    try:\n        candidate(-1)\n    except ValueError:\n"
              "        pass\n    else:\n        assert False, 'no ValueError'\n    assert candidate(4) == 2.0\n")
