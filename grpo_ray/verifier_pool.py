@@ -11,6 +11,9 @@ Failure handling: completions travel in chunks (reward.pool.chunk_size), all sen
 gathered concurrently. A chunk whose replica dies, or that is not answered within
 request_timeout_s, is sent again, up to max_retries: a crashed replica costs a retry, never a
 lost sample or a hung step. Only when the retries run out does the step fail, with the reason.
+Slow answers cannot cause that: a replica stops comparing math answers when the request's budget
+(request_budget) is spent and scores the rest 0 with the reason, since a resent request of the
+same slow answers would time out the same way.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ class VerifierReplica:
     """One replica: scores chunks in a thread pool, so a replica overlaps `threads` sandboxed
     checks (each mostly waits on its subprocess). A plain class; Serve wraps it."""
 
-    def __init__(self, components: dict, math: dict, code: dict, threads: int, code_task: bool = False):
+    def __init__(self, components: dict, math: dict, code: dict, threads: int, code_task: bool = False,
+                 budget_s: float | None = None):
         from .verifiers.code import NOT_ISOLATED
         from .verifiers.math import warm_up
         from .verifiers.sandbox import bwrap_works
@@ -48,6 +52,7 @@ class VerifierReplica:
             # fail at start, naming the node, not with every check scoring 0 in the steps
             raise RuntimeError(f"verifier replica on {os.uname().nodename}: {NOT_ISOLATED}")
         self.verifier = Verifier(components, math=math, code=code)
+        self.budget_s = budget_s  # per request: answer before the client gives up and resends
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify")
         # math-verify's child imports sympy (~1.4 s): start it now, off the request path (a step
         # that first met a LaTeX answer took 1.5 s to verify instead of 0.01 s)
@@ -56,12 +61,22 @@ class VerifierReplica:
     async def score(self, records: list[dict], responses: list[str]) -> tuple[list[Score], float]:
         """Scores, and the seconds spent computing them (the client sizes its chunks by it)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._timed, records, responses)
+        deadline = None if self.budget_s is None else time.monotonic() + self.budget_s
+        return await loop.run_in_executor(self.executor, self._timed, records, responses, deadline)
 
-    def _timed(self, records: list[dict], responses: list[str]) -> tuple[list[Score], float]:
+    def _timed(self, records: list[dict], responses: list[str], deadline: float | None) -> tuple[list[Score], float]:
         t = time.perf_counter()
-        scores = self.verifier.score(records, responses)
+        scores = self.verifier.score(records, responses, deadline)
         return scores, time.perf_counter() - t
+
+
+def request_budget(cfg: Config) -> float:
+    """Seconds a replica may spend on one request's math comparisons: request_timeout_s less room
+    for one more comparison (the one another thread holds the math-verify process for) and the
+    round trip. Cheap math checks travel ~100 to a request; at 5 s per hostile answer, ~24 of them
+    overran 120 s, and the resent request failed the same way until the step raised."""
+    timeout, per_check = cfg.reward.pool.request_timeout_s, cfg.reward.math.timeout_s
+    return max(0.5 * timeout, timeout - 2 * per_check - 1.0)
 
 
 def deployment_options(cfg: Config, env: dict, has_verifier_resource: bool) -> dict:
@@ -110,7 +125,8 @@ class VerifierPool:
         options = deployment_options(cfg, env, bool(ray.cluster_resources().get("verifier")))
         app = serve.deployment(VerifierReplica, name="verifier", **options).bind(
             cfg.reward.components, vars(cfg.reward.math), vars(cfg.reward.code), self.cfg.max_ongoing_requests,
-            cfg.data.verifier == "code")  # rows with their own task: code are refused per check
+            cfg.data.verifier == "code",  # rows with their own task: code are refused per check
+            request_budget(cfg))
         self.handle = serve.run(app, name=self.app, route_prefix=None)
 
     def score(self, records: list[dict], responses: list[str]) -> list[Score]:

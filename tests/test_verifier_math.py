@@ -337,6 +337,50 @@ def test_math_verify_time_limit_stops_a_hostile_answer_and_recovers():
     assert score_math({"answer": r"\frac{1}{2}"}, r"\boxed{\dfrac{1}{2}}").reward == 1.0
 
 
+HOSTILE = [rf"\boxed{{{b}^{{{b}^{{{b}^{{{b}}}}}}}}}" for b in range(3, 9)]  # 3^{3^{3^{3}}} ... 8^{8^{8^{8}}}
+
+
+def test_a_repeated_hostile_answer_costs_its_timeout_once():
+    """A group's 16 samples often give the same answer: the verdict, a timeout included, is
+    remembered per (gold, answer), so the limit is paid once, not per sample."""
+    import time
+
+    from grpo_ray.verifiers import math as m
+
+    m._VERDICTS.clear()
+    score_math({"answer": r"\frac{1}{2}"}, r"\boxed{0.5}")  # the child is started (sympy import)
+    t = time.monotonic()
+    out = [score_math({"answer": "2"}, HOSTILE[-1], timeout_s=1.0) for _ in range(6)]
+    assert time.monotonic() - t < 4  # six comparisons of 1 s each without the memory
+    assert all(s.reward == 0.0 and s.reason.startswith("timeout after 1s") for s in out)
+    assert m._VERDICTS[("2", HOSTILE[-1][7:-1])] == 1.0
+    # a longer limit than the one that ran out tries again; true verdicts are remembered too
+    assert score_math({"answer": r"\frac{1}{2}"}, r"\boxed{\frac{2}{4}}").reward == 1.0
+    assert m._VERDICTS[(r"\frac{1}{2}", r"\frac{2}{4}")] is True
+
+
+def test_a_request_deadline_bounds_many_slow_answers():
+    """The verifier pool gives each request a time budget (request_budget): answers that meet it
+    unchecked score 0 with the reason, instead of the request overrunning request_timeout_s,
+    being sent again and failing the step the same way."""
+    import time
+
+    from grpo_ray.verifiers import Verifier
+    from grpo_ray.verifiers import math as m
+
+    m._VERDICTS.clear()
+    verifier = Verifier(math={"timeout_s": 1.0})
+    verifier.score([{"answer": "1/2"}], [r"\boxed{\frac{1}{2}}"])  # the child is started
+    t = time.monotonic()
+    out = verifier.score([{"answer": "3"}] * len(HOSTILE), HOSTILE, deadline=time.monotonic() + 2.0)
+    took = time.monotonic() - t
+    assert took < 2.0 + 1.0 + 3.0  # the budget, one comparison that began before it ran out, a restart
+    skipped = [s for s in out if s.reason.startswith("not compared: the request's time budget")]
+    assert 1 <= len(skipped) <= len(HOSTILE) - 1 and all(s.reward == 0.0 for s in out)
+    assert "reward.pool.request_timeout_s" in skipped[0].reason
+    assert verifier.score([{"answer": "1/2"}], [r"\boxed{0.5}"], deadline=time.monotonic() + 5)[0].reward == 1.0
+
+
 def test_math_verify_runs_off_the_main_thread():
     """Serve replicas score in worker threads, where SIGALRM-based timeouts would raise."""
     from concurrent.futures import ThreadPoolExecutor

@@ -193,6 +193,34 @@ def test_retries_run_out_with_a_clear_error(ray_local, tmp_path):
         pool.shutdown()
 
 
+def test_request_budget_leaves_room_for_one_more_comparison():
+    from grpo_ray.verifier_pool import request_budget
+
+    assert request_budget(load_config(None, [])) == 120 - 2 * 5 - 1
+    assert request_budget(load_config(None, ["reward.pool.request_timeout_s=8", "reward.math.timeout_s=3"])) == 4
+
+
+@pytest.mark.slow
+def test_a_request_of_slow_math_answers_is_answered_within_its_timeout(ray_local, tmp_path):
+    """Six answers that each keep math-verify busy past its 1 s limit (plus a restart each) in one
+    request: ~15 s of work against an 8 s request timeout. The replica spends its budget and
+    scores the rest 0 with the reason; without the budget the request timed out and, with no
+    retries left, the step failed."""
+    from test_verifier_math import HOSTILE
+
+    pool = _pool(tmp_path, "reward.pool.request_timeout_s=8", "reward.pool.max_retries=0", "reward.math.timeout_s=1",
+                 f"reward.pool.chunk_size={len(HOSTILE)}")
+    try:
+        pool.score([{"answer": "1/2"}], [r"\boxed{0.5}"])  # the replica is up and its math-verify started
+        t = time.monotonic()
+        scores = pool.score([{"answer": "3"}] * len(HOSTILE), HOSTILE)
+        assert time.monotonic() - t < 8 and pool.retries == 0
+        assert all(s.reward == 0.0 for s in scores)
+        assert any(s.reason.startswith("not compared: the request's time budget") for s in scores)
+    finally:
+        pool.shutdown()
+
+
 @pytest.mark.slow
 def test_a_first_burst_of_cheap_checks_does_not_scale_the_pool(ray_local, tmp_path):
     """Auto chunks: the first call measures a check's cost on one small request, then sends the

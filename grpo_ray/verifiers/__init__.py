@@ -108,5 +108,10 @@ class Verifier:
         self.components = {n: w for n, w in (components or {"correct": 1.0}).items() if w != 0}
         self.options = {"math": math, "code": code}
 
-    def score(self, records: list[dict], responses: list[str]) -> list[Score]:
-        return [combine(r, t, self.components, self.options) for r, t in zip(records, responses)]
+    def score(self, records: list[dict], responses: list[str], deadline: float | None = None) -> list[Score]:
+        """`deadline` (time.monotonic()) bounds the math comparisons (score_math): an answer that
+        meets it unchecked scores 0 with the reason, so the request still answers in time."""
+        options = self.options
+        if deadline is not None:
+            options = {**options, "math": {**(options["math"] or {}), "deadline": deadline}}
+        return [combine(r, t, self.components, options) for r, t in zip(records, responses)]

@@ -20,6 +20,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from fractions import Fraction
 
 from ..records import Score
@@ -175,9 +176,36 @@ def warm_up() -> None:
     _MATH_VERIFY.warm_up()
 
 
+# (gold, pred) -> math-verify's verdict, or the seconds a comparison ran out of. A policy repeats
+# itself (16 samples of a prompt, step after step): a hostile answer costs its timeout once per
+# replica, not once per sample. Bounded: cleared when full.
+_VERDICTS: dict[tuple[str, str], bool | float] = {}
+_VERDICTS_MAX = 50_000
+
+
+def _compare(gold: str, pred: str, timeout_s: float) -> bool:
+    """math-verify's verdict, remembered; TimeoutError when it takes longer than timeout_s (or
+    took longer than that before)."""
+    known = _VERDICTS.get((gold, pred))
+    if isinstance(known, bool):
+        return known
+    if known is not None and known >= timeout_s:
+        raise TimeoutError(f"timeout after {timeout_s:g}s (as before)")
+    if len(_VERDICTS) >= _VERDICTS_MAX:
+        _VERDICTS.clear()
+    try:
+        _VERDICTS[(gold, pred)] = verdict = _MATH_VERIFY.equal(gold, pred, timeout_s)
+    except TimeoutError:
+        _VERDICTS[(gold, pred)] = timeout_s
+        raise
+    return verdict
+
+
 def score_math(record: dict, response: str, answer_key: str = "answer", *, extraction: str = "any",
-               timeout_s: float = 5.0) -> Score:
-    """1.0 when the response's final answer equals record[answer_key]; timeout_s bounds math-verify."""
+               timeout_s: float = 5.0, deadline: float | None = None) -> Score:
+    """1.0 when the response's final answer equals record[answer_key]; timeout_s bounds math-verify,
+    and so does `deadline` (time.monotonic()): the verifier pool's request budget, which a batch of
+    slow answers would otherwise overrun until the request is resent and fails the same way."""
     if answer_key not in record or record[answer_key] in (None, ""):
         return Score(0.0, f"record has no '{answer_key}' field")
     if extraction not in EXTRACTION:
@@ -191,8 +219,12 @@ def score_math(record: dict, response: str, answer_key: str = "answer", *, extra
     if correct is None and " ".join(gold.split()) == " ".join(pred.split()):
         correct = True  # the same text: no parser needed (or able to refuse it)
     if correct is None:
+        limit = timeout_s if deadline is None else min(timeout_s, deadline - time.monotonic())
+        if limit <= 0:
+            return Score(0.0, f"not compared: the request's time budget went on slower answers before it "
+                              f"({pred[:80]} with {gold[:80]}); raise reward.pool.request_timeout_s")
         try:
-            correct = _MATH_VERIFY.equal(gold, pred, timeout_s)
+            correct = _compare(gold, pred, limit)
         except TimeoutError as e:
             return Score(0.0, f"{e} comparing {pred[:80]} with {gold[:80]}")
     return Score(1.0, "correct") if correct else Score(0.0, f"wrong answer {pred} != {gold}")
