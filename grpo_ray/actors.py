@@ -95,7 +95,7 @@ def _free_port() -> int:
 class Roles:
     generators: list
     verifier: object  # VerifierPool: a Ray Serve deployment, not an actor
-    reference: object
+    reference: object  # None when nothing needs one (Config.uses_reference)
     learners: list
     placement: Placement | None = None
     weight_version: int = 0  # what the generators hold: the learner step last pushed to them
@@ -175,12 +175,12 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
     placement, verifier = reserve(cfg), None
     try:
         generators = start_generators(cfg, model_path, placement)
-        reference = start_reference(cfg, reference or model_path, placement)
+        reference = start_reference(cfg, reference or model_path, placement) if cfg.uses_reference else None
         learners = start_learners(cfg, model_path, placement)
         verifier = VerifierPool(cfg, actor_env())  # blocks until its replicas run, while the actors start
         restored = [lr.load_state.remote(os.path.join(resume_from, "learner")) for lr in learners] if resume_from else []
         ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]
-                + [reference.__ray_ready__.remote()] + restored)
+                + ([reference.__ray_ready__.remote()] if reference else []) + restored)
     except BaseException:
         placement.remove()  # kills the actors placed in it
         if verifier is not None:
@@ -192,6 +192,7 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
 def stop_roles(roles: Roles) -> None:
     roles.verifier.shutdown()
     for actor in roles.generators + [roles.reference] + roles.learners:
-        ray.kill(actor)
+        if actor is not None:
+            ray.kill(actor)
     if roles.placement is not None:
         roles.placement.remove()

@@ -80,8 +80,9 @@ class AlgoConfig:
     epsilon: float = _f(10.0, lo=0.0, lo_open=True, doc="clip range (DeepSeek-R1: 10; PPO: 0.2)")
     epsilon_high: float | None = _f(None, lo=0.0, lo_open=True, doc="upper clip; null = epsilon")
     beta: float = _f(0.001, lo=0.0, doc="k3 KL coefficient in the loss")
-    kl_stop: float = _f(0.1, lo=0.0, lo_open=True,
-                        doc="stop when the KL (median of the last kl_window steps) exceeds this")
+    kl_stop: float | None = _f(0.1, lo=0.0, lo_open=True,
+                               doc="stop when the KL (median of the last kl_window steps) exceeds this; null = "
+                                   "no KL guard (with beta 0: no reference actor, no reference pass)")
     kl_window: int = _f(5, lo=1, doc="steps in the KL stop rule's median; 1 = stop on any single step")
     kl_action: Literal["stop", "rollback"] = "stop"  # rollback: last checkpoint, lower lr, go on
     kl_rollback_lr_factor: float = _f(0.5, lo=0.0, hi=1.0, lo_open=True, doc="lr multiplier per rollback")
@@ -234,6 +235,13 @@ class Config:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     @property
+    def uses_reference(self) -> bool:
+        """Whether anything needs the frozen reference: the KL term (beta > 0) or the KL guard. With
+        beta 0 and kl_stop null (DAPO, Dr. GRPO) no reference actor runs: TRL and verl skip theirs
+        the same way, which saves a forward pass over every rollout and a model's memory."""
+        return self.algo.beta > 0 or self.algo.kl_stop is not None
+
+    @property
     def epsilon_high(self) -> float:
         return self.algo.epsilon if self.algo.epsilon_high is None else self.algo.epsilon_high
 
@@ -322,6 +330,11 @@ def _validate(cfg: Config) -> None:
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ConfigError(f"run.name={name!r}: expected one folder name (the run directory is "
                           f"run.output_dir/run.name), e.g. gsm8k-lr1e-6")
+    if not cfg.uses_reference and (cfg.algo.ref_reset_every or cfg.algo.kl_action == "rollback"):
+        key = (f"algo.ref_reset_every={cfg.algo.ref_reset_every}" if cfg.algo.ref_reset_every
+               else "algo.kl_action=rollback")
+        raise ConfigError(f"{key} needs a reference policy, but algo.beta=0 with algo.kl_stop=null runs none; "
+                          "set algo.kl_stop (e.g. 0.1) to keep the KL guard and its reference")
     try:
         check_components(cfg.reward.components)
     except ValueError as e:

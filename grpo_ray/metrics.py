@@ -73,7 +73,7 @@ def combine_parts(parts: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def threshold_warnings(m: dict[str, float], kl_stop: float) -> dict[str, str]:
+def threshold_warnings(m: dict[str, float], kl_stop: float | None) -> dict[str, str]:
     """The guide's monitoring thresholds, in plain words with causes and fixes: {kind: message},
     where kind is a stable name (messages carry the measured values)."""
     out = {}
@@ -91,7 +91,7 @@ def threshold_warnings(m: dict[str, float], kl_stop: float) -> dict[str, str]:
     if not math.isnan(var) and not 0.5 <= var <= 1.5:
         out["advantage_variance"] = (
             f"advantage variance {var:.3f} outside 0.5-1.5 (many equal-reward groups carry no signal)")
-    if m.get("kl", 0.0) > kl_stop:
+    if kl_stop is not None and m.get("kl", 0.0) > kl_stop:
         out["kl"] = (f"KL {m['kl']:.4f} > algo.kl_stop={kl_stop} this step: the policy is drifting from the "
                      "reference (the run stops if the median over algo.kl_window steps stays above)")
     return out
@@ -106,7 +106,8 @@ class Monitor:
     batch does not.
     """
 
-    def __init__(self, kl_stop: float, kl_window: int):
+    def __init__(self, kl_stop: float | None, kl_window: int):
+        """kl_stop None: no KL rule (algo.kl_stop=null)."""
         self.kl_stop, self.kl_window = kl_stop, kl_window
         self.active: set[str] = set()
         self.recent_kl: list[float] = []
@@ -121,6 +122,8 @@ class Monitor:
             self.rewards_since_eval.append(m["reward/mean"])
         new = [w for kind, w in warnings.items() if kind not in self.active]
         self.active = set(warnings)
+        if self.kl_stop is None or "kl" not in m:
+            return new, None
         self.recent_kl = (self.recent_kl + [m["kl"]])[-self.kl_window:]
         median = float(np.median(self.recent_kl))
         if len(self.recent_kl) == self.kl_window and median > self.kl_stop:

@@ -69,6 +69,7 @@ def write_samples(run_dir: str, step: int, samples: list[dict]) -> None:
 def summary_line(m: dict, steps: int) -> str:
     t = " ".join(f"{k[5:]} {m[k]:.2f}" for k in ("time/generate", "time/verify", "time/reference",
                                                   "time/learner", "time/sync"))
-    return (f"step {m['step']}/{steps} | reward {m['reward/mean']:.3f} (std {m['reward/std']:.2f}) | "
-            f"kl {m['kl']:.4f} | clip {m['clip/low']:.3f}/{m['clip/high']:.3f} | ent {m['entropy']:.2f} | "
+    kl = f"kl {m['kl']:.4f} | " if "kl" in m else ""  # no reference ran: no KL
+    return (f"step {m['step']}/{steps} | reward {m['reward/mean']:.3f} (std {m['reward/std']:.2f}) | {kl}"
+            f"clip {m['clip/low']:.3f}/{m['clip/high']:.3f} | ent {m['entropy']:.2f} | "
             f"len {m['response_length/mean']:.1f} | {m['time/step']:.2f}s ({t})")

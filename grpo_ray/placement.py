@@ -36,11 +36,11 @@ def plan(cfg: Config) -> tuple[list[dict[str, float]], list[Slot]]:
     groups: list[list[tuple[str, int, float, float]]] = [
         [("learner", r, res.learner_cpus, res.learner_gpus)] for r in range(cfg.learner.num_ranks)]
     gens = [("generator", i, res.generator_cpus, res.generator_gpus) for i in range(cfg.rollout.num_generators)]
-    ref = ("reference", 0, res.reference_cpus, res.reference_gpus)
+    ref = [("reference", 0, res.reference_cpus, res.reference_gpus)] if cfg.uses_reference else []
     if res.colocate == "none":
-        groups += [[g] for g in gens] + [[ref]]
+        groups += [[g] for g in gens] + ([ref] if ref else [])
     else:
-        groups[0].append(ref)
+        groups[0] += ref
         if res.colocate == "all":  # generator i with learner rank i mod M
             for i, g in enumerate(gens):
                 groups[i % len(groups)].append(g)

@@ -79,10 +79,12 @@ def plot_run(run_dir: str, kl_stop: float | None = None) -> list[str]:
 
         def kl(ax):
             series(ax, train, ["kl"])
-            ax.axhline(kl_stop, color="red", ls="--", lw=1, label=f"kl_stop {kl_stop:g}")
+            if kl_stop is not None:  # algo.kl_stop=null: no guard
+                ax.axhline(kl_stop, color="red", ls="--", lw=1, label=f"kl_stop {kl_stop:g}")
 
         figure("reward", "reward: mean and within-group std (guide: std 0.3-2.0)", reward)
-        figure("kl", "KL to the reference (k3, per token)", kl)
+        if "kl" in train:  # no reference ran (algo.beta=0, algo.kl_stop=null): nothing to draw
+            figure("kl", "KL to the reference (k3, per token)", kl)
         figure("clip", "clip fractions", lambda ax: series(ax, train, ["clip/low", "clip/high"]))
         def length(ax):
             series(ax, train, ["response_length/mean", "response_length/max"])

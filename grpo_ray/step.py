@@ -64,7 +64,7 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
     with timer("reference"):
         batch.ref_logprobs = reference_logprobs(roles, batch, ref_ahead)
         if ahead is not None and not ref_reset_due(cfg, step):  # a reset replaces the reference actor
-            ahead.ref_logprobs = roles.reference.rollout_logprobs.remote(pad_id, *ahead.refs)
+            ahead.ref_logprobs = queue_reference(roles, pad_id, ahead.refs)
     with timer("learner"):  # the generators' weight load is queued behind the update, not awaited
         pending, weights = update_policy(roles, cfg, batch)
         pushed = push_weights(roles, weights, version=step)
@@ -141,9 +141,18 @@ def collect_ahead(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, 
     return ahead.records, rollout, scores, following, ahead.ref_logprobs
 
 
-def reference_logprobs(roles: Roles, batch: TrainBatch, ahead: ray.ObjectRef | None) -> torch.Tensor:
-    """ref_logprobs [B, T]: the pass queued behind the rollout's sampling, or run now.
+def queue_reference(roles: Roles, pad_id: int, refs: list) -> ray.ObjectRef | None:
+    """The reference pass on the generators' parts (ObjectRefs, still sampling), queued behind
+    them; None when no reference runs (Config.uses_reference)."""
+    return None if roles.reference is None else roles.reference.rollout_logprobs.remote(pad_id, *refs)
+
+
+def reference_logprobs(roles: Roles, batch: TrainBatch, ahead: ray.ObjectRef | None) -> torch.Tensor | None:
+    """ref_logprobs [B, T]: the pass queued behind the rollout's sampling, or run now; None
+    without a reference (the loss then has no KL term and the learner logs no kl).
     The queued pass saw the response mask before overlong masking, hence the product."""
+    if roles.reference is None:
+        return None
     if ahead is None:
         return ray.get(roles.reference.logprobs.remote(batch))
     return ray.get(ahead) * batch.response_mask
@@ -211,7 +220,7 @@ def generate(roles: Roles, cfg: Config, records: list[dict], seed: int, pad_id: 
     for _ in range(3):
         refs = launch(roles.generators, [x["prompt"] for x in records], n=cfg.algo.group_size,
                       temperature=r.temperature, max_new_tokens=r.max_new_tokens, top_p=r.top_p, seed=seed)
-        ref_pass = None if pad_id is None else roles.reference.rollout_logprobs.remote(pad_id, *refs)
+        ref_pass = None if pad_id is None else queue_reference(roles, pad_id, refs)
         parts, scoring = arrivals(roles, refs, split(records, len(roles.generators)) if score else None,
                                   cfg.algo.group_size)
         if all(p.weight_version == roles.weight_version for p in parts):

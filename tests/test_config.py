@@ -146,6 +146,16 @@ def test_non_text_overrides_are_still_yaml():
         load_config(None, ["algo.aggregation=seq"])
 
 
+def test_the_reference_runs_while_the_kl_term_or_the_kl_guard_needs_it():
+    assert load_config(None, []).uses_reference
+    assert load_config(None, ["algo.beta=0"]).uses_reference  # the guard still measures the KL
+    assert load_config(None, ["algo.kl_stop=null"]).uses_reference  # the loss's KL term
+    assert not load_config(None, ["algo.beta=0", "algo.kl_stop=null"]).uses_reference
+    for key in ("algo.ref_reset_every=10", "algo.kl_action=rollback"):
+        with pytest.raises(ConfigError, match=f"{key} needs a reference policy.*set algo.kl_stop"):
+            load_config(None, ["algo.beta=0", "algo.kl_stop=null", key])
+
+
 def test_parse_override_without_equals():
     with pytest.raises(ConfigError, match="algo.beta") as e:
         parse_override("algo.beta")

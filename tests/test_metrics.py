@@ -106,6 +106,23 @@ def test_monitor_reports_warnings_once_and_stops_on_sustained_kl_only():
     assert stop is not None and "algo.kl_stop=0.1" in stop
 
 
+def test_without_a_kl_guard_nothing_reads_the_kl():
+    """algo.kl_stop=null (with beta 0 no reference runs and the learner logs no kl)."""
+    from grpo_ray.metrics import Monitor, threshold_warnings
+    from grpo_ray.outputs import summary_line
+
+    mon = Monitor(kl_stop=None, kl_window=1)
+    for _ in range(3):
+        assert mon.check({"reward/std": 0.5, "advantage/variance": 1.0}) == ([], None)
+    assert mon.check({"reward/std": 0.5, "advantage/variance": 1.0, "kl": 5.0}) == ([], None)
+    assert threshold_warnings({"reward/std": 0.5, "advantage/variance": 1.0, "kl": 5.0}, None) == {}
+    m = {"step": 1, "reward/mean": 0.5, "reward/std": 0.4, "clip/low": 0.0, "clip/high": 0.0, "entropy": 1.0,
+         "response_length/mean": 9.0, "time/step": 1.0, **{f"time/{p}": 0.1 for p in
+                                                            ("generate", "verify", "reference", "learner", "sync")}}
+    assert "| clip 0.000/0.000 |" in summary_line(m, 5) and "kl" not in summary_line(m, 5)
+    assert "| kl 0.0300 | clip" in summary_line({**m, "kl": 0.03}, 5)
+
+
 def test_monitor_length_collapse_and_explosion():
     from grpo_ray.metrics import Monitor
 

@@ -39,6 +39,17 @@ def test_plan_colocated_roles_share_a_bundle_and_its_gpu():
                                                            ("generator", 1, 0.0)}
 
 
+def test_plan_without_a_reference_has_no_reference_bundle():
+    """algo.beta=0 with algo.kl_stop=null: nothing needs the reference, so nothing is reserved
+    for it (on a GPU cluster, resources.reference_gpus would hold a device idle)."""
+    bundles, slots = plan(_cfg("algo.beta=0", "algo.kl_stop=null", "resources.reference_gpus=1"))
+    assert bundles == [{"CPU": 0.25}, {"CPU": 0.25}] and "reference" not in {s.role for s in slots}
+    bundles, slots = plan(_cfg("algo.beta=0", "algo.kl_stop=null", "resources.colocate=learner_reference"))
+    assert bundles == [{"CPU": 0.25}, {"CPU": 0.25}] and "reference" not in {s.role for s in slots}
+    # beta 0 with the KL guard on still measures the KL, against a reference
+    assert "reference" in {s.role for s in plan(_cfg("algo.beta=0"))[1]}
+
+
 def test_diagnose_names_the_role_and_the_missing_resource():
     cfg = _cfg("learner.num_ranks=2", "resources.learner_gpus=1", "resources.generator_gpus=1")
     bundles, slots = plan(cfg)

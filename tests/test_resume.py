@@ -137,7 +137,7 @@ def test_cli_resume_without_checkpoint_exits_2(tiny_model_dir, tmp_path):
     import sys
 
     data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "1+1?", "answer": "2"}\n' * 4)
+    data.write_text("".join(f'{{"prompt": "{i}+1?", "answer": "{i + 1}"}}\n' for i in range(4)))
     proc = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "train", "--resume", f"model.path={tiny_model_dir}",
                            "data.task=jsonl", f"data.train_path={data}", f"run.output_dir={tmp_path}", "run.name=r"],
                           capture_output=True, text=True, timeout=120)

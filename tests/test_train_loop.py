@@ -1,5 +1,6 @@
 """The whole driver loop under real Ray with real vLLM/DeepSpeed/reference/verifier actors."""
 import json
+import math
 import os
 
 import pytest
@@ -55,6 +56,33 @@ def test_few_steps_move_weights_and_log_every_field(ray_local, tiny_model_dir, t
     final = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final_model")).state_dict()
     moved = max(float((final[k] - base[k]).abs().max()) for k in base)
     assert moved > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_without_kl_term_or_guard_no_reference_actor_runs(ray_local, tiny_model_dir, tmp_path, asynchronous):
+    """algo.beta=0, algo.kl_stop=null (DAPO's and Dr. GRPO's recipe): no reference actor is
+    started and no reference pass runs, in either mode; the loss has no KL term, and no kl is
+    logged (a 0 would read as "no drift")."""
+    from ray._private import state
+
+    from grpo_ray.train import train
+
+    def references():
+        return sum(a["ActorClassName"] == "Reference" for a in state.actors().values())
+
+    before = references()
+    cfg = load_config("configs/default.yaml", SMALL + [
+        f"run.output_dir={tmp_path}", "run.name=noref", f"model.path={tiny_model_dir}", "data.task=jsonl",
+        f"data.train_path={_dataset(tmp_path / 'train.jsonl')}", "data.eval_fraction=0.5", "train.eval_every=0",
+        "algo.beta=0", "algo.kl_stop=null", f"rollout.asynchronous={str(asynchronous).lower()}"])
+    run_dir = train(cfg)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all("kl" not in r and r["time/reference"] < 0.01 and math.isfinite(r["loss"]) for r in rows)
+    assert all(r["grad_norm"] > 0 for r in rows)
+    assert references() == before  # none was ever created
+    assert not os.path.exists(os.path.join(run_dir, "plots", "kl.png"))
 
 
 @pytest.mark.slow
