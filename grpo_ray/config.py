@@ -132,7 +132,8 @@ class VerifierPoolConfig:
     downscale_delay_s: float = _f(20.0, lo=0.0)
     chunk_size: int = _f(0, lo=0, doc="completions per request; 0 = auto: about target_request_s of work each")
     target_request_s: float = _f(0.25, lo=0.0, lo_open=True, doc="work per request when chunk_size is 0")
-    request_timeout_s: float = _f(120.0, lo=0.0, lo_open=True, doc="a request still unanswered is sent again; a replica stops math comparisons in time to answer")
+    request_timeout_s: float = _f(120.0, lo=0.0, lo_open=True, doc="a request still unanswered is sent again; "
+                                  "a replica stops its math comparisons in time to answer")
     max_retries: int = _f(3, lo=0, doc="resends of a request whose replica died or timed out")
     replica_cpus: float = _f(0.1, lo=0.0)
     verifier_resource: float = _f(1.0, lo=0.0, doc="custom resource 'verifier' per replica, when the cluster has one")

@@ -38,7 +38,7 @@ def plan(cfg: Config) -> tuple[list[dict[str, float]], list[Slot]]:
     gens = [("generator", i, res.generator_cpus, res.generator_gpus) for i in range(cfg.rollout.num_generators)]
     ref = [("reference", 0, res.reference_cpus, res.reference_gpus)] if cfg.uses_reference else []
     if res.colocate == "none":
-        groups += [[g] for g in gens] + ([ref] if ref else [])
+        groups += [[m] for m in gens + ref]
     else:
         groups[0] += ref
         if res.colocate == "all":  # generator i with learner rank i mod M

@@ -48,7 +48,8 @@ def train(cfg: Config, address: str | None = None) -> str:
     log = tqdm.write
     # Bad data and bad checkpoints fail here, before anything is written or started.
     train_records, eval_records = load_datasets(cfg.data, cfg.run.seed)
-    # pass@k on prompts the policy trains on measures memory (GSM8K's train and test share some)
+    # pass@k on prompts the policy trains on measures memory, not generalisation (a file split by
+    # data.eval_fraction puts a duplicated row on both sides; an eval_path may repeat train rows)
     eval_records, dropped = drop_training_prompts(eval_records, train_records, cfg.data.train_path or "the task")
     for name in cfg.reward.components:  # a component no one can import would score 0 every step
         problem = task_problem({"task": name}) if ":" in name else None
