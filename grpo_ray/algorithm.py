@@ -238,6 +238,8 @@ def policy_loss(
         kl = kl_k3(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(logprobs)
     loss = aggregate(per_token, response_mask, aggregation, normalizer)
     metrics = _loss_metrics(ratio, advantages, pg, kl, response_mask, eps_low, eps_high, aggregation, normalizer)
+    if clip_ratio_c is not None:  # tokens the dual clip holds at -c*A: no gradient either
+        metrics["clip/dual"] = masked_mean(((ratio > clip_ratio_c) & (advantages < 0)).float(), response_mask)
     return loss, metrics
 
 

@@ -110,8 +110,11 @@ def test_clip_higher_is_asymmetric():
 def test_dual_clip_caps_negative_advantage_loss():
     loss, grad, _ = _loss_and_grad(math.log(0.5), math.log(0.1), -1.0, eps_low=0.2, eps_high=0.2)
     assert loss == pytest.approx(5.0)  # ratio 5, A=-1: unbounded without dual clip
-    loss, grad, _ = _loss_and_grad(math.log(0.5), math.log(0.1), -1.0, eps_low=0.2, eps_high=0.2, clip_ratio_c=3.0)
+    loss, grad, m = _loss_and_grad(math.log(0.5), math.log(0.1), -1.0, eps_low=0.2, eps_high=0.2, clip_ratio_c=3.0)
     assert loss == pytest.approx(3.0) and grad == 0.0
+    assert float(m["clip/dual"]) == 1.0 and float(m["clip/low"]) == 0.0  # counted: it gets no gradient
+    _, _, m = _loss_and_grad(math.log(0.25), math.log(0.1), -1.0, eps_low=0.2, eps_high=0.2, clip_ratio_c=3.0)
+    assert float(m["clip/dual"]) == 0.0  # ratio 2.5 < 3
 
 
 def test_recomputed_old_logprobs_make_ratio_one_and_clipping_dead():

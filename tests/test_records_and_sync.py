@@ -66,6 +66,22 @@ def test_padded_logprobs_equal_unpadded(tiny_model_dir):
     assert padded[2].abs().sum() == 0  # an empty response contributes nothing
 
 
+def test_tempered_bf16_logprobs_scale_the_logits_in_float32(tiny_model_dir):
+    """vLLM's sampler divides float32 logits by T; dividing bf16 logits rounds them a second time
+    (~0.02 nats a token on a 32k vocabulary), a mismatch the ratio would start from."""
+    model = load_causal_lm(tiny_model_dir, "bfloat16").eval()
+    b = TrainBatch.from_rollout(_rollout(), torch.zeros(3), pad_id=0)
+    with torch.no_grad():
+        lp, _ = response_logprobs(model, b, temperature=0.7, share_prompts=False)
+        position_ids = (b.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids).logits
+        assert logits.dtype == torch.bfloat16
+        T = b.response_mask.shape[1]
+        want = torch.log_softmax(logits[:, b.prompt_len - 1:-1].float() / 0.7, dim=-1)
+        want = want.gather(-1, b.response_ids.unsqueeze(-1)).squeeze(-1) * b.response_mask
+    assert want.shape == (3, T) and torch.allclose(lp * b.response_mask, want, atol=1e-5)
+
+
 def test_weight_buckets_round_trip_and_split():
     tensors = [("a", torch.randn(3, 4)), ("b", torch.arange(10, dtype=torch.int64)), ("c", torch.randn(100))]
     buckets = pack_state_dict(tensors, bucket_bytes=64)
