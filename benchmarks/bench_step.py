@@ -66,7 +66,7 @@ def run(asynchronous: bool, overrides: list[str]) -> dict:
     return {"wall_s": time.perf_counter() - t0, "phases": {p: steady([r[f"time/{p}"] for r in steps]) for p in PHASES},
             "tokens_per_s": steady([t / r["time/step"] for t, r in zip(tokens, steps)]),
             "pass1": [e["eval/pass@1"] for e in evals], "reward": [r["reward/mean"] for r in steps],
-            "kl_end": steps[-1]["kl"], "memory_mb": memory}
+            "kl_end": steps[-1].get("kl"), "memory_mb": memory}
 
 
 def main() -> None:

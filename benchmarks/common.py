@@ -98,7 +98,7 @@ def run_ours(model: str, new_tokens: int, steps: int, out_dir: str, *overrides: 
     run_dir = train(cfg)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"reward/mean"' in line]
     return {"wall_s": time.perf_counter() - t0, "step_s": [r["time/step"] for r in rows],
-            "rewards": [r["reward/mean"] for r in rows], "kl": [r["kl"] for r in rows],
+            "rewards": [r["reward/mean"] for r in rows], "kl": [r.get("kl") for r in rows],
             "phases": {k[5:]: [r[k] for r in rows] for k in rows[0] if k.startswith("time/")},
             "tokens": [r["response_length/mean"] * PROMPTS * GROUP for r in rows]}
 

@@ -24,7 +24,8 @@ def _eval(args) -> None:
     from .evaluation import eval_model
 
     cfg = eval_config(args)
-    keys = (args.prompt_key, args.answer_key, cfg.data.prompt_template, cfg.data.verifier)
+    keys = (args.prompt_key or cfg.data.prompt_key, args.answer_key or cfg.data.answer_key,
+            cfg.data.prompt_template, cfg.data.verifier)
     records = load_jsonl(args.data, *keys)
     if args.train_data:
         records, dropped = drop_training_prompts(records, load_jsonl(args.train_data, *keys), args.train_data)
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="default: rollout.max_new_tokens, or 256 (prompt + answer fit rollout.max_model_len, 512)")
     e.add_argument("--out", default="eval", help="output folder (default ./eval)")
     e.add_argument("--train-data", default=None, help="training JSONL: its prompts are removed, with a warning")
-    e.add_argument("--prompt-key", default="prompt")
-    e.add_argument("--answer-key", default="answer")
+    e.add_argument("--prompt-key", default=None, help="the prompt's field (default: data.prompt_key, prompt)")
+    e.add_argument("--answer-key", default=None, help="the answer's field (default: data.answer_key, answer)")
     e.add_argument("--limit", type=int, default=0, help="only the first N prompts")
     e.add_argument("--config", default=None, help="YAML for the rest (reward, rollout, resources)")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reward.code.timeout_s=5")
@@ -124,7 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--max-operand", type=int, default=49)
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(fn=_build_model)
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in sub.choices:  # overrides may follow options: train --resume train.steps=40
+        args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])  # (not on a parser with subcommands)
+        args.command = argv[0]
+    else:  # --help, or no or an unknown command: argparse says so
+        args = parser.parse_args(argv)
     if args.command == "train" and args.config and "=" in args.config:  # only overrides given
         args.overrides, args.config = [args.config, *args.overrides], DEFAULT_CONFIG
     try:

@@ -137,6 +137,10 @@ class VerifierPoolConfig:
     max_retries: int = _f(3, lo=0, doc="resends of a request whose replica died or timed out")
     replica_cpus: float = _f(0.1, lo=0.0)
     verifier_resource: float = _f(1.0, lo=0.0, doc="custom resource 'verifier' per replica, when the cluster has one")
+    # auto: replicas need `verifier` when the cluster has some when the run starts; require: always
+    # (an autoscaler that starts verifier nodes from zero only adds them for a pending demand);
+    # none: never (replicas go wherever CPUs are free)
+    verifier_nodes: Literal["auto", "require", "none"] = "auto"
 
 
 @dataclass

@@ -49,12 +49,14 @@ def _record(path: str, lineno: int, line: str, prompt_key: str, answer_key: str,
         raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-    for key in (prompt_key, answer_key):
+    # a code row is scored by its tests: an answer (MBPP's and HumanEval's reference solution) is optional
+    needed = (prompt_key,) if row.get("task", verifier) == "code" else (prompt_key, answer_key)
+    for key in needed:
         if key not in row or row[key] in (None, ""):
             raise DataError(f"{path}:{lineno}: row has no '{key}' field "
                             f"(set data.prompt_key / data.answer_key to the dataset's field names)")
     rec = dict(row)
-    rec["raw_prompt"], rec["answer"] = str(row[prompt_key]), row[answer_key]
+    rec["raw_prompt"], rec["answer"] = str(row[prompt_key]), row.get(answer_key)
     rec["prompt"] = template.replace("{prompt}", rec["raw_prompt"])  # not format(): LaTeX has braces
     rec.setdefault("task", verifier)
     problem = task_problem(rec)

@@ -79,6 +79,14 @@ def request_budget(cfg: Config) -> float:
     return max(0.5 * timeout, timeout - 2 * per_check - 1.0)
 
 
+def needs_verifier_nodes(mode: str, cluster: dict) -> bool:
+    """Whether replicas require the custom resource `verifier` (reward.pool.verifier_nodes). In
+    auto mode, when the cluster has some now: on an autoscaling cluster whose verifier nodes
+    start from zero there is none at the start, and replicas that do not ask for it never make
+    the autoscaler add one (they land on the head or a GPU node); `require` asks regardless."""
+    return mode == "require" or (mode == "auto" and bool(cluster.get("verifier")))
+
+
 def deployment_options(cfg: Config, env: dict, has_verifier_resource: bool) -> dict:
     """serve.deployment(...) options from reward.pool."""
     p = cfg.reward.pool
@@ -122,7 +130,8 @@ class VerifierPool:
         self.check_s: float | None = None  # running mean of seconds per check, for auto chunks
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         serve.start(proxy_location="Disabled", logging_config=QUIET)  # no HTTP: only our driver calls it
-        options = deployment_options(cfg, env, bool(ray.cluster_resources().get("verifier")))
+        options = deployment_options(cfg, env, needs_verifier_nodes(cfg.reward.pool.verifier_nodes,
+                                                                    ray.cluster_resources()))
         app = serve.deployment(VerifierReplica, name="verifier", **options).bind(
             cfg.reward.components, vars(cfg.reward.math), vars(cfg.reward.code), self.cfg.max_ongoing_requests,
             cfg.data.verifier == "code",  # rows with their own task: code are refused per check

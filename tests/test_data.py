@@ -79,6 +79,16 @@ def test_empty_answer_is_missing(tmp_path):
         load_jsonl(path)
 
 
+def test_code_rows_need_no_answer(tmp_path):
+    """MBPP-style rows: prompt, tests (and entry_point); the tests score them, not an answer."""
+    row = {"prompt": "Write add(a, b).", "tests": "assert add(1, 2) == 3\n"}
+    recs = load_jsonl(write_jsonl(tmp_path, [{**row, "task": "code"}]))
+    assert recs[0]["answer"] is None and recs[0]["task"] == "code"
+    assert load_jsonl(write_jsonl(tmp_path, [row], "c.jsonl"), verifier="code")[0]["task"] == "code"
+    with pytest.raises(DataError, match="'answer'"):  # a math row still needs its answer
+        load_jsonl(write_jsonl(tmp_path, [row], "m.jsonl"))
+
+
 def test_missing_prompt_field(tmp_path):
     path = write_jsonl(tmp_path, [{"question": "a", "answer": "1"}])
     with pytest.raises(DataError) as e:

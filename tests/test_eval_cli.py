@@ -33,6 +33,35 @@ def test_drop_training_prompts_warns_with_what_it_dropped_and_refuses_an_empty_h
         drop_training_prompts(train[:2], train, "t.jsonl")
 
 
+def test_overrides_may_follow_options(monkeypatch):
+    """argparse alone took `train --resume train.steps=40` for an unknown argument."""
+    from grpo_ray import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_train", lambda a: seen.append((a.config, a.overrides, a.resume, a.address)))
+    cli.main(["train", "configs/default.yaml", "--resume", "train.steps=40"])
+    cli.main(["train", "train.steps=3", "--address", "auto", "algo.beta=0.01"])
+    assert seen == [("configs/default.yaml", ["train.steps=40"], True, None),
+                    ("configs/default.yaml", ["train.steps=3", "algo.beta=0.01"], False, "auto")]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--bogus"])
+
+
+def test_eval_reads_the_configs_prompt_and_answer_fields(tmp_path, monkeypatch):
+    """Without --prompt-key/--answer-key, `grpo-ray eval` uses data.prompt_key/answer_key (a
+    GSM8K config's `question`), as its error message about a missing field tells the user to set."""
+    from grpo_ray import cli, evaluation
+
+    data = tmp_path / "gsm.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "solution": "#### 2"}) + "\n")
+    got = []
+    monkeypatch.setattr(evaluation, "eval_model", lambda cfg, model, records, out: got.append(records))
+    cli.main(["eval", str(tmp_path), str(data), "data.prompt_key=question", "data.answer_key=solution"])
+    assert [(r["prompt"], r["solution"]) for r in got[0]] == [("1+1?", "#### 2")]
+    with pytest.raises(SystemExit):  # a flag still wins over the config
+        cli.main(["eval", str(tmp_path), str(data), "--prompt-key", "q", "data.prompt_key=question"])
+
+
 def test_write_results_leaves_no_temp_files(tmp_path):
     csv, js = write_results(str(tmp_path / "out"), [{"prompt": "a", "num_samples": 2, "num_correct": 1}],
                             {"eval/pass@1": 0.5})

@@ -37,6 +37,16 @@ def test_deployment_options_come_from_config():
     assert with_res["ray_actor_options"]["resources"] == {"verifier": 1.0}
 
 
+def test_replicas_ask_for_verifier_nodes_when_the_cluster_has_them_or_the_config_says_so():
+    from grpo_ray.verifier_pool import needs_verifier_nodes
+
+    assert needs_verifier_nodes("auto", {"CPU": 2.0, "verifier": 8.0})
+    assert not needs_verifier_nodes("auto", {"CPU": 2.0})  # e.g. an autoscaler's verifier group at 0 nodes
+    assert needs_verifier_nodes("require", {"CPU": 2.0})  # the pending demand makes it add the first
+    assert not needs_verifier_nodes("none", {"CPU": 2.0, "verifier": 8.0})
+    assert load_config("configs/code_humaneval_8gpu.yaml").reward.pool.verifier_nodes == "require"
+
+
 def test_auto_chunks_hold_about_target_request_s_of_work():
     from grpo_ray.verifier_pool import VerifierPool
 
