@@ -12,7 +12,10 @@ the newest saved while the KL rule held (a KL stop saves one flagged `kl_stopped
 learner restores learner/ and the generators get its weights, the reference is the one the
 checkpoint names (the initial model, or reference_policy/step_N after an algo.ref_reset_every
 reset), and the sampler draws the prompts the interrupted run would have drawn: there is no
-other randomness in the driver, and sampling seeds derive from the step number.
+other randomness in the driver, and sampling seeds derive from the step number. In sync mode
+that makes the resumed run the uninterrupted one. In asynchronous mode the first step after a
+resume samples with the checkpoint's weights, where the uninterrupted run sampled it one update
+behind (the rollout in flight is not saved): same prompts and seeds, another trajectory.
 """
 from __future__ import annotations
 

@@ -24,8 +24,12 @@ def mean_pass_at_k(num_samples: list[int], num_correct: list[int], k: int) -> fl
     return float(np.mean([pass_at_k(n, c, k) for n, c in zip(num_samples, num_correct)]))
 
 
-def reward_stats(rewards: torch.Tensor, group_size: int) -> dict[str, float]:
-    """rewards: [num_prompts * group_size], groups contiguous.
+def reward_stats(rewards: torch.Tensor, group_size: int, correct: torch.Tensor | None = None) -> dict[str, float]:
+    """rewards: [num_prompts * group_size], groups contiguous. correct: [same] each completion's
+    correctness (the `correct` component; the reward when None), which splits the zero-std groups
+    into all solved (every member 1: too easy) and all failed (every member 0: too hard). Judged
+    against the batch's best and worst reward instead, a batch with no correct answer counted
+    every group as both, and a format bonus on all-wrong groups as solved.
 
     reward/std is the mean within-group std (population), as TRL logs it: it is what the
     advantages are normalised by, and what the guide's < 0.3 / > 2.0 thresholds speak about.
@@ -34,14 +38,15 @@ def reward_stats(rewards: torch.Tensor, group_size: int) -> dict[str, float]:
     std = groups.std(dim=1, unbiased=False)
     top, bottom = groups.max(dim=1).values, groups.min(dim=1).values
     zero = top == bottom  # the groups group_advantages gives zeros (any difference is normalised up)
+    ok = (rewards if correct is None else correct).float().view(-1, group_size)
     return {
         "reward/mean": float(groups.mean()),
         "reward/std": float(std.mean()),
         "reward/batch_std": float(rewards.float().std(unbiased=False)),
         "reward/frac_zero_std": float(zero.float().mean()),
         # zero-std groups split by cause: all solved (too easy) vs all failed (too hard)
-        "reward/frac_all_max": float((zero & (top >= rewards.max())).float().mean()),
-        "reward/frac_all_min": float((zero & (bottom <= rewards.min())).float().mean()),
+        "reward/frac_all_max": float((zero & (ok >= 1.0).all(dim=1)).float().mean()),
+        "reward/frac_all_min": float((zero & (ok <= 0.0).all(dim=1)).float().mean()),
     }
 
 

@@ -52,3 +52,10 @@ class InFlight:
     def wait(self) -> None:
         ray.wait(self.refs, num_returns=len(self.refs), fetch_local=False)
 
+    def drop_reference(self) -> None:
+        """Cancel the queued reference pass (its samples are thrown away): left running, it
+        would delay the reference pass the step then waits for."""
+        if self.ref_logprobs is not None:
+            ray.cancel(self.ref_logprobs)
+        self.ref_logprobs = None
+

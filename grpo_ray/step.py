@@ -22,6 +22,7 @@ from .actors import Roles
 from .algorithm import group_advantages, informative_groups, loss_normalizer, overlong_penalty
 from .config import Config, overlong_buffer
 from .data import PromptSampler
+from .evaluation import correctness
 from .metrics import advantage_variance, combine_parts, reward_stats
 from .records import Rollout, TrainBatch
 from .rollout import InFlight, launch, split
@@ -74,7 +75,7 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
             ahead.wait()
     with timer("sync"):  # not awaited: the load runs while the driver logs this step (see finish_sync)
         finish_sync(roles, pushed, version=step, wait=False)
-    metrics = {"step": step, **rollout_metrics(rollout, rewards, advantages, G), **component_means(scores),
+    metrics = {"step": step, **rollout_metrics(rollout, rewards, advantages, G, scores), **component_means(scores),
                **shaping, **sampling, **stats, "verify/retries": roles.verifier.retries, **timer.metrics(),
                "time/generate_queued": rollout.queued_s,  # sync mode: the load's share of generate
                "time/generate_sampling": rollout.sample_s}  # the generators' busy time (async: hidden)
@@ -173,7 +174,7 @@ def receive(roles: Roles, cfg: Config, ahead: InFlight) -> Rollout:
     parts = ray.get(ahead.refs)
     if all(p.weight_version == ahead.version for p in parts):
         return Rollout.concat(parts)
-    ahead.ref_logprobs = None  # it scored the samples thrown away
+    ahead.drop_reference()  # it scores the samples thrown away
     return generate(roles, cfg, ahead.records, seed=step_seed(cfg, ahead.step))[0]
 
 
@@ -311,9 +312,11 @@ def gathering_ranks(roles: Roles, cfg: Config) -> list:
     return roles.learners if cfg.learner.zero_stage == 3 else roles.learners[:1]
 
 
-def rollout_metrics(rollout: Rollout, rewards: torch.Tensor, advantages: torch.Tensor, group_size: int) -> dict:
+def rollout_metrics(rollout: Rollout, rewards: torch.Tensor, advantages: torch.Tensor, group_size: int,
+                    scores: list) -> dict:
     lengths = torch.tensor([len(r) for r in rollout.response_ids], dtype=torch.float32)
-    return {**reward_stats(rewards, group_size),
+    correct = torch.tensor([correctness(s) for s in scores])  # all solved / all failed, whatever the bonuses
+    return {**reward_stats(rewards, group_size, correct),
             "advantage/variance": advantage_variance(advantages),
             "response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
             "response_length/min": float(lengths.min()),

@@ -220,6 +220,8 @@ class Run:
         ray.get([lr.load_state.remote(os.path.join(path, "learner")) for lr in self.roles.learners])
         lrs = ray.get([lr.scale_lr.remote(scale / state.get("lr_scale", 1.0)) for lr in self.roles.learners])
         self.lr_scale = scale
+        if self.ahead is not None:
+            self.ahead.drop_reference()
         self.ahead = None  # sampled by the rolled-back policy
         sync_weights(self.roles, self.cfg, version=state["step"])
         self.sampler.load_state_dict(state["sampler"])

@@ -16,9 +16,16 @@ import torch
 
 @dataclass
 class WeightBucket:
-    data: np.ndarray  # [nbytes] uint8, the tensors back to back
+    data: np.ndarray  # [nbytes] uint8, the tensors back to back, each at a multiple of ALIGN
     # (name, torch dtype name, shape, byte offset, nbytes) per tensor
     entries: list[tuple[str, str, tuple[int, ...], int, int]] = field(default_factory=list)
+
+
+ALIGN = 16  # bytes: a view as int64 or float32 needs an offset that its element size divides
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def pack_state_dict(named_tensors, bucket_bytes: int = 256 << 20, dtype: torch.dtype | None = None) -> list[WeightBucket]:
@@ -38,7 +45,7 @@ def pack_state_dict(named_tensors, bucket_bytes: int = 256 << 20, dtype: torch.d
             nbytes = t.numel() * t.element_size()
             data[offset:offset + nbytes] = t.reshape(-1).view(torch.uint8).numpy()
             entries.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
-            offset += nbytes
+            offset += _aligned(nbytes)
         buckets.append(WeightBucket(data, entries))
         pending, size = [], 0
 
@@ -47,7 +54,7 @@ def pack_state_dict(named_tensors, bucket_bytes: int = 256 << 20, dtype: torch.d
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         t = t.contiguous()
-        nbytes = t.numel() * t.element_size()
+        nbytes = _aligned(t.numel() * t.element_size())
         if size and size + nbytes > bucket_bytes:
             flush()
         pending.append((name, t))

@@ -46,6 +46,18 @@ def test_reward_stats_per_group():
     assert s["reward/frac_all_max"] == 0.5 and s["reward/frac_all_min"] == 0.0
 
 
+def test_all_solved_and_all_failed_groups_are_judged_by_correctness():
+    """A batch with no correct answer is all failed, not also all solved; a format bonus on
+    all-wrong groups is no solution."""
+    s = reward_stats(torch.zeros(8), group_size=4)
+    assert (s["reward/frac_all_max"], s["reward/frac_all_min"]) == (0.0, 1.0)
+    s = reward_stats(torch.ones(8), group_size=4)
+    assert (s["reward/frac_all_max"], s["reward/frac_all_min"]) == (1.0, 0.0)
+    rewards = torch.tensor([0.1] * 4 + [1.1] * 4 + [0.1, 1.1, 0.1, 0.1])  # correct + 0.1 format
+    s = reward_stats(rewards, 4, correct=(rewards > 1).float())
+    assert (s["reward/frac_all_max"], s["reward/frac_all_min"]) == pytest.approx((1 / 3, 1 / 3))
+
+
 def test_zero_std_groups_are_the_groups_with_zero_advantages():
     # 0.1 x4: float32's std is ~1e-8, not 0; the group gets zero advantages and counts as zero-std.
     # 0.1 x3 + 0.1000005: a real (tiny) difference, normalised to +-1 advantages: not zero-std.

@@ -93,6 +93,11 @@ def test_weight_buckets_round_trip_and_split():
     assert len(one) == 1 and isinstance(one[0].data, np.ndarray)
     half = dict(unpack_bucket(pack_state_dict(tensors, dtype=torch.bfloat16)[0]))
     assert half["a"].dtype == torch.bfloat16 and half["b"].dtype == torch.int64
+    # 3 bf16 values (6 bytes), then an int64 buffer: packed back to back, its view needed offset 8k
+    odd = [("w", torch.randn(3)), ("steps", torch.arange(3, dtype=torch.int64)), ("m", torch.tensor([True]))]
+    out = dict(unpack_bucket(pack_state_dict(odd, dtype=torch.bfloat16)[0]))
+    assert torch.equal(out["steps"], odd[1][1]) and torch.equal(out["w"], odd[0][1].bfloat16())
+    assert out["m"].item() is True
 
 
 def _grouped_batch(groups: int = 3, group_size: int = 4, seed: int = 0) -> TrainBatch:
