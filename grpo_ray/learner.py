@@ -18,7 +18,7 @@ import torch
 
 from .algorithm import masked_mean, policy_loss, truncated_is_weights
 from .metrics import SUMMED, combine_parts
-from .modeling import batched_logprobs, load_causal_lm, response_logprobs
+from .modeling import batched_logprobs, disable_dropout, load_causal_lm, response_logprobs
 from .records import TrainBatch
 from .weight_sync import WeightBucket, pack_state_dict
 
@@ -46,6 +46,7 @@ class Learner:
         self.micro_batch_size, self.share_prompts = micro_batch_size, share_prompts
         self.temperature = temperature  # rollout.temperature: logprobs of the policy that sampled
         model = load_causal_lm(model_path, "float32")  # fp32 master weights; bf16 via DeepSpeed
+        disable_dropout(model)  # the loss forward runs in train mode
         # A client AdamW skips DeepSpeed's ~40 s fused_adam JIT build on CPU.
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
         ds_config = {

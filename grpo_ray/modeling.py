@@ -28,6 +28,18 @@ def load_causal_lm(path: str, dtype: str = "float32"):
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
 
 
+def disable_dropout(model) -> None:
+    """No dropout in the policy (TRL's GRPOConfig.disable_dropout): the sampler and the stored
+    old_logprobs have none, so with it the ratio would not start at 1 and the noise would be
+    clipped as if it were policy change (GPT-2-style configs drop 10%). Covers nn.Dropout and
+    the float `attention_dropout` that HF attention modules read at call time."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def device() -> torch.device:
     """This actor's device: the GPU Ray assigned it (CUDA_VISIBLE_DEVICES), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -168,7 +168,10 @@ def test_bf16_fast_and_generic_reload_sample_the_same(tiny_model_dir):
     g = Generator(tiny_model_dir, cpu_threads="0", seed=0, dtype="bfloat16")
     buckets = pack_state_dict(_perturbed(tiny_model_dir, seed=9).state_dict().items(), dtype=torch.bfloat16)
     g.update_weights(buckets, 1)
-    assert sum(1 for _, packed, _ in g.llm.collective_rpc(_plan)[0] if packed) == 8
+    plan = g.llm.collective_rpc(_plan)[0]
+    # AVX-512 CPUs pack the 8 bf16 matmuls and drop their weights; an AVX2-only CPU (an AMD EPYC
+    # without AVX-512, 2026-12-06) keeps all 10 bf16 weights, and the plan loads them in place
+    assert len(plan) == 10 and sum(1 for _, packed, _ in plan if packed) in (0, 8), plan
     fast = g.generate(PROMPTS, n=4, temperature=1.0, max_new_tokens=8, seed=5)
 
     def generic(worker):

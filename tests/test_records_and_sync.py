@@ -82,6 +82,24 @@ def test_tempered_bf16_logprobs_scale_the_logits_in_float32(tiny_model_dir):
     assert want.shape == (3, T) and torch.allclose(lp * b.response_mask, want, atol=1e-5)
 
 
+def test_disable_dropout_makes_the_train_mode_forward_deterministic(tiny_model_dir, tmp_path):
+    """A model saved with dropout (attention_dropout 0.5 here; GPT-2-style configs use 0.1):
+    the learner's train-mode forward must give the logprobs the sampler had."""
+    from transformers import AutoModelForCausalLM
+
+    from grpo_ray.modeling import disable_dropout
+
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.5).save_pretrained(tmp_path)
+    model = load_causal_lm(str(tmp_path)).train()
+    model.add_module("extra", torch.nn.Dropout(0.3))  # an nn.Dropout too
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout acts
+        disable_dropout(model)
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    assert model.extra.p == 0.0
+
+
 def test_weight_buckets_round_trip_and_split():
     tensors = [("a", torch.randn(3, 4)), ("b", torch.arange(10, dtype=torch.int64)), ("c", torch.randn(100))]
     buckets = pack_state_dict(tensors, bucket_bytes=64)
