@@ -198,7 +198,8 @@ def policy_loss(
     old_logprobs:  [B, T] the SAMPLING policy's, recorded at rollout time and reused for every
                    mini-batch and epoch. Recomputing them at update time makes ratio == 1, and
                    clipping never acts.
-    ref_logprobs:  [B, T] frozen reference policy (None when beta == 0).
+    ref_logprobs:  [B, T] frozen reference policy (None when beta == 0 and no reference runs:
+                   then the metrics have no "kl").
     advantages:    [B] per sequence (broadcast over tokens) or [B, T] per token.
     response_mask: [B, T] 1 on response tokens that count, 0 on padding.
 
@@ -229,13 +230,11 @@ def policy_loss(
         if entropy is None or not entropy.requires_grad:
             raise ValueError("entropy_coef != 0 needs the per-token entropy with grad")
         per_token = per_token - entropy_coef * entropy
+    kl = None if ref_logprobs is None else kl_k3(logprobs, ref_logprobs)  # none measured: no kl metric
     if beta != 0.0:
-        if ref_logprobs is None:
+        if kl is None:
             raise ValueError("beta != 0 needs ref_logprobs")
-        kl = kl_k3(logprobs, ref_logprobs)
         per_token = per_token + beta * kl
-    else:
-        kl = kl_k3(logprobs, ref_logprobs) if ref_logprobs is not None else torch.zeros_like(logprobs)
     loss = aggregate(per_token, response_mask, aggregation, normalizer)
     metrics = _loss_metrics(ratio, advantages, pg, kl, response_mask, eps_low, eps_high, aggregation, normalizer)
     if clip_ratio_c is not None:  # tokens the dual clip holds at -c*A: no gradient either
@@ -254,7 +253,7 @@ def _loss_metrics(ratio, advantages, pg, kl, response_mask, eps_low, eps_high, a
     masked_ratio = ratio[mask] if mask.any() else ratio.new_ones(1)
     return {
         "pg_loss": aggregate(pg.detach(), response_mask, aggregation, normalizer),
-        "kl": masked_mean(kl.detach(), response_mask),
+        **({} if kl is None else {"kl": masked_mean(kl.detach(), response_mask)}),
         "clip/low": masked_mean(low.float(), response_mask),
         "clip/high": masked_mean(high.float(), response_mask),
         "ratio/mean": masked_mean(ratio.detach(), response_mask),

@@ -118,8 +118,6 @@ class Learner:
                                         entropy=entropy, **self.loss_kwargs)
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             metrics["entropy"] = masked_mean(entropy.detach(), mb.response_mask)
-            if mb.ref_logprobs is None:  # no reference ran: a KL of 0 would read as "no drift"
-                del metrics["kl"]
             if is_weights is not None:
                 metrics["tis/weight_mean"] = masked_mean(is_weights, mb.response_mask)
                 metrics["tis/frac_capped"] = masked_mean((is_weights >= self.tis_cap).float(), mb.response_mask)

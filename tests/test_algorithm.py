@@ -123,6 +123,7 @@ def test_recomputed_old_logprobs_make_ratio_one_and_clipping_dead():
     _, m = policy_loss(logp, logp.clone(), None, torch.randn(4), torch.ones(4, 5),
                        eps_low=1e-3, eps_high=1e-3, beta=0.0)
     assert float(m["clip/low"]) == 0.0 and float(m["clip/high"]) == 0.0 and float(m["ratio/mean"]) == 1.0
+    assert "kl" not in m  # no reference logprobs: no KL measured (a 0 would read as "no drift")
     _, m = policy_loss(logp + 0.5, logp, None, torch.ones(4), torch.ones(4, 5), eps_low=0.2, eps_high=0.2, beta=0.0)
     assert float(m["clip/high"]) == 1.0  # with the sampler's logprobs, clipping does act
 
