@@ -19,7 +19,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from grpo_ray.config import load_config  # noqa: E402
-from grpo_ray.train import train  # noqa: E402
+from grpo_ray.driver.train import train  # noqa: E402
 
 PHASES = ["generate", "verify", "reference", "learner", "sync", "overhead", "step"]
 

@@ -28,7 +28,7 @@ def prompts() -> list[str]:
 
 
 def time_ours(model: str, dtype: str, new_tokens: int) -> list[tuple[int, float]]:
-    from grpo_ray.generator import Generator
+    from grpo_ray.roles.generator import Generator
 
     gen = Generator(model, dtype=dtype, max_model_len=512, kv_cache_mb=KV_CACHE_MB, cpu_threads="0-1")
     out = []

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import REPO, machine, steady  # noqa: E402
 
-import grpo_ray.train as train_mod  # noqa: E402
+import grpo_ray.driver.train as train_mod  # noqa: E402
 from grpo_ray.config import load_config  # noqa: E402
 
 PHASES = ["generate", "verify", "reference", "learner", "sync", "overhead", "step",

@@ -29,9 +29,9 @@ from common import SIZES, machine, model_dir, num_params, run_ours, steady  # no
 def time_sync(model: str, overrides: list[str]) -> float:
     import ray
 
-    from grpo_ray.actors import init_ray, start_generators, start_learners
+    from grpo_ray.roles.actors import init_ray, start_generators, start_learners
     from grpo_ray.config import load_config
-    from grpo_ray.placement import reserve
+    from grpo_ray.roles.placement import reserve
 
     init_ray(None)
     cfg = load_config("configs/default.yaml", [f"model.path={model}", *overrides])

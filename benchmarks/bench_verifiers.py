@@ -65,9 +65,9 @@ def sandbox_overhead(n: int = 30) -> dict:
 
 
 def pool_throughput(replicas: int, records, responses, expected, repeat: int, chunk: int = 0) -> float:
-    from grpo_ray.actors import actor_env
+    from grpo_ray.roles.actors import actor_env
     from grpo_ray.config import load_config
-    from grpo_ray.verifier_pool import VerifierPool
+    from grpo_ray.roles.verifier_pool import VerifierPool
 
     cfg = load_config(None, [f"run.output_dir={tempfile.mkdtemp()}", f"reward.pool.min_replicas={replicas}",
                              f"reward.pool.max_replicas={replicas}", f"reward.pool.chunk_size={chunk}",

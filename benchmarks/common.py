@@ -11,7 +11,7 @@ import time
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, REPO)
 
-from grpo_ray.tiny_model import TinyShape  # noqa: E402
+from grpo_ray.models.tiny_model import TinyShape  # noqa: E402
 
 # Qwen2-shaped, random-initialised, on the arithmetic tokenizer (~290 tokens). tiny is the default
 # job's warm-started model, so that its reward moves within a few steps.
@@ -33,7 +33,7 @@ CACHE = os.environ.get("GRPO_BENCH_CACHE", "/tmp/grpo-bench-models")  # models, 
 def records():
     """The default job's arithmetic training prompts (same split and seed)."""
     from grpo_ray.config import load_config
-    from grpo_ray.data import load_datasets
+    from grpo_ray.data.datasets import load_datasets
 
     return load_datasets(load_config("configs/default.yaml").data, 0)[0]
 
@@ -41,9 +41,9 @@ def records():
 def model_dir(size: str, root: str = CACHE) -> str:
     """The size's model folder, built once under root (tiny: the default job's warm start)."""
     from grpo_ray.config import load_config
-    from grpo_ray.tasks import tokenizer_corpus
-    from grpo_ray.tiny_model import build_tiny_model
-    from grpo_ray.warmstart import builtin_model
+    from grpo_ray.data.tasks import tokenizer_corpus
+    from grpo_ray.models.tiny_model import build_tiny_model
+    from grpo_ray.models.warmstart import builtin_model
 
     if SIZES[size]["shape"] is None:
         return builtin_model(load_config("configs/default.yaml"), records(), root, log=lambda *_: None)
@@ -86,7 +86,7 @@ def num_params(path: str) -> int:
 def run_ours(model: str, new_tokens: int, steps: int, out_dir: str, *overrides: str) -> dict:
     """A grpo-ray run of the benchmark workload; per-step wall times, rewards and phase times."""
     from grpo_ray.config import load_config
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     cfg = load_config("configs/default.yaml", [
         f"model.path={model}", f"rollout.prompts_per_step={PROMPTS}", f"algo.group_size={GROUP}",

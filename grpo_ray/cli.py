@@ -4,24 +4,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import CheckpointError
+from .driver.checkpoint import CheckpointError
 from .config import ConfigError, load_config
-from .data import DataError
-from .placement import PlacementError
+from .data.datasets import DataError
+from .roles.placement import PlacementError
 
 DEFAULT_CONFIG = "configs/default.yaml"
 
 
 def _train(args) -> None:
-    from .train import train
+    from .driver.train import train
 
     cfg = load_config(args.config, args.overrides + (["run.resume=must"] if args.resume else []))
     train(cfg, address=args.address)
 
 
 def _eval(args) -> None:
-    from .data import drop_training_prompts, load_jsonl
-    from .evaluation import eval_model
+    from .data.datasets import drop_training_prompts, load_jsonl
+    from .driver.evaluation import eval_model
 
     cfg = eval_config(args)
     keys = (args.prompt_key or cfg.data.prompt_key, args.answer_key or cfg.data.answer_key,
@@ -57,7 +57,7 @@ def eval_config(args):
 
 
 def _data(args) -> None:
-    from .data import humaneval_records, write_jsonl
+    from .data.datasets import humaneval_records, write_jsonl
 
     rows = {"humaneval": humaneval_records}[args.dataset]()
     write_jsonl(args.out, rows)
@@ -65,15 +65,15 @@ def _data(args) -> None:
 
 
 def _plot(args) -> None:
-    from .plots import plot_run
+    from .driver.plots import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)
 
 
 def _build_model(args) -> None:
-    from .tasks import tokenizer_corpus
-    from .tiny_model import TinyShape, build_tiny_model
+    from .data.tasks import tokenizer_corpus
+    from .models.tiny_model import TinyShape, build_tiny_model
 
     shape = TinyShape(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=args.num_heads,
                       num_kv_heads=max(1, args.num_heads // 2), intermediate_size=4 * args.hidden_size)

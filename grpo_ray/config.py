@@ -203,7 +203,7 @@ class EvalConfig:
 @dataclass
 class ResourcesConfig:
     """What each role instance asks Ray for. The roles are reserved together in one placement
-    group (grpo_ray/placement.py): a bundle per learner rank, generator and the reference, or
+    group (grpo_ray/roles/placement.py): a bundle per learner rank, generator and the reference, or
     shared bundles when co-located. Fractional CPUs by default: on 2 cores, whole-CPU requests
     can starve other actors into a hang. On GPU nodes: 1 GPU per learner rank and generator."""
     generator_cpus: float = _f(0.25, lo=0.0, lo_open=True)

@@ -14,8 +14,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A random tiny Qwen2 + tokenizer, built offline and saved with save_pretrained."""
-    from grpo_ray.tasks import tokenizer_corpus
-    from grpo_ray.tiny_model import build_tiny_model
+    from grpo_ray.data.tasks import tokenizer_corpus
+    from grpo_ray.models.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny")), tokenizer_corpus(49), seed=0)
 

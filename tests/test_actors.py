@@ -4,8 +4,8 @@ import time
 import pytest
 import torch
 
-from grpo_ray.algorithm import loss_normalizer
-from grpo_ray.records import TrainBatch
+from grpo_ray.core.algorithm import loss_normalizer
+from grpo_ray.core.records import TrainBatch
 
 pytestmark = pytest.mark.slow
 
@@ -15,9 +15,9 @@ LOSS = dict(eps_low=0.2, eps_high=0.2, beta=0.001, aggregation="seq_mean")
 
 @pytest.fixture(scope="module")
 def engines(ray_local, tiny_model_dir):
-    from grpo_ray.generator import Generator
-    from grpo_ray.learner import Learner
-    from grpo_ray.reference import Reference
+    from grpo_ray.roles.generator import Generator
+    from grpo_ray.roles.learner import Learner
+    from grpo_ray.roles.reference import Reference
 
     ray = ray_local
     gen = ray.remote(Generator).options(num_cpus=0.25).remote(tiny_model_dir, cpu_threads="0-1", seed=0)
@@ -73,8 +73,8 @@ def test_prompts_past_the_step_token_budget_sample_and_keep_their_seeds(engines)
 def test_at_another_temperature_all_three_roles_give_the_tempered_policys_logprobs(engines, tiny_model_dir):
     # the policy that samples at T is softmax(logits / T): vLLM's reported logprobs, the
     # learner's and the reference's must all be of it, or the ratio is off from the first step
-    from grpo_ray.learner import Learner
-    from grpo_ray.reference import Reference
+    from grpo_ray.roles.learner import Learner
+    from grpo_ray.roles.reference import Reference
 
     ray, gen, learner, ref = engines
     ro = ray.get(gen.generate.remote(PROMPTS, n=4, temperature=0.5, max_new_tokens=8, seed=3))
@@ -120,7 +120,7 @@ def test_after_sync_generator_samples_from_the_learners_weights(engines):
 def test_reference_pass_queued_behind_sampling_matches_the_drivers_batch(engines):
     """The driver hands the reference the generators' refs before they finish: Ray runs the pass
     once the parts exist, in the layout the driver builds, whatever is masked after."""
-    from grpo_ray.records import Rollout
+    from grpo_ray.core.records import Rollout
 
     ray, gen, learner, ref = engines
     kw = dict(n=4, temperature=1.0, max_new_tokens=8)
@@ -137,7 +137,7 @@ def test_reference_pass_queued_behind_sampling_matches_the_drivers_batch(engines
 def test_a_step_larger_than_the_kv_cache_is_a_clear_error(ray_local, tiny_model_dir):
     """vLLM's CPU sampler crashes on preempted seeded requests deep inside the engine; the
     generator refuses such a step up front and says what to set."""
-    from grpo_ray.generator import Generator
+    from grpo_ray.roles.generator import Generator
 
     ray = ray_local
     gen = ray.remote(Generator).options(num_cpus=0.25).remote(tiny_model_dir, cpu_threads="0-1", kv_cache_mb=16)

@@ -1,10 +1,10 @@
-"""Hand-computed checks of every function in grpo_ray/algorithm.py."""
+"""Hand-computed checks of every function in grpo_ray/core/algorithm.py."""
 import math
 
 import pytest
 import torch
 
-from grpo_ray.algorithm import (aggregate, entropy_from_logits, group_advantages, informative_groups, kl_k3,
+from grpo_ray.core.algorithm import (aggregate, entropy_from_logits, group_advantages, informative_groups, kl_k3,
                                 loss_normalizer, masked_mean, overlong_penalty, policy_loss, token_logprobs,
                                 truncated_is_weights)
 

@@ -33,7 +33,7 @@ def _prompts(run_dir, step):
 
 
 def test_async_rollouts_are_one_update_behind_and_resume_on_the_same_prompts(ray_local, tiny_model_dir, tmp_path):
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     model = f"model.path={tiny_model_dir}"
     sync_dir = train(_cfg(tmp_path, "sync", model, "train.steps=3"))

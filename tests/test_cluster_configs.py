@@ -94,7 +94,7 @@ def _k8s_gpu_group() -> dict:
 def test_realistic_configs_fit_the_gpu_nodes_of_both_cluster_definitions(name):
     """8 GPUs' worth of roles that one GPU node of aws.yaml and of the KubeRay job can hold, and
     a verifier pool no larger than the verifier nodes can run."""
-    from grpo_ray.placement import plan
+    from grpo_ray.roles.placement import plan
 
     cfg = load_config(str(REPO / "configs" / name))
     bundles, slots = plan(cfg)

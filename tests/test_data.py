@@ -1,4 +1,4 @@
-"""Tests for grpo_ray/data.py (JSONL loading, dataset split, PromptSampler) and grpo_ray/tasks.py."""
+"""Tests for grpo_ray/data/datasets.py (JSONL loading, dataset split, PromptSampler) and grpo_ray/data/tasks.py."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from grpo_ray.config import DataConfig
-from grpo_ray.data import DataError, PromptSampler, load_datasets, load_jsonl
-from grpo_ray.tasks import (arithmetic_prompt, arithmetic_records, arithmetic_response, arithmetic_work,
+from grpo_ray.data.datasets import DataError, PromptSampler, load_datasets, load_jsonl
+from grpo_ray.data.tasks import (arithmetic_prompt, arithmetic_records, arithmetic_response, arithmetic_work,
                             tokenizer_corpus)
 
 GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from grpo_ray.config import ConfigError
-from grpo_ray.data import DataError, dedupe_against, drop_training_prompts
-from grpo_ray.evaluation import write_results
-from grpo_ray.metrics import mean_pass_at_k
+from grpo_ray.data.datasets import DataError, dedupe_against, drop_training_prompts
+from grpo_ray.driver.evaluation import write_results
+from grpo_ray.core.metrics import mean_pass_at_k
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,8 @@ def test_overrides_may_follow_options(monkeypatch):
 def test_eval_reads_the_configs_prompt_and_answer_fields(tmp_path, monkeypatch):
     """Without --prompt-key/--answer-key, `grpo-ray eval` uses data.prompt_key/answer_key (a
     GSM8K config's `question`), as its error message about a missing field tells the user to set."""
-    from grpo_ray import cli, evaluation
+    from grpo_ray import cli
+    from grpo_ray.driver import evaluation
 
     data = tmp_path / "gsm.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "solution": "#### 2"}) + "\n")
@@ -117,7 +118,7 @@ def test_eval_flags_not_given_leave_the_configs_values():
 
 def test_an_unwritable_out_folder_fails_before_any_sampling(tiny_model_dir, tmp_path):
     from grpo_ray.config import load_config
-    from grpo_ray.evaluation import eval_model
+    from grpo_ray.driver.evaluation import eval_model
 
     (tmp_path / "a_file").write_text("")
     with pytest.raises(OSError, match=r"--out '.*a_file/ev' is not writable"):  # no Ray, no engine started

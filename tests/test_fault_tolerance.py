@@ -23,7 +23,7 @@ def _kill(title: str) -> int:
     raise AssertionError(f"no process {title}")
 
 
-def _kill_at(monkeypatch, phase: str, kills: dict[int, str], killed: list, module: str = "grpo_ray.step") -> list:
+def _kill_at(monkeypatch, phase: str, kills: dict[int, str], killed: list, module: str = "grpo_ray.driver.step") -> list:
     """Wrap the driver's `phase` (a function of `module`) so that its n-th call first kills the
     actor kills[n]: the crash lands at a chosen point of a chosen step, however fast the box
     runs (a thread watching metrics.jsonl could land a step late, or after the run). Returns
@@ -54,7 +54,7 @@ def _overrides(tmp_path, model_dir, name: str, steps: int) -> list[str]:
 
 
 def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_path, monkeypatch):
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     cfg = load_config("configs/default.yaml", _overrides(tmp_path, tiny_model_dir, "ft", 6))
     metrics = tmp_path / "ft" / "metrics.jsonl"
@@ -63,7 +63,7 @@ def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_p
     _kill_at(monkeypatch, "generate", {3: "ray::Generator", 5: "ray::Reference"}, killed)
     # and the final evaluation's sampling (call 2; call 1 is step 0's) goes to a dead generator:
     # it comes back with the base weights, so the evaluation pushes step 6's and samples again
-    eval_calls = _kill_at(monkeypatch, "sample", {2: "ray::Generator"}, killed, module="grpo_ray.evaluation")
+    eval_calls = _kill_at(monkeypatch, "sample", {2: "ray::Generator"}, killed, module="grpo_ray.driver.evaluation")
     run_dir = train(cfg)
     assert [t for t, _ in killed] == ["ray::Generator", "ray::Reference", "ray::Generator"]
     assert eval_calls[0] == 3  # the final evaluation sampled twice: its first samples mixed policies
@@ -77,7 +77,7 @@ def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_p
 
 def test_learner_killed_ends_the_run_with_a_resume_hint_and_resume_finishes(ray_local, tiny_model_dir, tmp_path,
                                                                              monkeypatch):
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     overrides = _overrides(tmp_path, tiny_model_dir, "lk", 5) + ["train.checkpoint_every=2"]
     metrics = tmp_path / "lk" / "metrics.jsonl"

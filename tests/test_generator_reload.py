@@ -3,7 +3,7 @@ path must give the sampler exactly the weights it was sent, the tied LM head inc
 import pytest
 import torch
 
-from grpo_ray.weight_sync import pack_state_dict
+from grpo_ray.roles.weight_sync import pack_state_dict
 
 pytestmark = pytest.mark.slow
 
@@ -12,7 +12,7 @@ PROMPTS = ["Q: 1+2=?\nA:", "Q: 13+29=?\nA:"]
 
 @pytest.fixture(scope="module")
 def gen(tiny_model_dir):
-    from grpo_ray.generator import Generator
+    from grpo_ray.roles.generator import Generator
 
     return Generator(tiny_model_dir, cpu_threads="0", seed=0)
 
@@ -140,8 +140,8 @@ def test_a_large_model_loads_block_by_block(gen, tiny_model_dir):
     hf = _perturbed(tiny_model_dir, seed=11)
 
     def load_per_block(worker, buckets):
-        from grpo_ray.generator import _reload_cpu_gemms
-        from grpo_ray.weight_sync import unpack_bucket
+        from grpo_ray.roles.generator import _reload_cpu_gemms
+        from grpo_ray.roles.weight_sync import unpack_bucket
 
         model = worker.model_runner.model
         calls, original = [], model.load_weights
@@ -163,7 +163,7 @@ def test_a_large_model_loads_block_by_block(gen, tiny_model_dir):
 def test_bf16_fast_and_generic_reload_sample_the_same(tiny_model_dir):
     """bf16 engines may pack small matmuls with another kernel (and keep fp32 biases). Last in
     the file: a second engine in one process tears down vLLM's process groups when it goes."""
-    from grpo_ray.generator import Generator
+    from grpo_ray.roles.generator import Generator
 
     g = Generator(tiny_model_dir, cpu_threads="0", seed=0, dtype="bfloat16")
     buckets = pack_state_dict(_perturbed(tiny_model_dir, seed=9).state_dict().items(), dtype=torch.bfloat16)

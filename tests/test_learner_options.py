@@ -6,16 +6,16 @@ import math
 import pytest
 import torch
 
-from grpo_ray.algorithm import loss_normalizer
-from grpo_ray.records import Rollout, TrainBatch
+from grpo_ray.core.algorithm import loss_normalizer
+from grpo_ray.core.records import Rollout, TrainBatch
 
 pytestmark = pytest.mark.slow
 PORTS = iter(range(29631, 29700))
 
 
 def _learner(ray, model_dir, **kw):
-    from grpo_ray.actors import ACTOR_ENV
-    from grpo_ray.learner import Learner
+    from grpo_ray.roles.actors import ACTOR_ENV
+    from grpo_ray.roles.learner import Learner
 
     loss = dict(eps_low=kw.pop("eps", 0.2), eps_high=kw.pop("eps_high", 0.2), beta=0.0, aggregation="seq_mean",
                 entropy_coef=kw.pop("entropy_coef", 0.0))

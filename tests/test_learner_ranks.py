@@ -5,8 +5,8 @@ summed loss, and the weights after two optimizer steps."""
 import pytest
 import torch
 
-from grpo_ray.algorithm import loss_normalizer
-from grpo_ray.weight_sync import unpack_bucket
+from grpo_ray.core.algorithm import loss_normalizer
+from grpo_ray.roles.weight_sync import unpack_bucket
 from test_learner_options import _batch
 
 pytestmark = pytest.mark.slow
@@ -14,8 +14,8 @@ PORTS = iter(range(29711, 29790))
 
 
 def _learners(ray, model_dir, world_size, zero_stage, aggregation):
-    from grpo_ray.actors import ACTOR_ENV
-    from grpo_ray.learner import Learner
+    from grpo_ray.roles.actors import ACTOR_ENV
+    from grpo_ray.roles.learner import Learner
 
     loss = dict(eps_low=0.2, eps_high=0.2, beta=0.04, aggregation=aggregation)
     actor = ray.remote(Learner).options(num_cpus=0.25, runtime_env={"env_vars": {**ACTOR_ENV, "DS_ACCELERATOR": "cpu"}})
@@ -29,7 +29,7 @@ def _train(ray, learners, batches, aggregation):
     """One update per batch, each rank on a contiguous 1/M of it, every rank dividing by the
     whole batch's normaliser (as step.update_policy does). Returns per-step (grad_norm, loss)
     and the final weights."""
-    from grpo_ray.metrics import combine_parts
+    from grpo_ray.core.metrics import combine_parts
 
     history = []
     for b in batches:

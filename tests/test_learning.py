@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_job_raises_heldout_pass_at_1(ray_local, tmp_path):
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     cfg = load_config("configs/default.yaml", [f"run.output_dir={tmp_path}"])
     run_dir = train(cfg)

@@ -4,9 +4,9 @@ from fractions import Fraction
 
 import pytest
 import torch
-from grpo_ray.algorithm import group_advantages
+from grpo_ray.core.algorithm import group_advantages
 
-from grpo_ray.metrics import (MetricsLog, advantage_variance, mean_pass_at_k, pass_at_k, reward_stats,
+from grpo_ray.core.metrics import (MetricsLog, advantage_variance, mean_pass_at_k, pass_at_k, reward_stats,
                               threshold_warnings)
 
 
@@ -95,7 +95,7 @@ def test_metrics_log_appends_and_writes_nan_as_null(tmp_path):
 
 
 def test_monitor_reports_warnings_once_and_stops_on_sustained_kl_only():
-    from grpo_ray.metrics import Monitor
+    from grpo_ray.core.metrics import Monitor
 
     mon = Monitor(kl_stop=0.1, kl_window=3)
     ok = {"reward/std": 0.5, "advantage/variance": 1.0, "kl": 0.01}
@@ -120,8 +120,8 @@ def test_monitor_reports_warnings_once_and_stops_on_sustained_kl_only():
 
 def test_without_a_kl_guard_nothing_reads_the_kl():
     """algo.kl_stop=null (with beta 0 no reference runs and the learner logs no kl)."""
-    from grpo_ray.metrics import Monitor, threshold_warnings
-    from grpo_ray.outputs import summary_line
+    from grpo_ray.core.metrics import Monitor, threshold_warnings
+    from grpo_ray.driver.outputs import summary_line
 
     mon = Monitor(kl_stop=None, kl_window=1)
     for _ in range(3):
@@ -136,7 +136,7 @@ def test_without_a_kl_guard_nothing_reads_the_kl():
 
 
 def test_monitor_length_collapse_and_explosion():
-    from grpo_ray.metrics import Monitor
+    from grpo_ray.core.metrics import Monitor
 
     mon = Monitor(kl_stop=0.1, kl_window=3)
     ok = {"reward/std": 0.5, "advantage/variance": 1.0, "kl": 0.01, "truncated/frac": 0.0}
@@ -153,7 +153,7 @@ def test_monitor_length_collapse_and_explosion():
 
 
 def test_monitor_reward_hacking_signal_and_state_round_trip():
-    from grpo_ray.metrics import Monitor
+    from grpo_ray.core.metrics import Monitor
 
     mon = Monitor(kl_stop=0.1, kl_window=3)
     ok = {"reward/std": 0.5, "advantage/variance": 1.0, "kl": 0.01}
@@ -172,7 +172,7 @@ def test_monitor_reward_hacking_signal_and_state_round_trip():
 
 
 def test_combine_parts_sums_losses_weights_means_and_keeps_extremes():
-    from grpo_ray.metrics import combine_parts
+    from grpo_ray.core.metrics import combine_parts
 
     parts = [{"loss": 0.25, "pg_loss": 0.2, "kl": 0.1, "ratio/max": 1.5, "ratio/min": 0.9, "tokens": 1.0},
              {"loss": 0.5, "pg_loss": 0.3, "kl": 0.4, "ratio/max": 1.1, "ratio/min": 0.7, "tokens": 3.0}]

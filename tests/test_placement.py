@@ -7,7 +7,7 @@ import time
 import pytest
 
 from grpo_ray.config import load_config
-from grpo_ray.placement import PlacementError, diagnose, plan
+from grpo_ray.roles.placement import PlacementError, diagnose, plan
 
 
 def _cfg(*overrides):
@@ -75,7 +75,7 @@ def test_unplaceable_roles_fail_fast_with_a_clear_message(ray_local, tiny_model_
     the role and the resource, and leaves no placement group behind."""
     from ray.util import placement_group_table
 
-    from grpo_ray.actors import start_roles
+    from grpo_ray.roles.actors import start_roles
 
     cfg = _cfg("resources.learner_gpus=1", "resources.placement_timeout_s=2", f"model.path={tiny_model_dir}")
     t0 = time.perf_counter()
@@ -94,9 +94,9 @@ def test_auto_threads_follow_where_the_bundles_landed(ray_local):
     and the reference (one instance) gets every core."""
     import os
 
-    from grpo_ray.actors import role_threads
+    from grpo_ray.roles.actors import role_threads
     from grpo_ray.config import cpu_list
-    from grpo_ray.placement import reserve
+    from grpo_ray.roles.placement import reserve
 
     cfg = _cfg("rollout.num_generators=2", "learner.num_ranks=2")
     placement, cpus = reserve(cfg), len(os.sched_getaffinity(0))

@@ -27,7 +27,7 @@ def _where(ray, actor) -> tuple[list, str]:
 
 
 def test_separate_roles_get_their_own_gpus(ray_gpus, tiny_model_dir):
-    from grpo_ray.actors import start_roles, stop_roles
+    from grpo_ray.roles.actors import start_roles, stop_roles
 
     ray = ray_gpus
     cfg = load_config("configs/default.yaml", ["resources.learner_gpus=1", "resources.generator_gpus=1",
@@ -46,8 +46,8 @@ def test_separate_roles_get_their_own_gpus(ray_gpus, tiny_model_dir):
 def test_colocated_roles_share_one_gpu_and_train(ray_gpus, tiny_model_dir, tmp_path, monkeypatch):
     """colocate=all on 1 of the 2 GPUs: one step of the real loop with learner, reference and
     generator sharing a device (a third each)."""
-    import grpo_ray.train as train_mod
-    from grpo_ray.train import train
+    import grpo_ray.driver.train as train_mod
+    from grpo_ray.driver.train import train
     from test_train_loop import _dataset
 
     ray = ray_gpus

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from grpo_ray.plots import load_metrics, plot_run
-from grpo_ray.tracking import Tracker
+from grpo_ray.driver.plots import load_metrics, plot_run
+from grpo_ray.driver.tracking import Tracker
 
 
 def _run(tmp_path):

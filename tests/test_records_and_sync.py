@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from grpo_ray.modeling import batched_logprobs, load_causal_lm, response_logprobs
-from grpo_ray.records import Rollout, TrainBatch
-from grpo_ray.weight_sync import pack_state_dict, unpack_bucket
+from grpo_ray.models.modeling import batched_logprobs, load_causal_lm, response_logprobs
+from grpo_ray.core.records import Rollout, TrainBatch
+from grpo_ray.roles.weight_sync import pack_state_dict, unpack_bucket
 
 
 def _rollout():
@@ -87,7 +87,7 @@ def test_disable_dropout_makes_the_train_mode_forward_deterministic(tiny_model_d
     the learner's train-mode forward must give the logprobs the sampler had."""
     from transformers import AutoModelForCausalLM
 
-    from grpo_ray.modeling import disable_dropout
+    from grpo_ray.models.modeling import disable_dropout
 
     AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.5).save_pretrained(tmp_path)
     model = load_causal_lm(str(tmp_path)).train()
@@ -156,7 +156,7 @@ def test_shared_prompt_pass_equals_the_plain_pass(tiny_model_dir, rows, attn):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn)
     b = _grouped_batch().select(rows)
-    from grpo_ray.modeling import _prompt_groups
+    from grpo_ray.models.modeling import _prompt_groups
 
     assert _prompt_groups(b) is not None  # the shared path really runs
     out = {}
@@ -175,8 +175,8 @@ def test_shared_prompt_pass_equals_the_plain_pass(tiny_model_dir, rows, attn):
 
 @pytest.mark.parametrize("capacity", [0, 256])
 def test_pack_plan_places_every_response_token_once(capacity):
-    from grpo_ray.modeling import _prompt_groups
-    from grpo_ray.packing import pack_plan
+    from grpo_ray.models.modeling import _prompt_groups
+    from grpo_ray.core.packing import pack_plan
 
     b = _grouped_batch()
     P, T = b.prompt_len, b.response_mask.shape[1]
@@ -203,7 +203,7 @@ def test_pack_plan_places_every_response_token_once(capacity):
 
 
 def test_prompt_groups_map_rows_to_a_row_with_the_same_prompt():
-    from grpo_ray.modeling import _prompt_groups
+    from grpo_ray.models.modeling import _prompt_groups
 
     assert _prompt_groups(_grouped_batch(groups=4, group_size=1)) is None  # nothing to share
     b = _grouped_batch(groups=2, group_size=3)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from grpo_ray.checkpoint import (CheckpointError, find_resume, kl_stopped, list_checkpoints, load_state, newest_good,
+from grpo_ray.driver.checkpoint import (CheckpointError, find_resume, kl_stopped, list_checkpoints, load_state, newest_good,
                                  prune, remove_partial_saves)
 from grpo_ray.config import load_config
 
@@ -36,7 +36,7 @@ def _weights(folder):
 
 @pytest.mark.slow
 def test_n_steps_then_resume_equals_2n_steps(ray_local, tiny_model_dir, tmp_path):
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     full = train(_cfg(tmp_path, tiny_model_dir, "full", 4, "train.checkpoint_every=2"))
     half = train(_cfg(tmp_path, tiny_model_dir, "half", 2))  # "killed" after 2 steps: its final checkpoint
@@ -147,7 +147,7 @@ def test_cli_resume_without_checkpoint_exits_2(tiny_model_dir, tmp_path):
 
 
 def test_a_resume_with_other_settings_keeps_the_earlier_config(tmp_path):
-    from grpo_ray.outputs import create_run_dir
+    from grpo_ray.driver.outputs import create_run_dir
 
     run = create_run_dir(load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", "learner.lr=1e-4"]))
     create_run_dir(load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", "learner.lr=5e-5"]))
@@ -160,7 +160,7 @@ def test_a_resume_with_other_settings_keeps_the_earlier_config(tmp_path):
 def test_kl_rollback_goes_back_to_the_checkpoint_with_a_lower_lr(ray_local, tiny_model_dir, tmp_path):
     """With a KL limit no update can meet, every step after the first trips the guard: the run
     rolls back to step 1's checkpoint twice (lr x0.5, then x0.25) and then stops."""
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     run_dir = train(_cfg(tmp_path, tiny_model_dir, "rollback", 4, "algo.kl_stop=1e-6", "algo.kl_window=1",
                          "algo.kl_action=rollback", "algo.kl_max_rollbacks=2", "train.checkpoint_every=1",
@@ -187,7 +187,7 @@ def test_reference_reset_makes_kl_zero_at_the_next_step(ray_local, tiny_model_di
     before its update) is zero, while step 2 saw drift; the reset policy (not the final one) is
     what a resume would load as the reference. Async mode queues step 3's reference pass during
     step 2, which must not happen on the reference that step 2 replaces."""
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     run_dir = train(_cfg(tmp_path, tiny_model_dir, f"refreset-{asynchronous}", 3, "algo.ref_reset_every=2",
                          "algo.mini_batches=1", f"rollout.asynchronous={asynchronous}"))
@@ -204,7 +204,7 @@ def test_reference_reset_makes_kl_zero_at_the_next_step(ray_local, tiny_model_di
 def test_each_checkpoint_names_the_reference_it_had(ray_local, tiny_model_dir, tmp_path):
     """Resets after steps 1, 2 and 3, checkpoints at 2 and 3: a resume from step 2 must load step
     2's reset policy as its reference, not a later reset that overwrote a shared folder."""
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     run_dir = train(_cfg(tmp_path, tiny_model_dir, "refnames", 3, "algo.ref_reset_every=1",
                          "train.checkpoint_every=2", "algo.mini_batches=1"))

@@ -2,8 +2,8 @@
 import pytest
 
 from grpo_ray.config import ConfigError, load_config
-from grpo_ray.evaluation import correctness
-from grpo_ray.records import Score
+from grpo_ray.driver.evaluation import correctness
+from grpo_ray.core.records import Score
 from grpo_ray.verifiers import Verifier, combine, format_reward, verify
 
 GOOD = "<think>6*7 is 42</think>\n<answer>#### 42</answer>"

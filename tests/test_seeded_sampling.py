@@ -1,4 +1,4 @@
-"""Seeded sampling on vLLM's CPU backend (grpo_ray/generator.py, `_install_seeded_cpu_sampler`):
+"""Seeded sampling on vLLM's CPU backend (grpo_ray/roles/generator.py, `_install_seeded_cpu_sampler`):
 the step seeds' hash against a plain-Python SplitMix64, then vLLM's own sampler module with the
 patch: the right distribution, one reproducible stream per seed whatever shares the batch."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from grpo_ray.generator import splitmix64
+from grpo_ray.roles.generator import splitmix64
 
 M64 = (1 << 64) - 1
 
@@ -33,7 +33,7 @@ def sampler():
     import vllm._custom_ops  # noqa: F401  (registers torch.ops._C.fused_gumbel_argmax)
     from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
 
-    from grpo_ray.generator import _install_seeded_cpu_sampler
+    from grpo_ray.roles.generator import _install_seeded_cpu_sampler
 
     _install_seeded_cpu_sampler()
     _install_seeded_cpu_sampler()  # idempotent: a second generator in the process

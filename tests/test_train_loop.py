@@ -27,7 +27,7 @@ def _dataset(path, n=12):
 def test_few_steps_move_weights_and_log_every_field(ray_local, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     cfg = load_config("configs/default.yaml", SMALL + [
         f"run.output_dir={tmp_path}", "run.name=loop", f"model.path={tiny_model_dir}", "data.task=jsonl",
@@ -66,7 +66,7 @@ def test_without_kl_term_or_guard_no_reference_actor_runs(ray_local, tiny_model_
     logged (a 0 would read as "no drift")."""
     from ray._private import state
 
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     def references():
         return sum(a["ActorClassName"] == "Reference" for a in state.actors().values())
@@ -89,7 +89,7 @@ def test_without_kl_term_or_guard_no_reference_actor_runs(ray_local, tiny_model_
 def test_loop_with_dapo_and_off_policy_options(ray_local, tiny_model_dir, tmp_path):
     """Dynamic sampling, the soft overlong penalty, 2 epochs x 2 mini-batches, recomputed old
     logprobs with token TIS, and the entropy bonus, all at once through the real loop."""
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
@@ -126,7 +126,7 @@ def test_loop_with_dapo_and_off_policy_options(ray_local, tiny_model_dir, tmp_pa
 
 
 def test_spot_check_files_escape_markdown(tmp_path):
-    from grpo_ray.outputs import write_samples
+    from grpo_ray.driver.outputs import write_samples
 
     row = {"prompt": "a|b\nc", "response": "x", "reward": 1.0, "advantage": 0.5, "reason": "correct",
            "truncated": False}
@@ -137,8 +137,8 @@ def test_spot_check_files_escape_markdown(tmp_path):
 
 
 def test_bad_dataset_row_fails_fast_and_writes_nothing(tmp_path):
-    from grpo_ray.data import DataError
-    from grpo_ray.train import train
+    from grpo_ray.data.datasets import DataError
+    from grpo_ray.driver.train import train
 
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "1+1?", "answer": "2"}\n{"prompt": "2+2?"}\n')
@@ -152,8 +152,8 @@ def test_bad_dataset_row_fails_fast_and_writes_nothing(tmp_path):
 def test_held_out_prompts_that_are_training_prompts_are_dropped_before_the_run(tmp_path):
     """An eval file that only repeats training prompts fails before anything is written (the
     partial case, a warning and the rest kept: test_eval_cli's drop_training_prompts test)."""
-    from grpo_ray.data import DataError
-    from grpo_ray.train import train
+    from grpo_ray.data.datasets import DataError
+    from grpo_ray.driver.train import train
 
     rows = "".join(json.dumps({"prompt": f"{i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(4))
     (tmp_path / "train.jsonl").write_text(rows)
@@ -187,7 +187,7 @@ def test_two_learner_ranks_zero3_sync_and_save(ray_local, tiny_model_dir, tmp_pa
     has full, updated parameters. Equality with M=1: tests/test_learner_ranks.py."""
     from transformers import AutoModelForCausalLM
 
-    from grpo_ray.train import train
+    from grpo_ray.driver.train import train
 
     cfg = load_config("configs/default.yaml", [
         "rollout.prompts_per_step=4", "algo.group_size=4", "train.steps=2", "train.eval_every=0",

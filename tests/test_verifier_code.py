@@ -432,7 +432,7 @@ def test_without_a_sandbox_code_checks_refuse_unless_allowed(monkeypatch):
     assert s.reward == 0.0 and "reward.code.allow_unsandboxed=true" in s.reason
     assert verify(rec, GOOD, code={"allow_unsandboxed": True}).reward == 1.0  # rlimits and uid only
     # a code run's verifier replicas refuse to start on such a node, naming it and the key
-    from grpo_ray.verifier_pool import VerifierReplica
+    from grpo_ray.roles.verifier_pool import VerifierReplica
 
     with pytest.raises(RuntimeError, match=r"verifier replica on .*reward.code.allow_unsandboxed=true"):
         VerifierReplica({"correct": 1.0}, {}, {"allow_unsandboxed": False}, 1, code_task=True)

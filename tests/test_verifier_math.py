@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_ray.records import Score
+from grpo_ray.core.records import Score
 from grpo_ray.verifiers import Verifier, verify
 from grpo_ray.verifiers.math import extract_answer, gold_answer, last_boxed, score_math, to_number
 
@@ -225,7 +225,7 @@ def test_missing_task_defaults_to_math():
 
 
 USER_MODULE = '''
-from grpo_ray.records import Score
+from grpo_ray.core.records import Score
 
 def exact(record, response):
     return Score(1.0 if response.strip() == record["answer"] else 0.0, "exact match", {"len": len(response)})

@@ -39,9 +39,9 @@ def two_nodes():
 CHECK = r"""
 import json, sys, tempfile
 import ray
-from grpo_ray.actors import actor_env
+from grpo_ray.roles.actors import actor_env
 from grpo_ray.config import load_config
-from grpo_ray.verifier_pool import VerifierPool
+from grpo_ray.roles.verifier_pool import VerifierPool
 
 ray.init(address=sys.argv[1], logging_level="ERROR")
 nodes = [n for n in ray.nodes() if n["Alive"]]

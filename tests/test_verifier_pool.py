@@ -1,4 +1,4 @@
-"""The verifier pool (grpo_ray/verifier_pool.py): the replica class without Ray, then the real
+"""The verifier pool (grpo_ray/roles/verifier_pool.py): the replica class without Ray, then the real
 Ray Serve deployment: autoscaling under a burst of code checks, a replica killed mid-burst, and
 a request that times out."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 import pytest
 
 from grpo_ray.config import load_config
-from grpo_ray.verifier_pool import VerifierReplica, deployment_options
+from grpo_ray.roles.verifier_pool import VerifierReplica, deployment_options
 
 # each check sleeps in the trusted test code, so a burst keeps replicas busy on 2 cores
 SLOW = {"task": "code", "entry_point": "f", "tests": "import time\ntime.sleep(0.3)\nassert f() == 1\n"}
@@ -38,7 +38,7 @@ def test_deployment_options_come_from_config():
 
 
 def test_replicas_ask_for_verifier_nodes_when_the_cluster_has_them_or_the_config_says_so():
-    from grpo_ray.verifier_pool import needs_verifier_nodes
+    from grpo_ray.roles.verifier_pool import needs_verifier_nodes
 
     assert needs_verifier_nodes("auto", {"CPU": 2.0, "verifier": 8.0})
     assert not needs_verifier_nodes("auto", {"CPU": 2.0})  # e.g. an autoscaler's verifier group at 0 nodes
@@ -48,7 +48,7 @@ def test_replicas_ask_for_verifier_nodes_when_the_cluster_has_them_or_the_config
 
 
 def test_auto_chunks_hold_about_target_request_s_of_work():
-    from grpo_ray.verifier_pool import VerifierPool
+    from grpo_ray.roles.verifier_pool import VerifierPool
 
     pool = VerifierPool.__new__(VerifierPool)  # the sizing rule only; no Serve
     pool.cfg = load_config(None, []).reward.pool  # chunk_size 0 (auto), target_request_s 0.25
@@ -72,8 +72,8 @@ def test_pool_bounds_are_checked():
 
 
 def _pool(tmp_path, *overrides):
-    from grpo_ray.actors import actor_env
-    from grpo_ray.verifier_pool import VerifierPool
+    from grpo_ray.roles.actors import actor_env
+    from grpo_ray.roles.verifier_pool import VerifierPool
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "reward.pool.chunk_size=1", *overrides])
     return VerifierPool(cfg, actor_env())
@@ -204,7 +204,7 @@ def test_retries_run_out_with_a_clear_error(ray_local, tmp_path):
 
 
 def test_request_budget_leaves_room_for_one_more_comparison():
-    from grpo_ray.verifier_pool import request_budget
+    from grpo_ray.roles.verifier_pool import request_budget
 
     assert request_budget(load_config(None, [])) == 120 - 2 * 5 - 1
     assert request_budget(load_config(None, ["reward.pool.request_timeout_s=8", "reward.math.timeout_s=3"])) == 4
@@ -236,8 +236,8 @@ def test_a_first_burst_of_cheap_checks_does_not_scale_the_pool(ray_local, tmp_pa
     """Auto chunks: the first call measures a check's cost on one small request, then sends the
     rest in a few large ones. Cut into requests of 8 before the cost was known, the default job's
     first 1024 math checks read as load and started 3 replicas that slowed the next steps."""
-    from grpo_ray.actors import actor_env
-    from grpo_ray.verifier_pool import VerifierPool
+    from grpo_ray.roles.actors import actor_env
+    from grpo_ray.roles.verifier_pool import VerifierPool
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "reward.pool.upscale_delay_s=0.5"])
     pool = VerifierPool(cfg, actor_env())  # chunk_size 0 (auto), 1-4 replicas
@@ -267,8 +267,8 @@ def test_each_generator_part_is_scored_the_moment_it_arrives(ray_local, tmp_path
 
     import ray
 
-    from grpo_ray.records import Rollout
-    from grpo_ray.step import arrivals
+    from grpo_ray.core.records import Rollout
+    from grpo_ray.driver.step import arrivals
 
     @ray.remote
     def part(texts, delay):

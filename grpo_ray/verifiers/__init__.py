@@ -15,7 +15,7 @@ import importlib
 import math as math_  # `math` is the math verifier's options below
 import re
 
-from ..records import Score
+from ..core.records import Score
 from .code import score_code
 from .math import score_math
 

@@ -42,7 +42,7 @@ import json
 import re
 import secrets
 
-from ..records import Score
+from ..core.records import Score
 from . import sandbox
 from .sandbox import run_python
 

@@ -23,7 +23,7 @@ import threading
 import time
 from fractions import Fraction
 
-from ..records import Score
+from ..core.records import Score
 
 EXTRACTION = ("boxed", "marked", "any")
 

@@ -5,9 +5,9 @@ import os
 
 import torch
 
-from .algorithm import entropy_from_logits, token_logprobs
-from .packing import pack_plan
-from .records import TrainBatch
+from ..core.algorithm import entropy_from_logits, token_logprobs
+from ..core.packing import pack_plan
+from ..core.records import TrainBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,7 +74,7 @@ def response_logits(model, batch: TrainBatch, share_prompts: bool = True) -> tup
 
     share_prompts: GRPO samples group_size completions of each prompt, so the prompt's forward
     pass is the same for all of them. It runs once per distinct prompt, and the completions,
-    packed end to end (grpo_ray/packing.py), attend to its key/value cache (gradients flow back
+    packed end to end (grpo_ray/core/packing.py), attend to its key/value cache (gradients flow back
     through the index into the one prompt pass, summing over the group, as they would over G
     copies). No padding between completions, and no prompt repeated (on a saved step of the tiny
     benchmark, ~1,500 fed tokens in place of 2,816 padded response slots). Same logits as the

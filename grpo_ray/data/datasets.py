@@ -74,7 +74,7 @@ def task_problem(rec: dict) -> str | None:
         return None
     if not isinstance(task, str) or ":" not in task:
         return f"task {task!r}: expected math, code, or module:function (data.verifier for rows without one)"
-    from .verifiers import _user_verifier  # how the verifier will resolve it
+    from ..verifiers import _user_verifier  # how the verifier will resolve it
 
     try:
         fn = _user_verifier(task)

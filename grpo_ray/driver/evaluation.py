@@ -3,8 +3,8 @@ unbiased pass@k (Chen et al. 2021) for each k. The same code runs inside trainin
 `grpo-ray eval`."""
 from __future__ import annotations
 
-from .metrics import mean_pass_at_k
-from .records import Rollout
+from ..core.metrics import mean_pass_at_k
+from ..core.records import Rollout
 from .rollout import sample
 
 EVAL_SEED = 1_000_003  # fixed: successive evaluations differ by the model, not the dice
@@ -87,7 +87,7 @@ def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print
 
     import ray
 
-    from .modeling import check_model_dir
+    from ..models.modeling import check_model_dir
 
     check_model_dir(model_dir)
     try:  # before hours of sampling, not after
@@ -98,8 +98,8 @@ def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print
     except OSError as e:
         raise OSError(f"--out {out_dir!r} is not writable ({e.strerror})") from None
 
-    from .actors import actor_env, init_ray, start_generators
-    from .verifier_pool import VerifierPool
+    from ..roles.actors import actor_env, init_ray, start_generators
+    from ..roles.verifier_pool import VerifierPool
 
     init_ray(None)
     generators = start_generators(cfg, model_dir)

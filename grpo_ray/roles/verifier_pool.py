@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 
 import ray
 
-from .config import Config
-from .records import Score
-from .verifiers import Verifier
+from ..config import Config
+from ..core.records import Score
+from ..verifiers import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,9 @@ class VerifierReplica:
 
     def __init__(self, components: dict, math: dict, code: dict, threads: int, code_task: bool = False,
                  budget_s: float | None = None):
-        from .verifiers.code import NOT_ISOLATED
-        from .verifiers.math import warm_up
-        from .verifiers.sandbox import bwrap_works
+        from ..verifiers.code import NOT_ISOLATED
+        from ..verifiers.math import warm_up
+        from ..verifiers.sandbox import bwrap_works
 
         if code_task and not code.get("allow_unsandboxed") and not bwrap_works():
             # fail at start, naming the node, not with every check scoring 0 in the steps

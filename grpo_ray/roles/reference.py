@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .modeling import batched_logprobs, device, load_causal_lm
-from .records import Rollout, TrainBatch
+from ..models.modeling import batched_logprobs, device, load_causal_lm
+from ..core.records import Rollout, TrainBatch
 
 
 class Reference:

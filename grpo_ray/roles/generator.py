@@ -15,7 +15,7 @@ import os
 import re
 import time
 
-from .records import Rollout
+from ..core.records import Rollout
 from .weight_sync import WeightBucket, unpack_bucket
 
 

@@ -16,10 +16,10 @@ import os
 
 import torch
 
-from .algorithm import masked_mean, policy_loss, truncated_is_weights
-from .metrics import SUMMED, combine_parts
-from .modeling import batched_logprobs, disable_dropout, load_causal_lm, response_logprobs
-from .records import TrainBatch
+from ..core.algorithm import masked_mean, policy_loss, truncated_is_weights
+from ..core.metrics import SUMMED, combine_parts
+from ..models.modeling import batched_logprobs, disable_dropout, load_causal_lm, response_logprobs
+from ..core.records import TrainBatch
 from .weight_sync import WeightBucket, pack_state_dict
 
 

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 
-from .metrics import MetricsLog
+from ..core.metrics import MetricsLog
 
 
 class Tracker:

@@ -18,13 +18,13 @@ from contextlib import contextmanager
 import ray
 import torch
 
-from .actors import Roles
-from .algorithm import group_advantages, informative_groups, loss_normalizer, overlong_penalty
-from .config import Config, overlong_buffer
-from .data import PromptSampler
+from ..roles.actors import Roles
+from ..core.algorithm import group_advantages, informative_groups, loss_normalizer, overlong_penalty
+from ..config import Config, overlong_buffer
+from ..data.datasets import PromptSampler
 from .evaluation import correctness
-from .metrics import advantage_variance, combine_parts, reward_stats
-from .records import Rollout, TrainBatch
+from ..core.metrics import advantage_variance, combine_parts, reward_stats
+from ..core.records import Rollout, TrainBatch
 from .rollout import InFlight, launch, split
 
 class PhaseTimer:

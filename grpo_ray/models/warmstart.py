@@ -21,7 +21,7 @@ import random
 import shutil
 import time
 
-from .tasks import arithmetic_response, arithmetic_work, tokenizer_corpus
+from ..data.tasks import arithmetic_response, arithmetic_work, tokenizer_corpus
 from .tiny_model import TinyShape, build_tiny_model
 
 

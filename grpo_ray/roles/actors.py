@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from .config import Config, cpu_list, cpu_threads
+from ..config import Config, cpu_list, cpu_threads
 from .placement import Placement, reserve
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.

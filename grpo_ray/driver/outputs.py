@@ -8,8 +8,8 @@ import time
 
 import yaml
 
-from .actors import in_ray_job
-from .config import Config
+from ..roles.actors import in_ray_job
+from ..config import Config
 
 
 def resolve_run_dir(cfg: Config) -> str:
@@ -44,7 +44,7 @@ def write_atomic(path: str, text: str) -> None:
 def prepare_model(cfg: Config, train_records: list[dict], run_dir: str, log) -> str:
     if cfg.model.path != "builtin:tiny":
         return cfg.model.path
-    from .warmstart import builtin_model
+    from ..models.warmstart import builtin_model
 
     return builtin_model(cfg, train_records, os.path.join(os.path.dirname(run_dir), ".cache"), log)
 

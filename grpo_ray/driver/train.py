@@ -3,7 +3,7 @@
     generate -> verify -> advantages -> reference logprobs -> learner update -> weight sync -> log
 
 and between steps: evaluate, checkpoint, watch the KL (stop or roll back), reset the reference.
-Run as `grpo-ray train configs/default.yaml [dotted.key=value ...]` or `python -m grpo_ray.train ...`.
+Run as `grpo-ray train configs/default.yaml [dotted.key=value ...]` or `python -m grpo_ray train ...`.
 """
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import time
 
 import ray
 
-from .actors import Roles, init_ray, start_reference, start_roles, stop_roles
+from ..roles.actors import Roles, init_ray, start_reference, start_roles, stop_roles
 from .checkpoint import (REFERENCES, check_resume_mode, find_resume, list_checkpoints, load_state, newest_good,
                          remove_partial_saves, replace_dir, save_checkpoint)
-from .config import Config, ConfigError
-from .data import PromptSampler, drop_training_prompts, load_datasets, task_problem
+from ..config import Config, ConfigError
+from ..data.datasets import PromptSampler, drop_training_prompts, load_datasets, task_problem
 from .evaluation import evaluate
-from .metrics import Monitor
-from .modeling import check_model_dir, load_tokenizer
+from ..core.metrics import Monitor
+from ..models.modeling import check_model_dir, load_tokenizer
 from .outputs import create_run_dir, prepare_model, resolve_run_dir, summary_line, write_samples
 from .rollout import InFlight
 from .step import finish_sync, gathering_ranks, ref_reset_due, sync_weights, train_step
@@ -271,12 +271,3 @@ class Run:
                                step, state, self.cfg.train.keep_checkpoints)
         self.metrics.write({"step": step, "event": "checkpoint", "message": path})
 
-
-def main(argv: list[str] | None = None) -> None:
-    from .cli import main as cli_main
-
-    cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

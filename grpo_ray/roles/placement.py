@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import Config
+from ..config import Config
 
 
 class PlacementError(RuntimeError):

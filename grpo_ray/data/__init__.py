@@ -1,0 +1,1 @@
+"""Data: JSONL loading, the prompt sampler, built-in procedural tasks."""
