@@ -1,4 +1,4 @@
-"""Tests for grpo_ray/config.py: defaults, YAML + dotted overrides, and error messages."""
+"""Tests for grpo_ray/config/ (the pydantic config tree): defaults, YAML + dotted overrides, and error messages."""
 from __future__ import annotations
 
 import re
@@ -435,3 +435,105 @@ def test_a_key_given_twice_in_a_config_file_is_an_error_naming_the_line(tmp_path
 def test_run_name_is_one_folder_and_cpu_ids_are_not_empty(override, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(None, [override])
+
+
+# --------------------------------------------------------------------------- pydantic tree, sources, CLI
+
+
+def test_errors_name_the_file_line_and_list_every_problem(tmp_path):
+    path = write_yaml(tmp_path, "run:\n  name: x\nalgo:\n  group_size: -4\n  betta: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert f"algo.group_size=-4 ({path}:4): must be >= 2" in msg
+    assert f"unknown config key 'algo.betta' ({path}:5); did you mean 'algo.beta'?" in msg
+
+
+def test_errors_spanning_keys_name_each_keys_source(tmp_path):
+    path = write_yaml(tmp_path, "eval:\n  samples: 4\n")
+    with pytest.raises(ConfigError, match=re.escape(f"[eval.ks: default; eval.samples: {path}:2]")):
+        load_config(path)
+    with pytest.raises(ConfigError, match=re.escape("[algo.tis: command line; algo.recompute_old_logprobs: "
+                                                    "default]")):
+        load_config(path, ["eval.samples=10", "algo.tis=token"])
+
+
+def test_unknown_key_in_the_wrong_section_points_to_the_right_one():
+    with pytest.raises(ConfigError, match=re.escape("'algo.temperature' (command line); did you mean "
+                                                    "'rollout.temperature'?")):
+        load_config(None, ["algo.temperature=0.5"])
+
+
+def test_bad_choice_suggests_the_closest_allowed_value():
+    with pytest.raises(ConfigError, match="did you mean 'seq_mean'"):
+        load_config(None, ["algo.aggregation=seq"])
+
+
+def test_allowed_choices_come_from_the_algorithm_module():
+    from grpo_ray.config import AlgoConfig
+    from grpo_ray.core.algorithm import AGGREGATIONS, ESTIMATORS, TIS_LEVELS
+
+    schema = AlgoConfig.model_json_schema()["properties"]
+    assert tuple(schema["estimator"]["enum"]) == ESTIMATORS
+    assert tuple(schema["aggregation"]["enum"]) == AGGREGATIONS
+    assert tuple(schema["tis"]["enum"]) == ("none", *TIS_LEVELS)
+
+
+def test_a_component_named_by_a_dotted_module_path_is_one_key():
+    cfg = load_config(None, ["reward.components.mypkg.rewards:fn=0.5"])
+    assert cfg.reward.components == {"correct": 1.0, "mypkg.rewards:fn": 0.5}
+    with pytest.raises(ConfigError, match=r"reward.components key 'a\.b'"):  # not the nested keys a -> b
+        load_config(None, ["reward.components.a.b=1"])
+
+
+def test_config_pickles_and_keeps_its_values():
+    import pickle
+
+    cfg = load_config(None, ["algo.beta=0.5", "reward.components.format=0.1"])
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert vars(cfg.reward.math) == {"extraction": "any", "timeout_s": 5.0}
+
+
+def test_config_schema_command_validates_the_shipped_configs(capsys):
+    import json
+
+    import jsonschema
+
+    from grpo_ray.cli import main
+
+    main(["config", "schema"])
+    schema = json.loads(capsys.readouterr().out)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    algo = schema["$defs"]["AlgoConfig"]["properties"]
+    assert algo["group_size"]["minimum"] == 2 and "completions per prompt" in algo["group_size"]["description"]
+    for bad in ({"algo": {"betta": 0.1}}, {"algo": {"epsilon_high": 0}}, {"algo": {"aggregation": "seq"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+
+
+def test_config_show_prints_each_value_with_its_source(tmp_path, capsys):
+    from grpo_ray.cli import main
+
+    path = write_yaml(tmp_path, "algo:\n  beta: 0.01\n  group_size: 8\nreward:\n  components: {format: 0.1}\n")
+    main(["config", "show", path, "algo.beta=0.02", "run.name=0123"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "  beta: 0.02  # command line" in lines
+    assert f"  group_size: 8  # {path}:3" in lines
+    assert "  epsilon: 10.0  # default" in lines
+    assert f"    format: 0.1  # {path}:5" in lines and "    correct: 1.0  # default" in lines
+    assert "  name: '0123'  # command line" in lines
+    cfg = load_config(path, ["algo.beta=0.02", "run.name=0123"])
+    assert yaml.safe_load(out) == cfg.to_dict()  # valid YAML: the resolved config itself
+
+
+def test_an_unknown_learner_backend_is_refused_before_any_actor_starts(tmp_path):
+    """learner.backend is checked against the backends' registry by train()'s pre-checks."""
+    from grpo_ray.driver.train import train
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "learner.backend=fsdp9"])
+    with pytest.raises(ConfigError, match=r"learner.backend='fsdp9': allowed values are 'deepspeed'"):
+        train(cfg)
+    assert not (tmp_path / cfg.run.name).exists()  # nothing written

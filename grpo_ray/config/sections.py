@@ -1,0 +1,472 @@
+"""The config tree as pydantic models: one model per section, each field with its type, bounds
+and description (the JSON Schema of `grpo-ray config schema` comes from here), validators per
+section, and the checks that span sections on Config. Defaults follow the DeepSeek-R1 recipe
+(arXiv:2501.12948)."""
+from __future__ import annotations
+
+import copy
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from ..core.algorithm import AGGREGATIONS, ESTIMATORS, TIS_LEVELS
+
+
+def _number(value: Any) -> Any:
+    """Float fields take ints (beta: 1) and YAML 1.1's dotless exponents, which it reads as text (1e-3)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _text(value: Any) -> Any:
+    """Text fields take numbers as text (run.name: 123 in a file)."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+Float = Annotated[float, BeforeValidator(_number)]
+Text = Annotated[str, BeforeValidator(_text)]
+
+
+def _f(default: Any, doc: str = "", *, ge: Any = None, gt: Any = None, le: Any = None) -> Any:
+    """A field with its description and bounds (ge: >=, gt: >, le: <=)."""
+    kw = {"ge": ge, "gt": gt, "le": le, "description": doc or None}
+    if isinstance(default, (list, dict)):
+        return Field(default_factory=lambda: copy.deepcopy(default), **kw)
+    return Field(default, **kw)
+
+
+def fail(message: str, *keys: str) -> PydanticCustomError:
+    """A config error of a validator; `keys` (dotted) are the keys whose sources the message names."""
+    return PydanticCustomError("config", message, {"keys": list(keys)})
+
+
+class Section(BaseModel):
+    """Unknown keys are errors; no silent coercion (ints for floats and numbers for text aside)."""
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class RunConfig(Section):
+    """Where the run writes, and how it is logged."""
+    name: Text = _f("default", "the run directory's name under output_dir (one folder name)")
+    output_dir: Text = _f("runs", "relative paths resolve against the cwd (under `ray job submit`: ~/grpo-ray)")
+    seed: int = _f(0, "seed of sampling, data order and initialisation")
+    log_every: int = _f(1, "print metrics every N steps", ge=1)
+    resume: Literal["auto", "must", "never"] = _f(
+        "auto", "auto: continue from the run dir's last checkpoint if any; must: fail without one; never: start over")
+    tensorboard: bool = _f(True, "event files in <run dir>/tensorboard")
+    wandb_project: Text = _f("", "Weights & Biases project; empty = off (needs `pip install wandb`)")
+    plots: bool = _f(True, "PNG charts in <run dir>/plots at the end (also: grpo-ray plot RUN_DIR)")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise fail(f"run.name={name!r}: expected one folder name (the run directory is "
+                       f"run.output_dir/run.name), e.g. gsm8k-lr1e-6", "run.name")
+        return name
+
+
+class ModelConfig(Section):
+    """The policy model."""
+    path: Text = _f("builtin:tiny", "a Hugging Face model folder, or builtin:tiny (built and warm-started locally)")
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "weights and compute dtype")
+    share_prompts: bool = _f(True, "run each prompt once per group in the reference and learner passes "
+                                   "(its KV cache serves the group's completions); false: every row whole")
+    hidden_size: int = _f(128, "builtin:tiny only", ge=32)
+    num_layers: int = _f(2, "builtin:tiny only", ge=1)
+    num_heads: int = _f(4, "builtin:tiny only", ge=1)
+
+
+class WarmStartConfig(Section):
+    """Supervised warm start of builtin:tiny: GRPO needs a base model that is sometimes right."""
+    steps: int = _f(1500, "SFT steps", ge=0)
+    batch_size: int = _f(64, "SFT examples per step", ge=1)
+    lr: Float = _f(3e-3, "SFT learning rate", gt=0.0)
+    show_work: Float = _f(0.3, "fraction of SFT examples that show their work", ge=0.0, le=1.0)
+    label_noise: Float = _f(0.9, "fraction of hasty SFT answers that are random guesses", ge=0.0, le=1.0)
+
+
+class DataConfig(Section):
+    """The prompts: the built-in arithmetic task, or your own JSONL files."""
+    task: Literal["arithmetic", "jsonl"] = _f("arithmetic", "arithmetic (built in) or jsonl (data.train_path)")
+    train_path: Text = _f("", "jsonl only: a .jsonl file with prompt and answer fields")
+    eval_path: Text = _f("", "jsonl only: held-out prompts; empty = eval_fraction of the training file")
+    prompt_key: Text = _f("prompt", "the prompt's field in a JSONL row")
+    answer_key: Text = _f("answer", "the answer's field in a JSONL row")
+    prompt_template: Text = _f("{prompt}", "what the generators see; {prompt} is the row's prompt, e.g. "
+                                           "'{prompt}\\nPut the final answer after ####.'")
+    verifier: Text = _f("math", "scores rows without a `task` field: math, code, or module:function")
+    max_operand: int = _f(49, "arithmetic only: largest operand", ge=1)
+    eval_fraction: Float = _f(0.1, "share of the prompts held out for evaluation", gt=0.0, le=0.9)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_prompt(cls, template: str) -> str:
+        if "{prompt}" not in template:
+            raise fail(f"data.prompt_template={template!r} has no {{prompt}}: the row's prompt would not reach "
+                       "the model", "data.prompt_template")
+        return template
+
+    @field_validator("verifier")
+    @classmethod
+    def _known_verifier(cls, name: str) -> str:
+        from ..verifiers.registry import builtin_names
+
+        names = builtin_names()
+        if name not in names and ":" not in name:
+            raise fail(f"data.verifier={name!r}: expected {', '.join(names)}, or module:function", "data.verifier")
+        return name
+
+    @model_validator(mode="after")
+    def _jsonl_has_file(self) -> DataConfig:
+        if self.task == "jsonl" and not self.train_path:
+            raise fail("data.task='jsonl' needs data.train_path (a .jsonl file with prompt and answer fields)",
+                       "data.task", "data.train_path")
+        return self
+
+
+class AlgoConfig(Section):
+    """The GRPO objective and its variants (docs/algorithms.md)."""
+    group_size: int = _f(16, "completions per prompt (DeepSeek-R1: 16)", ge=2)
+    epsilon: Float = _f(10.0, "clip range (DeepSeek-R1: 10; PPO: 0.2)", gt=0.0)
+    epsilon_high: Optional[Float] = _f(None, "upper clip; null = epsilon", gt=0.0)
+    beta: Float = _f(0.001, "k3 KL coefficient in the loss", ge=0.0)
+    kl_stop: Optional[Float] = _f(0.1, "stop when the KL (median of the last kl_window steps) exceeds this; null = "
+                                       "no KL guard (with beta 0: no reference actor, no reference pass)", gt=0.0)
+    kl_window: int = _f(5, "steps in the KL stop rule's median; 1 = stop on any single step", ge=1)
+    kl_action: Literal["stop", "rollback"] = _f("stop", "rollback: last checkpoint, lower lr, go on")
+    kl_rollback_lr_factor: Float = _f(0.5, "lr multiplier per rollback", gt=0.0, le=1.0)
+    kl_max_rollbacks: int = _f(2, "then the run stops", ge=0)
+    estimator: Literal[ESTIMATORS] = _f("grpo", "advantage estimator: grpo, dr_grpo (no std scaling), "
+                                                "rloo (leave-one-out)")
+    aggregation: Literal[AGGREGATIONS] = _f("seq_mean", "token aggregation: seq_mean (DeepSeekMath), "
+                                                        "token_mean (DAPO), constant (Dr. GRPO)")
+    clip_ratio_c: Optional[Float] = _f(None, "dual clip for A < 0; null = off", gt=1.0)
+    ref_reset_every: int = _f(0, "reset the reference to the current policy every N steps "
+                                 "(DeepSeek-R1: 400); 0 = never", ge=0)
+    ppo_epochs: int = _f(1, "passes over each rollout (mu in DeepSeekMath)", ge=1)
+    mini_batches: int = _f(1, "optimizer steps per pass; DeepSeek-R1 splits a rollout into 16", ge=1)
+    dynamic_sampling: bool = _f(False, "DAPO: drop groups with equal rewards, refill with new prompts")
+    dynamic_sampling_rounds: int = _f(3, "extra generation rounds to refill the batch", ge=0)
+    overlong: Literal["none", "mask", "penalty"] = _f(
+        "none", "truncated completions: train on them (none), mask them, or DAPO's soft penalty")
+    overlong_buffer: Optional[int] = _f(None, "DAPO L_cache in tokens; null = max_new_tokens // 5", ge=1)
+    overlong_penalty_factor: Float = _f(1.0, "DAPO's penalty at max_new_tokens", ge=0.0)
+    recompute_old_logprobs: bool = _f(False, "learner recomputes old logprobs (the sampler's kept for TIS)")
+    tis: Literal[("none", *TIS_LEVELS)] = _f("none", "truncated importance sampling vs the sampler")
+    tis_cap: Float = _f(2.0, "truncation C of the importance weights", ge=1.0)
+    entropy_coef: Float = _f(0.0, "entropy bonus in the loss; 0 = off (entropy is logged anyway)", ge=0.0)
+
+
+class MathRewardConfig(Section):
+    """The math verifier."""
+    extraction: Literal["boxed", "marked", "any"] = _f(
+        "any", "boxed: \\boxed{} only; marked: \\boxed{} or ####; any: also the last number")
+    timeout_s: Float = _f(5.0, "math-verify time limit per comparison", gt=0.0)
+
+
+class CodeRewardConfig(Section):
+    """The code verifier (sandboxed test runs)."""
+    timeout_s: Float = _f(2.0, "wall clock per check; a record's timeout_s wins", gt=0.0)
+    memory_mb: int = _f(512, "address-space limit of the sandboxed program", ge=64)
+    partial_credit: bool = _f(False, "reward = fraction of assertions that hold, instead of all-or-nothing")
+    allow_unsandboxed: bool = _f(False, "without a working bubblewrap (user namespaces allowed) code checks refuse "
+                                        "to run; true runs them with rlimits and uid 65534 only: NOT isolated "
+                                        "(network, world-readable files)")
+
+
+class VerifierPoolConfig(Section):
+    """The Ray Serve deployment that scores completions (autoscaling_config comes from here)."""
+    min_replicas: int = _f(1, "fewest verifier replicas", ge=1)
+    max_replicas: int = _f(4, "most verifier replicas", ge=1)
+    target_ongoing_requests: Float = _f(2.0, "per replica; more in flight scales up", gt=0.0)
+    max_ongoing_requests: int = _f(4, "requests one replica works on at once (threads)", ge=1)
+    upscale_delay_s: Float = _f(2.0, "autoscaler delay before adding replicas", ge=0.0)
+    downscale_delay_s: Float = _f(20.0, "autoscaler delay before removing replicas", ge=0.0)
+    chunk_size: int = _f(0, "completions per request; 0 = auto: about target_request_s of work each", ge=0)
+    target_request_s: Float = _f(0.25, "work per request when chunk_size is 0", gt=0.0)
+    request_timeout_s: Float = _f(120.0, "a request still unanswered is sent again; a replica stops its math "
+                                         "comparisons in time to answer", gt=0.0)
+    max_retries: int = _f(3, "resends of a request whose replica died or timed out", ge=0)
+    replica_cpus: Float = _f(0.1, "CPUs per replica", ge=0.0)
+    verifier_resource: Float = _f(1.0, "custom resource 'verifier' per replica, when the cluster has one", ge=0.0)
+    verifier_nodes: Literal["auto", "require", "none"] = _f(
+        "auto", "auto: replicas need `verifier` when the cluster has some when the run starts; require: always "
+                "(an autoscaler that starts verifier nodes from zero only adds them for a pending demand); "
+                "none: never (replicas go wherever CPUs are free)")
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> VerifierPoolConfig:
+        if self.max_replicas < self.min_replicas:
+            raise fail(f"reward.pool.max_replicas={self.max_replicas} is below reward.pool.min_replicas="
+                       f"{self.min_replicas}; raise max_replicas or lower min_replicas",
+                       "reward.pool.max_replicas", "reward.pool.min_replicas")
+        return self
+
+
+class RewardConfig(Section):
+    """The reward: a weighted sum of components, and the verifiers' options."""
+    components: dict[str, Float] = _f({"correct": 1.0}, "weighted sum of reward components: correct (the task's "
+                                                        "verifier), format (<think>/<answer>), or module:function; "
+                                                        "merged into the default; a weight of 0 turns one off")
+    math: MathRewardConfig = Field(default_factory=MathRewardConfig, description="the math verifier")
+    code: CodeRewardConfig = Field(default_factory=CodeRewardConfig, description="the code verifier")
+    pool: VerifierPoolConfig = Field(default_factory=VerifierPoolConfig, description="the verifier pool")
+
+    @field_validator("components")
+    @classmethod
+    def _known_components(cls, weights: dict) -> dict:
+        from ..verifiers import check_components
+
+        if not weights:
+            raise fail("reward.components is empty; e.g. {correct: 1.0}", "reward.components")
+        try:
+            check_components(weights)
+        except ValueError as e:
+            named = [n for n in weights if repr(n) in str(e) or f".{n}=" in str(e)]
+            raise fail(str(e), *(f"reward.components.{n}" for n in named[:1] or weights)) from None
+        return weights
+
+
+class RolloutConfig(Section):
+    """Sampling the completions (vLLM generators)."""
+    prompts_per_step: int = _f(16, "prompts per training step", ge=1)
+    temperature: Float = _f(1.0, "sampling temperature", gt=0.0)
+    top_p: Float = _f(1.0, "nucleus sampling; below 1 needs algo.recompute_old_logprobs", gt=0.0, le=1.0)
+    max_new_tokens: int = _f(16, "longest completion in tokens", ge=1)
+    num_generators: int = _f(1, "vLLM generator actors", ge=1)
+    max_model_len: int = _f(512, "prompt plus completion, in tokens", ge=16)
+    kv_cache_mb: int = _f(256, "vLLM's KV cache per generator, in MiB", ge=16)
+    # on the CPU, vLLM compiles the model with inductor: measured here (2026-11-26, one process,
+    # alternating), sampling 8 x 16 answers took 0.16 -> 0.14 s (tiny) and 5.7 -> 5.5 s (small, 128
+    # tokens), for 0-6 s more start-up per engine with a warm compile cache (~/.cache/vllm), 28-37 s
+    # without: worth it on long CPU runs, not on the 20-step default job.
+    enforce_eager: bool = _f(True, "true: vLLM runs the model eagerly; false: CUDA graphs on GPUs (faster "
+                                   "decoding), inductor on CPUs (worth it on long runs only)")
+    asynchronous: bool = _f(False, "one step off-policy: step n+1's rollout is sampled while step n trains")
+
+
+class LearnerConfig(Section):
+    """The policy update (DeepSpeed learner ranks)."""
+    lr: Float = _f(1e-4, "learning rate", gt=0.0)
+    warmup_steps: int = _f(5, "linear learning-rate warm-up, in optimizer steps", ge=0)
+    weight_decay: Float = _f(0.0, "AdamW weight decay", ge=0.0)
+    grad_clip: Float = _f(1.0, "gradient norm clip", ge=0.0)
+    micro_batch_size: int = _f(64, "rows per forward/backward pass", ge=1)
+    backend: str = _f("deepspeed", "training backend: a name registered in grpo_ray/roles/backends/__init__.py "
+                                   "(BACKENDS; checked when the roles start)")
+    zero_stage: int = _f(0, "DeepSpeed ZeRO stage", ge=0, le=3)
+    num_ranks: int = _f(1, "learner ranks (data parallel)", ge=1)
+
+
+class TrainConfig(Section):
+    """The training loop."""
+    steps: int = _f(60, "training steps", ge=0)
+    eval_every: int = _f(20, "0 = only at start and end", ge=0)
+    checkpoint_every: int = _f(50, "0 = only at the end", ge=0)
+    keep_checkpoints: int = _f(2, "newest checkpoints kept; older ones are deleted", ge=1)
+    spot_check_every: int = _f(10, "write samples/step_N.{jsonl,md} every N steps; 0 = never", ge=0)
+    spot_check_samples: int = _f(8, "completions per spot check", ge=1)
+
+
+class EvalConfig(Section):
+    """Evaluation on held-out prompts (pass@k)."""
+    num_prompts: int = _f(64, "held-out prompts per evaluation", ge=1)
+    samples: int = _f(16, "completions per prompt for unbiased pass@k", ge=1)
+    ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 10], min_length=1,
+                                                  description="the k of pass@k, each >= 1 and <= samples")
+    temperature: Float = _f(1.0, "sampling temperature", gt=0.0)
+
+    @model_validator(mode="after")
+    def _enough_samples(self) -> EvalConfig:
+        if max(self.ks) > self.samples:
+            raise fail(f"eval.ks={self.ks!r} needs eval.samples >= {max(self.ks)} (pass@k is estimated from "
+                       f"`samples` completions), got {self.samples}", "eval.ks", "eval.samples")
+        return self
+
+
+class ResourcesConfig(Section):
+    """What each role instance asks Ray for. The roles are reserved together in one placement
+    group (grpo_ray/roles/placement.py): a bundle per learner rank, generator and the reference, or
+    shared bundles when co-located. Fractional CPUs by default: on 2 cores, whole-CPU requests
+    can starve other actors into a hang. On GPU nodes: 1 GPU per learner rank and generator."""
+    generator_cpus: Float = _f(0.25, "CPUs per vLLM generator", gt=0.0)
+    learner_cpus: Float = _f(0.25, "CPUs per learner rank", gt=0.0)
+    reference_cpus: Float = _f(0.25, "CPUs of the reference", gt=0.0)
+    generator_gpus: Float = _f(0.0, "GPUs per vLLM generator (one engine per GPU at most)", ge=0.0, le=1.0)
+    learner_gpus: Float = _f(0.0, "GPUs per learner rank (DeepSpeed: one device per rank)", ge=0.0, le=1.0)
+    reference_gpus: Float = _f(0.0, "GPUs of the reference", ge=0.0, le=1.0)
+    colocate: Literal["none", "learner_reference", "all"] = _f(
+        "none", "none: a bundle per actor; learner_reference: the reference shares learner rank 0's bundle; "
+                "all: generators and the reference share the learner ranks' bundles (and their GPUs)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _f(
+        "PACK", "Ray placement-group strategy over the bundles: PACK fills few nodes, SPREAD keeps them apart")
+    placement_timeout_s: Float = _f(120.0, "how long to wait for the cluster (or its autoscaler) to fit every role",
+                                    gt=0.0)
+    torch_threads: int = _f(0, "intra-op threads of the learner and reference; 0 = auto (see cpu_threads)", ge=0)
+    actor_restarts: int = _f(3, "restarts of a crashed generator or reference actor (learners: none; resume "
+                                "from a checkpoint instead)", ge=0)
+    vllm_cpu_threads: Text = _f("auto", "CPU ids for vLLM's CPU backend, like 0-3,8; auto: see cpu_threads")
+
+    @field_validator("vllm_cpu_threads")
+    @classmethod
+    def _cpu_ids(cls, spec: str) -> str:
+        try:
+            if spec != "auto" and not cpu_list(spec):
+                raise ValueError("no CPU ids")
+        except ValueError:
+            raise fail(f"resources.vllm_cpu_threads={spec!r}: expected CPU ids like '0-1' or '0-3,8', or auto",
+                       "resources.vllm_cpu_threads") from None
+        return spec
+
+
+class Config(Section):
+    """The whole config tree: configs/*.yaml, then dotted command-line overrides."""
+    run: RunConfig = Field(default_factory=RunConfig, description=RunConfig.__doc__)
+    model: ModelConfig = Field(default_factory=ModelConfig, description=ModelConfig.__doc__)
+    warmstart: WarmStartConfig = Field(default_factory=WarmStartConfig, description=WarmStartConfig.__doc__)
+    data: DataConfig = Field(default_factory=DataConfig, description=DataConfig.__doc__)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig, description=AlgoConfig.__doc__)
+    reward: RewardConfig = Field(default_factory=RewardConfig, description=RewardConfig.__doc__)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description=RolloutConfig.__doc__)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description=LearnerConfig.__doc__)
+    train: TrainConfig = Field(default_factory=TrainConfig, description=TrainConfig.__doc__)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description=EvalConfig.__doc__)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description=ResourcesConfig.__doc__)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether anything needs the frozen reference: the KL term (beta > 0) or the KL guard. With
+        beta 0 and kl_stop null (DAPO, Dr. GRPO) no reference actor runs: TRL and verl skip theirs
+        the same way, which saves a forward pass over every rollout and a model's memory."""
+        return self.algo.beta > 0 or self.algo.kl_stop is not None
+
+    @property
+    def epsilon_high(self) -> float:
+        return self.algo.epsilon if self.algo.epsilon_high is None else self.algo.epsilon_high
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> Config:
+        """Checks that span sections (each section checks its own keys)."""
+        _check_reference(self)
+        _check_model_and_batches(self)
+        _check_sampler_logprobs(self)
+        _check_lengths(self)
+        return self
+
+
+def _check_reference(cfg: Config) -> None:
+    algo = cfg.algo
+    if not cfg.uses_reference and (algo.ref_reset_every or algo.kl_action == "rollback"):
+        key = "algo.ref_reset_every" if algo.ref_reset_every else "algo.kl_action"
+        shown = f"algo.ref_reset_every={algo.ref_reset_every}" if algo.ref_reset_every else "algo.kl_action=rollback"
+        raise fail(f"{shown} needs a reference policy, but algo.beta=0 with algo.kl_stop=null runs none; "
+                   "set algo.kl_stop (e.g. 0.1) to keep the KL guard and its reference",
+                   key, "algo.beta", "algo.kl_stop")
+
+
+def _check_model_and_batches(cfg: Config) -> None:
+    if cfg.model.path == "builtin:tiny" and cfg.data.task != "arithmetic":
+        raise fail("model.path='builtin:tiny' is warm-started on the arithmetic task; set data.task=arithmetic "
+                   "or point model.path at a Hugging Face model folder", "model.path", "data.task")
+    rows, parts = cfg.rollout.prompts_per_step * cfg.algo.group_size, cfg.algo.mini_batches * cfg.learner.num_ranks
+    if rows % parts:
+        raise fail(f"algo.mini_batches * learner.num_ranks = {parts} must divide rollout.prompts_per_step * "
+                   f"algo.group_size = {rows} (every rank takes an equal share of every mini-batch)",
+                   "algo.mini_batches", "learner.num_ranks", "rollout.prompts_per_step", "algo.group_size")
+    if cfg.learner.num_ranks > 1 and 0 < cfg.resources.learner_gpus < 1:
+        raise fail(f"resources.learner_gpus={cfg.resources.learner_gpus} with learner.num_ranks="
+                   f"{cfg.learner.num_ranks}: two ranks could share one GPU, which NCCL refuses; use 1 "
+                   "(or 0 on CPUs)", "resources.learner_gpus", "learner.num_ranks")
+
+
+def _check_sampler_logprobs(cfg: Config) -> None:
+    algo, rollout = cfg.algo, cfg.rollout
+    if rollout.asynchronous and algo.recompute_old_logprobs and algo.tis == "none":
+        raise fail("rollout.asynchronous=true with algo.recompute_old_logprobs=true needs algo.tis=token or "
+                   "sequence: the recomputed old logprobs are the learner's, one update past the sampler, "
+                   "and only the importance weights against the sampler's correct for that lag",
+                   "rollout.asynchronous", "algo.recompute_old_logprobs", "algo.tis")
+    if rollout.asynchronous and algo.dynamic_sampling:
+        raise fail("rollout.asynchronous=true does not work with algo.dynamic_sampling=true yet (the extra "
+                   "rounds would be sampled with other weights); turn one of them off",
+                   "rollout.asynchronous", "algo.dynamic_sampling")
+    if rollout.top_p < 1.0 and not algo.recompute_old_logprobs:
+        raise fail(f"rollout.top_p={rollout.top_p} samples from the renormalised nucleus, so the sampler's "
+                   "logprobs (old_logprobs) are not the full softmax the learner computes: the ratio would "
+                   "start below 1 and the clip act on that gap. Set algo.recompute_old_logprobs=true "
+                   "algo.tis=token (importance weights against the sampler), or rollout.top_p=1.0",
+                   "rollout.top_p", "algo.recompute_old_logprobs")
+    if algo.tis != "none" and not algo.recompute_old_logprobs:
+        raise fail(f"algo.tis={algo.tis!r} needs algo.recompute_old_logprobs=true: the importance "
+                   "weights compare the learner's old logprobs with the sampler's",
+                   "algo.tis", "algo.recompute_old_logprobs")
+
+
+def _check_lengths(cfg: Config) -> None:
+    rollout = cfg.rollout
+    if rollout.max_new_tokens >= rollout.max_model_len:
+        raise fail(f"rollout.max_new_tokens={rollout.max_new_tokens} leaves no room for the prompt in "
+                   f"rollout.max_model_len={rollout.max_model_len} (vLLM stops an answer there, so the "
+                   "truncation metrics and overlong handling would be off): raise rollout.max_model_len "
+                   "to the longest prompt plus max_new_tokens, or lower max_new_tokens",
+                   "rollout.max_new_tokens", "rollout.max_model_len")
+    if cfg.algo.overlong == "penalty" and overlong_buffer(cfg) > rollout.max_new_tokens:
+        raise fail(f"algo.overlong_buffer={cfg.algo.overlong_buffer} is longer than rollout.max_new_tokens="
+                   f"{rollout.max_new_tokens}", "algo.overlong_buffer", "rollout.max_new_tokens")
+
+
+def overlong_buffer(cfg: Config) -> int:
+    """DAPO's L_cache: algo.overlong_buffer, or a fifth of max_new_tokens (DAPO: 4096 of 20480)."""
+    return cfg.algo.overlong_buffer or max(1, cfg.rollout.max_new_tokens // 5)
+
+
+def cpu_threads(cfg: Config, node_cpus: int, peer: int = 0, peers: int = 1) -> tuple[str, int]:
+    """(vLLM's CPU ids, torch threads) for one role instance on a node of node_cpus CPUs, where
+    it is instance `peer` of the `peers` instances of its role on that node; auto resolved.
+
+    Sync mode runs the phases one after another, so the generators together get every CPU, and
+    so do the learner ranks together, and the reference. Asynchronous mode overlaps generating
+    step n+1 with learning on step n, which only pays if the two do not compete for the same
+    cores: the generators take the first half, the learner ranks and the reference the rest.
+    On this project's 2-core box, the tiny benchmark took 0.9 s a step async with shared cores
+    and 0.22 s split (sync: 0.33 s). A generator on a GPU needs no CPU share.
+
+    Several generators on a node each get a disjoint slice of the generator cores (generator
+    `peer` the peer-th slice; more generators than cores wrap around). vLLM's scheduler and
+    output handling are single-threaded Python (~60% of a tiny model's generate call), so two
+    engines on one core each sample faster than one engine on two: tiny sync step, generate
+    0.15 -> 0.12 s. Learner ranks on a node split the torch threads the same way. The engine runs
+    in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), where this vLLM binds no OpenMP threads to
+    the ids (only its multiprocess executor reads VLLM_CPU_OMP_THREADS_BIND): a slice's size sets
+    the actor's thread count (OMP_NUM_THREADS), and the OS places the threads."""
+    res, n = cfg.resources, max(1, node_cpus)
+    split = cfg.rollout.asynchronous and res.generator_gpus == 0 and n > 1
+    gen = n // 2 if split else n
+    peers = max(1, peers)
+    if res.vllm_cpu_threads != "auto":
+        vllm = res.vllm_cpu_threads
+    elif peers <= gen:
+        vllm = f"{peer * gen // peers}-{(peer + 1) * gen // peers - 1}"
+    else:
+        vllm = f"{peer % gen}-{peer % gen}"
+    return vllm, res.torch_threads or max(1, (n - gen if split else n) // peers)
+
+
+def cpu_list(spec: str) -> list[int]:
+    """CPU ids of a list like "0-1,4" (vLLM's VLLM_CPU_OMP_THREADS_BIND syntax)."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
