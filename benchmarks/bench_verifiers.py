@@ -72,7 +72,7 @@ def pool_throughput(replicas: int, records, responses, expected, repeat: int, ch
     cfg = load_config(None, [f"run.output_dir={tempfile.mkdtemp()}", f"reward.pool.min_replicas={replicas}",
                              f"reward.pool.max_replicas={replicas}", f"reward.pool.chunk_size={chunk}",
                              "reward.pool.max_ongoing_requests=2"])
-    pool = VerifierPool(cfg, actor_env())
+    pool = VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
     try:
         pool.score(records[:8], responses[:8])  # warm-up: imports in each replica's threads
         best = 0.0

@@ -435,8 +435,8 @@ def test_without_a_sandbox_code_checks_refuse_unless_allowed(monkeypatch):
     from grpo_ray.roles.verifier_pool import VerifierReplica
 
     with pytest.raises(RuntimeError, match=r"verifier replica on .*reward.code.allow_unsandboxed=true"):
-        VerifierReplica({"correct": 1.0}, {}, {"allow_unsandboxed": False}, 1, code_task=True)
-    VerifierReplica({"correct": 1.0}, {}, {"allow_unsandboxed": True}, 1, code_task=True).executor.shutdown()
+        VerifierReplica({"correct": 1.0}, {"code": {"allow_unsandboxed": False}}, 1, task="code")
+    VerifierReplica({"correct": 1.0}, {"code": {"allow_unsandboxed": True}}, 1, task="code").executor.shutdown()
 
 
 def test_partial_credit_on_humaneval_check():

@@ -48,7 +48,7 @@ nodes = [n for n in ray.nodes() if n["Alive"]]
 verifier_nodes = [n["NodeID"] for n in nodes if n["Resources"].get("verifier")]
 cfg = load_config(None, [f"run.output_dir={tempfile.mkdtemp()}", "reward.pool.min_replicas=2",
                          "reward.pool.max_replicas=2", "reward.pool.request_timeout_s=60"])
-pool = VerifierPool(cfg, actor_env())
+pool = VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
 try:
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
                 if a["name"].startswith(f"SERVE_REPLICA::{pool.app}#")]

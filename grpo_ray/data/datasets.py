@@ -6,6 +6,7 @@ import json
 import os
 import random
 
+from ..verifiers import registry
 from .tasks import arithmetic_records
 
 
@@ -49,8 +50,8 @@ def _record(path: str, lineno: int, line: str, prompt_key: str, answer_key: str,
         raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(row, dict):
         raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-    # a code row is scored by its tests: an answer (MBPP's and HumanEval's reference solution) is optional
-    needed = (prompt_key,) if row.get("task", verifier) == "code" else (prompt_key, answer_key)
+    # some tasks need no answer (a code row is scored by its tests): the registry says which
+    needed = (prompt_key, answer_key) if registry.needs_answer(row.get("task", verifier)) else (prompt_key,)
     for key in needed:
         if key not in row or row[key] in (None, ""):
             raise DataError(f"{path}:{lineno}: row has no '{key}' field "
@@ -66,21 +67,10 @@ def _record(path: str, lineno: int, line: str, prompt_key: str, answer_key: str,
 
 
 def task_problem(rec: dict) -> str | None:
-    """Why no verifier could score this row (every completion would get 0), or None."""
-    task = rec["task"]
-    if task == "code" and not isinstance(rec.get("tests"), str):
-        return "a code row needs a 'tests' field (Python asserts, or HumanEval's check(candidate))"
-    if task in ("math", "code"):
-        return None
-    if not isinstance(task, str) or ":" not in task:
-        return f"task {task!r}: expected math, code, or module:function (data.verifier for rows without one)"
-    from ..verifiers import _user_verifier  # how the verifier will resolve it
-
-    try:
-        fn = _user_verifier(task)
-    except (ImportError, AttributeError) as e:
-        return f"task {task!r}: {type(e).__name__}: {e}"
-    return None if callable(fn) else f"task {task!r}: not a function"
+    """Why no verifier could score this row (every completion would get 0), or None: the
+    registry's checks (an unknown task, a 'module:function' that does not resolve, a missing
+    field a built-in task needs, e.g. a code row's 'tests')."""
+    return registry.row_problem(rec)
 
 
 def load_datasets(data_cfg, seed: int) -> tuple[list[dict], list[dict]]:

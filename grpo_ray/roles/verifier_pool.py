@@ -24,12 +24,15 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import ray
 
-from ..config import Config
 from ..core.records import Score
-from ..verifiers import Verifier
+from ..verifiers import Verifier, registry
+
+if TYPE_CHECKING:
+    from ..config import RewardConfig, VerifierPoolConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +43,32 @@ os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
 
 class VerifierReplica:
     """One replica: scores chunks in a thread pool, so a replica overlaps `threads` sandboxed
-    checks (each mostly waits on its subprocess). A plain class; Serve wraps it."""
+    checks (each mostly waits on its subprocess). A plain class; Serve wraps it.
 
-    def __init__(self, components: dict, math: dict, code: dict, threads: int, code_task: bool = False,
-                 budget_s: float | None = None):
-        from ..verifiers.code import NOT_ISOLATED
-        from ..verifiers.math import warm_up
-        from ..verifiers.sandbox import bwrap_works
+    `options`: the built-in verifiers' options by section (registry.options(reward config));
+    `task`: the default task (data.verifier), whose registry entry says whether the replica needs
+    a sandbox."""
 
-        if code_task and not code.get("allow_unsandboxed") and not bwrap_works():
-            # fail at start, naming the node, not with every check scoring 0 in the steps
-            raise RuntimeError(f"verifier replica on {os.uname().nodename}: {NOT_ISOLATED}")
-        self.verifier = Verifier(components, math=math, code=code)
+    def __init__(self, components: dict, options: dict[str, dict], threads: int,
+                 task: str = registry.DEFAULT_TASK, budget_s: float | None = None):
+        builtin = registry.get(task)
+        if builtin is not None and builtin.needs_sandbox:
+            from ..verifiers.code import NOT_ISOLATED
+            from ..verifiers.sandbox import bwrap_works
+
+            if not (options.get(builtin.section) or {}).get("allow_unsandboxed") and not bwrap_works():
+                # fail at start, naming the node, not with every check scoring 0 in the steps;
+                # rows with their own sandboxed task (the default being another) are refused per check
+                raise RuntimeError(f"verifier replica on {os.uname().nodename}: {NOT_ISOLATED}")
+        self.verifier = Verifier(components, options)
         self.budget_s = budget_s  # per request: answer before the client gives up and resends
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="verify")
-        # math-verify's child imports sympy (~1.4 s): start it now, off the request path (a step
-        # that first met a LaTeX answer took 1.5 s to verify instead of 0.01 s)
-        self.executor.submit(warm_up)
+        # start what the verifiers load lazily now, off the request path: math-verify's child
+        # imports sympy (~1.4 s; a step that first met a LaTeX answer took 1.5 s to verify
+        # instead of 0.01 s)
+        for t in registry.BUILTIN.values():
+            if t.warm_up:
+                self.executor.submit(registry.load_function(t.warm_up))
 
     async def score(self, records: list[dict], responses: list[str]) -> tuple[list[Score], float]:
         """Scores, and the seconds spent computing them (the client sizes its chunks by it)."""
@@ -70,12 +82,12 @@ class VerifierReplica:
         return scores, time.perf_counter() - t
 
 
-def request_budget(cfg: Config) -> float:
+def request_budget(reward: RewardConfig) -> float:
     """Seconds a replica may spend on one request's math comparisons: request_timeout_s less room
     for one more comparison (the one another thread holds the math-verify process for) and the
     round trip. Cheap math checks travel ~100 to a request; at 5 s per hostile answer, ~24 of them
     overran 120 s, and the resent request failed the same way until the step raised."""
-    timeout, per_check = cfg.reward.pool.request_timeout_s, cfg.reward.math.timeout_s
+    timeout, per_check = reward.pool.request_timeout_s, reward.math.timeout_s
     return max(0.5 * timeout, timeout - 2 * per_check - 1.0)
 
 
@@ -87,9 +99,8 @@ def needs_verifier_nodes(mode: str, cluster: dict) -> bool:
     return mode == "require" or (mode == "auto" and bool(cluster.get("verifier")))
 
 
-def deployment_options(cfg: Config, env: dict, has_verifier_resource: bool) -> dict:
+def deployment_options(p: VerifierPoolConfig, env: dict, has_verifier_resource: bool) -> dict:
     """serve.deployment(...) options from reward.pool."""
-    p = cfg.reward.pool
     actor = {"num_cpus": p.replica_cpus, "runtime_env": {"env_vars": env}}
     if has_verifier_resource:
         actor["resources"] = {"verifier": p.verifier_resource}
@@ -107,6 +118,12 @@ PROBE = 8  # checks in the request that measures a check's cost, when chunk_size
 QUIET = {"log_level": "WARNING", "enable_access_log": False}  # not a line per request
 
 
+class Scores(list):
+    """Scores in request order (a list of Score), with the resends they took: the driver logs
+    them per step as verify/retries."""
+    retries: int = 0
+
+
 @dataclass
 class Pending:
     """Checks sent to the pool and not yet awaited (VerifierPool.submit)."""
@@ -119,33 +136,40 @@ class Pending:
 
 class VerifierPool:
     """The driver's handle on the deployment: `score(records, responses)` (or `submit` now,
-    `collect` later), `replicas()`, `shutdown()`."""
+    `collect` later), `replicas()`, `shutdown()`.
 
-    def __init__(self, cfg: Config, env: dict):
+    Built from the reward config section (`reward`: components, the built-ins' option sections,
+    pool), the default task of rows without one (`task`: data.verifier), the actors' environment
+    and a name for the Serve application (`name`: run.name)."""
+
+    def __init__(self, reward: RewardConfig, env: dict, *, task: str = registry.DEFAULT_TASK, name: str = "run"):
         from ray import serve
 
-        self.cfg = cfg.reward.pool
-        self.app = f"grpo-verifier-{cfg.run.name}-{uuid.uuid4().hex[:6]}"
-        self.retries = 0  # resends during the last score() call (logged per step)
+        self.cfg = reward.pool
+        self.app = f"grpo-verifier-{name}-{uuid.uuid4().hex[:6]}"
         self.check_s: float | None = None  # running mean of seconds per check, for auto chunks
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         serve.start(proxy_location="Disabled", logging_config=QUIET)  # no HTTP: only our driver calls it
-        options = deployment_options(cfg, env, needs_verifier_nodes(cfg.reward.pool.verifier_nodes,
-                                                                    ray.cluster_resources()))
+        options = deployment_options(self.cfg, env, needs_verifier_nodes(self.cfg.verifier_nodes,
+                                                                        ray.cluster_resources()))
         app = serve.deployment(VerifierReplica, name="verifier", **options).bind(
-            cfg.reward.components, vars(cfg.reward.math), vars(cfg.reward.code), self.cfg.max_ongoing_requests,
-            cfg.data.verifier == "code",  # rows with their own task: code are refused per check
-            request_budget(cfg))
+            reward.components, registry.options(reward), self.cfg.max_ongoing_requests, task,
+            request_budget(reward))
         self.handle = serve.run(app, name=self.app, route_prefix=None)
 
-    def score(self, records: list[dict], responses: list[str]) -> list[Score]:
-        """Scores for (records[i], responses[i]), in order."""
-        return self.collect([self.submit(records, responses)])
+    def score(self, records: list[dict], responses: list[str], group_size: int = 1) -> Scores:
+        """Scores for each response, in order: response i answers records[i // group_size]."""
+        return self.collect([self.submit(records, responses, group_size)])
 
-    def submit(self, records: list[dict], responses: list[str]) -> Pending:
+    def submit(self, records: list[dict], responses: list[str], group_size: int = 1) -> Pending:
         """Send the checks to the pool and return at once; collect() awaits them. The driver
         submits each generator's part the moment it is sampled, so scoring runs while the other
-        generators still sample."""
+        generators still sample. records: one per group of `group_size` responses; each chunk
+        refers to a group's record G times, which its request serialises once (pickle keeps one
+        copy of an object referred to again)."""
+        if len(records) * group_size != len(responses):
+            raise ValueError(f"{len(records)} records x group_size {group_size} != {len(responses)} responses")
+        records = [r for r in records for _ in range(group_size)]
         head, retries = [], 0
         if self.check_s is None and not self.cfg.chunk_size and len(records) > PROBE:
             # Cost unknown: one small request measures it before the rest is cut into chunks.
@@ -153,24 +177,29 @@ class VerifierPool:
             # the autoscaler read as load: 3 more replicas started on a 2-core node and slowed
             # the next steps 2-5x while they booted.
             head = self.collect([self.submit(records[:PROBE], responses[:PROBE])])
-            records, responses, retries = records[PROBE:], responses[PROBE:], self.retries
+            records, responses, retries = records[PROBE:], responses[PROBE:], head.retries
         n = self.chunk_size(len(records))
         chunks = [(records[i:i + n], responses[i:i + n]) for i in range(0, len(records), n)]
         return Pending(chunks, *self._send(chunks, range(len(chunks))), head=head, retries=retries)
 
-    def collect(self, pending: list[Pending]) -> list[Score]:
+    def collect(self, pending: list[Pending]) -> Scores:
         """The scores of submitted checks, in order; a chunk whose replica died or timed out is
-        sent again, up to reward.pool.max_retries. self.retries: the resends in this call."""
-        self.retries = sum(p.retries for p in pending)
-        return [s for p in pending for s in self._finish(p)]
+        sent again, up to reward.pool.max_retries (Scores.retries counts the resends)."""
+        out = Scores()
+        out.retries = sum(p.retries for p in pending)
+        for p in pending:
+            out.retries += self._finish(p, out)
+        return out
 
-    def _finish(self, p: Pending) -> list[Score]:
+    def _finish(self, p: Pending, out: list) -> int:
+        """Await one submission, appending its scores to `out`; returns the resends it took."""
         results: list = [None] * len(p.chunks)
         failed, reason = self._wait(p.sent, p.deadline, results)
+        retries = 0
         for attempt in range(1, self.cfg.max_retries + 1):
             if not failed:
                 break
-            self.retries += len(failed)
+            retries += len(failed)
             log.warning("verifier pool: resending %d request(s) (%s), attempt %d of %d",
                         len(failed), reason, attempt + 1, self.cfg.max_retries + 1)
             failed, reason = self._wait(*self._send(p.chunks, failed), results)
@@ -178,7 +207,8 @@ class VerifierPool:
             raise RuntimeError(f"verifier pool {self.app}: {len(failed)} request(s) failed after "
                                f"{self.cfg.max_retries} retries ({reason}); raise reward.pool.max_retries "
                                f"or reward.pool.request_timeout_s")
-        return p.head + [s for part in results for s in part]
+        out.extend(p.head + [s for part in results for s in part])
+        return retries
 
     def chunk_size(self, total: int) -> int:
         """reward.pool.chunk_size, or when it is 0 (auto), as many checks as take about

@@ -1,8 +1,9 @@
 """One entry point for every reward: `verify(record, response) -> Score`.
 
-The record's `task` field picks the verifier: "math", "code", or a user function named by dotted path
-("my_pkg.rewards:score", called as fn(record, response) -> Score | float). Bad input never raises:
-it scores 0 with the reason, so one malformed row cannot kill a training step.
+The record's `task` field picks the verifier: a built-in of the table in registry.py ("math",
+"code"), or a user function named by dotted path ("my_pkg.rewards:score", called as
+fn(record, response) -> Score | float). Bad input never raises: it scores 0 with the reason, so one
+malformed row cannot kill a training step.
 
 Multi-faceted rewards: `combine(record, response, weights)` is the weighted sum of named
 components: "correct" (the task's verifier above), "format" (the example below), or any
@@ -11,40 +12,50 @@ reward/<name>/mean separately, which is how reward hacking of one facet shows up
 """
 from __future__ import annotations
 
-import importlib
-import math as math_  # `math` is the math verifier's options below
+import math as math_  # `math` becomes the math verifier's submodule once it is imported
 import re
 
 from ..core.records import Score
-from .code import score_code
-from .math import score_math
-
-_BUILTIN = {"math": score_math, "code": score_code}
+from . import registry
 
 
-def _user_verifier(spec: str):
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
+def _sections(options: dict | None, keywords: dict) -> dict[str, dict]:
+    """Options by section: `options` ({"math": {...}}) updated by the keyword form (math={...});
+    an unknown section name is a TypeError, as an unknown keyword argument was."""
+    if not keywords:
+        if not options:
+            return {}
+        if options.keys() <= set(registry.sections()):
+            return options
+    unknown = [k for k in (options or {}).keys() | keywords.keys() if k not in registry.sections()]
+    if unknown:
+        raise TypeError(f"unknown verifier option section(s) {', '.join(map(repr, sorted(unknown)))}; "
+                        f"known: {', '.join(registry.sections())}")
+    return {**(options or {}), **keywords}
 
 
-def verify(record: dict, response: str, *, math: dict | None = None, code: dict | None = None) -> Score:
-    """Score one response. `math` and `code` are keyword options of score_math (extraction,
-    timeout_s) and score_code (timeout_s, memory_mb, partial_credit): config's reward.math/code."""
+def verify(record: dict, response: str, options: dict[str, dict] | None = None, **sections: dict | None) -> Score:
+    """Score one response. `options` maps a built-in's options section (registry.Task.section, the
+    reward config's reward.<section>) to its score function's keyword options, e.g.
+    {"math": {"extraction": ..., "timeout_s": ...}, "code": {"timeout_s": ..., "memory_mb": ...,
+    "partial_credit": ...}}; the same may be given as keywords: verify(rec, text, code={...})."""
+    options = _sections(options, sections)
     if not isinstance(record, dict):
         return Score(0.0, f"record is {type(record).__name__}, expected a dict")
     if not isinstance(response, str):
         return Score(0.0, f"response is {type(response).__name__}, expected str")
     if not response.strip():
         return Score(0.0, "empty response")
-    task = record.get("task", "math")
+    task = record.get("task", registry.DEFAULT_TASK)
     try:
-        if task in _BUILTIN:
-            return _BUILTIN[task](record, response, **({"math": math, "code": code}[task] or {}))
-        if isinstance(task, str) and ":" in task:
-            return _finite(_user_verifier(task)(record, response), task)
+        builtin = registry.get(task)  # inside the try: an unhashable task is a verifier error
+        if builtin is not None:
+            return registry.resolve(task)(record, response, **(options.get(builtin.section) or {}))
+        if registry.is_user_spec(task):
+            return _finite(registry.resolve(task)(record, response), task)
     except Exception as e:  # a verifier bug must not kill the step; the reason says what broke
         return Score(0.0, f"verifier error: {type(e).__name__}: {e}")
-    return Score(0.0, f"unknown task {task!r}; known: {', '.join(_BUILTIN)} or 'module:function'")
+    return Score(0.0, registry.unknown_task(task))
 
 
 def _finite(out, name: str) -> Score:
@@ -70,15 +81,16 @@ _COMPONENTS = {"correct": verify, "format": format_reward}
 
 def combine(record: dict, response: str, weights: dict[str, float], options: dict | None = None) -> Score:
     """Weighted sum of the named components; the reason is the first component's. `options`
-    ({"math": {...}, "code": {...}}) goes to verify() for the "correct" component."""
+    (by section, as verify()'s: {"math": {...}, "code": {...}}) goes to verify() for the "correct"
+    component."""
     parts = {}
     for name in weights:
         fn = _COMPONENTS.get(name)
         try:
             if name == "correct":
-                score = verify(record, response, **(options or {}))
+                score = verify(record, response, options)
             else:
-                score = fn(record, response) if fn else _user_verifier(name)(record, response)
+                score = fn(record, response) if fn else registry.load_function(name)(record, response)
             parts[name] = _finite(score, name)
         except Exception as e:  # as in verify(): a broken component scores 0, the step goes on
             parts[name] = Score(0.0, f"verifier error in {name}: {type(e).__name__}: {e}")
@@ -101,17 +113,20 @@ def check_components(weights: dict) -> None:
 
 class Verifier:
     """Verifier role: scores a batch of (record, response) pairs. A plain class; Ray Serve runs it
-    in its replicas (verifier_pool.VerifierReplica)."""
+    in its replicas (verifier_pool.VerifierReplica). `options`: each built-in's options by section,
+    as verify()'s (or as keywords: Verifier(code={...}))."""
 
-    def __init__(self, components: dict[str, float] | None = None, math: dict | None = None,
-                 code: dict | None = None):
+    def __init__(self, components: dict[str, float] | None = None, options: dict[str, dict] | None = None,
+                 **sections: dict | None):
         self.components = {n: w for n, w in (components or {"correct": 1.0}).items() if w != 0}
-        self.options = {"math": math, "code": code}
+        self.options = _sections(options, sections)
 
     def score(self, records: list[dict], responses: list[str], deadline: float | None = None) -> list[Score]:
-        """`deadline` (time.monotonic()) bounds the math comparisons (score_math): an answer that
-        meets it unchecked scores 0 with the reason, so the request still answers in time."""
+        """`deadline` (time.monotonic()) bounds the checks of the built-ins that take one
+        (registry.Task.takes_deadline: the math comparisons, score_math): an answer that meets it
+        unchecked scores 0 with the reason, so the request still answers in time."""
         options = self.options
         if deadline is not None:
-            options = {**options, "math": {**(options["math"] or {}), "deadline": deadline}}
+            options = {**options, **{t.section: {**(options.get(t.section) or {}), "deadline": deadline}
+                                     for t in registry.BUILTIN.values() if t.takes_deadline}}
         return [combine(r, t, self.components, options) for r, t in zip(records, responses)]
