@@ -1,18 +1,23 @@
-"""Learner role: a DeepSpeed engine that computes the GRPO loss over micro-batches and steps the
-optimizer once per mini-batch per pass (algo.mini_batches x algo.ppo_epochs; once per rollout by
-default). World size 1 by default; M ranks (one Ray actor each) form one
-gloo/NCCL process group and each takes 1/M of the batch.
+"""Learner role: the algorithm side of a GRPO update. It computes the loss over micro-batches and
+steps the optimizer once per mini-batch per pass (algo.mini_batches x algo.ppo_epochs; once per
+rollout by default) through a training backend (roles/backends: the engine, the optimizer, the
+process group; DeepSpeed today). World size 1 by default; M ranks (one Ray actor each) form one
+process group and each takes 1/M of the batch.
 
 Split invariance: every micro-batch on every rank divides by the same global normaliser
-(algorithm.loss_normalizer over its whole mini-batch, on all ranks), DeepSpeed's own 1/GAS scaling is off
-(unmanaged accumulation, step() is the boundary), and the loss is multiplied by the world size
-because DeepSpeed averages gradients across ranks. The sum over all micro-batches and ranks is
-then exactly the full-batch loss, so the gradient does not depend on how the batch was split.
+(algorithm.loss_normalizer over its whole mini-batch, on all ranks), and the backend makes the
+gradient it steps with the sum of those losses' gradients over every micro-batch and rank (for
+DeepSpeed: its own 1/GAS scaling off and the loss multiplied by the world size, because it
+averages gradients across ranks; see backends/deepspeed.py). The sum over all micro-batches and
+ranks is then exactly the full-batch loss, so the gradient does not depend on how the batch was
+split.
+
+Nothing here changes the batches it is handed: recomputed old logprobs go into new TrainBatch
+objects.
 """
 from __future__ import annotations
 
-import contextlib
-import os
+import dataclasses
 
 import torch
 
@@ -20,6 +25,7 @@ from ..core.algorithm import masked_mean, policy_loss, truncated_is_weights
 from ..core.metrics import SUMMED, combine_parts
 from ..models.modeling import batched_logprobs, disable_dropout, load_causal_lm, response_logprobs
 from ..core.records import TrainBatch
+from .backends import BackendSettings, get_backend
 from .weight_sync import WeightBucket, pack_state_dict
 
 
@@ -29,44 +35,25 @@ class Learner:
                  micro_batch_size: int = 64, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 29500, threads: int = 2, seed: int = 0,
                  recompute_old_logprobs: bool = False, tis: str = "none", tis_cap: float = 2.0,
-                 share_prompts: bool = True, temperature: float = 1.0):
+                 share_prompts: bool = True, temperature: float = 1.0, backend: str = "deepspeed"):
+        """backend: a name in roles.backends.BACKENDS; zero_stage is DeepSpeed's option."""
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
-        for key, value in {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
-                           "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size)}.items():
-            os.environ[key] = value
-        if not torch.cuda.is_available():  # else DeepSpeed probes every accelerator it knows
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
         self.rank, self.world_size = rank, world_size
         self.loss_kwargs = dict(loss_kwargs or {})
         self.recompute_old_logprobs, self.tis, self.tis_cap = recompute_old_logprobs or tis != "none", tis, tis_cap
         self.micro_batch_size, self.share_prompts = micro_batch_size, share_prompts
         self.temperature = temperature  # rollout.temperature: logprobs of the policy that sampled
-        model = load_causal_lm(model_path, "float32")  # fp32 master weights; bf16 via DeepSpeed
-        disable_dropout(model)  # the loss forward runs in train mode
-        # A client AdamW skips DeepSpeed's ~40 s fused_adam JIT build on CPU.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": 1,
-            "managed_gradient_accumulation": False,
-            "gradient_clipping": grad_clip,
-            "zero_optimization": {"stage": zero_stage},
-            "bf16": {"enabled": dtype == "bfloat16"},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 1 << 30,
-        }
-        # Linear warm-up: Adam's first updates move every weight by ~lr whatever the gradient's
-        # size, which on a sparse RL signal is a large, random step away from the reference.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        self.zero_stage = zero_stage
-        self._reduced_norm: float | None = None
-        self._measure_reduced_grad_norm()
+
+        def build_model():
+            model = load_causal_lm(model_path, "float32")  # fp32 master weights; the backend applies dtype
+            disable_dropout(model)  # the loss forward runs in train mode
+            return model
+
+        settings = BackendSettings(lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, warmup_steps=warmup_steps,
+                                   dtype=dtype, rank=rank, world_size=world_size, master_addr=master_addr,
+                                   master_port=master_port)
+        self.backend = get_backend(backend)(build_model, settings, zero_stage=zero_stage)
         self.version = 0
 
     def update(self, mini_batches: list[TrainBatch], normalizers: list[float], epochs: int = 1) -> dict[str, float]:
@@ -74,39 +61,40 @@ class Learner:
         mini-batch (DeepSeekMath's mu and the mini-batch split). old_logprobs stay the same for
         every pass, so from the second optimizer step on the ratio moves away from 1 and
         clipping acts. normalizers[j] is mini-batch j's normaliser over ALL ranks."""
-        self.engine.train()
-        mismatch = self._prepare_old_logprobs(mini_batches)
+        self.backend.train()
+        mini_batches, mismatch = self._prepare_old_logprobs(mini_batches)
         parts, norms = [], []
         for epoch in range(epochs):
             for j, (shard, normalizer) in enumerate(zip(mini_batches, normalizers)):
                 # the sampler/learner mismatch is only clean before the first optimizer step
                 parts += self._accumulate(shard, normalizer, measure_mismatch=mismatch is None and epoch == j == 0)
-                self.engine.step()
-                norms.append(self._grad_norm())
+                self.backend.step()
+                norms.append(self.backend.grad_norm())
         self.version += 1
         return self._fold(parts, norms, mismatch)
 
-    def _prepare_old_logprobs(self, mini_batches: list[TrainBatch]) -> dict | None:
+    def _prepare_old_logprobs(self, mini_batches: list[TrainBatch]) -> tuple[list[TrainBatch], dict | None]:
         """algo.recompute_old_logprobs: the learner's own logprobs before the update become
-        old_logprobs; the sampler's move to sampler_logprobs (for TIS). Returns the mismatch
-        metrics over the whole share, or None when old_logprobs stay the sampler's."""
+        old_logprobs; the sampler's move to sampler_logprobs (for TIS). Returns the mini-batches
+        to train on (new TrainBatch objects: the ones handed in are left as they are) and the
+        mismatch metrics over the whole share, or None when old_logprobs stay the sampler's."""
         if not self.recompute_old_logprobs:
-            return None
-        num, den = 0.0, 0.0
+            return mini_batches, None
+        num, den, out = 0.0, 0.0, []
         for shard in mini_batches:
-            shard.sampler_logprobs = shard.old_logprobs
-            shard.old_logprobs = self.logprobs(shard)
+            shard = dataclasses.replace(shard, sampler_logprobs=shard.old_logprobs, old_logprobs=self.logprobs(shard))
             num += float(((shard.sampler_logprobs - shard.old_logprobs) * shard.response_mask).sum())
             den += float(shard.response_mask.sum())
-        self.engine.train()
-        return {"sampler_kl": num / max(den, 1.0), "mismatch_tokens": den}
+            out.append(shard)
+        self.backend.train()
+        return out, {"sampler_kl": num / max(den, 1.0), "mismatch_tokens": den}
 
     def _accumulate(self, shard: TrainBatch, normalizer: float, measure_mismatch: bool) -> list[dict]:
-        """Backward over the shard's micro-batches (gradients add up until engine.step())."""
+        """Backward over the shard's micro-batches (gradients add up until backend.step())."""
         parts = []
         for _, mb in shard.micro_batches(self.micro_batch_size, by_prompt=self.share_prompts):
-            mb = mb.to(self.engine.device)
-            logprobs, entropy = response_logprobs(self.engine, mb, with_entropy=True,
+            mb = mb.to(self.backend.device)
+            logprobs, entropy = response_logprobs(self.backend.model, mb, with_entropy=True,
                                                   entropy_grad=bool(self.loss_kwargs.get("entropy_coef")),
                                                   share_prompts=self.share_prompts, temperature=self.temperature)
             is_weights = None
@@ -116,7 +104,7 @@ class Learner:
             loss, metrics = policy_loss(logprobs, mb.old_logprobs, mb.ref_logprobs, mb.advantages,
                                         mb.response_mask, normalizer=normalizer, is_weights=is_weights,
                                         entropy=entropy, **self.loss_kwargs)
-            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            self.backend.backward(loss)
             metrics["entropy"] = masked_mean(entropy.detach(), mb.response_mask)
             if is_weights is not None:
                 metrics["tis/weight_mean"] = masked_mean(is_weights, mb.response_mask)
@@ -147,54 +135,17 @@ class Learner:
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """Current policy's logprobs [B, T] of the batch's responses (0 on padding)."""
-        self.engine.eval()
-        return batched_logprobs(self.engine.module, batch, self.micro_batch_size, self.share_prompts,
+        self.backend.eval()
+        return batched_logprobs(self.backend.module, batch, self.micro_batch_size, self.share_prompts,
                                 self.temperature)
-
-    def _measure_reduced_grad_norm(self) -> None:
-        """Record the norm of the gradient every rank steps with: ZeRO 0 reduces gradients across
-        ranks inside step() (unmanaged accumulation) and reports no norm with a client fp32
-        optimizer, so the norm is taken right after that all-reduce, before clipping. Stages 1-3
-        reduce in their ZeRO optimizer, which reports the global norm itself."""
-        if self.zero_stage != 0:
-            return
-        reduce = self.engine.allreduce_gradients
-
-        def reduce_then_measure(*args, **kwargs):
-            reduce(*args, **kwargs)
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            self._reduced_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-
-        self.engine.allreduce_gradients = reduce_then_measure
-
-    def _grad_norm(self) -> float:
-        """The global gradient norm of the optimizer step just taken (before clipping): the ZeRO
-        or bf16 optimizer's own when it reports one, else the one measured after the all-reduce."""
-        norm = self.engine.get_global_grad_norm()
-        if norm is None:
-            norm = self._reduced_norm
-        self._reduced_norm = None
-        return float("nan") if norm is None else float(norm)
-
-    @contextlib.contextmanager
-    def _full_parameters(self):
-        """Whole parameters on every rank: ZeRO-3 partitions them, so all ranks must enter the
-        gather together (the driver calls sync and save on every rank under ZeRO-3)."""
-        if self.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
-                yield
-        else:
-            yield
 
     def weight_buckets(self, dtype: str = "float32", bucket_mb: int = 256) -> list[WeightBucket]:
         """The current weights as buckets for the generators (rank 0's are the ones sent)."""
         target = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        with self._full_parameters():
+        with self.backend.full_parameters() as module:
             if self.rank != 0:
                 return []
-            return pack_state_dict(self.engine.module.state_dict().items(), bucket_mb << 20, target)
+            return pack_state_dict(module.state_dict().items(), bucket_mb << 20, target)
 
     def update_then_pack(self, mini_batches: list[TrainBatch], normalizers: list[float], epochs: int = 1,
                          dtype: str = "float32") -> tuple[dict[str, float], list[WeightBucket]]:
@@ -204,29 +155,22 @@ class Learner:
         return self.update(mini_batches, normalizers, epochs), self.weight_buckets(dtype)
 
     def save_state(self, out_dir: str) -> None:
-        """Weights, optimizer moments and LR schedule (DeepSpeed checkpoint; every rank writes its
-        own ZeRO shard, so every rank must call this)."""
-        self.engine.save_checkpoint(out_dir, tag="state", client_state={"version": self.version})
+        """Weights, optimizer moments and LR schedule (every rank writes its own shard of a sharded
+        state, so every rank must call this)."""
+        self.backend.save_state(out_dir, {"version": self.version})
 
     def load_state(self, in_dir: str) -> int:
         """Restore save_state's checkpoint; returns the update count it was saved at."""
-        path, client = self.engine.load_checkpoint(in_dir, tag="state", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint 'state' in {in_dir}")
-        self.version = int(client.get("version", 0))
+        self.version = int(self.backend.load_state(in_dir).get("version", 0))
         return self.version
 
     def scale_lr(self, factor: float) -> float:
         """Multiply the learning rate from now on (KL rollback); returns the new current lr."""
-        sched = self.scheduler
-        if sched is not None and hasattr(sched, "base_lrs"):
-            sched.base_lrs = [lr * factor for lr in sched.base_lrs]
-        for group in self.optimizer.param_groups:
-            group["lr"] *= factor
-        return float(self.optimizer.param_groups[0]["lr"])
+        return self.backend.scale_lr(factor)
 
     def save_pretrained(self, out_dir: str) -> None:
-        with self._full_parameters():
+        """The policy as a Hugging Face folder, written by rank 0 (every rank must call this when
+        backends.full_params_need_all_ranks)."""
+        with self.backend.full_parameters() as module:
             if self.rank == 0:
-                self.engine.module.save_pretrained(out_dir)
+                module.save_pretrained(out_dir)

@@ -1,0 +1,135 @@
+"""DeepSpeed training backend: one engine per learner rank; M ranks (one Ray actor each) form one
+gloo/NCCL process group. ZeRO stage 0-3 (learner.zero_stage), bf16 through DeepSpeed's bf16
+optimizer over float32 master weights.
+
+Split invariance, DeepSpeed's part: DeepSpeed's own 1/GAS scaling is off (unmanaged
+accumulation, backward(scale_wrt_gas=False), step() is the boundary), and the loss is multiplied
+by the world size because DeepSpeed averages gradients across ranks. With the learner dividing
+every micro-batch by its mini-batch's global normaliser, the sum over all micro-batches and
+ranks is then exactly the full-batch loss, so the gradient does not depend on how the batch was
+split.
+
+`deepspeed` itself is imported only when a backend is built (after DS_ACCELERATOR is set), so the
+driver can import this module to ask full_params_need_all_ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .base import BackendSettings, TrainingBackend, make_optimizer, scale_lr
+
+
+class DeepSpeedBackend(TrainingBackend):
+    @classmethod
+    def full_params_need_all_ranks(cls, zero_stage: int = 0) -> bool:
+        """ZeRO-3 partitions the parameters: all ranks gather them together."""
+        return zero_stage == 3
+
+    def __init__(self, build_model, settings: BackendSettings, zero_stage: int = 0):
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
+        s = settings
+        for key, value in {"MASTER_ADDR": s.master_addr, "MASTER_PORT": str(s.master_port), "RANK": str(s.rank),
+                           "LOCAL_RANK": "0", "WORLD_SIZE": str(s.world_size)}.items():
+            os.environ[key] = value
+        if not torch.cuda.is_available():  # else DeepSpeed probes every accelerator it knows
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        self.world_size, self.zero_stage = s.world_size, zero_stage
+        model = build_model()  # fp32 master weights; bf16 via DeepSpeed
+        # A client AdamW skips DeepSpeed's ~40 s fused_adam JIT build on CPU.
+        optimizer, scheduler = make_optimizer(model, s)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": s.grad_clip,
+            "zero_optimization": {"stage": zero_stage},
+            "bf16": {"enabled": s.dtype == "bfloat16"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self._reduced_norm: float | None = None
+        self._measure_reduced_grad_norm()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def _measure_reduced_grad_norm(self) -> None:
+        """Record the norm of the gradient every rank steps with: ZeRO 0 reduces gradients across
+        ranks inside step() (unmanaged accumulation) and reports no norm with a client fp32
+        optimizer, so the norm is taken right after that all-reduce, before clipping. Stages 1-3
+        reduce in their ZeRO optimizer, which reports the global norm itself."""
+        if self.zero_stage != 0:
+            return
+        reduce = self.engine.allreduce_gradients
+
+        def reduce_then_measure(*args, **kwargs):
+            reduce(*args, **kwargs)
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self._reduced_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+        self.engine.allreduce_gradients = reduce_then_measure
+
+    def grad_norm(self) -> float:
+        """The ZeRO or bf16 optimizer's own norm when it reports one, else the one measured after
+        the all-reduce."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._reduced_norm
+        self._reduced_norm = None
+        return float("nan") if norm is None else float(norm)
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        """ZeRO-3 partitions the parameters, so all ranks must enter the gather together (the
+        driver calls sync and save on every rank under ZeRO-3)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+                yield self.engine.module
+        else:
+            yield self.engine.module
+
+    def save_state(self, out_dir: str, client_state: dict) -> None:
+        """A DeepSpeed checkpoint, tag "state" (every rank writes its own ZeRO shard)."""
+        self.engine.save_checkpoint(out_dir, tag="state", client_state=client_state)
+
+    def load_state(self, in_dir: str) -> dict:
+        path, client = self.engine.load_checkpoint(in_dir, tag="state", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint 'state' in {in_dir}")
+        return client or {}
+
+    def scale_lr(self, factor: float) -> float:
+        return scale_lr(self.optimizer, self.scheduler, factor)
