@@ -1,4 +1,4 @@
-"""`grpo-ray` command line: train, eval, data, plot, build-model."""
+"""`grpo-ray` command line: train, eval, data, plot, build-model, config."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,7 @@ def _train(args) -> None:
     from .driver.train import train
 
     cfg = load_config(args.config, args.overrides + (["run.resume=must"] if args.resume else []))
+    args.error_log_dir = _run_dir(cfg)  # where an internal error's traceback goes (error.log), if it exists by then
     train(cfg, address=args.address)
 
 
@@ -80,6 +81,39 @@ def _build_model(args) -> None:
     print(build_tiny_model(args.out_dir, tokenizer_corpus(args.max_operand), shape, seed=args.seed))
 
 
+def _config(args) -> None:
+    """`config schema`: the JSON Schema of the config tree; `config show`: the resolved config,
+    each value with its source (default, file:line, command line)."""
+    import json
+    import os
+
+    from .config import json_schema, resolve, show
+
+    if args.action == "schema":
+        if args.config or args.overrides:
+            raise ConfigError("grpo-ray config schema takes no config file or overrides")
+        print(json.dumps(json_schema(), indent=2))
+        return
+    path, overrides = args.config, list(args.overrides)
+    if path and "=" in path:  # only overrides given
+        path, overrides = None, [path, *overrides]
+    if path is None and os.path.isfile(DEFAULT_CONFIG):  # as `grpo-ray train` would run
+        path = DEFAULT_CONFIG
+    print(show(*resolve(path, overrides)), end="")
+
+
+def _add_config_parser(sub) -> None:
+    c = sub.add_parser("config", help="the config's JSON Schema (schema), or a resolved config with each value's "
+                                      "source (show)")
+    c.add_argument("action", choices=["schema", "show"],
+                   help="schema: JSON Schema for editors (grpo-ray config schema > grpo-ray.schema.json); "
+                        "show: the config `train` would run, each value with its source")
+    c.add_argument("config", nargs="?", default=None,
+                   help=f"show: YAML config (default {DEFAULT_CONFIG} if it exists, as for train)")
+    c.add_argument("overrides", nargs="*", help="show: dotted overrides, e.g. algo.beta=0.01")
+    c.set_defaults(fn=_config)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="grpo-ray", description="Distributed GRPO on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--max-operand", type=int, default=49)
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(fn=_build_model)
+    _add_config_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in sub.choices:  # overrides may follow options: train --resume train.steps=40
         args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])  # (not on a parser with subcommands)
@@ -133,11 +168,117 @@ def main(argv: list[str] | None = None) -> None:
         args = parser.parse_args(argv)
     if args.command == "train" and args.config and "=" in args.config:  # only overrides given
         args.overrides, args.config = [args.config, *args.overrides], DEFAULT_CONFIG
+    run_command(args, argv)
+
+
+def run_command(args, argv: list[str]) -> None:
+    """args.fn(args): the user's errors in one line (exit 2); anything else is a bug, with its
+    traceback on stderr and in the run directory's error.log (exit 1)."""
     try:
         args.fn(args)
-    except (ConfigError, DataError, CheckpointError, PlacementError, OSError, ValueError) as e:
-        print(f"grpo-ray: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        if is_user_error(e):
+            print(f"grpo-ray: error: {user_message(e)}", file=sys.stderr)
+            sys.exit(2)
+        report_internal_error(e, getattr(args, "error_log_dir", None), argv)
+        sys.exit(1)
+
+
+USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+DISK_ERRNOS = ("ENOSPC", "EDQUOT", "EROFS")  # a full disk, a quota, a read-only file system
+
+
+def user_error_types() -> tuple[type, ...]:
+    """The errors the code raises about the user's input: config, data, checkpoint, placement,
+    model folder."""
+    types = [ConfigError, DataError, CheckpointError, PlacementError]
+    try:
+        from .models.modeling import ModelDirError
+
+        types.append(ModelDirError)
+    except Exception:  # noqa: BLE001 - the error path must not fail on an import
+        pass
+    return tuple(types)
+
+
+def _from_ray(e: BaseException) -> bool:
+    """Raised in an actor or a task (Ray wraps it: a RayTaskError is also an instance of its cause's type)."""
+    return any(c.__module__.split(".")[0] == "ray" for c in type(e).__mro__)
+
+
+def is_user_error(e: BaseException) -> bool:
+    """One line for these: the user's input (user_error_types), a missing or unreadable file
+    with its name, a full disk, and the message-only OSErrors the code raises itself ("run
+    directory ... is not writable"). Anything else, and any error raised in an actor (unless of
+    a user type), is a bug and keeps its traceback: vLLM's, torch's and an actor's ValueErrors
+    and OSErrors included."""
+    import errno
+
+    if _from_ray(e):
+        cause = getattr(e, "cause", None)
+        return isinstance(cause, user_error_types()) and not _from_ray(cause)
+    if isinstance(e, user_error_types()):
+        return True
+    if isinstance(e, OSError):
+        if e.errno in {getattr(errno, name, None) for name in DISK_ERRNOS} - {None}:
+            return True
+        if isinstance(e, USER_OS_ERRORS) and e.filename:
+            return True
+        return e.errno is None and (type(e) is OSError or isinstance(e, USER_OS_ERRORS))
+    return False
+
+
+def user_message(e: BaseException) -> str:
+    return str(e.cause) if _from_ray(e) and getattr(e, "cause", None) is not None else str(e)
+
+
+def report_internal_error(e: BaseException, log_dir: str | None, argv: list[str]) -> None:
+    """The full traceback to stderr and, when the run directory exists, appended to its error.log;
+    then one line that says it is a bug and where the traceback is."""
+    import traceback
+
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    sys.stderr.write(text)
+    where = "the traceback is above"
+    log = _append_error_log(log_dir, argv, text) if log_dir else None
+    if log:
+        where += f" and in {log}"
+    lines = str(e).strip().splitlines()
+    print(f"grpo-ray: internal error (a bug, not your input): {type(e).__name__}: {lines[0] if lines else ''}; "
+          f"{where}", file=sys.stderr)
+
+
+def _append_error_log(log_dir: str, argv: list[str], text: str) -> str | None:
+    """log_dir/error.log with `text` appended, written whole (temp file + rename); None when
+    log_dir does not exist (the run failed before creating it) or cannot be written."""
+    import os
+    import time
+
+    if not os.path.isdir(log_dir):
+        return None
+    path = os.path.join(log_dir, "error.log")
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        old = open(path).read() if os.path.isfile(path) else ""
+        with open(tmp, "w") as f:
+            f.write(f"{old}=== {time.strftime('%Y-%m-%d %H:%M:%S')} grpo-ray {' '.join(argv)}\n{text}")
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        return None
+    return path
+
+
+def _run_dir(cfg) -> str | None:
+    try:
+        from .driver.outputs import resolve_run_dir
+
+        return resolve_run_dir(cfg)
+    except Exception:  # noqa: BLE001 - only for the error log; train() reports a bad run directory itself
+        return None
 
 
 if __name__ == "__main__":

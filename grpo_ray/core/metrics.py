@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -184,11 +185,14 @@ class Monitor:
 
 class MetricsLog:
     """Append-only JSONL: one flushed line per record, so a crash loses at most the line being
-    written and a resumed run appends instead of overwriting."""
+    written and a resumed run appends instead of overwriting. A partial last line that such a
+    crash (or a full disk) left is cut first, with a warning: appended to, it would glue onto the
+    next record and make the file unreadable from there."""
 
     def __init__(self, path: str):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        repair_partial_line(path)
         self._f = open(path, "a", buffering=1)
 
     def write(self, record: dict) -> None:
@@ -198,3 +202,46 @@ class MetricsLog:
 
     def close(self) -> None:
         self._f.close()
+
+
+def repair_partial_line(path: str, warn=None) -> int:
+    """Make `path` end at a line boundary before appending to it: a last line without its newline
+    that is a whole JSON record gets the newline; one that is not (cut mid-write) is removed and
+    reported (to stderr, or warn(message)). Returns the number of bytes cut."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        start, chunk = size, 1 << 16  # the last newline, read back from the end in chunks
+        while start > 0:
+            lo = max(0, start - chunk)
+            f.seek(lo)
+            block = f.read(start - lo)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                start = lo + nl + 1
+                break
+            start = lo
+        f.seek(start)
+        tail = f.read()
+        try:
+            whole = isinstance(json.loads(tail), dict)
+        except ValueError:
+            whole = False
+        if whole:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+            return 0
+        f.truncate(start)
+    message = (f"{path} ended in a partial line ({len(tail)} bytes, left by a crash or a full disk mid-write); "
+               f"cut it so the records appended from here stay readable")
+    if warn is None:
+        print(f"grpo-ray: warning: {message}", file=sys.stderr)
+    else:
+        warn(message)
+    return len(tail)

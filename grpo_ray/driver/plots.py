@@ -9,25 +9,53 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pandas as pd
+
+from ..data.datasets import DataError
 
 PHASES = ("generate", "verify", "reference", "learner", "sync", "overhead")
 
 
+class MetricsFileError(DataError):
+    """metrics.jsonl has nothing to plot (yet)."""
+
+
 def load_metrics(run_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(training rows, evaluation rows) of run_dir/metrics.jsonl, one row per step."""
+    """(training rows, evaluation rows) of run_dir/metrics.jsonl, one row per step (both empty,
+    with a `step` column, when the run has written none yet).
+
+    A crash or a full disk mid-write leaves a partial line: at the end of the file it is skipped
+    (a resumed run cuts it); before the last line (a run of an older version appended the next
+    record to it) the record after the partial one is kept. Either way with a warning on stderr,
+    naming the line: the charts of a long run are not lost to one broken record."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a run directory?")
     rows = []
     with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: not valid JSON") from None
+        lines = f.readlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+            continue
+        except ValueError:
+            pass
+        glued = _record_after_partial(line)
+        if glued is not None:
+            rows.append(glued)
+            what = "kept the record appended to a partial one"
+        elif lineno == len(lines) and not line.endswith("\n"):
+            what = f"skipped a partial last line ({len(line)} characters), or a record being written now"
+        else:
+            what = f"skipped a line that is not valid JSON ({line[:40]!r}...)"
+        print(f"grpo-ray: warning: {path}:{lineno}: {what} (a crash or a full disk mid-write?)", file=sys.stderr)
     df = pd.DataFrame(rows)
+    if "step" not in df:
+        df["step"] = pd.Series(dtype="int64")
     if "event" in df:
         df = df[df["event"].isna()]
     train = df[df["reward/mean"].notna()] if "reward/mean" in df else df.iloc[0:0]
@@ -37,6 +65,28 @@ def load_metrics(run_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return last(train), last(evals)
 
 
+def _records_to_plot(run_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train, evals = load_metrics(run_dir)
+    if not len(train) and not len(evals):
+        raise MetricsFileError(f"{os.path.join(run_dir, 'metrics.jsonl')} has no step records yet: nothing to plot "
+                               "yet (a run adds one line per training step and evaluation)")
+    return train, evals
+
+
+def _record_after_partial(line: str) -> dict | None:
+    """The whole record at the end of `line` when it follows a partial one, else None."""
+    start = line.find("{", 1)
+    while start > 0:
+        try:
+            record = json.loads(line[start:])
+            if isinstance(record, dict) and "step" in record:  # not a dict inside the partial record
+                return record
+        except ValueError:
+            pass
+        start = line.find("{", start + 1)
+    return None
+
+
 def plot_run(run_dir: str, kl_stop: float | None = None) -> list[str]:
     """Write run_dir/plots/*.png; returns their paths."""
     import matplotlib
@@ -44,7 +94,7 @@ def plot_run(run_dir: str, kl_stop: float | None = None) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, evals = load_metrics(run_dir)
+    train, evals = _records_to_plot(run_dir)
     if kl_stop is None:
         kl_stop = _config_value(run_dir, ("algo", "kl_stop"), 0.1)
     out_dir = os.path.join(run_dir, "plots")

@@ -1,6 +1,7 @@
 """Loading a Hugging Face causal LM and the one forward pass the reference and learner share."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -12,19 +13,105 @@ from ..core.records import TrainBatch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_model_dir(path: str) -> None:
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
+class ModelDirError(ValueError):
+    """A model folder that cannot be trained or evaluated (the message names the folder, what is
+    wrong, and the fix): raised before any actor starts, printed by the CLI as one line."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+PROBE_PROMPT = "What is 12 + 30? Answer: "
+
+
+def check_model_dir(path: str, max_model_len: int | None = None, tokenizer: bool = True) -> None:
+    """Everything a run needs from a Hugging Face model folder, checked on the driver before any
+    actor starts (these failed tens of seconds later, inside vLLM, as long Ray tracebacks): a
+    config.json that is JSON, weight files (every shard an index names), a tokenizer that loads
+    and encodes a prompt to at least one token (transformers builds an empty one for a folder
+    without tokenizer files), and max_model_len (rollout.max_model_len) within the model's
+    context. Raises ModelDirError."""
+    config = read_model_config(path)
+    check_weights(path)
+    if max_model_len is not None:
+        limit = model_context_len(config)
+        if limit is not None and max_model_len > limit:
+            raise ModelDirError(
+                f"rollout.max_model_len={max_model_len} is above the context of the model in {path} "
+                f"({limit} positions, max_position_embeddings in its config.json); set rollout.max_model_len={limit} "
+                "or lower")
+    if tokenizer:
+        load_tokenizer(path)
+
+
+def read_model_config(path: str) -> dict:
+    """path/config.json as a dict; ModelDirError when the folder or the file is missing or not JSON."""
+    if not os.path.isdir(path):
+        raise ModelDirError(f"model.path={path!r} is not a folder; build one with `grpo-ray build-model DIR` or "
+                            "point model.path at a saved Hugging Face model")
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise ModelDirError(
             f"model.path={path!r} is not a Hugging Face model folder (no config.json); "
             "build one with `grpo-ray build-model DIR` or point model.path at a saved model"
         )
+    try:
+        with open(file) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{file} is not valid JSON ({e}); save the model again with "
+                            "model.save_pretrained(folder), or repair the file") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{file} holds a {type(config).__name__}, not a JSON object of model settings")
+    return config
+
+
+def check_weights(path: str) -> None:
+    """The folder has weights vLLM and transformers can load, and every shard its index names."""
+    names = set(os.listdir(path))
+    for index in sorted(n for n in names if n.endswith((".safetensors.index.json", ".bin.index.json"))):
+        try:
+            with open(os.path.join(path, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelDirError(f"{os.path.join(path, index)} is not a weight index ({type(e).__name__}: {e}); "
+                                "save the model again with model.save_pretrained(folder)") from None
+        missing = [s for s in shards if s not in names]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ModelDirError(f"model folder {path} lacks {len(missing)} of the {len(shards)} weight shard(s) "
+                                f"{index} names: {', '.join(missing[:3])}{more}; finish the download or copy")
+        return
+    if not any(n.endswith((".safetensors", ".pt")) or (n.endswith(".bin") and n != "training_args.bin")
+               for n in names):
+        raise ModelDirError(f"model folder {path} has no weights (model.safetensors, model.safetensors.index.json with "
+                            "its shards, or pytorch_model.bin); save them with model.save_pretrained(folder)")
+
+
+def model_context_len(config: dict) -> int | None:
+    """The most positions a model takes, from its config.json (a multimodal model's text_config),
+    stretched by rope scaling as vLLM stretches it; None when the config does not say."""
+    if not any(k in config for k in CONTEXT_KEYS) and isinstance(config.get("text_config"), dict):
+        config = config["text_config"]
+    found = [config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int) and not isinstance(config.get(k), bool)]
+    if not found:
+        return None
+    limit = min(found)
+    rope = config.get("rope_scaling") or config.get("rope_parameters")
+    if isinstance(rope, dict):
+        kind = rope.get("rope_type", rope.get("type"))
+        factor = rope.get("factor")
+        if kind not in (None, "default", "su", "longrope", "llama3", "mrope") and isinstance(factor, (int, float)):
+            limit = int(rope.get("original_max_position_embeddings", limit) * factor) if kind == "yarn" else int(
+                limit * factor)
+    return limit
 
 
 def load_causal_lm(path: str, dtype: str = "float32"):
     """Any HF causal LM folder, loaded the same way for a tiny test model and Qwen2.5-1.5B."""
     from transformers import AutoModelForCausalLM
 
-    check_model_dir(path)
+    read_model_config(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
 
 
@@ -46,10 +133,21 @@ def device() -> torch.device:
 
 
 def load_tokenizer(path: str):
+    """The folder's tokenizer, checked to encode a prompt to at least one token (ModelDirError)."""
     from transformers import AutoTokenizer
 
-    check_model_dir(path)
-    tok = AutoTokenizer.from_pretrained(path)
+    read_model_config(path)
+    fix = f"save the tokenizer there with tokenizer.save_pretrained({path!r})"
+    if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        raise ModelDirError(f"model folder {path} has no tokenizer ({' / '.join(TOKENIZER_FILES[:3])} ...): {fix}")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # the files are the user's: say which folder, and why it failed
+        raise ModelDirError(f"model folder {path}: its tokenizer does not load ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); {fix}") from e
+    if not tok(PROBE_PROMPT)["input_ids"]:
+        raise ModelDirError(f"model folder {path}: its tokenizer encodes {PROBE_PROMPT!r} to no tokens (no vocabulary "
+                            f"in its tokenizer files?); {fix}")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -54,7 +54,9 @@ def build_tiny_model(out_dir: str, corpus: list[str], shape: TinyShape | None = 
     shape = shape or TinyShape()
     head_dim = shape.hidden_size // shape.num_heads
     if head_dim not in VLLM_CPU_HEAD_DIMS or shape.hidden_size % shape.num_heads:
-        raise ValueError(
+        from ..config import ConfigError
+
+        raise ConfigError(
             f"model.hidden_size={shape.hidden_size} / model.num_heads={shape.num_heads} gives head_dim "
             f"{shape.hidden_size / shape.num_heads:g}; vLLM on CPU supports {VLLM_CPU_HEAD_DIMS}"
         )

@@ -15,6 +15,7 @@ import os
 import re
 import time
 
+from ..config import ConfigError
 from ..core.records import Rollout
 from .weight_sync import WeightBucket, unpack_bucket
 
@@ -254,7 +255,7 @@ class Generator:
         blocks = sum(per_seq[:self.max_num_seqs])
         if blocks * self.kv_block > self.kv_tokens:
             need = math.ceil(self.kv_cache_mb * (blocks + 1) * self.kv_block / self.kv_tokens)
-            raise ValueError(f"rollout.kv_cache_mb={self.kv_cache_mb} holds {self.kv_tokens} tokens for this model; "
+            raise ConfigError(f"rollout.kv_cache_mb={self.kv_cache_mb} holds {self.kv_tokens} tokens for this model; "
                              f"{len(prompts)} prompts x {n} samples up to {max_new_tokens} new tokens need "
                              f"{blocks * self.kv_block}: set rollout.kv_cache_mb to at least {need}, or give the "
                              "step more generators (rollout.num_generators)")
