@@ -38,7 +38,7 @@ def time_sync(model: str, overrides: list[str]) -> float:
     placement = reserve(cfg)
     gens, learners = start_generators(cfg, model, placement), start_learners(cfg, model, placement)
     ray.get([g.ready.remote() for g in gens] + [lr.__ray_ready__.remote() for lr in learners])
-    learner = learners[0]  # below ZeRO-3, rank 0 alone packs the weights (train.gathering_ranks)
+    learner = learners[0]  # below ZeRO-3, rank 0 alone packs the weights (LearnerGroup)
     times = []
     for version in range(6):
         t = time.perf_counter()

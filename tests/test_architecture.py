@@ -58,11 +58,9 @@ MAX_FUNCTION_LINES = 60
 # TEMPORARY allow-lists: path -> its line count when listed, which it may not grow past. Split the
 # file or function and delete its entry; test_size_allow_lists_are_current fails on entries that
 # are no longer needed so the lists only shrink.
-FILE_ALLOW = {
-    "grpo_ray/config.py": 525,
-}
+FILE_ALLOW: dict[str, int] = {}
 FUNCTION_ALLOW = {
-    "grpo_ray/config.py::_validate": 75,
+    # the clipped loss reads best as one formula top to bottom; 19 of its lines are the docstring
     "grpo_ray/core/algorithm.py::policy_loss": 65,
     "grpo_ray/driver/plots.py::plot_run": 64,
 }

@@ -23,15 +23,18 @@ def _kill(title: str) -> int:
     raise AssertionError(f"no process {title}")
 
 
-def _kill_at(monkeypatch, phase: str, kills: dict[int, str], killed: list, module: str = "grpo_ray.driver.step") -> list:
-    """Wrap the driver's `phase` (a function of `module`) so that its n-th call first kills the
-    actor kills[n]: the crash lands at a chosen point of a chosen step, however fast the box
-    runs (a thread watching metrics.jsonl could land a step late, or after the run). Returns
-    the call counter."""
+def _kill_at(monkeypatch, phase: str, kills: dict[int, str], killed: list, module: str = "grpo_ray.driver.rollout") -> list:
+    """Wrap the driver's `phase` (a function of `module`, or Class.method) so that its n-th call
+    first kills the actor kills[n]: the crash lands at a chosen point of a chosen step, however
+    fast the box runs (a thread watching metrics.jsonl could land a step late, or after the
+    run). Returns the call counter."""
     import importlib
 
-    driver = importlib.import_module(module)
-    original, calls = getattr(driver, phase), [0]
+    owner = importlib.import_module(module)
+    *path, name = phase.split(".")
+    for attr in path:
+        owner = getattr(owner, attr)
+    original, calls = getattr(owner, name), [0]
 
     def wrapped(*args, **kwargs):
         calls[0] += 1
@@ -39,7 +42,7 @@ def _kill_at(monkeypatch, phase: str, kills: dict[int, str], killed: list, modul
             killed.append((kills[calls[0]], _kill(kills[calls[0]])))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(driver, phase, wrapped)
+    monkeypatch.setattr(owner, name, wrapped)
     return calls
 
 
@@ -60,13 +63,16 @@ def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_p
     metrics = tmp_path / "ft" / "metrics.jsonl"
     killed = []
     # step 3's rollout goes to a dead generator; step 5's queued reference pass to a dead reference
-    _kill_at(monkeypatch, "generate", {3: "ray::Generator", 5: "ray::Reference"}, killed)
+    _kill_at(monkeypatch, "sample_and_score", {3: "ray::Generator", 5: "ray::Reference"}, killed)
     # and the final evaluation's sampling (call 2; call 1 is step 0's) goes to a dead generator:
-    # it comes back with the base weights, so the evaluation pushes step 6's and samples again
-    eval_calls = _kill_at(monkeypatch, "sample", {2: "ray::Generator"}, killed, module="grpo_ray.driver.evaluation")
+    # it comes back with the base weights, so the fleet pushes step 6's and samples again
+    _kill_at(monkeypatch, "GeneratorFleet.sample", {2: "ray::Generator"}, killed, module="grpo_ray.roles.fleet")
+    resyncs = _kill_at(monkeypatch, "GeneratorFleet.resync", {}, killed, module="grpo_ray.roles.fleet")
     run_dir = train(cfg)
     assert [t for t, _ in killed] == ["ray::Generator", "ray::Reference", "ray::Generator"]
-    assert eval_calls[0] == 3  # the final evaluation sampled twice: its first samples mixed policies
+    # step 3's rollout and the final evaluation's first samples mixed policies: each pushed the
+    # current weights once and sampled again
+    assert resyncs[0] == 2
     steps = [json.loads(line) for line in open(metrics) if '"reward/mean"' in line]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     # every rollout came from the latest weights, also right after the generator's restart
@@ -82,7 +88,8 @@ def test_learner_killed_ends_the_run_with_a_resume_hint_and_resume_finishes(ray_
     overrides = _overrides(tmp_path, tiny_model_dir, "lk", 5) + ["train.checkpoint_every=2"]
     metrics = tmp_path / "lk" / "metrics.jsonl"
     killed = []
-    _kill_at(monkeypatch, "update_policy", {4: "ray::Learner"}, killed)  # step 4's update finds it dead
+    # step 4's update finds it dead
+    _kill_at(monkeypatch, "LearnerGroup.update", {4: "ray::Learner"}, killed, module="grpo_ray.roles.learner_group")
     with pytest.raises(RuntimeError, match=r"an actor died at step 4 .*the last checkpoint is step 2 .*--resume"):
         train(load_config("configs/default.yaml", overrides))
     assert [t for t, _ in killed] == ["ray::Learner"]

@@ -18,7 +18,7 @@ RIGHT, WRONG = "def f():\n    return 1\n", "def f():\n    return 2\n"
 
 
 def test_replica_scores_in_order_without_ray():
-    rep = VerifierReplica({"correct": 1.0, "format": 0.5}, {"extraction": "marked"}, {}, threads=2)
+    rep = VerifierReplica({"correct": 1.0, "format": 0.5}, {"math": {"extraction": "marked"}}, threads=2)
     recs = [{"answer": "4"}] * 3
     out, busy = asyncio.run(rep.score(recs, ["#### 4", "the answer is 4", "<think>x</think><answer>#### 4</answer>"]))
     assert busy > 0
@@ -29,11 +29,11 @@ def test_replica_scores_in_order_without_ray():
 def test_deployment_options_come_from_config():
     cfg = load_config(None, ["reward.pool.min_replicas=2", "reward.pool.max_replicas=5",
                              "reward.pool.target_ongoing_requests=3", "reward.pool.replica_cpus=0.5"])
-    opts = deployment_options(cfg, {"A": "1"}, has_verifier_resource=False)
+    opts = deployment_options(cfg.reward.pool, {"A": "1"}, has_verifier_resource=False)
     auto = opts["autoscaling_config"]
     assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"]) == (2, 5, 3.0)
     assert opts["ray_actor_options"] == {"num_cpus": 0.5, "runtime_env": {"env_vars": {"A": "1"}}}
-    with_res = deployment_options(cfg, {}, has_verifier_resource=True)
+    with_res = deployment_options(cfg.reward.pool, {}, has_verifier_resource=True)
     assert with_res["ray_actor_options"]["resources"] == {"verifier": 1.0}
 
 
@@ -76,7 +76,7 @@ def _pool(tmp_path, *overrides):
     from grpo_ray.roles.verifier_pool import VerifierPool
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "reward.pool.chunk_size=1", *overrides])
-    return VerifierPool(cfg, actor_env())
+    return VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
 
 
 def _burst(pool, n):
@@ -153,7 +153,7 @@ def test_replica_killed_mid_burst_loses_no_score(ray_local, tmp_path):
         thread.join(timeout=120)
         assert not thread.is_alive(), "the step hung after a replica died"
         # every score came back, in order, although the victim died with checks in flight: they
-        # were sent again, by the pool (the error reached it: pool.retries counts them) or by
+        # were sent again, by the pool (the error reached it: Scores.retries counts them) or by
         # Serve's router (Ray 2.60 re-routes what it had not handed over yet). Which of the two
         # happens is a matter of timing, so neither is asserted
         assert [s.reward for s in out["scores"]] == expected
@@ -170,7 +170,7 @@ def test_request_that_times_out_is_sent_again(ray_local, tmp_path):
         t = time.monotonic()
         scores = pool.score([{"answer": "1", "marker": str(marker)}], ["1"])
         assert [s.reward for s in scores] == [1.0]
-        assert pool.retries == 1 and marker.exists()
+        assert scores.retries == 1 and marker.exists()
         assert 3 <= time.monotonic() - t < 20
     finally:
         pool.shutdown()
@@ -187,7 +187,7 @@ def test_request_whose_replica_dies_is_sent_again(ray_local, tmp_path):
         scores = pool.score([{"answer": "1", "marker": str(marker)}], ["1"])
         assert [s.reward for s in scores] == [1.0]
         # one resend, or two if the router had not yet dropped the dead replica when it went
-        assert 1 <= pool.retries <= 2 and marker.exists()
+        assert 1 <= scores.retries <= 2 and marker.exists()
     finally:
         pool.shutdown()
 
@@ -206,8 +206,8 @@ def test_retries_run_out_with_a_clear_error(ray_local, tmp_path):
 def test_request_budget_leaves_room_for_one_more_comparison():
     from grpo_ray.roles.verifier_pool import request_budget
 
-    assert request_budget(load_config(None, [])) == 120 - 2 * 5 - 1
-    assert request_budget(load_config(None, ["reward.pool.request_timeout_s=8", "reward.math.timeout_s=3"])) == 4
+    assert request_budget(load_config(None, []).reward) == 120 - 2 * 5 - 1
+    assert request_budget(load_config(None, ["reward.pool.request_timeout_s=8", "reward.math.timeout_s=3"]).reward) == 4
 
 
 @pytest.mark.slow
@@ -224,7 +224,7 @@ def test_a_request_of_slow_math_answers_is_answered_within_its_timeout(ray_local
         pool.score([{"answer": "1/2"}], [r"\boxed{0.5}"])  # the replica is up and its math-verify started
         t = time.monotonic()
         scores = pool.score([{"answer": "3"}] * len(HOSTILE), HOSTILE)
-        assert time.monotonic() - t < 8 and pool.retries == 0
+        assert time.monotonic() - t < 8 and scores.retries == 0
         assert all(s.reward == 0.0 for s in scores)
         assert any(s.reason.startswith("not compared: the request's time budget") for s in scores)
     finally:
@@ -240,7 +240,8 @@ def test_a_first_burst_of_cheap_checks_does_not_scale_the_pool(ray_local, tmp_pa
     from grpo_ray.roles.verifier_pool import VerifierPool
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "reward.pool.upscale_delay_s=0.5"])
-    pool = VerifierPool(cfg, actor_env())  # chunk_size 0 (auto), 1-4 replicas
+    # chunk_size 0 (auto), 1-4 replicas
+    pool = VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
     try:
         records = [{"answer": str(i)} for i in range(1024)]
         responses = [f"#### {i if i % 3 else i + 1}" for i in range(1024)]
@@ -260,35 +261,48 @@ def test_a_first_burst_of_cheap_checks_does_not_scale_the_pool(ray_local, tmp_pa
 
 @pytest.mark.slow
 def test_each_generator_part_is_scored_the_moment_it_arrives(ray_local, tmp_path):
-    """step.arrivals: the first part goes to the pool while the second is still sampling
-    (two Ray tasks stand in for generators that finish 4 s apart; the check's reward is the
-    time it ran), and collect() gives the scores back in part order."""
+    """rollout.sample_and_score: the first generator's part goes to the pool while the second
+    is still sampling (two stand-in generator actors that finish 4 s apart, behind a real
+    GeneratorFleet; the check's reward is the time it ran), and collect() gives the scores back
+    in part order. A part sampled with other weights (a restarted generator) is never sent."""
     import types
 
     import ray
 
     from grpo_ray.core.records import Rollout
-    from grpo_ray.driver.step import arrivals
+    from grpo_ray.driver.rollout import sample_and_score
+    from grpo_ray.roles.fleet import Arrived, GeneratorFleet, Launch, Sampling
 
     @ray.remote
-    def part(texts, delay):
-        time.sleep(delay)
-        # sample_s carries the time the part was returned
-        return Rollout([[1]] * len(texts), [[2]] * len(texts), [[-0.5]] * len(texts), texts, [False] * len(texts),
-                       0, 0.0, time.time())
+    class StandIn:
+        def __init__(self, delay, version=0):
+            self.delay, self.version = delay, version
+
+        def generate(self, prompts, *, n, seed, sent, **_):
+            time.sleep(self.delay)
+            texts = [p for p in prompts for _ in range(n)]
+            # sample_s carries the time the part was returned
+            return Rollout([[1]] * len(texts), [[2]] * len(texts), [[-0.5]] * len(texts), texts,
+                           [False] * len(texts), self.version, 0.0, time.time())
 
     pool = _pool(tmp_path)
     try:
-        rec = {"task": "reward_fns:now", "answer": ""}
-        refs = [part.remote(["a", "b"], 0.0), part.remote(["c", "d"], 4.0)]
-        roles = types.SimpleNamespace(weight_version=0, verifier=pool)
-        parts, pending = arrivals(roles, refs, [[rec], [rec]], G=2)
+        cfg = load_config(None, [f"run.output_dir={tmp_path}", "algo.group_size=2"])
+        records = [{"task": "reward_fns:now", "answer": "", "prompt": p} for p in ("a", "c")]
+        fleet = GeneratorFleet([StandIn.remote(0.0), StandIn.remote(4.0)])
+        roles = types.SimpleNamespace(fleet=fleet, verifier=pool, reference=None)
+        rollout, ref_pass, pending = sample_and_score(roles, cfg, records, seed=0)
         scored = [s.reward for s in pool.collect(pending)]
-        assert [p.texts for p in parts] == [["a", "b"], ["c", "d"]] and len(scored) == 4
-        assert max(scored[:2]) < parts[1].sample_s, "part 0 waited for part 1 before it was scored"
-        assert min(scored[2:]) >= parts[1].sample_s
-        # a part sampled with other weights (a restarted generator) is not sent: it is resampled
-        stale = types.SimpleNamespace(weight_version=1, verifier=pool)
-        assert arrivals(stale, [part.remote(["e"], 0.0)], [[rec]], G=1)[1] == []
+        assert rollout.texts == ["a", "a", "c", "c"] and len(scored) == 4 and ref_pass is None
+        done = rollout.sample_s  # the later part's return time (Rollout.concat keeps the max)
+        assert max(scored[:2]) < done, "part 0 waited for part 1 before it was scored"
+        assert min(scored[2:]) >= done
+        # stale weights: no part is shown for scoring, and without learners to take the current
+        # weights from, the fleet says why it cannot go on
+        stale, events = GeneratorFleet([StandIn.remote(0.0, version=1)]), []
+        with pytest.raises(RuntimeError, match="no learners"):
+            for event in stale.stream(["e"], Sampling(n=1, temperature=1.0, max_new_tokens=4), seed=0):
+                events.append(event)
+        assert [type(e) for e in events] == [Launch] and not any(isinstance(e, Arrived) for e in events)
     finally:
         pool.shutdown()

@@ -138,6 +138,15 @@ class TrainBatch:
         return [(order[i:i + size], self.select(order[i:i + size])) for i in range(0, self.size, size)]
 
 
+def padded_batch(parts: list[Rollout], pad_id: int, advantages: torch.Tensor | None = None) -> TrainBatch:
+    """The one padded layout of a rollout (given as its generators' parts, in order) that the
+    reference pass and the learner both see: the reference computes its logprobs on the parts
+    before the driver has joined them, so both must pad them the same way. advantages [B]
+    (zeros when only logprobs are wanted)."""
+    rollout = parts[0] if len(parts) == 1 else Rollout.concat(parts)
+    return TrainBatch.from_rollout(rollout, torch.zeros(len(rollout)) if advantages is None else advantages, pad_id)
+
+
 @dataclass
 class Score:
     reward: float

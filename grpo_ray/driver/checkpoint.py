@@ -1,8 +1,10 @@
 """Checkpoints and resume.
 
+Only the disk layout lives here; the learner group writes its parts (LearnerGroup.checkpoint_into).
+
 Layout: <run_dir>/checkpoints/step_000010/
     policy/      the policy in Hugging Face format (transformers and vLLM load it as is)
-    learner/     DeepSpeed's checkpoint: weights, AdamW moments, LR schedule (every rank's shard)
+    learner/     the training backend's state: weights, AdamW moments, LR schedule (every rank's shard)
     state.json   step, prompt-sampler position, KL-monitor window, the LR scale and rollbacks of
                  algo.kl_action=rollback, the reference's folder; written last
 
@@ -19,12 +21,11 @@ behind (the rollout in flight is not saved): same prompts and seeds, another tra
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-
-import ray
 
 STATE_VERSION = 1
 REFERENCES = "reference_policy"  # algo.ref_reset_every: reference_policy/step_N, one per reset
@@ -49,21 +50,26 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def save_checkpoint(roles, gathering_ranks: list, tokenizer, run_dir: str, step: int, state: dict,
-                    keep: int) -> str:
-    """Write checkpoint `step` atomically and prune to the newest `keep` (see prune)."""
-    root = checkpoints_dir(run_dir)
-    final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".step_{step:06d}.tmp")
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(checkpoints_dir(run_dir), f"step_{step:06d}")
+
+
+@contextlib.contextmanager
+def writing(final: str):
+    """A folder to fill, at a temp path beside `final` (.<name>.tmp, which list_checkpoints never
+    returns and remove_partial_saves clears), renamed into place when the block ends without an
+    error: a crash mid-save leaves the previous folder as it was."""
+    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    ray.get([lr.save_pretrained.remote(os.path.join(tmp, "policy")) for lr in gathering_ranks])
-    tokenizer.save_pretrained(os.path.join(tmp, "policy"))
-    ray.get([lr.save_state.remote(os.path.join(tmp, "learner")) for lr in roles.learners])
-    with open(os.path.join(tmp, "state.json"), "w") as f:
+    yield tmp
+    replace_dir(tmp, final)
+
+
+def write_state(folder: str, step: int, state: dict) -> None:
+    """state.json of a checkpoint (written last into its temp folder)."""
+    with open(os.path.join(folder, "state.json"), "w") as f:
         json.dump({"version": STATE_VERSION, "step": step, **state}, f, indent=1)
-    replace_dir(tmp, final)  # the same step saved again (e.g. a KL stop right after a save) replaces it
-    prune(run_dir, keep)
-    return final
 
 
 def replace_dir(new: str, final: str) -> None:

@@ -4,8 +4,7 @@ unbiased pass@k (Chen et al. 2021) for each k. The same code runs inside trainin
 from __future__ import annotations
 
 from ..core.metrics import mean_pass_at_k
-from ..core.records import Rollout
-from .rollout import sample
+from ..roles.fleet import GeneratorFleet, Sampling
 
 EVAL_SEED = 1_000_003  # fixed: successive evaluations differ by the model, not the dice
 
@@ -15,16 +14,15 @@ def correctness(score) -> float:
     return score.components.get("correct", score.reward)
 
 
-def evaluate(generators: list, verifier, records: list[dict], *, samples: int, ks: list[int],
+def evaluate(fleet: GeneratorFleet, verifier, records: list[dict], *, samples: int, ks: list[int],
              temperature: float, max_new_tokens: int, top_p: float = 1.0,
-             progress_every: int = 0, version: int | None = None, resync=None) -> tuple[dict, list[dict]]:
+             progress_every: int = 0) -> tuple[dict, list[dict]]:
     """Returns ({"eval/pass@k": ...}, per-problem rows with num_samples and num_correct).
     `verifier`: the VerifierPool (submit now, collect later).
     progress_every > 0: work in chunks of that many prompts behind a progress bar (the samples
     are the same: prompt j always samples with seeds EVAL_SEED + j*samples + k); each chunk is
-    scored while the next one samples. version: the weight version every part must come from
-    (inside training); a chunk from other weights (a generator Ray restarted) is sampled again
-    after resync() pushes the current weights."""
+    scored while the next one samples. Every chunk comes from the fleet's current weights (a
+    generator Ray restarted mid-evaluation gets them pushed, and the chunk is sampled again)."""
     chunk = progress_every or max(len(records), 1)
     texts, pending = [], []
     starts = range(0, len(records), chunk)
@@ -32,13 +30,12 @@ def evaluate(generators: list, verifier, records: list[dict], *, samples: int, k
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="eval", unit=f"x{chunk} prompts")
+    sampling = Sampling(n=samples, temperature=temperature, max_new_tokens=max_new_tokens, top_p=top_p)
     for start in starts:
         part = records[start:start + chunk]
-        rollout = _sample_current(generators, [r["prompt"] for r in part], version, resync, n=samples,
-                                  temperature=temperature, max_new_tokens=max_new_tokens, top_p=top_p,
-                                  seed=EVAL_SEED + start * samples)
+        rollout = fleet.sample([r["prompt"] for r in part], sampling, seed=EVAL_SEED + start * samples)
         texts += rollout.texts
-        pending.append(verifier.submit([r for r in part for _ in range(samples)], rollout.texts))
+        pending.append(verifier.submit(part, rollout.texts, samples))
     scores = verifier.collect(pending)
     rows = []
     for i, rec in enumerate(records):
@@ -50,16 +47,6 @@ def evaluate(generators: list, verifier, records: list[dict], *, samples: int, k
     metrics = {f"eval/pass@{k}": mean_pass_at_k(n, c, k) for k in ks}
     metrics["eval/mean_reward"] = sum(s.reward for s in scores) / max(len(scores), 1)
     return metrics, rows
-
-
-def _sample_current(generators: list, prompts: list[str], version: int | None, resync, **kwargs) -> Rollout:
-    for _ in range(3):
-        parts = sample(generators, prompts, **kwargs)
-        if version is None or all(p.weight_version == version for p in parts):
-            return Rollout.concat(parts)
-        resync()
-    raise RuntimeError(f"generators keep returning weight versions {sorted({p.weight_version for p in parts})}, "
-                       f"not {version}, after 3 weight pushes")
 
 
 def write_results(out_dir: str, rows: list[dict], metrics: dict) -> tuple[str, str]:
@@ -89,7 +76,7 @@ def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print
 
     from ..models.modeling import check_model_dir
 
-    check_model_dir(model_dir)
+    check_model_dir(model_dir, max_model_len=cfg.rollout.max_model_len)
     try:  # before hours of sampling, not after
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, ".write-test"), "w"):
@@ -102,16 +89,16 @@ def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print
     from ..roles.verifier_pool import VerifierPool
 
     init_ray(None)
-    generators = start_generators(cfg, model_dir)
-    pool = VerifierPool(cfg, actor_env())
+    fleet = GeneratorFleet(start_generators(cfg, model_dir))
+    pool = VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
     try:
-        ray.get([g.ready.remote() for g in generators])
-        metrics, rows = evaluate(generators, pool, records, samples=cfg.eval.samples, ks=cfg.eval.ks,
+        fleet.ready()
+        metrics, rows = evaluate(fleet, pool, records, samples=cfg.eval.samples, ks=cfg.eval.ks,
                                  temperature=cfg.eval.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
                                  progress_every=64)
     finally:
         pool.shutdown()
-        for g in generators:
+        for g in fleet.actors:
             ray.kill(g)
     csv_path, json_path = write_results(out_dir, rows, {"model": model_dir, "problems": len(rows), **metrics})
     log(" ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()) + f" on {len(rows)} problems")

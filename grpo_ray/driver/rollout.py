@@ -1,41 +1,38 @@
-"""Fan-out helpers the driver uses every step: split prompts across generators, sample in
-parallel, and put the results back in order. (Scoring fans out in verifier_pool.py.)"""
+"""The rollout phases of a step: draw prompts, sample G completions each through the generator
+fleet, score them in the verifier pool, and queue the frozen reference's pass behind the
+sampling. Both modes hand the step one contract, `Collected`:
+
+- sync (collect_rollout): each generator's part is scored the moment it is sampled, and the
+  reference pass runs while the driver scores; with DAPO's dynamic sampling, extra rounds;
+- async (collect_ahead, rollout.asynchronous): this step's rollout was started during the
+  previous step (`InFlight`), and the next one is started before this one is trained on.
+"""
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import ray
+import torch
+
+from ..config import Config
+from ..core.algorithm import informative_groups
+from ..core.records import Rollout, Score
+from ..data.datasets import PromptSampler
+from ..roles.fleet import Arrived, Launch, Sampled, Sampling, split
 
 
-def split(items: list, parts: int) -> list[list]:
-    """Contiguous, near-equal chunks (empty ones dropped)."""
-    size, rem = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        end = start + size + (i < rem)
-        out.append(items[start:end])
-        start = end
-    return [c for c in out if c]
-
-
-def launch(generators: list, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int,
-           top_p: float, seed: int) -> list:
-    """Prompts split across generators and sampled in parallel: one ObjectRef[Rollout] per
-    generator, in prompt order. Nothing waits here."""
-    chunks = split(prompts, len(generators))
-    refs, offset = [], 0
-    for gen, chunk in zip(generators, chunks):
-        refs.append(gen.generate.remote(chunk, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                                        top_p=top_p, seed=seed + offset * n, sent=time.time()))
-        offset += len(chunk)
-    return refs
-
-
-def sample(generators: list, prompts: list[str], **kwargs) -> list:
-    """launch() and wait: one Rollout per generator, in order (Rollout.concat joins them; the
-    caller checks their weight versions first)."""
-    return ray.get(launch(generators, prompts, **kwargs))
+@dataclass
+class Collected:
+    """A step's rollout, scored: what the generate and verify phases hand the rest of the step."""
+    records: list[dict]     # [P] the prompts' rows
+    rollout: Rollout        # [P*G] completions, group p at rows p*G:(p+1)*G
+    scores: list[Score]     # [P*G] the verifier's
+    # the reference pass queued behind the sampling (ObjectRef[Tensor [P*G, T]]), or None: run it
+    # now (dynamic sampling, a resampled async rollout) or no reference at all
+    ref_logprobs: object = None
+    stats: dict = field(default_factory=dict)  # dynamic sampling's
+    retries: int = 0        # requests the verifier pool sent again (a replica died or timed out)
 
 
 @dataclass
@@ -44,13 +41,15 @@ class InFlight:
     (rollout.asynchronous): its prompts are drawn and its generation started, not awaited."""
     step: int
     records: list[dict]
-    refs: list            # one ObjectRef[Rollout] per generator
-    version: int          # the weights it samples with (one update behind when it is trained on)
-    sampler_state: dict   # the prompt sampler before these records were drawn: what a checkpoint saves
-    ref_logprobs: object = None  # ObjectRef[Tensor [B, T]]: the reference pass, queued behind the sampling
+    launch: Launch          # the fleet's launch: the parts (ObjectRefs) and the weights they sample with
+    sampler_state: dict     # the prompt sampler before these records were drawn: what a checkpoint saves
+    ref_logprobs: object = None  # ObjectRef[Tensor [B, T]]: its reference pass, once queued
 
-    def wait(self) -> None:
-        ray.wait(self.refs, num_returns=len(self.refs), fetch_local=False)
+    def queue_reference(self, reference, pad_id: int) -> None:
+        """Queue this rollout's reference pass behind its sampling (after the pass of the step
+        being trained, which the reference actor runs first)."""
+        if reference is not None:
+            self.ref_logprobs = reference.rollout_logprobs.remote(pad_id, *self.launch.refs)
 
     def drop_reference(self) -> None:
         """Cancel the queued reference pass (its samples are thrown away): left running, it
@@ -59,3 +58,113 @@ class InFlight:
             ray.cancel(self.ref_logprobs)
         self.ref_logprobs = None
 
+
+def sampling(cfg: Config) -> Sampling:
+    r = cfg.rollout
+    return Sampling(n=cfg.algo.group_size, temperature=r.temperature, max_new_tokens=r.max_new_tokens, top_p=r.top_p)
+
+
+def step_seed(cfg: Config, step: int, round: int = 0) -> int:
+    """Completion k of prompt j at a step samples with seed step_seed + j*G + k: distinct for every
+    completion of the run, and the same on a rerun with the same run.seed. Dynamic sampling's
+    extra rounds are offset far beyond any step's range."""
+    return (cfg.run.seed * 1_000_000_007 + step * cfg.rollout.prompts_per_step * cfg.algo.group_size
+            + round * 10**13)
+
+
+def sample_and_score(roles, cfg: Config, records: list[dict], seed: int, pad_id: int | None = None):
+    """G completions for each record's prompt; each generator's part goes to the verifier pool
+    the moment it is sampled, so scoring runs while the other generators still sample (code
+    checks take seconds, and on a cluster the parts finish at different times). With a pad_id,
+    the reference pass on them is queued behind the sampling. A launch the fleet repeats (a
+    restarted generator sampled with stale weights) makes what was queued behind the last one
+    useless: it is cancelled. Returns (rollout, reference pass ref or None, the pool's pending
+    requests in part order)."""
+    G, ref_pass, pending, by_part = cfg.algo.group_size, None, {}, []
+    for event in roles.fleet.stream([r["prompt"] for r in records], sampling(cfg), seed):
+        if isinstance(event, Launch):
+            roles.verifier.cancel(list(pending.values()))
+            if ref_pass is not None:
+                ray.cancel(ref_pass)
+            if pad_id is not None and roles.reference is not None:
+                ref_pass = roles.reference.rollout_logprobs.remote(pad_id, *event.refs)
+            pending, by_part = {}, split(records, len(event.refs))
+        elif isinstance(event, Arrived):
+            pending[event.index] = roles.verifier.submit(by_part[event.index], event.part.texts, G)
+        elif isinstance(event, Sampled):
+            return event.rollout, ref_pass, [pending[i] for i in sorted(pending)]
+    raise AssertionError("the fleet's stream ended without a rollout")
+
+
+def collect_rollout(step: int, cfg: Config, roles, sampler: PromptSampler, timer, pad_id: int) -> Collected:
+    """Sample G completions for each of prompts_per_step prompts and score them. Without dynamic
+    sampling the reference's pass is queued behind the sampling, so it runs while the driver
+    scores, not after (on code tasks scoring takes seconds; with algo.overlong=mask it also runs
+    on the truncated rows, masked later). With DAPO's dynamic sampling (algo.dynamic_sampling),
+    groups whose rewards are all equal (zero advantage, no gradient) are dropped and new prompts
+    sampled, up to dynamic_sampling_rounds extra rounds; the batch is then the first
+    prompts_per_step informative groups, trimmed to a size every learner rank and mini-batch can
+    share (or the last round whole, if none was informative)."""
+    G, P, a = cfg.algo.group_size, cfg.rollout.prompts_per_step, cfg.algo
+    kept, seen, waited, retries = [], 0, [0.0, 0.0], 0
+    for rounds in range(1 + (a.dynamic_sampling_rounds if a.dynamic_sampling else 0)):
+        records = sampler.next(P)
+        with timer("generate"):  # dynamic sampling keeps a subset of the rounds: no queued pass
+            rollout, ref_pass, scoring = sample_and_score(roles, cfg, records, step_seed(cfg, step, rounds),
+                                                          pad_id=None if a.dynamic_sampling else pad_id)
+        with timer("verify"):  # what is left of the scoring once the last part is sampled
+            scores = roles.verifier.collect(scoring)
+        if not a.dynamic_sampling:
+            return Collected(records, rollout, scores, ref_pass, retries=scores.retries)
+        retries += scores.retries
+        waited = [waited[0] + rollout.queued_s, waited[1] + rollout.sample_s]  # rounds run one after another
+        useful = informative_groups(torch.tensor([s.reward for s in scores]), G).tolist()
+        kept += [(records[i], rollout.select_groups([i], G), scores[i * G:(i + 1) * G])
+                 for i, u in enumerate(useful) if u]
+        seen += P
+        if len(kept) >= P:
+            break
+    parts = a.mini_batches * cfg.learner.num_ranks
+    unit = parts // math.gcd(G, parts)  # groups per batch must make rows divisible by parts
+    n = min(len(kept), P) // unit * unit
+    stats = {"dynamic/frac_dropped": 1.0 - len(kept) / seen, "dynamic/rounds": float(rounds + 1),
+             "dynamic/groups": float(n)}  # informative groups trained on (0: none found, last round used)
+    if n:
+        records, rollout, scores = ([rec for rec, _, _ in kept[:n]], Rollout.concat([r for _, r, _ in kept[:n]]),
+                                    [s for _, _, group in kept[:n] for s in group])
+    rollout.queued_s, rollout.sample_s = waited
+    return Collected(records, rollout, scores, None, stats, retries)
+
+
+def start_rollout(step: int, cfg: Config, roles, sampler: PromptSampler) -> InFlight:
+    """Draw the step's prompts and start sampling them with the fleet's current weights."""
+    before = sampler.state_dict()
+    records = sampler.next(cfg.rollout.prompts_per_step)
+    launch = roles.fleet.launch([x["prompt"] for x in records], sampling(cfg), step_seed(cfg, step))
+    return InFlight(step, records, launch, before)
+
+
+def collect_ahead(step: int, cfg: Config, roles, sampler: PromptSampler, timer,
+                  ahead: InFlight | None) -> tuple[Collected, InFlight | None]:
+    """rollout.asynchronous: this step's rollout was started during the previous step (or now: at
+    the first step, after a resume or a rollback), and the next step's is started before this one
+    is scored and trained on, so generation overlaps verification, reference and learner. The
+    samples are then one update behind the learner; old_logprobs stay the sampler's, so the
+    ratio exp(logp - old_logp) corrects for that lag (one-step off-policy, as in PPO's epochs).
+    The reference is frozen, so the step queues the next rollout's reference pass behind its
+    sampling (InFlight.queue_reference): it runs beside this step's learner, not after it.
+    Returns this step's rollout and the next one, in flight (None after the last step)."""
+    if ahead is None or ahead.step != step:
+        ahead = start_rollout(step, cfg, roles, sampler)
+    with timer("generate"):
+        rollout = None
+        for event in roles.fleet.stream(ahead.launch.prompts, ahead.launch.sampling, ahead.launch.seed,
+                                        first=ahead.launch):
+            if isinstance(event, Launch):  # sampled again (a restarted generator): the queued pass scores
+                ahead.drop_reference()      # the samples thrown away
+            elif isinstance(event, Sampled):
+                rollout = event.rollout
+    following = start_rollout(step + 1, cfg, roles, sampler) if step < cfg.train.steps else None
+    with timer("verify"):
+        scores = roles.verifier.score(ahead.records, rollout.texts, cfg.algo.group_size)
+    return Collected(ahead.records, rollout, scores, ahead.ref_logprobs, retries=scores.retries), following

@@ -8,35 +8,31 @@ Run as `grpo-ray train configs/default.yaml [dotted.key=value ...]` or `python -
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 
 import ray
 
-from ..roles.actors import Roles, init_ray, start_reference, start_roles, stop_roles
-from .checkpoint import (REFERENCES, check_resume_mode, find_resume, list_checkpoints, load_state, newest_good,
-                         remove_partial_saves, replace_dir, save_checkpoint)
 from ..config import Config, ConfigError
-from ..data.datasets import PromptSampler, drop_training_prompts, load_datasets, task_problem
-from .evaluation import evaluate
 from ..core.metrics import Monitor
+from ..data.datasets import DataError, PromptSampler, drop_training_prompts, load_datasets, task_problem
 from ..models.modeling import check_model_dir, load_tokenizer
+from ..roles.actors import Roles, check_backend, init_ray, replace_reference, start_roles, stop_roles
+from .checkpoint import (REFERENCES, check_resume_mode, checkpoint_path, find_resume, list_checkpoints, load_state,
+                         newest_good, prune, remove_partial_saves, write_state, writing)
+from .evaluation import evaluate
 from .outputs import create_run_dir, prepare_model, resolve_run_dir, summary_line, write_samples
 from .rollout import InFlight
-from .step import finish_sync, gathering_ranks, ref_reset_due, sync_weights, train_step
+from .step import ref_reset_due, train_step
 from .tracking import Tracker
 
 
-def save_policy(roles: Roles, cfg: Config, run_dir: str, tokenizer, name: str) -> str:
+def save_policy(roles: Roles, run_dir: str, tokenizer, name: str) -> str:
     """Policy in Hugging Face format (loadable by transformers and vLLM), written atomically to
     run_dir/name (name may be a/b: the temp folder is a/.b.tmp)."""
     final = os.path.join(run_dir, name)
-    tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ray.get([lr.save_pretrained.remote(tmp) for lr in gathering_ranks(roles, cfg)])
-    tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, final)
+    with writing(final) as tmp:
+        roles.learners.save_policy(tmp, tokenizer)
     return final
 
 
@@ -55,8 +51,9 @@ def train(cfg: Config, address: str | None = None) -> str:
         problem = task_problem({"task": name}) if ":" in name else None
         if problem:
             raise ConfigError(f"reward.components: {problem}")
+    check_backend(cfg)
     if cfg.model.path != "builtin:tiny":
-        check_model_dir(cfg.model.path)
+        check_model_dir(cfg.model.path, max_model_len=cfg.rollout.max_model_len)
     check_resume_mode(resolve_run_dir(cfg), cfg.run.resume)
     run_dir = create_run_dir(cfg)
     log(f"run directory: {run_dir}")
@@ -107,7 +104,7 @@ class Run:
         theirs in start_roles); returns the first step to run. The generators start from the base
         model and get the checkpoint's weights pushed: a Ray restart rebuilds an actor from its
         constructor's folder, and pruning may delete the checkpoint's (train.keep_checkpoints)."""
-        sync_weights(self.roles, self.cfg, version=state["step"])
+        self.roles.fleet.resync(version=state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.monitor.load_state_dict(state["monitor"])
         self.lr_scale, self.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
@@ -171,28 +168,28 @@ class Run:
                      f"held is {good[1] if good else 'none'}")
         elif last >= start and not (cfg.train.checkpoint_every and last % cfg.train.checkpoint_every == 0):
             self.checkpoint(last)
-        self.log(f"final policy: {save_policy(self.roles, cfg, self.run_dir, self.tokenizer, 'final_model')}")
+        self.log(f"final policy: {save_policy(self.roles, self.run_dir, self.tokenizer, 'final_model')}")
         if cfg.run.plots:
             from .plots import plot_run
 
-            charts = plot_run(self.run_dir, cfg.algo.kl_stop)
-            self.log(f"plots: {len(charts)} charts in {os.path.join(self.run_dir, 'plots')}")
+            try:
+                charts = plot_run(self.run_dir, cfg.algo.kl_stop)
+                self.log(f"plots: {len(charts)} charts in {os.path.join(self.run_dir, 'plots')}")
+            except DataError as e:  # nothing to plot (no step ran): the run itself is fine
+                self.log(f"warning: no plots: {e}")
 
     def reset_reference(self, step: int) -> None:
         """algo.ref_reset_every (DeepSeek-R1: every 400 steps): the reference becomes the current
         policy. It is saved to reference_policy/step_N (one folder per reset, so a checkpoint names
         the reference it had: a resume or a rollback loads that one) and the reference actor is
         started from there, so a crash restart of that actor loads the reset policy too."""
-        self.use_reference(save_policy(self.roles, self.cfg, self.run_dir, self.tokenizer,
+        self.use_reference(save_policy(self.roles, self.run_dir, self.tokenizer,
                                        os.path.join(REFERENCES, f"step_{step:06d}")))
         self.metrics.write({"step": step, "event": "ref_reset", "message": f"reference := policy of step {step}"})
 
     def use_reference(self, path: str) -> None:
         """Restart the reference actor from the model folder `path`."""
-        # the old actor goes first: the new one takes its place in the placement group
-        ray.kill(self.roles.reference)
-        self.roles.reference = start_reference(self.cfg, path, self.roles.placement)
-        ray.get(self.roles.reference.__ray_ready__.remote())
+        replace_reference(self.roles, self.cfg, path)
         self.reference = path
 
     def died(self, step: int, e: Exception) -> str:
@@ -217,17 +214,17 @@ class Run:
             self.use_reference(state.get("reference") or self.model_path)
         self.rollbacks += 1
         scale = a.kl_rollback_lr_factor ** self.rollbacks
-        ray.get([lr.load_state.remote(os.path.join(path, "learner")) for lr in self.roles.learners])
-        lrs = ray.get([lr.scale_lr.remote(scale / state.get("lr_scale", 1.0)) for lr in self.roles.learners])
+        self.roles.learners.load_state(os.path.join(path, "learner"))
+        lr = self.roles.learners.scale_lr(scale / state.get("lr_scale", 1.0))
         self.lr_scale = scale
         if self.ahead is not None:
             self.ahead.drop_reference()
         self.ahead = None  # sampled by the rolled-back policy
-        sync_weights(self.roles, self.cfg, version=state["step"])
+        self.roles.fleet.resync(version=state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.monitor.load_state_dict(state["monitor"])
         msg = (f"KL guard: rolled back from step {step} to the checkpoint of step {state['step']} ({path}); "
-               f"learning rate now {lrs[0]:.3g} (x{scale:g}), rollback {self.rollbacks} of {a.kl_max_rollbacks}")
+               f"learning rate now {lr:.3g} (x{scale:g}), rollback {self.rollbacks} of {a.kl_max_rollbacks}")
         self.log(msg)
         self.metrics.write({"step": step, "event": "kl_rollback", "message": msg, "to_step": state["step"]})
         return state["step"]
@@ -247,11 +244,10 @@ class Run:
 
     def evaluate(self, step: int) -> None:
         c, roles = self.cfg, self.roles
-        finish_sync(roles, [], roles.weight_version)  # evaluate the weights of `step`, loaded
-        try:  # a generator Ray restarted mid-evaluation gets the current weights pushed (resync)
-            m, _ = evaluate(roles.generators, roles.verifier, self.eval_records, samples=c.eval.samples,
-                            ks=c.eval.ks, temperature=c.eval.temperature, max_new_tokens=c.rollout.max_new_tokens,
-                            version=roles.weight_version, resync=lambda: sync_weights(roles, c, roles.weight_version))
+        roles.fleet.settle()  # evaluate the weights of `step`, loaded
+        try:  # a generator Ray restarted mid-evaluation gets the current weights pushed (the fleet's resync)
+            m, _ = evaluate(roles.fleet, roles.verifier, self.eval_records, samples=c.eval.samples,
+                            ks=c.eval.ks, temperature=c.eval.temperature, max_new_tokens=c.rollout.max_new_tokens)
         except ray.exceptions.RayActorError as e:
             raise RuntimeError(self.died(step, e)) from None
         self.metrics.write({"step": step, **m})
@@ -267,7 +263,10 @@ class Run:
                  "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
                  "reference": None if self.reference == self.model_path else self.reference,
                  "kl_stopped": kl_stopped}
-        path = save_checkpoint(self.roles, gathering_ranks(self.roles, self.cfg), self.tokenizer, self.run_dir,
-                               step, state, self.cfg.train.keep_checkpoints)
+        path = checkpoint_path(self.run_dir, step)
+        with writing(path) as tmp:  # the same step saved again (a KL stop right after a save) replaces it
+            self.roles.learners.checkpoint_into(tmp, self.tokenizer)
+            write_state(tmp, step, state)
+        prune(self.run_dir, self.cfg.train.keep_checkpoints)
         self.metrics.write({"step": step, "event": "checkpoint", "message": path})
 

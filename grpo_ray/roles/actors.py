@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 
-from ..config import Config, cpu_list, cpu_threads
+from ..config import Config, ConfigError, cpu_list, cpu_threads
+from .backends import BACKENDS, full_params_need_all_ranks
+from .fleet import GeneratorFleet
+from .learner_group import LearnerGroup
 from .placement import Placement, reserve
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.
@@ -93,13 +96,12 @@ def _free_port() -> int:
 
 @dataclass
 class Roles:
-    generators: list
+    """The driver's handles on the roles (one owner each: the fleet owns the weight version)."""
+    fleet: GeneratorFleet
     verifier: object  # VerifierPool: a Ray Serve deployment, not an actor
-    reference: object  # None when nothing needs one (Config.uses_reference)
-    learners: list
+    reference: object  # the Reference actor; None when nothing needs one (Config.uses_reference)
+    learners: LearnerGroup
     placement: Placement | None = None
-    weight_version: int = 0  # what the generators hold: the learner step last pushed to them
-    loading: list = field(default_factory=list)  # the weight loads not yet awaited (see step.finish_sync)
 
 
 def start_generators(cfg: Config, model_path: str, placement: Placement | None = None) -> list:
@@ -108,7 +110,7 @@ def start_generators(cfg: Config, model_path: str, placement: Placement | None =
 
     gen_cls, actors = ray.remote(Generator), []
     for i in range(cfg.rollout.num_generators):
-        # restarted after a crash (the driver then pushes the current weights; see step.generate)
+        # restarted after a crash (the fleet then pushes the current weights: GeneratorFleet.stream)
         options, cpus, _ = _placed(cfg, placement, "generator", i, **_restarts(cfg))
         actors.append(gen_cls.options(**options).remote(
             model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
@@ -155,12 +157,19 @@ def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:
         options, _, threads = _placed(cfg, placement, "learner", rank, max_restarts=0)
         actors.append(learner_cls.options(**options).remote(
             model_path, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay, grad_clip=cfg.learner.grad_clip,
-            zero_stage=cfg.learner.zero_stage, warmup_steps=cfg.learner.warmup_steps, dtype=cfg.model.dtype,
+            backend=cfg.learner.backend, zero_stage=cfg.learner.zero_stage, warmup_steps=cfg.learner.warmup_steps, dtype=cfg.model.dtype,
             loss_kwargs=loss_kwargs, micro_batch_size=cfg.learner.micro_batch_size, rank=rank,
             world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
             threads=threads, seed=cfg.run.seed, recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis,
             tis_cap=a.tis_cap, share_prompts=cfg.model.share_prompts, temperature=cfg.rollout.temperature))
     return actors
+
+
+def check_backend(cfg: Config) -> None:
+    """learner.backend names a registered training backend (before any actor starts)."""
+    if cfg.learner.backend not in BACKENDS:
+        raise ConfigError(f"learner.backend={cfg.learner.backend!r}: allowed values are "
+                          f"{', '.join(map(repr, BACKENDS))} (registered in grpo_ray/roles/backends/__init__.py)")
 
 
 def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, reference: str | None = None) -> Roles:
@@ -177,7 +186,8 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
         generators = start_generators(cfg, model_path, placement)
         reference = start_reference(cfg, reference or model_path, placement) if cfg.uses_reference else None
         learners = start_learners(cfg, model_path, placement)
-        verifier = VerifierPool(cfg, actor_env())  # blocks until its replicas run, while the actors start
+        # blocks until its replicas run, while the actors start
+        verifier = VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
         restored = [lr.load_state.remote(os.path.join(resume_from, "learner")) for lr in learners] if resume_from else []
         ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]
                 + ([reference.__ray_ready__.remote()] if reference else []) + restored)
@@ -186,12 +196,24 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
         if verifier is not None:
             verifier.shutdown()
         raise
-    return Roles(generators, verifier, reference, learners, placement)
+    group = LearnerGroup(learners, gather_on_all_ranks=full_params_need_all_ranks(cfg.learner.backend,
+                                                                                cfg.learner.zero_stage),
+                         dtype=cfg.model.dtype)
+    return Roles(GeneratorFleet(generators, group), verifier, reference, group, placement)
+
+
+def replace_reference(roles: Roles, cfg: Config, model_path: str) -> None:
+    """Restart the reference actor from the model folder `model_path` (a reference reset, or a
+    rollback to a checkpoint that names another one), and wait until it is ready."""
+    # the old actor goes first: the new one takes its place in the placement group
+    ray.kill(roles.reference)
+    roles.reference = start_reference(cfg, model_path, roles.placement)
+    ray.get(roles.reference.__ray_ready__.remote())
 
 
 def stop_roles(roles: Roles) -> None:
     roles.verifier.shutdown()
-    for actor in roles.generators + [roles.reference] + roles.learners:
+    for actor in roles.fleet.actors + [roles.reference] + roles.learners.actors:
         if actor is not None:
             ray.kill(actor)
     if roles.placement is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..models.modeling import batched_logprobs, device, load_causal_lm
-from ..core.records import Rollout, TrainBatch
+from ..core.records import Rollout, TrainBatch, padded_batch
 
 
 class Reference:
@@ -22,9 +22,8 @@ class Reference:
 
     def rollout_logprobs(self, pad_id: int, *parts: Rollout) -> torch.Tensor:
         """ref_logprobs [B, T] of a rollout given as its generators' parts, laid out as the
-        driver's TrainBatch.from_rollout of Rollout.concat(parts). The driver calls it with the
+        learner's batch (records.padded_batch). The driver calls it with the
         parts' ObjectRefs while they are still sampling (Ray runs it once they are done): in sync
         mode the pass runs while the driver scores the rollout, in async mode the frozen
         reference pass of step n+1 runs beside the learner of step n."""
-        rollout = Rollout.concat(list(parts))
-        return self.logprobs(TrainBatch.from_rollout(rollout, torch.zeros(len(rollout)), pad_id))
+        return self.logprobs(padded_batch(list(parts), pad_id))

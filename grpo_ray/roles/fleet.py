@@ -1,0 +1,169 @@
+"""The generator fleet: the driver's one handle on the vLLM generator actors.
+
+It owns what belongs to all of them together: the weight version they hold (the learner step
+whose weights were last pushed; the one meaning of "version" in the code), the weight loads
+queued on them and not yet awaited, and the stale-version retry: a generator that Ray
+restarted after a crash comes back with the weights it started with, its part of a rollout
+carries another version, and the fleet pushes the current weights (from the learner group)
+and samples again, so that no sample from stale weights reaches the learner.
+
+Sampling is streamed (`stream`): the caller sees each launch and each generator's part as it
+arrives, so it can queue work behind the sampling (the reference pass) and score the parts
+that finish first while the slowest generator still samples, without the fleet calling back
+into the driver.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import ray
+
+from ..core.records import Rollout
+
+MAX_RESYNCS = 3  # pushes of the current weights before a rollout that keeps coming back stale fails
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample a rollout: n completions per prompt (the group size)."""
+    n: int
+    temperature: float
+    max_new_tokens: int
+    top_p: float = 1.0
+
+
+@dataclass
+class Launch:
+    """Prompts sent to the generators, not awaited: one ObjectRef[Rollout] per generator, in
+    prompt order, and the weight version every part must come from."""
+    refs: list
+    version: int
+    prompts: list[str]
+    sampling: Sampling
+    seed: int
+
+    def wait(self) -> None:
+        """Until every part is sampled (without fetching them)."""
+        ray.wait(self.refs, num_returns=len(self.refs), fetch_local=False)
+
+
+@dataclass
+class Arrived:
+    """One generator's part, sampled with the launch's weights (stale parts are not shown)."""
+    index: int
+    part: Rollout
+
+
+@dataclass
+class Sampled:
+    """The whole rollout, every part from the launch's weights: the stream's last event."""
+    rollout: Rollout
+
+
+def split(items: list, parts: int) -> list[list]:
+    """Contiguous, near-equal chunks (empty ones dropped)."""
+    size, rem = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < rem)
+        out.append(items[start:end])
+        start = end
+    return [c for c in out if c]
+
+
+class GeneratorFleet:
+    def __init__(self, actors: list, learners=None):
+        """actors: the Generator actors; learners: the LearnerGroup the current weights come
+        from when a restarted generator must be brought up to date (None: sampling only, as in
+        `grpo-ray eval`, where every generator holds the model it started from)."""
+        self.actors, self.learners = actors, learners
+        self.version = 0  # what every generator holds once the queued loads run
+        self._loading: list = []  # weight loads queued, not yet awaited: [ObjectRef]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    # ------------------------------------------------------------ sampling
+    def launch(self, prompts: list[str], sampling: Sampling, seed: int) -> Launch:
+        """Split the prompts across the generators and start sampling; nothing waits. Prompt j's
+        completions sample with seeds seed + j*n + k wherever it lands. Each generator runs
+        the call after the weight loads queued on it, so it samples with `self.version`."""
+        refs, offset = [], 0
+        for gen, chunk in zip(self.actors, split(prompts, len(self.actors))):
+            refs.append(gen.generate.remote(chunk, n=sampling.n, temperature=sampling.temperature,
+                                            max_new_tokens=sampling.max_new_tokens, top_p=sampling.top_p,
+                                            seed=seed + offset * sampling.n, sent=time.time()))
+            offset += len(chunk)
+        return Launch(refs, self.version, list(prompts), sampling, seed)
+
+    def stream(self, prompts: list[str], sampling: Sampling, seed: int,
+               first: Launch | None = None) -> Iterator[Launch | Arrived | Sampled]:
+        """Sample with the current weights, as events: a Launch (again after each resync: what
+        was queued behind the previous one is for stale samples), an Arrived per part sampled
+        with the launch's weights, in the order they finish, and a last Sampled. `first`: a
+        launch already made (rollout.asynchronous), taken as the first attempt, with its own
+        version as the one expected."""
+        launch = first
+        for attempt in range(MAX_RESYNCS + 1):
+            if launch is None:
+                launch = self.launch(prompts, sampling, seed)
+                yield launch
+            parts, waiting = [None] * len(launch.refs), list(launch.refs)
+            while waiting:
+                done, waiting = ray.wait(waiting, num_returns=1)
+                i = launch.refs.index(done[0])
+                parts[i] = ray.get(done[0])
+                if parts[i].weight_version == launch.version:
+                    yield Arrived(i, parts[i])
+            if all(p.weight_version == launch.version for p in parts):
+                yield Sampled(Rollout.concat(parts))
+                return
+            if attempt < MAX_RESYNCS:
+                print(f"generator weights at versions {sorted({p.weight_version for p in parts})}, expected "
+                      f"{launch.version} (a restarted generator?): pushing the current weights (version "
+                      f"{self.version}) and sampling again", file=sys.stderr)
+                self.resync()
+            launch = None
+        raise RuntimeError(f"generators keep returning stale weight versions after {MAX_RESYNCS} weight pushes")
+
+    def sample(self, prompts: list[str], sampling: Sampling, seed: int, first: Launch | None = None) -> Rollout:
+        """stream() without the events: the rollout, every part from the current weights (or
+        from `first`'s, when its parts all came from them)."""
+        for event in self.stream(prompts, sampling, seed, first):
+            if isinstance(event, Sampled):
+                return event.rollout
+        raise AssertionError("stream ended without a rollout")
+
+    # ------------------------------------------------------------ weights
+    def push(self, weights: ray.ObjectRef, version: int) -> None:
+        """Queue the load of `weights` (a ref to the learner's buckets: each generator reads the
+        one stored copy) on every generator, behind any rollout already queued there; from now
+        on launches sample with `version`. Not awaited: see settle()."""
+        self._loading += [g.update_weights.remote(weights, version) for g in self.actors]
+        self.version = version
+
+    def settle(self, keep_latest: bool = False) -> None:
+        """Await the queued weight loads, raising any error they had. keep_latest leaves the
+        newest push running: in sync mode it loads while the driver logs the step and sends
+        the next prompts, in async mode behind the rollout sampling ahead (a generator runs its
+        calls in order, so the next rollout still starts on the new weights); the next
+        settle() awaits it."""
+        newest = self._loading[-len(self.actors):] if keep_latest and self._loading else []
+        ray.get(self._loading[:len(self._loading) - len(newest)])
+        self._loading = newest
+
+    def resync(self, version: int | None = None) -> None:
+        """Every generator to the learners' current weights, awaited (a generator restart, a
+        resume, a rollback). version: what to call them (default: the fleet's current)."""
+        if self.learners is None:
+            raise RuntimeError("a generator came back with other weights and this fleet has no learners to "
+                               "take the current ones from")
+        self.settle()
+        self.push(self.learners.weight_buckets(), self.version if version is None else version)
+        self.settle()
+
+    def ready(self) -> None:
+        ray.get([g.ready.remote() for g in self.actors])

@@ -1,0 +1,90 @@
+"""The learner group: the driver's one handle on the learner ranks (one Learner actor each,
+one process group). It fans every call out over the ranks and keeps the backend's rule for
+reading whole parameters inside: under a sharding backend (DeepSpeed ZeRO-3) every rank must
+take part in a gather, otherwise rank 0 alone holds them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+
+from ..core.algorithm import loss_normalizer
+from ..core.records import TrainBatch
+from .fleet import split
+
+
+@dataclass
+class Update:
+    """An update in flight: each rank's metrics (ObjectRefs) and rank 0's new weights (a ref
+    to its buckets, packed in the same call, so the generators' load can be queued on it at
+    once)."""
+    stats: list
+    weights: ray.ObjectRef
+
+
+class LearnerGroup:
+    def __init__(self, actors: list, gather_on_all_ranks: bool, dtype: str = "float32"):
+        """gather_on_all_ranks: reading whole parameters (weights for the generators, a saved
+        policy) needs every rank (backends.full_params_need_all_ranks). dtype: the generators'
+        weights (model.dtype)."""
+        self.actors, self.dtype = actors, dtype
+        self._gathering = actors if gather_on_all_ranks else actors[:1]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def update(self, batch: TrainBatch, *, mini_batches: int, aggregation: str, max_tokens: int,
+               epochs: int) -> Update:
+        """Start the update: `mini_batches` optimizer steps per pass, `epochs` passes.
+        Mini-batch j is a contiguous 1/mini_batches of the batch (whole groups when they divide
+        evenly); with M ranks each takes a contiguous 1/M of every mini-batch. All divide by the
+        normaliser of the WHOLE mini-batch, so the gradient does not depend on the split across
+        ranks and micro-batches."""
+        shares: list[list[TrainBatch]] = [[] for _ in self.actors]
+        normalizers = []
+        for mb_rows in split(list(range(batch.size)), mini_batches):
+            mb = batch.select(slice(mb_rows[0], mb_rows[-1] + 1))
+            normalizers.append(loss_normalizer(mb.response_mask, aggregation, max_tokens))
+            for share, rows in zip(shares, split(list(range(mb.size)), len(self.actors))):
+                share.append(mb.select(slice(rows[0], rows[-1] + 1)))
+        stats, weights = [], []
+        for rank, (actor, share) in enumerate(zip(self.actors, shares)):
+            if rank < len(self._gathering):  # every gathering rank packs; rank 0's buckets are sent
+                part, buckets = actor.update_then_pack.options(num_returns=2).remote(
+                    share, normalizers, epochs, self.dtype)
+                weights.append(buckets)
+            else:
+                part = actor.update.remote(share, normalizers, epochs)
+            stats.append(part)
+        return Update(stats, weights[0])
+
+    def weight_buckets(self) -> ray.ObjectRef:
+        """The current weights as buckets for the generators (a ref to rank 0's)."""
+        return [lr.weight_buckets.remote(self.dtype) for lr in self._gathering][0]
+
+    def save_policy(self, out_dir: str, tokenizer=None) -> None:
+        """The policy in Hugging Face format (transformers and vLLM load it as is), with the
+        tokenizer when given; not atomic (the caller writes into a temp folder)."""
+        ray.get([lr.save_pretrained.remote(out_dir) for lr in self._gathering])
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+
+    def save_state(self, out_dir: str) -> None:
+        """Weights, optimizer moments and LR schedule: every rank writes its own shard."""
+        ray.get([lr.save_state.remote(out_dir) for lr in self.actors])
+
+    def load_state(self, in_dir: str, wait: bool = True) -> list:
+        """Restore save_state's folder on every rank (wait=False: the refs, to await with others)."""
+        refs = [lr.load_state.remote(in_dir) for lr in self.actors]
+        return ray.get(refs) if wait else refs
+
+    def scale_lr(self, factor: float) -> float:
+        """Multiply every rank's learning rate; returns the new one."""
+        return ray.get([lr.scale_lr.remote(factor) for lr in self.actors])[0]
+
+    def checkpoint_into(self, folder: str, tokenizer) -> None:
+        """A checkpoint's learner part: policy/ (Hugging Face) and learner/ (backend state)."""
+        self.save_policy(os.path.join(folder, "policy"), tokenizer)
+        self.save_state(os.path.join(folder, "learner"))
