@@ -115,7 +115,7 @@ def test_learner_methods_through_the_backend(plain_learner, tmp_path):
     learner.save_state(str(tmp_path))
     before = learner.weight_buckets()
     stats, buckets = learner.update_then_pack([b], [loss_normalizer(b.response_mask, "seq_mean")])
-    assert learner.version == 1 and math.isfinite(stats["loss"]) and len(buckets) == len(before)
+    assert learner.updates == 1 and math.isfinite(stats["loss"]) and len(buckets) == len(before)
     assert learner.load_state(str(tmp_path)) == 0
     assert learner.scale_lr(0.5) == pytest.approx(5e-3)
     learner.save_pretrained(str(tmp_path / "hf"))

@@ -179,3 +179,24 @@ def test_combine_parts_sums_losses_weights_means_and_keeps_extremes():
     out = combine_parts(parts)
     assert out == {"loss": 0.75, "pg_loss": 0.5, "kl": pytest.approx((0.1 + 3 * 0.4) / 4),
                    "ratio/max": 1.5, "ratio/min": 0.7, "tokens": 4.0}
+
+
+def test_large_rewards_keep_their_differences():
+    """Issue 28 #4: a reward component of ~1e9 lost the +1 between answers in float32 (1e9+1 ==
+    1e9): reward std 0, advantages 0, no learning, while the console showed 999999616. Rewards,
+    their statistics and the advantages are float64."""
+    from types import SimpleNamespace
+
+    from grpo_ray.config import load_config
+    from grpo_ray.core.algorithm import group_advantages
+    from grpo_ray.core.metrics import reward_stats
+    from grpo_ray.core.records import Score
+    from grpo_ray.driver.step import shaped_rewards
+
+    cfg = load_config(None, ["algo.group_size=2"])
+    scores = [Score(1e9 + 1, "a"), Score(1e9, "b")]
+    rewards, _ = shaped_rewards(cfg, SimpleNamespace(response_ids=[[1], [1]]), scores)
+    assert rewards.tolist() == [1e9 + 1, 1e9]
+    assert group_advantages(rewards, 2).tolist() == pytest.approx([1.0, -1.0])
+    stats = reward_stats(rewards, 2)
+    assert stats["reward/mean"] == 1e9 + 0.5 and stats["reward/std"] == 0.5 and stats["reward/frac_zero_std"] == 0.0

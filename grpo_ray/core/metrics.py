@@ -35,7 +35,7 @@ def reward_stats(rewards: torch.Tensor, group_size: int, correct: torch.Tensor |
     reward/std is the mean within-group std (population), as TRL logs it: it is what the
     advantages are normalised by, and what the guide's < 0.3 / > 2.0 thresholds speak about.
     """
-    groups = rewards.float().view(-1, group_size)
+    groups = rewards.double().view(-1, group_size)  # float64, as the advantages (step.shaped_rewards)
     std = groups.std(dim=1, unbiased=False)
     top, bottom = groups.max(dim=1).values, groups.min(dim=1).values
     zero = top == bottom  # the groups group_advantages gives zeros (any difference is normalised up)
@@ -43,7 +43,7 @@ def reward_stats(rewards: torch.Tensor, group_size: int, correct: torch.Tensor |
     return {
         "reward/mean": float(groups.mean()),
         "reward/std": float(std.mean()),
-        "reward/batch_std": float(rewards.float().std(unbiased=False)),
+        "reward/batch_std": float(rewards.double().std(unbiased=False)),
         "reward/frac_zero_std": float(zero.float().mean()),
         # zero-std groups split by cause: all solved (too easy) vs all failed (too hard)
         "reward/frac_all_max": float((zero & (ok >= 1.0).all(dim=1)).float().mean()),

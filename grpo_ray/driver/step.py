@@ -112,8 +112,10 @@ def spot_samples(got: Collected, advantages: torch.Tensor, G: int, n: int) -> li
 
 
 def shaped_rewards(cfg: Config, rollout: Rollout, scores: list) -> tuple[torch.Tensor, dict]:
-    """Verifier rewards, plus DAPO's soft overlong penalty when algo.overlong == "penalty"."""
-    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
+    """Verifier rewards, plus DAPO's soft overlong penalty when algo.overlong == "penalty". In
+    float64: float32 holds 7 digits, so a large component (1e9) erased the differences between
+    answers (1e9 + 1 == 1e9), and with them every advantage."""
+    rewards = torch.tensor([s.reward for s in scores], dtype=torch.float64)
     if cfg.algo.overlong != "penalty":
         return rewards, {}
     lengths = torch.tensor([len(r) for r in rollout.response_ids])

@@ -54,7 +54,9 @@ class Learner:
                                    dtype=dtype, rank=rank, world_size=world_size, master_addr=master_addr,
                                    master_port=master_port)
         self.backend = get_backend(backend)(build_model, settings, zero_stage=zero_stage)
-        self.version = 0
+        # updates done (saved with the state): a count, not a weight version, which only the
+        # generator fleet keeps
+        self.updates = 0
 
     def update(self, mini_batches: list[TrainBatch], normalizers: list[float], epochs: int = 1) -> dict[str, float]:
         """`epochs` passes over this rank's share of each mini-batch, one optimizer step per
@@ -70,7 +72,7 @@ class Learner:
                 parts += self._accumulate(shard, normalizer, measure_mismatch=mismatch is None and epoch == j == 0)
                 self.backend.step()
                 norms.append(self.backend.grad_norm())
-        self.version += 1
+        self.updates += 1
         return self._fold(parts, norms, mismatch)
 
     def _prepare_old_logprobs(self, mini_batches: list[TrainBatch]) -> tuple[list[TrainBatch], dict | None]:
@@ -157,12 +159,13 @@ class Learner:
     def save_state(self, out_dir: str) -> None:
         """Weights, optimizer moments and LR schedule (every rank writes its own shard of a sharded
         state, so every rank must call this)."""
-        self.backend.save_state(out_dir, {"version": self.version})
+        self.backend.save_state(out_dir, {"updates": self.updates})
 
     def load_state(self, in_dir: str) -> int:
         """Restore save_state's checkpoint; returns the update count it was saved at."""
-        self.version = int(self.backend.load_state(in_dir).get("version", 0))
-        return self.version
+        client = self.backend.load_state(in_dir)
+        self.updates = int(client.get("updates", client.get("version", 0)))  # "version": before 2026-12
+        return self.updates
 
     def scale_lr(self, factor: float) -> float:
         """Multiply the learning rate from now on (KL rollback); returns the new current lr."""
