@@ -20,7 +20,30 @@ from __future__ import annotations
 
 import torch
 
-ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+def _grpo(grouped: torch.Tensor, eps: float) -> torch.Tensor:
+    """(r - mean) / (std + eps), population std (DeepSeekMath eq. 3's outcome supervision)."""
+    mean = grouped.mean(dim=1, keepdim=True)
+    return (grouped - mean) / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+
+
+def _dr_grpo(grouped: torch.Tensor, eps: float) -> torch.Tensor:
+    """r - mean: Dr. GRPO (Liu et al. 2025) drops the std division, which up-weights easy/hard groups."""
+    return grouped - grouped.mean(dim=1, keepdim=True)
+
+
+def _rloo(grouped: torch.Tensor, eps: float) -> torch.Tensor:
+    """r - mean of the other G-1 rewards of the group (leave-one-out baseline, Ahmadian et al. 2024)."""
+    G = grouped.shape[1]
+    if G < 2:
+        raise ValueError("estimator='rloo' needs group_size >= 2")
+    return grouped - (grouped.sum(dim=1, keepdim=True) - grouped) / (G - 1)
+
+
+# Advantage estimators by name (algo.estimator): fn(grouped rewards [P, G] float64, eps) -> [P, G].
+# A new estimator is one function here and one entry in this table; the config's allowed values
+# are its keys.
+ESTIMATOR_FNS = {"grpo": _grpo, "dr_grpo": _dr_grpo, "rloo": _rloo}
+ESTIMATORS = tuple(ESTIMATOR_FNS)
 AGGREGATIONS = ("seq_mean", "token_mean", "constant")
 TIS_LEVELS = ("token", "sequence")
 
@@ -37,36 +60,27 @@ def group_advantages(
              group of equal rewards gives zeros (no signal, no gradient).
     dr_grpo: r - mean (Dr. GRPO drops the std division, which up-weights easy/hard groups).
     rloo:    r - mean of the other G-1 rewards of the group (leave-one-out baseline).
+    Whatever the estimator, a group of equal rewards gets exactly zeros.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size != 0:
         raise ValueError(
             f"rewards must be a flat tensor of num_prompts * group_size values; got shape "
             f"{tuple(rewards.shape)} with group_size={group_size}"
         )
-    if estimator not in ESTIMATORS:
+    if estimator not in ESTIMATOR_FNS:
         raise ValueError(f"estimator={estimator!r}; allowed: {', '.join(ESTIMATORS)}")
     # float64: in float32 the mean of G copies of e.g. 0.1 is not 0.1, and (r - mean) / (std + eps)
     # of a constant group was ~1e-9 / ~1e-8, a large uniform advantage instead of zero
     grouped = rewards.double().view(-1, group_size)  # [P, G]
     constant = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)  # [P, 1]
-    mean = grouped.mean(dim=1, keepdim=True)
-    if estimator == "grpo":
-        std = grouped.std(dim=1, unbiased=False, keepdim=True)
-        adv = (grouped - mean) / (std + eps)
-    elif estimator == "dr_grpo":
-        adv = grouped - mean
-    else:
-        if group_size < 2:
-            raise ValueError("estimator='rloo' needs group_size >= 2")
-        others = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-        adv = grouped - others
+    adv = ESTIMATOR_FNS[estimator](grouped, eps)
     return adv.masked_fill(constant, 0.0).float().reshape(-1)  # equal rewards: exactly no signal
 
 
 def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """DAPO dynamic sampling: a group whose rewards are all equal has zero advantages and gives
     no gradient. rewards: [P * G] -> [P] bool, True where the group's rewards differ."""
-    grouped = rewards.float().view(-1, group_size)
+    grouped = rewards.double().view(-1, group_size)  # float64: 1e9 + 1 != 1e9
     return grouped.max(dim=1).values > grouped.min(dim=1).values
 
 

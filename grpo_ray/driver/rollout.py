@@ -118,7 +118,7 @@ def collect_rollout(step: int, cfg: Config, roles, sampler: PromptSampler, timer
             return Collected(records, rollout, scores, ref_pass, retries=scores.retries)
         retries += scores.retries
         waited = [waited[0] + rollout.queued_s, waited[1] + rollout.sample_s]  # rounds run one after another
-        useful = informative_groups(torch.tensor([s.reward for s in scores]), G).tolist()
+        useful = informative_groups(torch.tensor([s.reward for s in scores], dtype=torch.float64), G).tolist()
         kept += [(records[i], rollout.select_groups([i], G), scores[i * G:(i + 1) * G])
                  for i, u in enumerate(useful) if u]
         seen += P
