@@ -172,16 +172,30 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_command(args, argv: list[str]) -> None:
-    """args.fn(args): the user's errors in one line (exit 2); anything else is a bug, with its
-    traceback on stderr and in the run directory's error.log (exit 1)."""
+    """args.fn(args): the user's errors in one line (exit 2); a stop by SIGTERM or SIGINT in one
+    line, exit 128 + the signal; anything else is a bug, with its traceback on stderr and in the
+    run directory's error.log (exit 1)."""
     try:
         args.fn(args)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM in train (driver.signals.Stopped): the actors are released
+        sys.exit(report_stop(e))
     except Exception as e:
         if is_user_error(e):
             print(f"grpo-ray: error: {user_message(e)}", file=sys.stderr)
             sys.exit(2)
         report_internal_error(e, getattr(args, "error_log_dir", None), argv)
         sys.exit(1)
+
+
+def report_stop(e: KeyboardInterrupt) -> int:
+    """One line for a run stopped by a signal (where it stopped and how to resume, when train()
+    said so); returns the exit code, 128 + the signal (SIGTERM 143, SIGINT 130)."""
+    import signal
+
+    signum = getattr(e, "signum", signal.SIGINT)
+    where = getattr(e, "where", "")
+    print(f"grpo-ray: stopped by {signal.Signals(signum).name}{' ' + where if where else ''}", file=sys.stderr)
+    return 128 + signum
 
 
 USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)

@@ -6,34 +6,49 @@ def digit_fraction(record, response):
     return sum(c.isdigit() for c in response) / max(len(response), 1)
 
 
+class _InCaller:
+    """A return value that runs fn(*args) where it is unpickled: in the process that called the
+    reward function (the verifier replica), not in the worker process that runs user functions
+    under their time limit (grpo_ray/verifiers/user.py), which a hang or a crash of the function
+    itself cannot get past. How the pool's tests make a replica hang or die with a request in
+    flight."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
 def hang_once(record, response):
-    """Hangs (20 s) the first time it sees record["marker"] missing, then answers at once: a
-    replica stuck on one request, for the verifier pool's timeout-and-resend test."""
+    """The first time it sees record["marker"] missing, holds the replica's thread for 20 s,
+    then answers at once: a replica stuck on one request, for the verifier pool's
+    timeout-and-resend test."""
     import os
     import time
 
     if not os.path.exists(record["marker"]):
         open(record["marker"], "w").close()
-        time.sleep(20)
+        return _InCaller(time.sleep, 20)
     return 1.0
 
 
 def crash_once(record, response):
-    """Kills its own process (the replica) the first time it sees record["marker"] missing: a
-    replica that dies with a request in flight, for the verifier pool's resend test."""
+    """Kills the replica the first time it sees record["marker"] missing: a replica that dies
+    with a request in flight, for the verifier pool's resend test."""
     import os
 
     if not os.path.exists(record["marker"]):
         open(record["marker"], "w").close()
-        os._exit(1)
+        return _InCaller(os._exit, 1)
     return 1.0
 
 
 def hang_always(record, response):
+    """Holds the replica's thread for 20 s (the retries-run-out test)."""
     import time
 
-    time.sleep(20)
-    return 1.0
+    return _InCaller(time.sleep, 20)
 
 
 def uniform_for_even(record, response):
@@ -53,3 +68,31 @@ def now(record, response):
     import time
 
     return time.time()
+
+
+def raise_on_odd(record, response):
+    """Raises for odd answers (a bug that only some rows hit), else the dense digit fraction."""
+    if int(record["answer"]) % 2:
+        raise ValueError(f"bad input {record['answer']}")
+    return digit_fraction(record, response)
+
+
+def always_raises(record, response):
+    raise ValueError("bad input")
+
+
+def sleep_forever(record, response):
+    """Never answers within any time limit."""
+    import time
+
+    while True:
+        time.sleep(60)
+
+
+def nan_reward(record, response):
+    return float("nan")
+
+
+def constant(record, response):
+    """A trivial function: what a call costs on top of the function itself."""
+    return 0.5

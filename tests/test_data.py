@@ -319,3 +319,129 @@ def test_sampler_returns_record_objects():
     s = PromptSampler(recs, seed=0)
     out = s.next(3)
     assert all(any(o is r for r in recs) for o in out)
+
+
+# --------------------------------------------------------------------------- wrong types (issue 28 #8)
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"prompt": "q", "answer": ["2", "3"]}, "'answer' must be a string or a number, got list"),
+    ({"prompt": "q", "answer": {"v": 2}}, "'answer' must be a string or a number, got dict"),
+    ({"prompt": "q", "answer": True}, "'answer' must be a string or a number, got bool"),
+    ({"prompt": ["q", "r"], "answer": "2"}, "'prompt' must be a string, got list"),
+    ({"prompt": {"text": "q"}, "answer": "2"}, "'prompt' must be a string, got dict"),
+    ({"prompt": 7, "answer": "2"}, "'prompt' must be a string, got int"),
+])
+def test_a_prompt_or_answer_of_the_wrong_type_is_an_error_naming_the_line(tmp_path, row, needle):
+    # a list answer was accepted silently: the row could never be scored right (pass@1 capped)
+    path = write_jsonl(tmp_path, [{"prompt": "1+1?", "answer": "2"}, row])
+    with pytest.raises(DataError, match=f"d.jsonl:2: {re.escape(needle)}"):
+        load_jsonl(path)
+
+
+def test_a_remapped_key_of_the_wrong_type_names_that_key(tmp_path):
+    path = write_jsonl(tmp_path, [{"question": "q", "target": [1]}])
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: 'target' must be a string or a number, got list")):
+        load_jsonl(path, prompt_key="question", answer_key="target")
+
+
+def test_numeric_answers_still_load(tmp_path):
+    recs = load_jsonl(write_jsonl(tmp_path, [{"prompt": "a", "answer": 4}, {"prompt": "b", "answer": 2.5}]))
+    assert [r["answer"] for r in recs] == [4, 2.5]
+
+
+# --------------------------------------------------------------------------- prompt lengths (issue 28 #2)
+
+
+def _tokenizer(model_dir):
+    from grpo_ray.models.modeling import load_tokenizer
+
+    return load_tokenizer(model_dir)
+
+
+def test_records_know_their_file_and_line(tmp_path):
+    from grpo_ray.data.datasets import source_of
+
+    path = write_jsonl(tmp_path, [{"prompt": "a", "answer": "1"}, "", {"prompt": "b", "answer": "2"}])
+    recs = load_jsonl(path)
+    assert [source_of(r) for r in recs] == [f"{path}:1", f"{path}:3"]
+
+
+def test_a_prompt_too_long_for_the_model_is_an_error_naming_file_and_line(tmp_path, tiny_model_dir):
+    from grpo_ray.data.datasets import fit_prompts
+
+    tok = _tokenizer(tiny_model_dir)
+    rows = [{"prompt": f"{i}+1?", "answer": str(i + 1)} for i in range(5)]
+    rows[3]["prompt"] = "1 + 1 " * 20  # 120 characters, about 120 tokens: more than 48
+    path = write_jsonl(tmp_path, rows)
+    recs = load_jsonl(path)
+    with pytest.raises(DataError, match=re.escape(f"{path}:4: the prompt needs ") + r"\d+ tokens.*48"):
+        fit_prompts(recs, tok, limit=48)
+    assert fit_prompts(recs[:3], tok, limit=48) == (recs[:3], 0)  # the short ones fit: nothing dropped
+    kept, dropped = fit_prompts(recs, tok, limit=48, drop=True)
+    assert dropped == 1 and kept == recs[:3] + recs[4:]
+
+
+def test_a_huge_prompt_is_refused_without_tokenising_it(tmp_path):
+    from grpo_ray.data.datasets import fit_prompts
+
+    class Counting:
+        def __init__(self):
+            self.chars = 0
+
+        def __call__(self, texts, **kw):
+            self.chars += sum(len(t) for t in texts)
+            return {"input_ids": [[0] * len(t) for t in texts]}
+
+    path = write_jsonl(tmp_path, [{"prompt": "a", "answer": "1"}, {"prompt": "x" * 5_000_000, "answer": "2"}])
+    tok = Counting()
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: the prompt") + ".*5000000 characters"):
+        fit_prompts(load_jsonl(path), tok, limit=48)
+    assert tok.chars < 1000
+
+
+def test_train_refuses_a_long_prompt_before_any_actor_starts(tmp_path, tiny_model_dir, monkeypatch):
+    from grpo_ray.config import load_config
+    from grpo_ray.driver import train as train_mod
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started before the prompt lengths were checked")
+
+    monkeypatch.setattr(train_mod, "init_ray", no_ray)
+    rows = [{"prompt": f"{i}+1?", "answer": str(i + 1)} for i in range(8)]
+    rows[5]["prompt"] = "1 + 1 " * 200
+    path = write_jsonl(tmp_path, rows)
+    overrides = [f"model.path={tiny_model_dir}", "data.task=jsonl", f"data.train_path={path}",
+                 f"run.output_dir={tmp_path}", "run.name=r", "rollout.max_model_len=64", "rollout.max_new_tokens=16"]
+    with pytest.raises(DataError, match=re.escape(f"{path}:6: the prompt needs")):
+        train_mod.train(load_config(None, overrides))
+    cfg = load_config(None, overrides + ["data.drop_long_prompts=true"])
+    with pytest.raises(AssertionError, match="Ray started"):  # dropped with a count: the run goes on
+        train_mod.train(cfg)
+
+
+def test_an_eval_file_with_a_long_prompt_is_refused_before_sampling(tmp_path, tiny_model_dir, monkeypatch):
+    from grpo_ray.config import load_config
+    from grpo_ray.driver import evaluation
+
+    import grpo_ray.roles.actors as actors
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started before the prompt lengths were checked")
+
+    monkeypatch.setattr(actors, "init_ray", no_ray)
+    path = write_jsonl(tmp_path, [{"prompt": "1+1?", "answer": "2"}, {"prompt": "1 + 1 " * 200, "answer": "2"}])
+    cfg = load_config(None, ["rollout.max_model_len=64", "rollout.max_new_tokens=16"])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: the prompt needs")):
+        evaluation.eval_model(cfg, tiny_model_dir, load_jsonl(path), str(tmp_path / "out"))
+
+
+def test_records_reach_other_processes_as_plain_dicts(tmp_path):
+    """The file:line a record carries is for the driver's errors only: pickled (to the verifier
+    pool, a user reward function's worker) it is the row's fields, a plain dict."""
+    import pickle
+
+    rec = load_jsonl(write_jsonl(tmp_path, [{"prompt": "a", "answer": "1", "id": 7}]))[0]
+    sent = pickle.loads(pickle.dumps(rec, pickle.HIGHEST_PROTOCOL))
+    assert type(sent) is dict and sent == {"prompt": "a", "raw_prompt": "a", "answer": "1", "task": "math", "id": 7}
+    assert b"grpo_ray" not in pickle.dumps(rec, pickle.HIGHEST_PROTOCOL)

@@ -10,7 +10,7 @@ import torch
 
 from grpo_ray.core.algorithm import loss_normalizer
 from grpo_ray.roles import backends
-from grpo_ray.roles.backends.base import TrainingBackend, make_optimizer, scale_lr, unsharded
+from grpo_ray.roles.backends.base import TrainingBackend, all_finite, make_optimizer, scale_lr, unsharded
 from test_learner_options import _batch
 
 
@@ -41,11 +41,17 @@ class PlainTorchBackend(TrainingBackend):
     def backward(self, loss):
         loss.backward()
 
-    def step(self):
+    def step(self, skip=False):
+        grads = [p.grad for p in self._model.parameters() if p.grad is not None]
+        if skip or not all_finite(grads):  # the non-finite guard: drop the gradients, step nothing
+            self.optimizer.zero_grad()
+            self._norm = float("inf")
+            return False
         self._norm = float(torch.nn.utils.clip_grad_norm_(self._model.parameters(), self.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
+        return True
 
     def grad_norm(self):
         return self._norm
@@ -54,11 +60,14 @@ class PlainTorchBackend(TrainingBackend):
         return unsharded(self._model)
 
     def save_state(self, out_dir, client_state):
-        torch.save({"model": self._model.state_dict(), "client": client_state}, f"{out_dir}/state.pt")
+        torch.save({"model": self._model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "client": client_state}, f"{out_dir}/state.pt")
 
     def load_state(self, in_dir):
         state = torch.load(f"{in_dir}/state.pt")
         self._model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         return state["client"]
 
     def scale_lr(self, factor):

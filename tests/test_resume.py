@@ -216,3 +216,25 @@ def test_each_checkpoint_names_the_reference_it_had(ray_local, tiny_model_dir, t
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6, step
     # step 1's reset is named by no checkpoint and is not the actor's: pruned
     assert sorted(os.listdir(os.path.join(run_dir, "reference_policy"))) == ["step_000002", "step_000003"]
+
+
+def test_a_refused_resume_leaves_config_yaml_as_it_was(tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 28 #11: a checkpoint of another model in the run dir is refused before config.yaml
+    is rewritten with the rejected settings (byte for byte, and no config.until-* copy)."""
+    from grpo_ray.driver import train as train_mod
+    from grpo_ray.driver.outputs import create_run_dir
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started: the resume was not refused")
+
+    monkeypatch.setattr(train_mod, "init_ray", no_ray)
+    run = create_run_dir(_cfg(tmp_path, tiny_model_dir, "r", 4, "learner.lr=1e-4"))
+    before = open(os.path.join(run, "config.yaml"), "rb").read()
+    other = _fake_checkpoint(run, 2, tiny_model_dir)  # "model A": twice as wide as the tiny model
+    conf = json.load(open(os.path.join(other, "policy", "config.json")))
+    conf["hidden_size"] *= 2
+    json.dump(conf, open(os.path.join(other, "policy", "config.json"), "w"))
+    with pytest.raises(CheckpointError, match="different model"):
+        train_mod.train(_cfg(tmp_path, tiny_model_dir, "r", 8, "learner.lr=5e-5"))
+    assert open(os.path.join(run, "config.yaml"), "rb").read() == before
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml"]

@@ -63,6 +63,11 @@ class RunConfig(Section):
     tensorboard: bool = _f(True, "event files in <run dir>/tensorboard")
     wandb_project: Text = _f("", "Weights & Biases project; empty = off (needs `pip install wandb`)")
     plots: bool = _f(True, "PNG charts in <run dir>/plots at the end (also: grpo-ray plot RUN_DIR)")
+    stall_timeout_s: Optional[Float] = _f(
+        1800.0, "the longest a remote call (sampling, a weight load, the reference pass, an update, a save) may go "
+        "without progress before its role is named as stalled: a generator or the reference is restarted and "
+        "the phase redone, a stalled learner stops the run with the last checkpoint named; a restarted engine "
+        "gets its start-up time on top; null = wait forever", gt=0.0)
 
     @field_validator("name")
     @classmethod
@@ -105,6 +110,8 @@ class DataConfig(Section):
     verifier: Text = _f("math", "scores rows without a `task` field: math, code, or module:function")
     max_operand: int = _f(49, "arithmetic only: largest operand", ge=1)
     eval_fraction: Float = _f(0.1, "share of the prompts held out for evaluation", gt=0.0, le=0.9)
+    drop_long_prompts: bool = _f(False, "jsonl only: drop the rows whose prompt does not fit rollout.max_model_len - "
+                                        "rollout.max_new_tokens tokens (counted), instead of stopping at the first")
 
     @field_validator("prompt_template")
     @classmethod
@@ -182,6 +189,13 @@ class CodeRewardConfig(Section):
                                         "(network, world-readable files)")
 
 
+class UserRewardConfig(Section):
+    """User reward functions ('module:function', as a row's task or a reward component)."""
+    timeout_s: Float = _f(10.0, "time limit per call: a call past it is stopped (its worker process killed) and "
+                                "scores 0 with 'timeout after N s', counted in reward/<name>/errors; the pool's "
+                                "request budget bounds it too", gt=0.0)
+
+
 class VerifierPoolConfig(Section):
     """The Ray Serve deployment that scores completions (autoscaling_config comes from here)."""
     min_replicas: int = _f(1, "fewest verifier replicas", ge=1)
@@ -218,6 +232,7 @@ class RewardConfig(Section):
                                                         "merged into the default; a weight of 0 turns one off")
     math: MathRewardConfig = Field(default_factory=MathRewardConfig, description="the math verifier")
     code: CodeRewardConfig = Field(default_factory=CodeRewardConfig, description="the code verifier")
+    user: UserRewardConfig = Field(default_factory=UserRewardConfig, description="user reward functions")
     pool: VerifierPoolConfig = Field(default_factory=VerifierPoolConfig, description="the verifier pool")
 
     @field_validator("components")
@@ -274,6 +289,9 @@ class TrainConfig(Section):
     keep_checkpoints: int = _f(2, "newest checkpoints kept; older ones are deleted", ge=1)
     spot_check_every: int = _f(10, "write samples/step_N.{jsonl,md} every N steps; 0 = never", ge=0)
     spot_check_samples: int = _f(8, "completions per spot check", ge=1)
+    max_nonfinite_steps: int = _f(3, "stop after this many steps in a row whose update skipped an optimizer step "
+                                     "on a non-finite loss or gradient (the weights stay as they were; the "
+                                     "newest checkpoint before them is named for the resume)", ge=1)
 
 
 class EvalConfig(Section):

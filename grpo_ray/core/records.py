@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .score import Score  # noqa: F401  (re-exported: the records passed between phases)
+
 
 @dataclass
 class Rollout:
@@ -145,10 +147,3 @@ def padded_batch(parts: list[Rollout], pad_id: int, advantages: torch.Tensor | N
     (zeros when only logprobs are wanted)."""
     rollout = parts[0] if len(parts) == 1 else Rollout.concat(parts)
     return TrainBatch.from_rollout(rollout, torch.zeros(len(rollout)) if advantages is None else advantages, pad_id)
-
-
-@dataclass
-class Score:
-    reward: float
-    reason: str
-    components: dict[str, float] = field(default_factory=dict)

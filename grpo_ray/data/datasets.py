@@ -56,14 +56,91 @@ def _record(path: str, lineno: int, line: str, prompt_key: str, answer_key: str,
         if key not in row or row[key] in (None, ""):
             raise DataError(f"{path}:{lineno}: row has no '{key}' field "
                             f"(set data.prompt_key / data.answer_key to the dataset's field names)")
-    rec = dict(row)
-    rec["raw_prompt"], rec["answer"] = str(row[prompt_key]), row.get(answer_key)
+    _check_types(path, lineno, row, prompt_key, answer_key)
+    rec = Row(row)
+    rec.source = (path, lineno)
+    rec["raw_prompt"], rec["answer"] = row[prompt_key], row.get(answer_key)
     rec["prompt"] = template.replace("{prompt}", rec["raw_prompt"])  # not format(): LaTeX has braces
     rec.setdefault("task", verifier)
     problem = task_problem(rec)
     if problem:
         raise DataError(f"{path}:{lineno}: {problem}")
     return rec
+
+
+def _check_types(path: str, lineno: int, row: dict, prompt_key: str, answer_key: str) -> None:
+    """The prompt is text; the answer text or a number (kept as given): a list, an object or a
+    boolean is no answer a verifier could compare with."""
+    def kind(v) -> str:
+        return "null" if v is None else type(v).__name__
+
+    if not isinstance(row[prompt_key], str):
+        raise DataError(f"{path}:{lineno}: '{prompt_key}' must be a string, got {kind(row[prompt_key])}")
+    answer = row.get(answer_key)
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
+        raise DataError(f"{path}:{lineno}: '{answer_key}' must be a string or a number, got {kind(answer)}")
+
+
+class Row(dict):
+    """A JSONL record that knows where it came from, for the driver's errors: `source` is
+    (path, line), an attribute rather than a key. It pickles as a plain dict, so the verifier
+    pool, the user reward functions' workers and every other process get the row's fields only
+    (no key of ours, no import of this module)."""
+    source: tuple[str, int] | None = None
+
+    def __reduce__(self):
+        return dict, (dict(self),)
+
+
+def source_of(rec: dict) -> str | None:
+    """'file:line' of a record loaded from JSONL; None for the built-in tasks' records."""
+    src = getattr(rec, "source", None)
+    return f"{src[0]}:{src[1]}" if src else None
+
+
+TOKENISE_BATCH_CHARS = 1 << 20  # characters per tokenizer call: memory stays bounded on any file
+SURELY_TOO_LONG = 64  # characters per token no tokenizer reaches: longer rows are refused untokenised
+
+
+def fit_prompts(records: list[dict], tokenizer, limit: int, drop: bool = False) -> tuple[list[dict], int]:
+    """(the records whose prompt fits in `limit` tokens, how many did not). A prompt that does
+    not fit is an error naming the first such row's file:line, or with drop=True (the key
+    data.drop_long_prompts) dropped and counted. Rows are tokenised in bounded batches; a row
+    longer than SURELY_TOO_LONG * limit characters is refused without tokenising it."""
+    lengths: dict[int, int | None] = {}  # index -> tokens (None: refused on its characters)
+    batch: list[int] = []
+
+    def flush():
+        ids = tokenizer([records[i]["prompt"] for i in batch])["input_ids"]
+        lengths.update({i: len(t) for i, t in zip(batch, ids)})
+        batch.clear()
+
+    chars = 0
+    for i, rec in enumerate(records):
+        n = len(rec["prompt"])
+        if n > SURELY_TOO_LONG * limit:
+            lengths[i] = None
+            continue
+        if chars + n > TOKENISE_BATCH_CHARS and batch:
+            flush()
+            chars = 0
+        batch.append(i)
+        chars += n
+    if batch:
+        flush()
+    long = [i for i in range(len(records)) if lengths[i] is None or lengths[i] > limit]
+    if long and not drop:
+        first = min(long, key=lambda i: getattr(records[i], "source", None) or ("", i))
+        need = (f"has {len(records[first]['prompt'])} characters, surely" if lengths[first] is None
+                else f"needs {lengths[first]} tokens,")
+        where = source_of(records[first]) or f"row {first + 1}"
+        more = f" ({len(long) - 1} more row(s) do not fit either)" if len(long) > 1 else ""
+        raise DataError(f"{where}: the prompt {need} more than the {limit} tokens that "
+                        f"rollout.max_model_len - rollout.max_new_tokens leaves for it{more}: raise "
+                        "rollout.max_model_len, shorten the prompt, or set data.drop_long_prompts=true to drop "
+                        "such rows")
+    dropped = set(long)
+    return [r for i, r in enumerate(records) if i not in dropped], len(long)
 
 
 def task_problem(rec: dict) -> str | None:

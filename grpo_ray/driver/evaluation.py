@@ -74,9 +74,12 @@ def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print
 
     import ray
 
-    from ..models.modeling import check_model_dir
+    from ..models.modeling import check_model_dir, load_tokenizer
+    from .outputs import fit_records
 
     check_model_dir(model_dir, max_model_len=cfg.rollout.max_model_len)
+    # a prompt the model cannot take fails in vLLM: said here, before any actor, naming its file:line
+    records = fit_records(cfg, load_tokenizer(model_dir), records, "evaluation", log)
     try:  # before hours of sampling, not after
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, ".write-test"), "w"):

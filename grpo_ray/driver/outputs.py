@@ -49,6 +49,61 @@ def prepare_model(cfg: Config, train_records: list[dict], run_dir: str, log) -> 
     return builtin_model(cfg, train_records, os.path.join(os.path.dirname(run_dir), ".cache"), log)
 
 
+def fit_to_model(cfg: Config, model_path: str, train: list[dict], held_out: list[dict],
+                 log) -> tuple[list[dict], list[dict]]:
+    """The JSONL rows whose prompt fits the model (fit_records). The built-in task's prompts are
+    short: not checked."""
+    if cfg.data.task == "arithmetic":
+        return train, held_out
+    from ..models.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    if not cfg.data.drop_long_prompts:  # the error names the file's first long row, on either side of the split
+        fit_records(cfg, tokenizer, train + held_out, "", log)
+        return train, held_out
+    return fit_records(cfg, tokenizer, train, "training", log), fit_records(cfg, tokenizer, held_out, "held-out", log)
+
+
+def fit_records(cfg: Config, tokenizer, records: list[dict], name: str, log) -> list[dict]:
+    """The records whose prompt fits rollout.max_model_len - rollout.max_new_tokens tokens. A
+    row that does not is an error naming its file:line (vLLM would fail at the step that first
+    draws it), or with data.drop_long_prompts dropped with a count."""
+    from ..data.datasets import DataError, fit_prompts
+
+    limit = cfg.rollout.max_model_len - cfg.rollout.max_new_tokens
+    kept, dropped = fit_prompts(records, tokenizer, limit, drop=cfg.data.drop_long_prompts)
+    if dropped:
+        log(f"warning: dropped {dropped} of {len(records)} {name} prompt(s) longer than {limit} tokens "
+            "(rollout.max_model_len - rollout.max_new_tokens; data.drop_long_prompts=true)")
+    if not kept:
+        raise DataError(f"no {name} prompt fits in {limit} tokens (rollout.max_model_len - rollout.max_new_tokens): "
+                        "raise rollout.max_model_len")
+    return kept
+
+
+def stopped_where(run_dir: str, steps: int) -> str:
+    """Where a stopped run is: 'after step N of S; the last checkpoint is ...: run the same
+    command with --resume' (N: the last training step in metrics.jsonl)."""
+    from .checkpoint import list_checkpoints
+
+    done = 0
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line cut short by the stop
+                    continue
+                if isinstance(row, dict) and "time/step" in row:
+                    done = max(done, int(row.get("step", 0)))
+    except OSError:
+        pass
+    found = list_checkpoints(run_dir)
+    where = (f"the last checkpoint is step {found[-1][0]} ({found[-1][1]}): run the same command with --resume"
+             if found else "no checkpoint yet (train.checkpoint_every): a rerun starts over")
+    return f"after step {done} of {steps}; {where}"
+
+
 def write_samples(run_dir: str, step: int, samples: list[dict]) -> None:
     """samples/step_N.jsonl and a Markdown table of the same rows, for manual inspection."""
     folder = os.path.join(run_dir, "samples")

@@ -11,18 +11,20 @@ watch the KL, roll back, reset the reference).
 """
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 
 import ray
 import torch
 
-from ..config import Config, overlong_buffer
+from ..config import Config, ConfigError, overlong_buffer
 from ..core.algorithm import group_advantages, overlong_penalty
 from ..core.metrics import advantage_variance, combine_parts, reward_stats
 from ..core.records import Rollout, TrainBatch, padded_batch
 from ..data.datasets import PromptSampler
-from ..roles.actors import Roles
+from ..roles.actors import Roles, restart_reference
+from ..roles.waiting import Stalled, wait_all
 from .evaluation import correctness
 from .rollout import Collected, InFlight, collect_ahead, collect_rollout
 
@@ -68,14 +70,14 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
         update = roles.learners.update(batch, mini_batches=cfg.algo.mini_batches, aggregation=cfg.algo.aggregation,
                                        max_tokens=cfg.rollout.max_new_tokens, epochs=cfg.algo.ppo_epochs)
         roles.fleet.push(update.weights, version=step)
-        stats = combine_parts(ray.get(update.stats))
+        stats = combine_parts(roles.learners.wait(update.stats, "update"))
     if ahead is not None:  # the generators take new weights once the next rollout is sampled
         with timer("generate"):
             ahead.launch.wait()
     with timer("sync"):  # the load runs while the driver logs this step (GeneratorFleet.settle)
         roles.fleet.settle(keep_latest=True)
     metrics = {"step": step, **rollout_metrics(got.rollout, rewards, advantages, G, got.scores),
-               **component_means(got.scores), **shaping, **got.stats, **stats,
+               **component_means(got.scores), REWARD_ERRORS: reward_errors(got.scores), **shaping, **got.stats, **stats,
                "verify/retries": got.retries, **timer.metrics(),
                "time/generate_queued": got.rollout.queued_s,  # sync mode: the load's share of generate
                "time/generate_sampling": got.rollout.sample_s}  # the generators' busy time (async: hidden)
@@ -94,12 +96,21 @@ def training_batch(cfg: Config, rollout: Rollout, advantages: torch.Tensor, pad_
 def reference_logprobs(roles: Roles, batch: TrainBatch, queued: ray.ObjectRef | None) -> torch.Tensor | None:
     """ref_logprobs [B, T]: the pass queued behind the rollout's sampling, or run now; None
     without a reference (the loss then has no KL term and the learner logs no kl).
-    The queued pass saw the response mask before overlong masking, hence the product."""
+    The queued pass saw the response mask before overlong masking, hence the product. A
+    reference that stalls (run.stall_timeout_s) is restarted and the pass run again."""
     if roles.reference is None:
         return None
-    if queued is None:
-        return ray.get(roles.reference.logprobs.remote(batch))
-    return ray.get(queued) * batch.response_mask
+    for attempt in range(2):
+        ref = roles.reference.logprobs.remote(batch) if queued is None else queued
+        try:
+            out = wait_all([ref], ["the reference"], "logprobs", roles.bound)[0]
+            return out if queued is None else out * batch.response_mask
+        except Stalled as e:
+            if attempt:
+                raise
+            print(f"{e}; restarting it and running the pass again", file=sys.stderr)
+            restart_reference(roles)
+            queued = None
 
 
 def spot_samples(got: Collected, advantages: torch.Tensor, G: int, n: int) -> list[dict]:
@@ -141,6 +152,47 @@ def rollout_metrics(rollout: Rollout, rewards: torch.Tensor, advantages: torch.T
 
 
 def component_means(scores: list) -> dict:
-    """reward/<name>/mean for each reward component (multi-faceted rewards, logged separately)."""
+    """reward/<name>/mean for each reward component (multi-faceted rewards, logged separately),
+    and reward/<name>/errors: the completions it failed on (a raise, a timeout, NaN: each scored 0)."""
     names = scores[0].components if scores else {}
-    return {f"reward/{n}/mean": sum(s.components.get(n, 0.0) for s in scores) / len(scores) for n in names}
+    return {**{f"reward/{n}/mean": sum(s.components.get(n, 0.0) for s in scores) / len(scores) for n in names},
+            **{f"reward/{n}/errors": sum(n in s.errors for s in scores) for n in names}}
+
+
+# the step's reward errors travel in train_step's metrics under this key, for Run.loop to pop
+# (reward_error_messages), never logged as a metric: {component: (failed, completions, first error)}
+REWARD_ERRORS = "reward_errors"
+
+
+class RewardFunctionError(ConfigError):
+    """A reward component failed on every completion of a step (the user's code or config: the
+    CLI prints it in one line)."""
+
+
+def reward_errors(scores: list) -> dict[str, tuple[int, int, str]]:
+    """{component: (completions it failed on, completions, its first error)} for the components
+    that failed on any."""
+    out: dict[str, tuple[int, int, str]] = {}
+    for s in scores:
+        for name, text in getattr(s, "errors", {}).items():
+            n, _, first = out.get(name, (0, 0, text))
+            out[name] = (n + 1, len(scores), first)
+    return out
+
+
+def reward_error_messages(step: int, errors: dict, said: set) -> tuple[list[str], str | None]:
+    """What to say about a step's reward errors (reward_errors): a warning for each component's
+    first failure in the run (`said` holds the components already named; updated), and the
+    message to stop with when a component failed on every completion of the step (all its
+    rewards were 0: the run would learn nothing from it, and exit 0 as if it had)."""
+    messages, stop = [], None
+    for name, (n, total, first) in errors.items():
+        what = first if first.startswith(name) else f"{name}: {first}"
+        if name not in said:
+            said.add(name)
+            messages.append(f"reward component {what} (first of {n} of {total} completions in step {step}; each "
+                            f"scored 0, counted in reward/{name}/errors and not repeated here)")
+        if n == total and stop is None:
+            stop = (f"reward component {name} failed on every completion of step {step} ({n} of {total}): "
+                    f"{first}; fix it, or take it out of reward.components (or the rows' task), and run again")
+    return messages, stop

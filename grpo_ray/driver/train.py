@@ -18,12 +18,15 @@ from ..core.metrics import Monitor
 from ..data.datasets import DataError, PromptSampler, drop_training_prompts, load_datasets, task_problem
 from ..models.modeling import check_model_dir, load_tokenizer
 from ..roles.actors import Roles, check_backend, init_ray, replace_reference, start_roles, stop_roles
+from ..roles.waiting import Stalled
 from .checkpoint import (REFERENCES, check_resume_mode, checkpoint_path, find_resume, list_checkpoints, load_state,
                          newest_good, prune, remove_partial_saves, write_state, writing)
 from .evaluation import evaluate
-from .outputs import create_run_dir, prepare_model, resolve_run_dir, summary_line, write_samples
+from .outputs import (create_run_dir, fit_to_model, prepare_model, resolve_run_dir, stopped_where, summary_line,
+                      write_samples)
 from .rollout import InFlight
-from .step import ref_reset_due, train_step
+from .signals import Stopped, stop_on_signals
+from .step import REWARD_ERRORS, RewardFunctionError, ref_reset_due, reward_error_messages, train_step
 from .tracking import Tracker
 
 
@@ -36,13 +39,10 @@ def save_policy(roles: Roles, run_dir: str, tokenizer, name: str) -> str:
     return final
 
 
-def train(cfg: Config, address: str | None = None) -> str:
-    """Run GRPO as configured (resuming from the run's last checkpoint when there is one and
-    run.resume allows); returns the run directory."""
-    from tqdm import tqdm
-
-    log = tqdm.write
-    # Bad data and bad checkpoints fail here, before anything is written or started.
+def preflight(cfg: Config, log) -> tuple[list[dict], list[dict], str | None, str, tuple[str, dict] | None]:
+    """Everything that can refuse the run, before anything is written (config.yaml included) or
+    started: (train records, held-out records, a warning about held-out rows dropped, the model
+    folder, the checkpoint to resume from or None)."""
     train_records, eval_records = load_datasets(cfg.data, cfg.run.seed)
     # pass@k on prompts the policy trains on measures memory, not generalisation (a file split by
     # data.eval_fraction puts a duplicated row on both sides; an eval_path may repeat train rows)
@@ -54,16 +54,45 @@ def train(cfg: Config, address: str | None = None) -> str:
     check_backend(cfg)
     if cfg.model.path != "builtin:tiny":
         check_model_dir(cfg.model.path, max_model_len=cfg.rollout.max_model_len)
-    check_resume_mode(resolve_run_dir(cfg), cfg.run.resume)
+    run_dir = resolve_run_dir(cfg)
+    check_resume_mode(run_dir, cfg.run.resume)
+    model_path = prepare_model(cfg, train_records, run_dir, log)  # builtin:tiny: built in the cache beside run dirs
+    # a prompt the model cannot take would crash vLLM at the step that first draws it
+    train_records, eval_records = fit_to_model(cfg, model_path, train_records, eval_records, log)
+    resume = find_resume(run_dir, cfg.run.resume, model_path)  # a checkpoint of another model: refused here
+    return train_records, eval_records, dropped, model_path, resume
+
+
+def train(cfg: Config, address: str | None = None) -> str:
+    """Run GRPO as configured (resuming from the run's last checkpoint when there is one and
+    run.resume allows); returns the run directory. SIGTERM and SIGINT raise Stopped (its
+    `where` says how to resume) after the actors are released."""
+    from tqdm import tqdm
+
+    log = tqdm.write
+    # Bad data, a model that cannot take a prompt and bad checkpoints fail here, before anything
+    # is written or started.
+    train_records, eval_records, dropped, model_path, resume = preflight(cfg, log)
     run_dir = create_run_dir(cfg)
     log(f"run directory: {run_dir}")
     if dropped:
         log(f"warning: {dropped}")
-    model_path = prepare_model(cfg, train_records, run_dir, log)
     remove_partial_saves(run_dir)
-    resume = find_resume(run_dir, cfg.run.resume, model_path)
     reference = (resume[1].get("reference") if resume else None) or model_path
     init_ray(address)
+    try:
+        with stop_on_signals():
+            _run(cfg, run_dir, model_path, train_records, eval_records, resume, reference, log, tqdm)
+    except Stopped as e:
+        e.where = stopped_where(run_dir, cfg.train.steps)
+        raise
+    log(f"run directory: {run_dir}")
+    return run_dir
+
+
+def _run(cfg: Config, run_dir: str, model_path: str, train_records: list[dict], eval_records: list[dict],
+         resume: tuple[str, dict] | None, reference: str, log, tqdm) -> None:
+    """Start the actors, run the steps, release the actors (also on an error or a stop)."""
     t0 = time.perf_counter()
     roles = start_roles(cfg, model_path, resume_from=resume[0] if resume else None, reference=reference)
     log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
@@ -78,8 +107,11 @@ def train(cfg: Config, address: str | None = None) -> str:
         if run is not None:
             run.metrics.close()
         stop_roles(roles)
-    log(f"run directory: {run_dir}")
-    return run_dir
+
+
+class NonFiniteStop(ConfigError):
+    """train.max_nonfinite_steps steps in a row skipped optimizer steps on a non-finite loss or
+    gradient: the run stops, in one line, naming the checkpoint to resume from."""
 
 
 class Run:
@@ -98,6 +130,8 @@ class Run:
                                config=cfg.to_dict(), resumed=bool(list_checkpoints(run_dir)))
         self.lr_scale, self.rollbacks = 1.0, 0  # KL rollbacks so far and the lr factor they left
         self.ahead: InFlight | None = None  # rollout.asynchronous: the next step's rollout, sampling
+        self.nonfinite_run: tuple[int, int] | None = None  # (first step, steps) in a row with skipped steps
+        self.reward_errors_said: set[str] = set()  # reward components whose first failure was said
 
     def restore(self, path: str, state: dict) -> int:
         """Generators, sampler and monitor as they were at the checkpoint (the learners restored
@@ -123,15 +157,18 @@ class Run:
             try:
                 m, samples, self.ahead = train_step(step, cfg, self.roles, self.sampler,
                                                     self.tokenizer.pad_token_id, self.ahead, started=mark)
-            except ray.exceptions.RayActorError as e:  # a learner (no restarts) or a role out of restarts
+            except (ray.exceptions.RayActorError, Stalled) as e:  # a learner (no restarts), a role out of restarts
                 raise RuntimeError(self.died(step, e)) from None
             mark = time.perf_counter()
+            errors = m.pop(REWARD_ERRORS, {})
             self.metrics.write(m)
+            self.reward_errors(step, errors)  # raises RewardFunctionError when a component failed everywhere
             last = step
             if cfg.train.spot_check_every and step % cfg.train.spot_check_every == 0:
                 write_samples(self.run_dir, step, samples)
             if step % cfg.run.log_every == 0:
                 self.log(summary_line(m, steps))
+            self.nonfinite(step, m)  # raises NonFiniteStop after train.max_nonfinite_steps in a row
             if self.watch(step, m):
                 back = self.rollback(step) if cfg.algo.kl_action == "rollback" else None
                 if back is None:
@@ -153,6 +190,16 @@ class Run:
             bar.update(1)
         bar.close()
         self.finish(start, last, stopped)
+
+    def reward_errors(self, step: int, errors: dict) -> None:
+        """Each reward component's first failure, said at once (with where it failed); a
+        component that failed on every completion of the step stops the run."""
+        said, failed = reward_error_messages(step, errors, self.reward_errors_said)
+        for msg in said:
+            self.log(f"warning: {msg}")
+            self.metrics.write({"step": step, "event": "warning", "message": msg})
+        if failed:
+            raise RewardFunctionError(failed)
 
     def finish(self, start: int, last: int, stopped: bool) -> None:
         """The end of a run: evaluate, checkpoint, final_model/, plots. Also when this session
@@ -197,6 +244,8 @@ class Run:
         where = (f"the last checkpoint is step {found[-1][0]} ({found[-1][1]}): run the same command with --resume"
                  if found else "there is no checkpoint yet (train.checkpoint_every): the run has to start over")
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        if isinstance(e, Stalled):
+            return f"at step {step}, {first}; stopping; {where}"
         return f"an actor died at step {step} and could not be restarted ({first}); {where}"
 
     def rollback(self, step: int) -> int | None:
@@ -242,13 +291,39 @@ class Run:
             self.metrics.write({"step": step, "event": "kl_stop", "message": stop})
         return stop is not None
 
+    def nonfinite(self, step: int, m: dict) -> None:
+        """A step whose update skipped optimizer steps on a non-finite loss or gradient (the learner
+        left the weights as they were): a warning and a `nonfinite` event. After
+        train.max_nonfinite_steps such steps in a row the run stops without saving its weights
+        (NonFiniteStop), naming the newest checkpoint from before the first of them."""
+        skipped = int(m.get("nonfinite_steps", 0))
+        if not skipped:
+            self.nonfinite_run = None
+            return
+        first, n = (self.nonfinite_run[0], self.nonfinite_run[1] + 1) if self.nonfinite_run else (step, 1)
+        self.nonfinite_run, limit = (first, n), self.cfg.train.max_nonfinite_steps
+        total = skipped + int(m.get("optimizer_steps", 0))
+        msg = (f"step {step}: {skipped} of {total} optimizer steps skipped on a non-finite loss or gradient (the "
+               f"weights stay as they were; {n} such step(s) in a row, the run stops at train.max_nonfinite_steps="
+               f"{limit}): lower learner.lr, check the rewards and advantages for inf/NaN, or train in float32 "
+               f"instead of bfloat16 (model.dtype)")
+        self.log(f"warning: {msg}")
+        self.metrics.write({"step": step, "event": "nonfinite", "message": msg, "nonfinite_steps": skipped})
+        if n >= limit:
+            before = [c for c in list_checkpoints(self.run_dir) if c[0] < first]
+            where = (f"the last checkpoint before them is step {before[-1][0]} ({before[-1][1]}): resume from it "
+                     "with a lower learner.lr" if before else
+                     "there is no checkpoint from before them: start over with a lower learner.lr")
+            raise NonFiniteStop(f"stopped after {n} steps in a row with a non-finite loss or gradient (steps "
+                                f"{first}-{step}); the weights were not saved; {where}")
+
     def evaluate(self, step: int) -> None:
         c, roles = self.cfg, self.roles
         roles.fleet.settle()  # evaluate the weights of `step`, loaded
         try:  # a generator Ray restarted mid-evaluation gets the current weights pushed (the fleet's resync)
             m, _ = evaluate(roles.fleet, roles.verifier, self.eval_records, samples=c.eval.samples,
                             ks=c.eval.ks, temperature=c.eval.temperature, max_new_tokens=c.rollout.max_new_tokens)
-        except ray.exceptions.RayActorError as e:
+        except (ray.exceptions.RayActorError, Stalled) as e:
             raise RuntimeError(self.died(step, e)) from None
         self.metrics.write({"step": step, **m})
         self.log(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in m.items()))

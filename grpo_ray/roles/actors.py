@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import ray
 
@@ -17,6 +18,7 @@ from .backends import BACKENDS, full_params_need_all_ranks
 from .fleet import GeneratorFleet
 from .learner_group import LearnerGroup
 from .placement import Placement, reserve
+from .waiting import Bound, where
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.
 # GRPC_ENABLE_FORK_SUPPORT=0: with it on, gRPC's fork handler starts a poller thread in every
@@ -102,6 +104,7 @@ class Roles:
     reference: object  # the Reference actor; None when nothing needs one (Config.uses_reference)
     learners: LearnerGroup
     placement: Placement | None = None
+    bound: Bound = field(default_factory=lambda: Bound(None))  # run.stall_timeout_s: how long a call may stall
 
 
 def start_generators(cfg: Config, model_path: str, placement: Placement | None = None) -> list:
@@ -181,7 +184,7 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
     replaced it). Raises placement.PlacementError when the cluster cannot hold the roles."""
     from .verifier_pool import VerifierPool
 
-    placement, verifier = reserve(cfg), None
+    placement, verifier, t0 = reserve(cfg), None, time.perf_counter()
     try:
         generators = start_generators(cfg, model_path, placement)
         reference = start_reference(cfg, reference or model_path, placement) if cfg.uses_reference else None
@@ -196,10 +199,13 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
         if verifier is not None:
             verifier.shutdown()
         raise
+    bound = Bound(cfg.run.stall_timeout_s)
     group = LearnerGroup(learners, gather_on_all_ranks=full_params_need_all_ranks(cfg.learner.backend,
                                                                                 cfg.learner.zero_stage),
-                         dtype=cfg.model.dtype)
-    return Roles(GeneratorFleet(generators, group), verifier, reference, group, placement)
+                         dtype=cfg.model.dtype, bound=bound)
+    fleet = GeneratorFleet(generators, group, bound, start_s=time.perf_counter() - t0)
+    fleet.ready()  # notes where each generator runs, for the stall messages
+    return Roles(fleet, verifier, reference, group, placement, bound)
 
 
 def replace_reference(roles: Roles, cfg: Config, model_path: str) -> None:
@@ -208,6 +214,13 @@ def replace_reference(roles: Roles, cfg: Config, model_path: str) -> None:
     # the old actor goes first: the new one takes its place in the placement group
     ray.kill(roles.reference)
     roles.reference = start_reference(cfg, model_path, roles.placement)
+    ray.get(roles.reference.__ray_ready__.remote())
+
+
+def restart_reference(roles: Roles) -> None:
+    """Kill a stalled reference actor; Ray starts it again from its model folder
+    (resources.actor_restarts), and the next call waits for it to be ready."""
+    ray.kill(roles.reference, no_restart=False)
     ray.get(roles.reference.__ray_ready__.remote())
 
 

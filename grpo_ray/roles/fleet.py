@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import ray
 
 from ..core.records import Rollout
+from .waiting import Bound, Stalled, wait_all, wait_any, where
 
 MAX_RESYNCS = 3  # pushes of the current weights before a rollout that keeps coming back stale fails
 
@@ -75,13 +76,18 @@ def split(items: list, parts: int) -> list[list]:
 
 
 class GeneratorFleet:
-    def __init__(self, actors: list, learners=None):
+    def __init__(self, actors: list, learners=None, bound: Bound | None = None, start_s: float = 0.0):
         """actors: the Generator actors; learners: the LearnerGroup the current weights come
         from when a restarted generator must be brought up to date (None: sampling only, as in
-        `grpo-ray eval`, where every generator holds the model it started from)."""
+        `grpo-ray eval`, where every generator holds the model it started from). bound: how long
+        a call may go without progress (run.stall_timeout_s) before the generators that made
+        none are restarted; start_s: how long the engines took to start, added to the bound
+        while a restarted one starts again."""
         self.actors, self.learners = actors, learners
+        self.bound, self.start_s = bound or Bound(None), start_s
+        self.names = [f"generator {i}" for i in range(len(actors))]  # with node and pid once ready
         self.version = 0  # what every generator holds once the queued loads run
-        self._loading: list = []  # weight loads queued, not yet awaited: [ObjectRef]
+        self._loading: list = []  # weight loads queued, not yet awaited: [ObjectRef], one per actor and push
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -111,9 +117,15 @@ class GeneratorFleet:
             if launch is None:
                 launch = self.launch(prompts, sampling, seed)
                 yield launch
-            parts, waiting = [None] * len(launch.refs), list(launch.refs)
+            parts, waiting, grace = [None] * len(launch.refs), list(launch.refs), 0.0
             while waiting:
-                done, waiting = ray.wait(waiting, num_returns=1)
+                try:
+                    done, waiting = wait_any(waiting, [self.names[launch.refs.index(r)] for r in waiting],
+                                             "generate", self.bound, grace)
+                except Stalled as e:
+                    self.restart([launch.refs.index(waiting[j]) for j in e.indices], e)
+                    grace = self.start_s  # the retried call runs once the engine is up again
+                    continue
                 i = launch.refs.index(done[0])
                 parts[i] = ray.get(done[0])
                 if parts[i].weight_version == launch.version:
@@ -152,7 +164,15 @@ class GeneratorFleet:
         calls in order, so the next rollout still starts on the new weights); the next
         settle() awaits it."""
         newest = self._loading[-len(self.actors):] if keep_latest and self._loading else []
-        ray.get(self._loading[:len(self._loading) - len(newest)])
+        older = self._loading[:len(self._loading) - len(newest)]
+        owners = [self.names[i % len(self.actors)] for i in range(len(older))]
+        try:
+            wait_all(older, owners, "update_weights (loading the new weights)", self.bound)
+        except Stalled as e:  # a frozen load: restart it; resync() gives it the current weights
+            self._loading = newest
+            self.restart(sorted({i % len(self.actors) for i in e.indices}), e)
+            self.resync()
+            return
         self._loading = newest
 
     def resync(self, version: int | None = None) -> None:
@@ -165,5 +185,18 @@ class GeneratorFleet:
         self.push(self.learners.weight_buckets(), self.version if version is None else version)
         self.settle()
 
+    def restart(self, indices: list[int], stalled: Stalled) -> None:
+        """Kill the generators that stalled; Ray starts them again (resources.actor_restarts)
+        and runs their pending call again, on the weights they start with, which the stale-
+        version retry then replaces with the current ones."""
+        for i in indices:
+            print(f"{self.names[i]} stalled: {stalled.call} made no progress for {stalled.waited_s:.0f} s "
+                  "(run.stall_timeout_s); restarting it, then sampling again with the current weights",
+                  file=sys.stderr)
+            ray.kill(self.actors[i], no_restart=False)
+            self.names[i] = f"generator {i} (restarted)"
+
     def ready(self) -> None:
+        """Wait until every engine is up; note where each runs (for the messages above)."""
         ray.get([g.ready.remote() for g in self.actors])
+        self.names = [f"generator {i} ({where(g)})" for i, g in enumerate(self.actors)]

@@ -12,12 +12,20 @@ averages gradients across ranks; see backends/deepspeed.py). The sum over all mi
 ranks is then exactly the full-batch loss, so the gradient does not depend on how the batch was
 split.
 
+Non-finite guard: a mini-batch whose loss (on any micro-batch) or combined gradient is not
+finite does not step: backend.step(skip=...) drops its gradients and leaves the weights, optimizer
+state and LR schedule as they were (see the backend for what each configuration checks). The
+update's metrics count those steps in `nonfinite_steps` and leave them out of every mean, so a
+NaN does not hide the steps that did train; when no step of the update applied, the metrics are
+those of the skipped steps (a non-finite loss shows as such) and grad_norm is nan.
+
 Nothing here changes the batches it is handed: recomputed old logprobs go into new TrainBatch
 objects.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -65,15 +73,15 @@ class Learner:
         clipping acts. normalizers[j] is mini-batch j's normaliser over ALL ranks."""
         self.backend.train()
         mini_batches, mismatch = self._prepare_old_logprobs(mini_batches)
-        parts, norms = [], []
+        steps = []  # (parts, grad norm, applied) per optimizer step
         for epoch in range(epochs):
             for j, (shard, normalizer) in enumerate(zip(mini_batches, normalizers)):
                 # the sampler/learner mismatch is only clean before the first optimizer step
-                parts += self._accumulate(shard, normalizer, measure_mismatch=mismatch is None and epoch == j == 0)
-                self.backend.step()
-                norms.append(self.backend.grad_norm())
+                parts = self._accumulate(shard, normalizer, measure_mismatch=mismatch is None and epoch == j == 0)
+                applied = self.backend.step(skip=not all(math.isfinite(p["loss"]) for p in parts))
+                steps.append((parts, self.backend.grad_norm(), applied))
         self.updates += 1
-        return self._fold(parts, norms, mismatch)
+        return self._fold(steps, mismatch)
 
     def _prepare_old_logprobs(self, mini_batches: list[TrainBatch]) -> tuple[list[TrainBatch], dict | None]:
         """algo.recompute_old_logprobs: the learner's own logprobs before the update become
@@ -118,21 +126,25 @@ class Learner:
             parts.append(part)
         return parts
 
-    def _fold(self, parts: list[dict], norms: list[float], mismatch: dict | None) -> dict[str, float]:
+    def _fold(self, steps: list[tuple[list[dict], float, bool]], mismatch: dict | None) -> dict[str, float]:
         """One set of metrics for the update: token-weighted means over every micro-batch of every
-        pass; loss, pg_loss and tokens per optimizer step (so ranks still add up)."""
-        steps = len(norms)
+        pass; loss, pg_loss and tokens per optimizer step (so ranks still add up). Steps skipped as
+        non-finite count in nonfinite_steps and are left out, unless no step applied."""
+        applied = [s for s in steps if s[2]]
+        kept = applied or steps
+        parts, norms = [p for s in kept for p in s[0]], [s[1] for s in applied]
         first = [p for p in parts if "sampler_kl" in p]
         out = combine_parts([{k: v for k, v in p.items() if k != "sampler_kl"} for p in parts])
         for k in SUMMED:
-            out[k] /= steps
+            out[k] /= len(kept)
         if mismatch is not None:
             out["sampler_kl"] = mismatch["sampler_kl"]
         elif first:
             out["sampler_kl"] = combine_parts([{"sampler_kl": p["sampler_kl"], "tokens": p["tokens"]}
                                                for p in first])["sampler_kl"]
-        out["grad_norm"] = sum(norms) / steps
-        out["optimizer_steps"] = float(steps)
+        out["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
+        out["optimizer_steps"] = float(len(applied))  # applied
+        out["nonfinite_steps"] = float(len(steps) - len(applied))
         return out
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:

@@ -13,6 +13,7 @@ import ray
 from ..core.algorithm import loss_normalizer
 from ..core.records import TrainBatch
 from .fleet import split
+from .waiting import Bound, wait_all, where
 
 
 @dataclass
@@ -25,12 +26,22 @@ class Update:
 
 
 class LearnerGroup:
-    def __init__(self, actors: list, gather_on_all_ranks: bool, dtype: str = "float32"):
+    def __init__(self, actors: list, gather_on_all_ranks: bool, dtype: str = "float32", bound: Bound | None = None):
         """gather_on_all_ranks: reading whole parameters (weights for the generators, a saved
         policy) needs every rank (backends.full_params_need_all_ranks). dtype: the generators'
-        weights (model.dtype)."""
-        self.actors, self.dtype = actors, dtype
+        weights (model.dtype). bound: how long a call may go without progress
+        (run.stall_timeout_s): a rank that stalls raises waiting.Stalled naming it; ranks are
+        not restarted (their process group and optimizer state would be lost), the run stops."""
+        self.actors, self.dtype, self.bound = actors, dtype, bound or Bound(None)
         self._gathering = actors if gather_on_all_ranks else actors[:1]
+        self.names = [f"learner rank {r}" for r in range(len(actors))]
+        if self.bound.stall_s is not None:  # where each rank runs, asked while it can answer
+            self.names = [f"learner rank {r} ({where(a)})" for r, a in enumerate(actors)]
+
+    def wait(self, refs: list, call: str, ranks: list[int] | None = None) -> list:
+        """The results of one call per rank (ranks: which ranks made them; default all), bounded."""
+        names = [self.names[r] for r in (ranks if ranks is not None else range(len(refs)))]
+        return wait_all(refs, names, call, self.bound)
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -67,22 +78,22 @@ class LearnerGroup:
     def save_policy(self, out_dir: str, tokenizer=None) -> None:
         """The policy in Hugging Face format (transformers and vLLM load it as is), with the
         tokenizer when given; not atomic (the caller writes into a temp folder)."""
-        ray.get([lr.save_pretrained.remote(out_dir) for lr in self._gathering])
+        self.wait([lr.save_pretrained.remote(out_dir) for lr in self._gathering], "save_pretrained")
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
 
     def save_state(self, out_dir: str) -> None:
         """Weights, optimizer moments and LR schedule: every rank writes its own shard."""
-        ray.get([lr.save_state.remote(out_dir) for lr in self.actors])
+        self.wait([lr.save_state.remote(out_dir) for lr in self.actors], "save_state")
 
     def load_state(self, in_dir: str, wait: bool = True) -> list:
         """Restore save_state's folder on every rank (wait=False: the refs, to await with others)."""
         refs = [lr.load_state.remote(in_dir) for lr in self.actors]
-        return ray.get(refs) if wait else refs
+        return self.wait(refs, "load_state") if wait else refs
 
     def scale_lr(self, factor: float) -> float:
         """Multiply every rank's learning rate; returns the new one."""
-        return ray.get([lr.scale_lr.remote(factor) for lr in self.actors])[0]
+        return self.wait([lr.scale_lr.remote(factor) for lr in self.actors], "scale_lr")[0]
 
     def checkpoint_into(self, folder: str, tokenizer) -> None:
         """A checkpoint's learner part: policy/ (Hugging Face) and learner/ (backend state)."""

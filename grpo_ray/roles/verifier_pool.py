@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import ray
 
 from ..core.records import Score
-from ..verifiers import Verifier, registry
+from ..verifiers import Verifier, options as verifier_options, registry
 
 if TYPE_CHECKING:
     from ..config import RewardConfig, VerifierPoolConfig
@@ -86,7 +86,10 @@ def request_budget(reward: RewardConfig) -> float:
     """Seconds a replica may spend on one request's math comparisons: request_timeout_s less room
     for one more comparison (the one another thread holds the math-verify process for) and the
     round trip. Cheap math checks travel ~100 to a request; at 5 s per hostile answer, ~24 of them
-    overran 120 s, and the resent request failed the same way until the step raised."""
+    overran 120 s, and the resent request failed the same way until the step raised.
+    User functions (reward.user.timeout_s) are bounded by the same deadline: each call gets
+    min(its time limit, the budget left) and the ones the budget leaves no time for score 0 unrun,
+    so a slow or hung user function never makes the pool resend the request."""
     timeout, per_check = reward.pool.request_timeout_s, reward.math.timeout_s
     return max(0.5 * timeout, timeout - 2 * per_check - 1.0)
 
@@ -153,7 +156,7 @@ class VerifierPool:
         options = deployment_options(self.cfg, env, needs_verifier_nodes(self.cfg.verifier_nodes,
                                                                         ray.cluster_resources()))
         app = serve.deployment(VerifierReplica, name="verifier", **options).bind(
-            reward.components, registry.options(reward), self.cfg.max_ongoing_requests, task,
+            reward.components, verifier_options(reward), self.cfg.max_ongoing_requests, task,
             request_budget(reward))
         self.handle = serve.run(app, name=self.app, route_prefix=None)
 

@@ -42,7 +42,7 @@ import json
 import re
 import secrets
 
-from ..core.records import Score
+from ..core.score import Score
 from . import sandbox
 from .sandbox import run_python
 

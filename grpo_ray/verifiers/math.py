@@ -23,7 +23,7 @@ import threading
 import time
 from fractions import Fraction
 
-from ..core.records import Score
+from ..core.score import Score
 
 EXTRACTION = ("boxed", "marked", "any")
 

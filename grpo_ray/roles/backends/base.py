@@ -41,9 +41,10 @@ class BackendSettings:
 
 class TrainingBackend(abc.ABC):
     """One learner rank's engine. Life cycle: __init__ (joins the process group, builds the model
-    and optimizer), then per optimizer step: backward() once per micro-batch, step(),
-    grad_norm(); full_parameters() for weight sync and save_pretrained; save_state/load_state for
-    resumable checkpoints; scale_lr for the KL rollback."""
+    and optimizer), then per optimizer step: backward() once per micro-batch, step() (which skips
+    a non-finite step and says so), grad_norm(); full_parameters() for weight sync and
+    save_pretrained; save_state/load_state for resumable checkpoints; scale_lr for the KL
+    rollback."""
 
     @classmethod
     @abc.abstractmethod
@@ -90,13 +91,20 @@ class TrainingBackend(abc.ABC):
         rank's parts (the backend undoes any mean over ranks or accumulation steps it does)."""
 
     @abc.abstractmethod
-    def step(self) -> None:
+    def step(self, skip: bool = False) -> bool:
         """Combine the gradients across ranks, clip them to settings.grad_clip, step the
-        optimizer and the LR schedule, and zero the gradients: one optimizer step."""
+        optimizer and the LR schedule, and zero the gradients: one optimizer step. Returns True.
+
+        The non-finite guard: when the combined gradient holds an inf or NaN, or `skip` (this
+        rank's loss was not finite) is set on any rank, the step is skipped instead: the
+        gradients are dropped and the weights, the optimizer state (moments, step count) and the
+        LR schedule stay as they were; returns False, the same on every rank. A backend that
+        cannot honour `skip` for a finite gradient documents it (DeepSpeed ZeRO-2/3, bf16)."""
 
     @abc.abstractmethod
     def grad_norm(self) -> float:
-        """The global gradient norm of the step just taken, before clipping (nan if unknown)."""
+        """The global gradient norm of the step just taken, before clipping (nan if unknown; inf
+        or nan after a skipped step)."""
 
     @abc.abstractmethod
     def full_parameters(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
@@ -139,6 +147,14 @@ def scale_lr(optimizer, scheduler, factor: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] *= factor
     return float(optimizer.param_groups[0]["lr"])
+
+
+def all_finite(tensors) -> bool:
+    """Whether every value of every tensor is finite (one device sync for the lot)."""
+    import torch
+
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 @contextlib.contextmanager

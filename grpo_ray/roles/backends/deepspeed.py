@@ -2,6 +2,20 @@
 gloo/NCCL process group. ZeRO stage 0-3 (learner.zero_stage), bf16 through DeepSpeed's bf16
 optimizer over float32 master weights.
 
+Non-finite guard (step() returns False on a skipped step), per configuration, DeepSpeed 0.19:
+- ZeRO-0 float32 (the default): the engine hands the client AdamW the gradient as it is, so an
+  inf/NaN would reach the weights. This backend checks first: every local gradient finite and the
+  learner's `skip` unset, a max over the ranks (one all-reduce of a flag), before the engine's
+  all-reduce; else it drops the gradients (engine.zero_grad) and neither the engine, the
+  optimizer nor the LR schedule steps.
+- ZeRO-1/2 (float32 or bf16), ZeRO-3, ZeRO-0 bf16: DeepSpeed's own optimizer (ZeRO, BF16_Optimizer)
+  computes the global norm of the combined gradient, and a non-finite one is an overflow: it drops
+  the gradients and skips the optimizer and LR-schedule step (engine.skipped_steps counts them);
+  step() reads that flag. The gradients have left the parameters by then (ZeRO-2/3 partition them
+  during backward), so the learner's `skip` for a non-finite loss whose gradient is finite is not
+  honoured here: that step is taken (a NaN/inf in the loss reaches its gradient in practice,
+  e.g. a NaN advantage).
+
 Split invariance, DeepSpeed's part: DeepSpeed's own 1/GAS scaling is off (unmanaged
 accumulation, backward(scale_wrt_gas=False), step() is the boundary), and the loss is multiplied
 by the world size because DeepSpeed averages gradients across ranks. With the learner dividing
@@ -19,7 +33,7 @@ import os
 
 import torch
 
-from .base import BackendSettings, TrainingBackend, make_optimizer, scale_lr
+from .base import BackendSettings, TrainingBackend, all_finite, make_optimizer, scale_lr
 
 
 class DeepSpeedBackend(TrainingBackend):
@@ -58,6 +72,8 @@ class DeepSpeedBackend(TrainingBackend):
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self._reduced_norm: float | None = None
         self._measure_reduced_grad_norm()
+        # the one configuration whose optimizer would step with a non-finite gradient
+        self._check_before_step = zero_stage == 0 and s.dtype == "float32"
 
     @property
     def model(self) -> torch.nn.Module:
@@ -80,8 +96,29 @@ class DeepSpeedBackend(TrainingBackend):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 
-    def step(self) -> None:
+    def step(self, skip: bool = False) -> bool:
+        """One optimizer step, or none when the gradient is not finite (see the module's notes)."""
+        if self._check_before_step:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            if self._on_any_rank(skip or not all_finite(grads)):
+                self.engine.zero_grad()  # what the engine does after a ZeRO-0 step
+                self.engine.skipped_steps += 1
+                if hasattr(self.engine, "_unmanaged_backward_count"):  # samples counted at the next step
+                    self.engine._unmanaged_backward_count = 0
+                self._reduced_norm = float("inf")  # as DeepSpeed reports an overflow
+                return False
         self.engine.step()
+        return not getattr(self.engine.optimizer, "overflow", False)
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """flag or'ed over the ranks (so that every rank skips the same steps)."""
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def _measure_reduced_grad_norm(self) -> None:
         """Record the norm of the gradient every rank steps with: ZeRO 0 reduces gradients across
