@@ -269,3 +269,42 @@ def test_an_error_raised_in_an_actor_is_a_bug():
     assert not is_user_error(RayTaskError("f", "tb", FileNotFoundError(2, "x", "/y")).as_instanceof_cause())
     assert is_user_error(ConfigError("x")) and not is_user_error(ValueError("x"))
     assert not is_user_error(KeyError("step")) and not is_user_error(OSError(5, "Input/output error"))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """An 8 MiB tmpfs (root only): a disk that fills up."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount
+    import gc
+
+    gc.collect()  # a failed torch.save's file handle lives on in its traceback until collected
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_names_the_folder_and_keeps_what_was_saved(tiny_disk):
+    """Issue 28 #5: torch's save on a full disk said `[enforce fail at inline_container.cc:672]
+    . unexpected pos ...`, naming no file and not saying the disk was full."""
+    import torch
+
+    from grpo_ray.driver.checkpoint import DiskFullError, writing
+
+    before = tiny_disk / "checkpoints" / "step_000001"
+    before.mkdir(parents=True)
+    (before / "state.json").write_text('{"step": 1}')
+    final = str(tiny_disk / "checkpoints" / "step_000002")
+    with pytest.raises(DiskFullError, match=r"could not write .*step_000002: the disk is full .*nothing saved before "
+                                            r"was touched.*--resume") as e:
+        with writing(final) as tmp:
+            torch.save(torch.zeros(4 << 20), os.path.join(tmp, "weights.pt"))  # 16 MiB on an 8 MiB disk
+    assert e.value.errno == 28 and e.value.filename == final
+    assert (before / "state.json").read_text() == '{"step": 1}'
+    assert sorted(p.name for p in (tiny_disk / "checkpoints").iterdir()) == ["step_000001"]  # no temp folder left
+    with pytest.raises(ValueError, match="not a disk problem"):  # any other error passes through as it was
+        with writing(final):
+            raise ValueError("not a disk problem")

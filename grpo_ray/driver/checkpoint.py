@@ -22,6 +22,7 @@ behind (the rollout in flight is not saved): same prompts and seeds, another tra
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -54,16 +55,46 @@ def checkpoint_path(run_dir: str, step: int) -> str:
     return os.path.join(checkpoints_dir(run_dir), f"step_{step:06d}")
 
 
+class DiskFullError(OSError):
+    """A save that ran out of disk: says which folder, that the disk is full, and that what was
+    saved before is intact (the save went to a temp folder, removed again)."""
+
+
 @contextlib.contextmanager
 def writing(final: str):
     """A folder to fill, at a temp path beside `final` (.<name>.tmp, which list_checkpoints never
     returns and remove_partial_saves clears), renamed into place when the block ends without an
-    error: a crash mid-save leaves the previous folder as it was."""
+    error: a crash mid-save leaves the previous folder as it was. A full disk becomes a
+    DiskFullError (torch's own message was `[enforce fail at inline_container.cc] unexpected pos`,
+    naming no file)."""
     tmp = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    yield tmp
+    try:
+        yield tmp
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(os.path.dirname(final)).free
+        raise DiskFullError(errno.ENOSPC, f"could not write {final}: the disk is full ({free / 2**20:.1f} MiB free); "
+                            "nothing saved before was touched (the save went to a temp folder, now removed): "
+                            "free some space or move run.output_dir, then run the same command with --resume",
+                            final) from None
     replace_dir(tmp, final)
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether `error` (raised here, or in an actor: Ray wraps it, its text keeps the cause's)
+    came from a full disk."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in str(seen) for s in ("No space left on device", "Disk quota exceeded", "unexpected pos")):
+            return True
+        seen = getattr(seen, "cause", None) or seen.__cause__ or seen.__context__
+    return False
 
 
 def write_state(folder: str, step: int, state: dict) -> None:

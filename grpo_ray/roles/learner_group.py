@@ -41,7 +41,19 @@ class LearnerGroup:
     def wait(self, refs: list, call: str, ranks: list[int] | None = None) -> list:
         """The results of one call per rank (ranks: which ranks made them; default all), bounded."""
         names = [self.names[r] for r in (ranks if ranks is not None else range(len(refs)))]
-        return wait_all(refs, names, call, self.bound)
+        try:
+            return wait_all(refs, names, call, self.bound)
+        except ray.exceptions.RayTaskError:
+            # a rank that died is the cause; the survivors' collectives then fail ("connection
+            # closed by peer"), and whichever error Ray reports first must not hide the death
+            for ref in refs:
+                try:
+                    ray.get(ref, timeout=0)
+                except ray.exceptions.RayActorError:
+                    raise
+                except Exception:
+                    continue
+            raise
 
     def __len__(self) -> int:
         return len(self.actors)
