@@ -445,3 +445,25 @@ def test_records_reach_other_processes_as_plain_dicts(tmp_path):
     sent = pickle.loads(pickle.dumps(rec, pickle.HIGHEST_PROTOCOL))
     assert type(sent) is dict and sent == {"prompt": "a", "raw_prompt": "a", "answer": "1", "task": "math", "id": 7}
     assert b"grpo_ray" not in pickle.dumps(rec, pickle.HIGHEST_PROTOCOL)
+
+
+def test_the_warm_started_base_is_cached_for_every_output_dir(tmp_path, monkeypatch):
+    """Issue 27: the builtin:tiny base was cached beside the run directories, so each run with
+    another run.output_dir (each `ray job submit`, each benchmark) redid the warm start. It is
+    kept in the user's cache (GRPO_RAY_CACHE_DIR, XDG_CACHE_HOME/grpo-ray or ~/.cache/grpo-ray)."""
+    from grpo_ray.config import load_config
+    from grpo_ray.data.datasets import load_datasets
+    from grpo_ray.driver.outputs import cache_dir, prepare_model, resolve_run_dir
+
+    monkeypatch.setenv("GRPO_RAY_CACHE_DIR", str(tmp_path / "cache"))
+    logs, paths = [], []
+    for out in ("a", "b"):
+        cfg = load_config(None, [f"run.output_dir={tmp_path / out}", "warmstart.steps=2"])
+        records = load_datasets(cfg.data, cfg.run.seed)[0]
+        paths.append(prepare_model(cfg, records, resolve_run_dir(cfg), logs.append))
+    assert paths[0] == paths[1] and paths[0].startswith(str(tmp_path / "cache"))
+    assert logs[-1].endswith("(cached)") and not any(m.endswith("(cached)") for m in logs[:-1])
+    assert not (tmp_path / "a" / ".cache").exists()
+    monkeypatch.delenv("GRPO_RAY_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == str(tmp_path / "xdg" / "grpo-ray")
