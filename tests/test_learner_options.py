@@ -56,6 +56,10 @@ def test_more_optimizer_steps_per_rollout_make_clipping_act(ray_local, tiny_mode
     assert many["optimizer_steps"] == 4.0
     assert many["clip/low"] + many["clip/high"] > 0.05  # old_logprobs kept: later steps see ratio != 1
     assert many["tokens"] == pytest.approx(float(b.response_mask.sum()) / 2)  # per optimizer step
+    # the parity guard's rows: mini-batch 0's (measured before the first step), each once, ~0 on-policy
+    rows = many["sampler_kl/rows"]
+    assert sorted((j, i) for j, i, _, _ in rows) == [(0, i) for i in range(mbs[0].size)]
+    assert sum(n for *_, n in rows) == float(mbs[0].response_mask.sum()) and all(abs(s) < 1e-4 for _, _, s, _ in rows)
     ray.kill(learner)
 
 
@@ -70,6 +74,11 @@ def test_recomputed_old_logprobs_and_truncated_importance_sampling(ray_local, ti
     stats = ray.get(learner.update.remote([b], [loss_normalizer(b.response_mask, "seq_mean")], 1))
     mask = b.response_mask.bool()
     assert stats["sampler_kl"] == pytest.approx(float(shift[mask].mean()), abs=1e-4)
+    # per row (the parity guard's): each row's summed shift and its tokens, adding up to sampler_kl
+    rows = sorted(stats["sampler_kl/rows"])
+    assert [(j, i) for j, i, _, _ in rows] == [(0, i) for i in range(b.size)]
+    assert [s for *_, s, _ in rows] == pytest.approx((shift * b.response_mask).sum(dim=1).tolist(), abs=1e-4)
+    assert [n for *_, n in rows] == b.response_mask.sum(dim=1).tolist()
     # token weights min(exp(old - sampler), 1.5) = min(exp(-shift), 1.5): exp(0.7)=2.01 -> 1.5, exp(-0.3)=0.74
     expected = torch.clamp(torch.exp(-shift[mask]), max=1.5)
     assert stats["tis/weight_mean"] == pytest.approx(float(expected.mean()), abs=1e-4)

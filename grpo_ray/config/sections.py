@@ -170,6 +170,12 @@ class AlgoConfig(Section):
     tis: Literal[("none", *TIS_LEVELS)] = _f("none", "truncated importance sampling vs the sampler")
     tis_cap: Float = _f(2.0, "truncation C of the importance weights", ge=1.0)
     entropy_coef: Float = _f(0.0, "entropy bonus in the loss; 0 = off (entropy is logged anyway)", ge=0.0)
+    sampler_kl_max: Optional[Float] = _f(
+        None, "weight-sync parity guard: a generator whose sampler_kl (its samples' token mean of vLLM's logprob "
+              "minus the learner's) exceeds this gets the weights pushed again; again at the next step: the run "
+              "stops naming it. null = by model.dtype, far above what the dtype explains: 1e-3 for float32 "
+              "(measured ~1e-8), 1e-2 for bfloat16 (at most 5e-3 a token measured); off with rollout.asynchronous, whose samples lag "
+              "one update (a number applies there too; a large one, e.g. 1e9, turns the guard off)", gt=0.0)
 
 
 class MathRewardConfig(Section):

@@ -62,14 +62,16 @@ SUMMED = ("loss", "pg_loss", "tokens")  # already divided by the global normalis
 
 def combine_parts(parts: list[dict[str, float]]) -> dict[str, float]:
     """Fold metrics of micro-batches (or learner ranks) into the batch's: losses and token counts
-    add up, ratio/max and ratio/min are extremes, everything else is a mean weighted by each
-    part's `tokens`."""
+    add up, ratio/max and ratio/min are extremes, lists are joined, everything else is a mean
+    weighted by each part's `tokens`."""
     tokens = sum(p["tokens"] for p in parts)
     out = {}
     for k in parts[0]:
         vals = [p[k] for p in parts]
         if k in SUMMED:
             out[k] = sum(vals)
+        elif isinstance(vals[0], list):  # per-row records (the learner's ROW_MISMATCH): joined
+            out[k] = [x for v in vals for x in v]
         elif k == "ratio/max":
             out[k] = max(vals)
         elif k == "ratio/min":
@@ -77,6 +79,33 @@ def combine_parts(parts: list[dict[str, float]]) -> dict[str, float]:
         else:
             out[k] = sum(v * p["tokens"] for v, p in zip(vals, parts)) / max(tokens, 1.0)
     return out
+
+
+# the learner's sampler/learner mismatch per row it measured, under this key of its update's
+# metrics: [(mini-batch j of its share, row in that share, summed old_logprobs - logprobs, tokens)];
+# the learner group maps the rows to batch rows (LearnerGroup.results)
+ROW_MISMATCH = "sampler_kl/rows"
+
+
+def row_mismatch(rows: torch.Tensor, diff: torch.Tensor, mask: torch.Tensor, shard: int = 0) -> list[tuple]:
+    """[(shard, row, sum over the row's tokens of diff, tokens)] for rows [b] (each row's index in
+    its shard), diff and mask [b, T]: a few numbers a row, not a list per token."""
+    sums, tokens = (diff * mask).sum(dim=1).tolist(), mask.sum(dim=1).tolist()
+    return [(shard, int(r), s, n) for r, s, n in zip(rows.tolist(), sums, tokens)]
+
+
+def mismatch_by_generator(rows: list[tuple[int, float, float]], generators: list[int]) -> dict[int, tuple[float, float]]:
+    """{generator: (its sampler_kl, tokens)}: the token-weighted mean of the mismatch over the batch
+    rows [(batch row, summed mismatch, tokens)] each generator sampled (generators[row]: its
+    index); generators with no measured token are left out, and all when the rows' generators
+    are not known (generators empty)."""
+    out: dict[int, list[float]] = {}
+    if not generators:
+        return {}
+    for row, summed, tokens in rows:
+        acc = out.setdefault(generators[row], [0.0, 0.0])
+        acc[0], acc[1] = acc[0] + summed, acc[1] + tokens
+    return {g: (s / n, n) for g, (s, n) in sorted(out.items()) if n > 0}
 
 
 def threshold_warnings(m: dict[str, float], kl_stop: float | None) -> dict[str, str]:

@@ -29,6 +29,10 @@ class Rollout:
     # seconds the generator spent sampling it (its busy time: async mode's `generate` phase only
     # shows the wait, and the overlap is judged against this)
     sample_s: float = 0.0
+    # [B] the index of the generator that sampled each row (its part in the fleet's launch), for
+    # the weight-sync parity guard; filled by concat (part i's rows are generator i's), kept by
+    # select_groups; [] when unknown (a part straight from one generator)
+    generators: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -47,6 +51,8 @@ class Rollout:
             weight_version=versions.pop() if versions else 0,
             queued_s=max((p.queued_s for p in parts), default=0.0),
             sample_s=max((p.sample_s for p in parts), default=0.0),  # generators run side by side
+            # a generator's part has none: its index in parts; a joined selection keeps its own
+            generators=[g for i, p in enumerate(parts) for g in (p.generators or [i] * len(p))],
         )
 
 
@@ -55,7 +61,8 @@ class Rollout:
         rows = [g * group_size + k for g in groups for k in range(group_size)]
         return Rollout([self.prompt_ids[i] for i in rows], [self.response_ids[i] for i in rows],
                        [self.old_logprobs[i] for i in rows], [self.texts[i] for i in rows],
-                       [self.truncated[i] for i in rows], self.weight_version, self.queued_s, self.sample_s)
+                       [self.truncated[i] for i in rows], self.weight_version, self.queued_s, self.sample_s,
+                       [self.generators[i] for i in rows] if self.generators else [])
 
 
 @dataclass

@@ -20,12 +20,13 @@ import torch
 
 from ..config import Config, ConfigError, overlong_buffer
 from ..core.algorithm import group_advantages, overlong_penalty
-from ..core.metrics import advantage_variance, combine_parts, reward_stats
+from ..core.metrics import advantage_variance, mismatch_by_generator, reward_stats
 from ..core.records import Rollout, TrainBatch, padded_batch
 from ..data.datasets import PromptSampler
 from ..roles.actors import Roles, restart_reference
 from ..roles.waiting import Stalled, wait_all
 from .evaluation import correctness
+from .parity import PARITY
 from .rollout import Collected, InFlight, collect_ahead, collect_rollout
 
 
@@ -70,7 +71,7 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
         update = roles.learners.update(batch, mini_batches=cfg.algo.mini_batches, aggregation=cfg.algo.aggregation,
                                        max_tokens=cfg.rollout.max_new_tokens, epochs=cfg.algo.ppo_epochs)
         roles.fleet.push(update.weights, version=step)
-        stats = combine_parts(roles.learners.wait(update.stats, "update"))
+        stats, mismatch = roles.learners.results(update)
     if ahead is not None:  # the generators take new weights once the next rollout is sampled
         with timer("generate"):
             ahead.launch.wait()
@@ -78,6 +79,7 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
         roles.fleet.settle(keep_latest=True)
     metrics = {"step": step, **rollout_metrics(got.rollout, rewards, advantages, G, got.scores),
                **component_means(got.scores), REWARD_ERRORS: reward_errors(got.scores), **shaping, **got.stats, **stats,
+               PARITY: mismatch_by_generator(mismatch, got.rollout.generators),
                "verify/retries": got.retries, **timer.metrics(),
                "time/generate_queued": got.rollout.queued_s,  # sync mode: the load's share of generate
                "time/generate_sampling": got.rollout.sample_s}  # the generators' busy time (async: hidden)

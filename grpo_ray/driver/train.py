@@ -24,6 +24,7 @@ from .checkpoint import (REFERENCES, check_resume_mode, checkpoint_path, find_re
 from .evaluation import evaluate
 from .outputs import (create_run_dir, fit_to_model, prepare_model, resolve_run_dir, stopped_where, summary_line,
                       write_samples)
+from .parity import PARITY, ParityStop, describe, threshold, verdict
 from .rollout import InFlight
 from .signals import Stopped, stop_on_signals
 from .step import REWARD_ERRORS, RewardFunctionError, ref_reset_due, reward_error_messages, train_step
@@ -132,6 +133,7 @@ class Run:
         self.ahead: InFlight | None = None  # rollout.asynchronous: the next step's rollout, sampling
         self.nonfinite_run: tuple[int, int] | None = None  # (first step, steps) in a row with skipped steps
         self.reward_errors_said: set[str] = set()  # reward components whose first failure was said
+        self.parity_pushed: int | None = None  # the step after which the parity guard pushed the weights again
 
     def restore(self, path: str, state: dict) -> int:
         """Generators, sampler and monitor as they were at the checkpoint (the learners restored
@@ -160,7 +162,7 @@ class Run:
             except (ray.exceptions.RayActorError, Stalled) as e:  # a learner (no restarts), a role out of restarts
                 raise RuntimeError(self.died(step, e)) from None
             mark = time.perf_counter()
-            errors = m.pop(REWARD_ERRORS, {})
+            errors, parity = m.pop(REWARD_ERRORS, {}), m.pop(PARITY, {})
             self.metrics.write(m)
             self.reward_errors(step, errors)  # raises RewardFunctionError when a component failed everywhere
             last = step
@@ -169,6 +171,7 @@ class Run:
             if step % cfg.run.log_every == 0:
                 self.log(summary_line(m, steps))
             self.nonfinite(step, m)  # raises NonFiniteStop after train.max_nonfinite_steps in a row
+            self.parity(step, parity)  # pushes the weights again; raises ParityStop when that did not help
             if self.watch(step, m):
                 back = self.rollback(step) if cfg.algo.kl_action == "rollback" else None
                 if back is None:
@@ -316,6 +319,38 @@ class Run:
                      "there is no checkpoint from before them: start over with a lower learner.lr")
             raise NonFiniteStop(f"stopped after {n} steps in a row with a non-finite loss or gradient (steps "
                                 f"{first}-{step}); the weights were not saved; {where}")
+
+    def parity(self, step: int, by_generator: dict) -> None:
+        """The weight-sync parity guard (driver/parity.py): a generator whose samples disagree with
+        the learner beyond algo.sampler_kl_max gets the learner's current weights pushed again
+        (every generator does), and the next step samples with them (a rollout sampling ahead is
+        dropped, its prompts drawn again). This step has already trained on its samples: its
+        old_logprobs were the sampler's, and the ratio's clipping bounds one step's damage. The
+        same at the next step stops the run (ParityStop), naming the generator."""
+        limit = threshold(self.cfg)
+        above, stop = verdict(by_generator, limit, self.parity_pushed == step - 1)
+        if not above:
+            self.parity_pushed = None
+            return
+        who = describe(above, self.roles.fleet.names, by_generator)
+        if stop:
+            msg = (f"weight-sync parity: at step {step} {who} > algo.sampler_kl_max {limit:g}, again after the "
+                   f"weights were pushed again at step {step - 1}: that generator is not sampling from the "
+                   "learner's policy; check the weight sync (model.dtype, a partial weight load, a generator "
+                   "started on another model)")
+            self.metrics.write({"step": step, "event": "parity_stop", "message": msg})
+            raise ParityStop(msg)
+        msg = (f"weight-sync parity: at step {step} {who} > algo.sampler_kl_max {limit:g} (the sampler and the "
+               "learner disagree on the same tokens); pushing the learner's weights to every generator again")
+        self.log(f"warning: {msg}")
+        self.metrics.write({"step": step, "event": "parity", "message": msg,
+                            "generators": {self.roles.fleet.names[g]: kl for g, kl in above.items()}})
+        if self.ahead is not None:  # sampled with the weights in doubt: drawn and sampled again
+            self.ahead.drop_reference()
+            self.sampler.load_state_dict(self.ahead.sampler_state)
+            self.ahead = None
+        self.roles.fleet.resync()
+        self.parity_pushed = step
 
     def evaluate(self, step: int) -> None:
         c, roles = self.cfg, self.roles

@@ -30,7 +30,7 @@ import math
 import torch
 
 from ..core.algorithm import masked_mean, policy_loss, truncated_is_weights
-from ..core.metrics import SUMMED, combine_parts
+from ..core.metrics import ROW_MISMATCH, SUMMED, combine_parts, row_mismatch
 from ..models.modeling import batched_logprobs, disable_dropout, load_causal_lm, response_logprobs
 from ..core.records import TrainBatch
 from .backends import BackendSettings, get_backend
@@ -90,19 +90,21 @@ class Learner:
         mismatch metrics over the whole share, or None when old_logprobs stay the sampler's."""
         if not self.recompute_old_logprobs:
             return mini_batches, None
-        num, den, out = 0.0, 0.0, []
-        for shard in mini_batches:
+        num, den, out, rows = 0.0, 0.0, [], []
+        for j, shard in enumerate(mini_batches):
             shard = dataclasses.replace(shard, sampler_logprobs=shard.old_logprobs, old_logprobs=self.logprobs(shard))
             num += float(((shard.sampler_logprobs - shard.old_logprobs) * shard.response_mask).sum())
             den += float(shard.response_mask.sum())
+            rows += row_mismatch(torch.arange(shard.size), shard.sampler_logprobs - shard.old_logprobs,
+                                 shard.response_mask, j)
             out.append(shard)
         self.backend.train()
-        return out, {"sampler_kl": num / max(den, 1.0), "mismatch_tokens": den}
+        return out, {"sampler_kl": num / max(den, 1.0), "mismatch_tokens": den, ROW_MISMATCH: rows}
 
     def _accumulate(self, shard: TrainBatch, normalizer: float, measure_mismatch: bool) -> list[dict]:
         """Backward over the shard's micro-batches (gradients add up until backend.step())."""
         parts = []
-        for _, mb in shard.micro_batches(self.micro_batch_size, by_prompt=self.share_prompts):
+        for rows, mb in shard.micro_batches(self.micro_batch_size, by_prompt=self.share_prompts):
             mb = mb.to(self.backend.device)
             logprobs, entropy = response_logprobs(self.backend.model, mb, with_entropy=True,
                                                   entropy_grad=bool(self.loss_kwargs.get("entropy_coef")),
@@ -123,25 +125,29 @@ class Learner:
                     "tokens": float(mb.response_mask.sum())}
             if measure_mismatch:  # k1 estimate of KL(sampler || learner) on the sampled tokens
                 part["sampler_kl"] = float(masked_mean(mb.old_logprobs - logprobs.detach(), mb.response_mask))
+                # per row, for the parity guard (measured only: the loss above is as it was)
+                part[ROW_MISMATCH] = row_mismatch(rows, mb.old_logprobs - logprobs.detach(), mb.response_mask)
             parts.append(part)
         return parts
 
     def _fold(self, steps: list[tuple[list[dict], float, bool]], mismatch: dict | None) -> dict[str, float]:
         """One set of metrics for the update: token-weighted means over every micro-batch of every
         pass; loss, pg_loss and tokens per optimizer step (so ranks still add up). Steps skipped as
-        non-finite count in nonfinite_steps and are left out, unless no step applied."""
+        non-finite count in nonfinite_steps and are left out, unless no step applied. With
+        sampler_kl, its rows under ROW_MISMATCH (core.metrics.row_mismatch: a few numbers a row)."""
         applied = [s for s in steps if s[2]]
         kept = applied or steps
         parts, norms = [p for s in kept for p in s[0]], [s[1] for s in applied]
         first = [p for p in parts if "sampler_kl" in p]
-        out = combine_parts([{k: v for k, v in p.items() if k != "sampler_kl"} for p in parts])
+        out = combine_parts([{k: v for k, v in p.items() if k not in ("sampler_kl", ROW_MISMATCH)} for p in parts])
         for k in SUMMED:
             out[k] /= len(kept)
         if mismatch is not None:
-            out["sampler_kl"] = mismatch["sampler_kl"]
+            out["sampler_kl"], out[ROW_MISMATCH] = mismatch["sampler_kl"], mismatch[ROW_MISMATCH]
         elif first:
             out["sampler_kl"] = combine_parts([{"sampler_kl": p["sampler_kl"], "tokens": p["tokens"]}
                                                for p in first])["sampler_kl"]
+            out[ROW_MISMATCH] = [r for p in first for r in p[ROW_MISMATCH]]
         out["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
         out["optimizer_steps"] = float(len(applied))  # applied
         out["nonfinite_steps"] = float(len(steps) - len(applied))

@@ -6,11 +6,12 @@ take part in a gather, otherwise rank 0 alone holds them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
 from ..core.algorithm import loss_normalizer
+from ..core.metrics import ROW_MISMATCH, combine_parts
 from ..core.records import TrainBatch
 from .fleet import split
 from .waiting import Bound, wait_all, where
@@ -20,9 +21,11 @@ from .waiting import Bound, wait_all, where
 class Update:
     """An update in flight: each rank's metrics (ObjectRefs) and rank 0's new weights (a ref
     to its buckets, packed in the same call, so the generators' load can be queued on it at
-    once)."""
+    once), and where each rank's shares start in the batch (starts[rank][j]: the batch row of
+    its share of mini-batch j)."""
     stats: list
     weights: ray.ObjectRef
+    starts: list[list[int]] = field(default_factory=list)
 
 
 class LearnerGroup:
@@ -66,12 +69,13 @@ class LearnerGroup:
         normaliser of the WHOLE mini-batch, so the gradient does not depend on the split across
         ranks and micro-batches."""
         shares: list[list[TrainBatch]] = [[] for _ in self.actors]
-        normalizers = []
+        normalizers, starts = [], [[] for _ in self.actors]
         for mb_rows in split(list(range(batch.size)), mini_batches):
             mb = batch.select(slice(mb_rows[0], mb_rows[-1] + 1))
             normalizers.append(loss_normalizer(mb.response_mask, aggregation, max_tokens))
-            for share, rows in zip(shares, split(list(range(mb.size)), len(self.actors))):
+            for share, start, rows in zip(shares, starts, split(list(range(mb.size)), len(self.actors))):
                 share.append(mb.select(slice(rows[0], rows[-1] + 1)))
+                start.append(mb_rows[0] + rows[0])
         stats, weights = [], []
         for rank, (actor, share) in enumerate(zip(self.actors, shares)):
             if rank < len(self._gathering):  # every gathering rank packs; rank 0's buckets are sent
@@ -81,7 +85,16 @@ class LearnerGroup:
             else:
                 part = actor.update.remote(share, normalizers, epochs)
             stats.append(part)
-        return Update(stats, weights[0])
+        return Update(stats, weights[0], starts)
+
+    def results(self, update: Update) -> tuple[dict, list[tuple[int, float, float]]]:
+        """The update's metrics, the ranks' combined (core.metrics.combine_parts), and the
+        sampler/learner mismatch per batch row it was measured on: [(batch row, summed
+        old_logprobs - logprobs, tokens)] (the driver's parity guard attributes them to generators)."""
+        parts = self.wait(update.stats, "update")
+        rows = [(update.starts[rank][j] + i, summed, tokens) for rank, part in enumerate(parts)
+                for j, i, summed, tokens in part.pop(ROW_MISMATCH, [])]
+        return combine_parts(parts), rows
 
     def weight_buckets(self) -> ray.ObjectRef:
         """The current weights as buckets for the generators (a ref to rank 0's)."""
