@@ -74,7 +74,7 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
         stats, mismatch = roles.learners.results(update)
     if ahead is not None:  # the generators take new weights once the next rollout is sampled
         with timer("generate"):
-            ahead.launch.wait()
+            roles.fleet.wait_sampled(ahead.launch)
     with timer("sync"):  # the load runs while the driver logs this step (GeneratorFleet.settle)
         roles.fleet.settle(keep_latest=True)
     metrics = {"step": step, **rollout_metrics(got.rollout, rewards, advantages, G, got.scores),

@@ -46,10 +46,6 @@ class Launch:
     sampling: Sampling
     seed: int
 
-    def wait(self) -> None:
-        """Until every part is sampled (without fetching them)."""
-        ray.wait(self.refs, num_returns=len(self.refs), fetch_local=False)
-
 
 @dataclass
 class Arrived:
@@ -184,6 +180,15 @@ class GeneratorFleet:
         self.settle()
         self.push(self.learners.weight_buckets(), self.version if version is None else version)
         self.settle()
+
+    def wait_sampled(self, launch: Launch) -> None:
+        """Until every part of `launch` is sampled, without fetching them (async mode: the next
+        rollout, before the new weights are loaded behind it). A generator that stalls is
+        restarted; stream() then samples its part again with the current weights."""
+        try:
+            wait_all(launch.refs, self.names[:len(launch.refs)], "generate", self.bound, fetch=False)
+        except Stalled as e:
+            self.restart(e.indices, e)
 
     def restart(self, indices: list[int], stalled: Stalled) -> None:
         """Kill the generators that stalled; Ray starts them again (resources.actor_restarts)
