@@ -18,7 +18,7 @@ from .backends import BACKENDS, full_params_need_all_ranks
 from .fleet import GeneratorFleet
 from .learner_group import LearnerGroup
 from .placement import Placement, reserve
-from .waiting import Bound, where
+from .waiting import Bound
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.
 # GRPC_ENABLE_FORK_SUPPORT=0: with it on, gRPC's fork handler starts a poller thread in every
@@ -204,7 +204,7 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
                                                                                 cfg.learner.zero_stage),
                          dtype=cfg.model.dtype, bound=bound)
     fleet = GeneratorFleet(generators, group, bound, start_s=time.perf_counter() - t0)
-    fleet.ready()  # notes where each generator runs, for the stall messages
+    fleet.locate()  # the engines are up (awaited above): where each runs, for the stall messages
     return Roles(fleet, verifier, reference, group, placement, bound)
 
 

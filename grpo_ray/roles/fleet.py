@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import ray
 
 from ..core.records import Rollout
-from .waiting import Bound, Stalled, wait_all, wait_any, where
+from .waiting import Bound, Stalled, locations, wait_all, wait_any
 
 MAX_RESYNCS = 3  # pushes of the current weights before a rollout that keeps coming back stale fails
 
@@ -202,6 +202,10 @@ class GeneratorFleet:
             self.names[i] = f"generator {i} (restarted)"
 
     def ready(self) -> None:
-        """Wait until every engine is up; note where each runs (for the messages above)."""
+        """Wait until every engine is up, then locate them."""
         ray.get([g.ready.remote() for g in self.actors])
-        self.names = [f"generator {i} ({where(g)})" for i, g in enumerate(self.actors)]
+        self.locate()
+
+    def locate(self) -> None:
+        """Note where each generator runs, for the stall messages (the engines are up)."""
+        self.names = [f"generator {i} ({at})" for i, at in enumerate(locations(self.actors))]

@@ -14,7 +14,7 @@ from ..core.algorithm import loss_normalizer
 from ..core.metrics import ROW_MISMATCH, combine_parts
 from ..core.records import TrainBatch
 from .fleet import split
-from .waiting import Bound, wait_all, where
+from .waiting import Bound, locations, wait_all
 
 
 @dataclass
@@ -39,7 +39,7 @@ class LearnerGroup:
         self._gathering = actors if gather_on_all_ranks else actors[:1]
         self.names = [f"learner rank {r}" for r in range(len(actors))]
         if self.bound.stall_s is not None:  # where each rank runs, asked while it can answer
-            self.names = [f"learner rank {r} ({where(a)})" for r, a in enumerate(actors)]
+            self.names = [f"learner rank {r} ({at})" for r, at in enumerate(locations(actors))]
 
     def wait(self, refs: list, call: str, ranks: list[int] | None = None) -> list:
         """The results of one call per rank (ranks: which ranks made them; default all), bounded."""

@@ -31,11 +31,11 @@ class Bound:
     heartbeat_s: float = HEARTBEAT_S
 
 
-def where(actor) -> str:
-    """'node <ip>, pid <pid>' of a live actor (asked once, when it is ready: a frozen actor
-    cannot answer)."""
-    ip, pid = ray.get(actor.__ray_call__.remote(lambda self: (ray.util.get_node_ip_address(), os.getpid())))
-    return f"node {ip}, pid {pid}"
+def locations(actors: list) -> list[str]:
+    """'node <ip>, pid <pid>' of each live actor, in one round trip (asked when they are ready:
+    a frozen actor cannot answer)."""
+    here = [a.__ray_call__.remote(lambda self: (ray.util.get_node_ip_address(), os.getpid())) for a in actors]
+    return [f"node {ip}, pid {pid}" for ip, pid in ray.get(here)]
 
 
 def wait_all(refs: list, owners: list[str], call: str, bound: Bound, fetch: bool = True) -> list | None:
