@@ -1,5 +1,8 @@
 import os
+import socket
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,38 @@ def ray_local():
     ray = init_local_ray()
     yield ray
     ray.shutdown()
+
+
+@dataclass
+class RayHead:
+    env: dict  # for subprocesses: RAY_AUTH_MODE=disabled, no RAY_ADDRESS
+    dashboard: str  # http://127.0.0.1:PORT (job submission, state API)
+    gcs: str  # 127.0.0.1:PORT (ray.init / RAY_ADDRESS)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A real `ray start --head` on free ports (token authentication off, as PLATFORM.md says for
+    local debugging), stopped afterwards. `ray stop` stops every Ray on the machine: no module
+    that uses this may hold the in-process ray_local at the same time."""
+    bin_dir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    subprocess.run([f"{bin_dir}/ray", "start", "--head", "--num-cpus=2", f"--port={gcs}", "--include-dashboard=true",
+                    f"--dashboard-port={dash}", "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=180)
+    try:
+        yield RayHead(env, f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}")
+    finally:
+        subprocess.run([f"{bin_dir}/ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def init_local_ray(**resources):

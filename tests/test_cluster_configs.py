@@ -80,7 +80,7 @@ def test_kuberay_manifests(name):
         assert argv[:2] == ["grpo-ray", "train"] and (REPO / argv[2]).is_file()
         load_config(str(REPO / argv[2]), argv[3:])  # the job's config and overrides are valid
         env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])  # configs/ is not in the installed package:
-        assert env["working_dir"] and ".git" in env["excludes"]  # the entrypoint runs in the repo's copy
+        assert env["working_dir"] and "runs" in env["excludes"]  # the entrypoint runs in the repo's copy
 
 
 def _k8s_gpu_group() -> dict:

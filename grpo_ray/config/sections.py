@@ -63,6 +63,8 @@ class RunConfig(Section):
     tensorboard: bool = _f(True, "event files in <run dir>/tensorboard")
     wandb_project: Text = _f("", "Weights & Biases project; empty = off (needs `pip install wandb`)")
     plots: bool = _f(True, "PNG charts in <run dir>/plots at the end (also: grpo-ray plot RUN_DIR)")
+    ray_dashboard: bool = _f(False, "start Ray's dashboard when the driver starts its own local Ray (a second "
+                             "and a process more; it goes with the run); a running cluster keeps its own")
     stall_timeout_s: Optional[Float] = _f(
         1800.0, "the longest a remote call (sampling, a weight load, the reference pass, an update, a save) may go "
         "without progress before its role is named as stalled: a generator or the reference is restarted and "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import ray
 
@@ -18,6 +19,7 @@ from ..core.metrics import Monitor
 from ..data.datasets import DataError, PromptSampler, drop_training_prompts, load_datasets, task_problem
 from ..models.modeling import check_model_dir, load_tokenizer
 from ..roles.actors import Roles, check_backend, init_ray, replace_reference, start_roles, stop_roles
+from ..roles.startup import Timeline
 from ..roles.waiting import Stalled
 from .checkpoint import (REFERENCES, check_resume_mode, checkpoint_path, find_resume, list_checkpoints, load_state,
                          newest_good, prune, remove_partial_saves, write_state, writing)
@@ -70,44 +72,75 @@ def train(cfg: Config, address: str | None = None) -> str:
     `where` says how to resume) after the actors are released."""
     from tqdm import tqdm
 
-    log = tqdm.write
+    log, timeline = tqdm.write, Timeline()
+    timeline.add("interpreter, imports, config", timeline.zero, time.time())
     # Bad data, a model that cannot take a prompt and bad checkpoints fail here, before anything
     # is written or started.
-    train_records, eval_records, dropped, model_path, resume = preflight(cfg, log)
+    with timeline.phase("data, model check, warm start"):
+        train_records, eval_records, dropped, model_path, resume = preflight(cfg, log)
     run_dir = create_run_dir(cfg)
     log(f"run directory: {run_dir}")
     if dropped:
         log(f"warning: {dropped}")
     remove_partial_saves(run_dir)
     reference = (resume[1].get("reference") if resume else None) or model_path
-    init_ray(address)
+    with timeline.phase("ray start or connect"):
+        joined = init_ray(address, dashboard=cfg.run.ray_dashboard)
+    if joined:  # its actors, dashboard and logs are there, and outlive this run
+        log(f"joined the running Ray cluster at {joined}")
     try:
         with stop_on_signals():
-            _run(cfg, run_dir, model_path, train_records, eval_records, resume, reference, log, tqdm)
+            _run(cfg, run_dir, model_path, train_records, eval_records, resume, reference, log, tqdm, timeline)
     except Stopped as e:
         e.where = stopped_where(run_dir, cfg.train.steps)
         raise
+    first = timeline.at("first step")
+    timeline.save(os.path.join(run_dir, "timings.json"), time_to_first_step_s=first,
+                  until_exit_s=round(time.time() - timeline.zero, 3))
     log(f"run directory: {run_dir}")
     return run_dir
 
 
 def _run(cfg: Config, run_dir: str, model_path: str, train_records: list[dict], eval_records: list[dict],
-         resume: tuple[str, dict] | None, reference: str, log, tqdm) -> None:
+         resume: tuple[str, dict] | None, reference: str, log, tqdm, timeline: Timeline) -> None:
     """Start the actors, run the steps, release the actors (also on an error or a stop)."""
     t0 = time.perf_counter()
-    roles = start_roles(cfg, model_path, resume_from=resume[0] if resume else None, reference=reference)
-    log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
-        f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), reference, "
-        f"{cfg.learner.num_ranks} learner rank(s)")
-    run = None
+    # the driver's own set-up (tokenizer, TensorBoard's imports) runs while the actors start
+    side = ThreadPoolExecutor(1)
+    outputs = side.submit(open_outputs, cfg, run_dir, model_path)
+    side.shutdown(wait=False)  # its thread ends with that one task
     try:
+        with timeline.phase("actors"):
+            roles = start_roles(cfg, model_path, resume_from=resume[0] if resume else None,
+                                reference=reference, timeline=timeline)
+    except BaseException:
+        if outputs.exception() is None:  # else start_roles' error is the one to say
+            outputs.result()[1].close()
+        raise
+    run = None
+    try:  # from here on the actors are released whatever happens (an error, a stop)
+        log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
+            f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), reference, "
+            f"{cfg.learner.num_ranks} learner rank(s)")
+        tokenizer, metrics = outputs.result()
         run = Run(cfg, roles, run_dir, model_path, PromptSampler(train_records, cfg.run.seed),
-                  eval_records[:cfg.eval.num_prompts], log, reference)
-        run.loop(run.restore(*resume) if resume else 1, tqdm)
-    finally:
-        if run is not None:
+                  eval_records[:cfg.eval.num_prompts], log, reference, timeline, tokenizer, metrics)
+        try:
+            run.loop(run.restore(*resume) if resume else 1, tqdm)
+        finally:
             run.metrics.close()
-        stop_roles(roles)
+    finally:
+        with timeline.phase("stop actors"):
+            stop_roles(roles)
+        if run is not None:
+            run.plotted()  # the plots were drawn while the actors stopped
+
+
+def open_outputs(cfg: Config, run_dir: str, model_path: str) -> tuple:
+    """(tokenizer, metrics sinks): metrics.jsonl appends on resume."""
+    return load_tokenizer(model_path), Tracker(
+        run_dir, tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project or None,
+        run_name=cfg.run.name, config=cfg.to_dict(), resumed=bool(list_checkpoints(run_dir)))
 
 
 class NonFiniteStop(ConfigError):
@@ -120,15 +153,14 @@ class Run:
     monitor and the metrics file; and what it does besides steps: evaluate and checkpoint."""
 
     def __init__(self, cfg: Config, roles: Roles, run_dir: str, model_path: str, sampler: PromptSampler,
-                 eval_records: list[dict], log, reference: str | None = None):
+                 eval_records: list[dict], log, reference: str, timeline: Timeline, tokenizer, metrics: Tracker):
         self.cfg, self.roles, self.run_dir, self.sampler, self.eval_records, self.log = (
             cfg, roles, run_dir, sampler, eval_records, log)
-        self.model_path, self.reference = model_path, reference or model_path  # the reference actor's folder
-        self.tokenizer = load_tokenizer(model_path)
+        self.timeline = timeline  # start-up and shut-down phases (timings.json)
+        self.model_path, self.reference = model_path, reference  # the reference actor's folder
+        self.tokenizer, self.metrics = tokenizer, metrics
         self.monitor = Monitor(cfg.algo.kl_stop, cfg.algo.kl_window)
-        self.metrics = Tracker(run_dir, tensorboard=cfg.run.tensorboard,  # metrics.jsonl appends on resume
-                               wandb_project=cfg.run.wandb_project or None, run_name=cfg.run.name,
-                               config=cfg.to_dict(), resumed=bool(list_checkpoints(run_dir)))
+        self.plotting: Future | None = None  # the plots, drawn in a thread at the end
         self.lr_scale, self.rollbacks = 1.0, 0  # KL rollbacks so far and the lr factor they left
         self.ahead: InFlight | None = None  # rollout.asynchronous: the next step's rollout, sampling
         self.nonfinite_run: tuple[int, int] | None = None  # (first step, steps) in a row with skipped steps
@@ -151,16 +183,20 @@ class Run:
     def loop(self, start: int, tqdm) -> None:
         cfg, steps, step, last = self.cfg, self.cfg.train.steps, start, start - 1
         if start == 1:
-            self.evaluate(0)
+            with self.timeline.phase("first evaluation"):
+                self.evaluate(0)
         bar = tqdm(desc="grpo", unit="step", file=sys.stderr, initial=start - 1, total=steps)
         mark = None  # when the last step returned: its bookkeeping below counts in the next step's time
         stopped = False  # by the KL guard
         while step <= steps:
+            begun = time.time()
             try:
                 m, samples, self.ahead = train_step(step, cfg, self.roles, self.sampler,
                                                     self.tokenizer.pad_token_id, self.ahead, started=mark)
             except (ray.exceptions.RayActorError, Stalled) as e:  # a learner (no restarts), a role out of restarts
                 raise RuntimeError(self.died(step, e)) from None
+            if step == start:
+                self.timeline.add("first step", begun, time.time())
             mark = time.perf_counter()
             errors, parity = m.pop(REWARD_ERRORS, {}), m.pop(PARITY, {})
             self.metrics.write(m)
@@ -210,23 +246,36 @@ class Run:
         cfg, final = self.cfg, os.path.join(self.run_dir, "final_model")
         if last < start and os.path.isdir(final):
             return
-        self.evaluate(last)
+        phase = self.timeline.phase
+        with phase("final evaluation"):
+            self.evaluate(last)
         if stopped:  # kept beside the last good one (checkpoint.prune), which a rollback goes back to
             self.checkpoint(last, kl_stopped=True)
             good = newest_good(self.run_dir)
             self.log(f"KL guard: checkpoint of step {last} saved as stopped; the newest saved while the KL rule "
                      f"held is {good[1] if good else 'none'}")
         elif last >= start and not (cfg.train.checkpoint_every and last % cfg.train.checkpoint_every == 0):
-            self.checkpoint(last)
-        self.log(f"final policy: {save_policy(self.roles, self.run_dir, self.tokenizer, 'final_model')}")
-        if cfg.run.plots:
-            from .plots import plot_run
+            with phase("final checkpoint"):
+                self.checkpoint(last)
+        with phase("final model"):
+            self.log(f"final policy: {save_policy(self.roles, self.run_dir, self.tokenizer, 'final_model')}")
+        if cfg.run.plots:  # drawn while the actors stop (plotted())
+            self.plotting = ThreadPoolExecutor(1).submit(self._plot)
 
-            try:
-                charts = plot_run(self.run_dir, cfg.algo.kl_stop)
-                self.log(f"plots: {len(charts)} charts in {os.path.join(self.run_dir, 'plots')}")
-            except DataError as e:  # nothing to plot (no step ran): the run itself is fine
-                self.log(f"warning: no plots: {e}")
+    def _plot(self) -> None:
+        from .plots import plot_run
+
+        try:
+            with self.timeline.phase("plots"):
+                charts = plot_run(self.run_dir, self.cfg.algo.kl_stop)
+            self.log(f"plots: {len(charts)} charts in {os.path.join(self.run_dir, 'plots')}")
+        except DataError as e:  # nothing to plot (no step ran): the run itself is fine
+            self.log(f"warning: no plots: {e}")
+
+    def plotted(self) -> None:
+        """Wait for the plots (an error drawing them is raised here)."""
+        if self.plotting is not None:
+            self.plotting.result()
 
     def reset_reference(self, step: int) -> None:
         """algo.ref_reset_every (DeepSeek-R1: every 400 steps): the reference becomes the current

@@ -6,6 +6,7 @@ task unschedulable behind actors that are idle most of the step.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -18,6 +19,7 @@ from .backends import BACKENDS, full_params_need_all_ranks
 from .fleet import GeneratorFleet
 from .learner_group import LearnerGroup
 from .placement import Placement, reserve
+from .startup import Timeline
 from .waiting import Bound
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.
@@ -25,9 +27,14 @@ from .waiting import Bound
 # fork()ed child; subprocess then closes the poller's fds and the child aborts before exec. The
 # sandbox avoids fork() (setpriv + vfork, see verifiers/sandbox.py); this covers other forks.
 # GRPC_VERBOSITY: otherwise gRPC logs a line for every such fork.
+# HF_HUB_DISABLE_PROGRESS_BARS: transformers' weight loading and saving bars, one per actor per
+# load, said nothing the run's own lines do not.
 ACTOR_ENV = {"GRPC_ENABLE_FORK_SUPPORT": "0", "GRPC_VERBOSITY": "ERROR", "TOKENIZERS_PARALLELISM": "false",
              "VLLM_LOGGING_LEVEL": "ERROR", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-             "TRANSFORMERS_VERBOSITY": "error"}
+             "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# Generators only: vLLM's CPU worker warns through torch's C++ log, once per engine, that it binds
+# memory to the NUMA node of its cores (which is what resources.vllm_cpu_threads asks for).
+GENERATOR_ENV = {"TORCH_CPP_LOG_LEVEL": "ERROR"}
 
 
 def in_ray_job() -> bool:
@@ -35,11 +42,17 @@ def in_ray_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join the cluster at `address` / RAY_ADDRESS / a local `ray start --head`, else start one."""
-    if ray.is_initialized():
-        return
-    ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+def init_ray(address: str | None = None, dashboard: bool = False) -> str | None:
+    """Join the cluster at `address` / RAY_ADDRESS / a local `ray start --head`, else start one
+    (with Ray's dashboard if `dashboard`). Returns the address of the cluster joined, or None
+    when this process started its own."""
+    if not ray.is_initialized():
+        # the warning that token authentication is on speaks of a cluster this process owns and
+        # stops with it: nothing for the user to do (a cluster they start says it to them)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True, include_dashboard=dashboard)
+    node = getattr(ray._private.worker, "_global_node", None)
+    return None if getattr(node, "head", False) else ray.get_runtime_context().gcs_address
 
 
 def actor_env() -> dict:
@@ -57,7 +70,7 @@ def _placed(cfg: Config, placement: Placement | None, role: str, index: int = 0,
     # bound; give OpenMP the threads the role really uses.
     vllm_cpus, torch_threads = role_threads(cfg, placement, role, index)
     threads = len(cpu_list(vllm_cpus)) if role == "generator" else torch_threads
-    env = {**actor_env(), "OMP_NUM_THREADS": str(max(1, threads))}
+    env = {**actor_env(), **(GENERATOR_ENV if role == "generator" else {}), "OMP_NUM_THREADS": str(max(1, threads))}
     return dict(**where, runtime_env={"env_vars": env}, **kw), vllm_cpus, torch_threads
 
 
@@ -175,30 +188,42 @@ def check_backend(cfg: Config) -> None:
                           f"{', '.join(map(repr, BACKENDS))} (registered in grpo_ray/roles/backends/__init__.py)")
 
 
-def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, reference: str | None = None) -> Roles:
+def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, reference: str | None = None,
+                timeline: Timeline | None = None) -> Roles:
     """Reserve the roles' placement group, then create every actor and wait until all are ready
     (vLLM, DeepSpeed and the verifier pool start in parallel). resume_from: a checkpoint
     directory; the learners restore its state (the generators start from model_path and get its
     weights pushed: Run.restore).
     reference: the reference policy's folder (the initial model unless algo.ref_reset_every has
-    replaced it). Raises placement.PlacementError when the cluster cannot hold the roles."""
+    replaced it). timeline: gets each phase and each actor's own start-up marks.
+    Raises placement.PlacementError when the cluster cannot hold the roles."""
     from .verifier_pool import VerifierPool
 
-    placement, verifier, t0 = reserve(cfg), None, time.perf_counter()
+    timeline = timeline or Timeline()
+    with timeline.phase("placement group"):
+        placement = reserve(cfg)
+    verifier, t0 = None, time.perf_counter()
     try:
+        created = time.time()
         generators = start_generators(cfg, model_path, placement)
         reference = start_reference(cfg, reference or model_path, placement) if cfg.uses_reference else None
         learners = start_learners(cfg, model_path, placement)
         # blocks until its replicas run, while the actors start
-        verifier = VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
+        with timeline.phase("verifier pool (Serve)"):
+            verifier = VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
         restored = [lr.load_state.remote(os.path.join(resume_from, "learner")) for lr in learners] if resume_from else []
-        ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]
-                + ([reference.__ray_ready__.remote()] if reference else []) + restored)
+        with timeline.phase("waiting for the actors"):
+            ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]
+                    + ([reference.__ray_ready__.remote()] if reference else []) + restored)
     except BaseException:
         placement.remove()  # kills the actors placed in it
         if verifier is not None:
             verifier.shutdown()
         raise
+    named = ([(f"generator {i}", g) for i, g in enumerate(generators)] + [("reference", reference)] * bool(reference)
+             + [(f"learner {r}", lr) for r, lr in enumerate(learners)])
+    for (name, _), marks in zip(named, ray.get([a.startup.remote() for _, a in named])):
+        timeline.add_role(name, created, marks)
     bound = Bound(cfg.run.stall_timeout_s)
     group = LearnerGroup(learners, gather_on_all_ranks=full_params_need_all_ranks(cfg.learner.backend,
                                                                                 cfg.learner.zero_stage),

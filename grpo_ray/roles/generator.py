@@ -10,17 +10,26 @@ step seed with one vectorised hash per step (`_install_seeded_cpu_sampler`).
 """
 from __future__ import annotations
 
+import gc
+import logging
 import math
 import os
 import re
 import time
+import warnings
 
 from ..config import ConfigError
 from ..core.records import Rollout
+from .startup import StartupClock
 from .weight_sync import WeightBucket, unpack_bucket
 
 
 def _vllm_env(threads: str | None) -> None:
+    """Before vLLM is imported: its settings, and two notices a user cannot act on (the vLLM CPU
+    build finds a Triton without a CPU backend and uses its own kernels; torch's deprecated
+    `reduce_op`, touched by vLLM's kernel dispatcher)."""
+    logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*", category=FutureWarning)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -164,6 +173,20 @@ def splitmix64(x):
     return x ^ lsr(x, 31)
 
 
+def _install_eager_token_ranks() -> None:
+    """vLLM's sampler ranks each sampled token with a torch.compile'd `(x >= value).sum(-1)`, which
+    dynamo traces at a process's first sampling call, even with enforce_eager: ~2.5 s of CPU per
+    generator, paid by the first evaluation of every run (bench_startup.py). On the CPU backend
+    the eager expression does the same (its [rows, vocab] bool copy, which the compiled kernel
+    avoids on GPUs, is small next to the logprobs vLLM holds anyway), so it is used there."""
+    from vllm.v1.sample import sampler
+
+    def batched_count_greater_than(x, values):
+        return (x >= values).sum(-1)
+
+    sampler.batched_count_greater_than = batched_count_greater_than
+
+
 def _install_seeded_cpu_sampler() -> None:
     """Seeded sampling on vLLM's CPU backend, one vectorised hash per decoding step.
 
@@ -210,13 +233,22 @@ class Generator:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512,
                  kv_cache_mb: int = 256, seed: int = 0, cpu_threads: str | None = None,
                  max_num_seqs: int = 256, enforce_eager: bool = True, gpu_share: float = 1.0):
+        self.clock = StartupClock()
         _vllm_env(cpu_threads)
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        self.clock.mark("vllm import")
+        # vLLM collects garbage fully a few times while it builds the engine (~0.3 s each over
+        # the heap of its imports; it freezes the heap itself only once the engine is built).
+        # What is imported by now lives as long as the process: frozen, those collections scan
+        # only what the build makes.
+        gc.freeze()
+
         cpu = current_platform.is_cpu()
         if cpu:
             _install_seeded_cpu_sampler()  # before the engine builds its sampler
+            _install_eager_token_ranks()
 
         self.llm = LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
                        # CPU: no chunked prefill. A prompt split across steps makes vLLM rewind that
@@ -227,7 +259,7 @@ class Generator:
                        **({"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
                           if cpu else {}),
                        kv_cache_memory_bytes=kv_cache_mb << 20, seed=seed, max_num_seqs=max_num_seqs,
-                       enable_prefix_caching=False,
+                       enable_prefix_caching=False, use_tqdm_on_load=False,
                        # the sampled token's logprob after temperature (and top-p): the policy
                        # that sampled, which the learner computes as log_softmax(logits / T).
                        # vLLM's default (raw_logprobs) is the T = 1 softmax whatever the temperature
@@ -242,6 +274,7 @@ class Generator:
         self.kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size if cpu else 0
         self.kv_block, self.kv_cache_mb, self.max_num_seqs = cache.block_size, kv_cache_mb, max_num_seqs
         self.kv_tokens = max(0, self.kv_tokens - cache.block_size)  # vLLM keeps one block back
+        self.clock.mark("vllm engine")
 
     def _check_kv_cache(self, prompts: list[str], n: int, max_new_tokens: int) -> None:
         """vLLM preempts sequences when the KV cache runs out, and on the CPU a preempted seeded
@@ -320,3 +353,7 @@ class Generator:
 
     def ready(self) -> bool:
         return True
+
+    def startup(self) -> dict[str, float]:
+        """This actor's start-up marks (roles/startup.py)."""
+        return self.clock.marks

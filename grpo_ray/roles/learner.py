@@ -34,6 +34,7 @@ from ..core.metrics import ROW_MISMATCH, SUMMED, combine_parts, row_mismatch
 from ..models.modeling import batched_logprobs, disable_dropout, load_causal_lm, response_logprobs
 from ..core.records import TrainBatch
 from .backends import BackendSettings, get_backend
+from .startup import StartupClock
 from .weight_sync import WeightBucket, pack_state_dict
 
 
@@ -45,6 +46,7 @@ class Learner:
                  recompute_old_logprobs: bool = False, tis: str = "none", tis_cap: float = 2.0,
                  share_prompts: bool = True, temperature: float = 1.0, backend: str = "deepspeed"):
         """backend: a name in roles.backends.BACKENDS; zero_stage is DeepSpeed's option."""
+        self.clock = StartupClock()
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         self.rank, self.world_size = rank, world_size
@@ -62,9 +64,14 @@ class Learner:
                                    dtype=dtype, rank=rank, world_size=world_size, master_addr=master_addr,
                                    master_port=master_port)
         self.backend = get_backend(backend)(build_model, settings, zero_stage=zero_stage)
+        self.clock.mark(f"{backend} init")
         # updates done (saved with the state): a count, not a weight version, which only the
         # generator fleet keeps
         self.updates = 0
+
+    def startup(self) -> dict[str, float]:
+        """This actor's start-up marks (roles/startup.py)."""
+        return self.clock.marks
 
     def update(self, mini_batches: list[TrainBatch], normalizers: list[float], epochs: int = 1) -> dict[str, float]:
         """`epochs` passes over this rank's share of each mini-batch, one optimizer step per

@@ -133,7 +133,12 @@ def reserve(cfg: Config) -> Placement:
     res = cfg.resources
     bundles, slots = plan(cfg)
     group = placement_group(bundles, strategy=res.placement_strategy)
-    if group.wait(timeout_seconds=res.placement_timeout_s):
+    try:
+        placed = group.wait(timeout_seconds=res.placement_timeout_s)
+    except BaseException:  # a stop (SIGTERM) while it waits: no group left behind on the cluster
+        remove_placement_group(group)
+        raise
+    if placed:
         return Placement(group, slots)
     remove_placement_group(group)
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]

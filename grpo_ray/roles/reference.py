@@ -6,15 +6,22 @@ import torch
 
 from ..models.modeling import batched_logprobs, device, load_causal_lm
 from ..core.records import Rollout, TrainBatch, padded_batch
+from .startup import StartupClock
 
 
 class Reference:
     def __init__(self, model_path: str, *, dtype: str = "float32", threads: int = 2, micro_batch_size: int = 64,
                  share_prompts: bool = True, temperature: float = 1.0):
+        self.clock = StartupClock()
         torch.set_num_threads(threads)
         self.model = load_causal_lm(model_path, dtype).to(device()).eval().requires_grad_(False)
+        self.clock.mark("model load")
         self.micro_batch_size, self.share_prompts = micro_batch_size, share_prompts
         self.temperature = temperature  # the KL is between the tempered policies, as the ratio
+
+    def startup(self) -> dict[str, float]:
+        """This actor's start-up marks (roles/startup.py)."""
+        return self.clock.marks
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """ref_logprobs [B, T] for the batch's responses (0 on padding)."""

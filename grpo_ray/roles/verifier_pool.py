@@ -114,6 +114,9 @@ def deployment_options(p: VerifierPoolConfig, env: dict, has_verifier_resource: 
                    "metrics_interval_s": 0.5, "look_back_period_s": max(1.0, p.upscale_delay_s)}
     return dict(ray_actor_options=actor, max_ongoing_requests=p.max_ongoing_requests,
                 autoscaling_config=autoscaling, health_check_period_s=2.0, health_check_timeout_s=30.0,
+                # a replica has nothing to drain at the end of a run (the driver has its answers
+                # or abandons them): Serve's default shutdown loop waited 2 s of every run's exit
+                graceful_shutdown_wait_loop_s=0.1, graceful_shutdown_timeout_s=5.0,
                 logging_config=QUIET)
 
 
@@ -158,7 +161,11 @@ class VerifierPool:
         app = serve.deployment(VerifierReplica, name="verifier", **options).bind(
             reward.components, verifier_options(reward), self.cfg.max_ongoing_requests, task,
             request_budget(reward))
-        self.handle = serve.run(app, name=self.app, route_prefix=None)
+        try:
+            self.handle = serve.run(app, name=self.app, route_prefix=None)
+        except BaseException:  # a failed start, or a stop (SIGTERM) while it deploys: no app left behind
+            serve.delete(self.app, _blocking=False)
+            raise
 
     def score(self, records: list[dict], responses: list[str], group_size: int = 1) -> Scores:
         """Scores for each response, in order: response i answers records[i // group_size]."""

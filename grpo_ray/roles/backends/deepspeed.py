@@ -29,6 +29,7 @@ driver can import this module to ask full_params_need_all_ranks.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 
 import torch
@@ -53,7 +54,10 @@ class DeepSpeedBackend(TrainingBackend):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        # on CPU it loads its shared-memory op and prints that it was "built successfully" (it was
+        # cached), a line Ray forwards late, after the run's last one
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
         self.world_size, self.zero_stage = s.world_size, zero_stage
         model = build_model()  # fp32 master weights; bf16 via DeepSpeed
         # A client AdamW skips DeepSpeed's ~40 s fused_adam JIT build on CPU.

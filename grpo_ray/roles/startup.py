@@ -1,0 +1,83 @@
+"""Where a run's start-up and shut-down time goes: a clock each role keeps in its own process, and
+the driver's timeline of phases (benchmarks/bench_startup.py prints it; every run writes it to
+timings.json and says its total in one line).
+
+All times are epoch seconds (time.time()), so marks taken in different processes on one node line
+up; the zero of a timeline is when the driver's process started.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+
+def process_started() -> float:
+    """Epoch seconds at which this process started (the interpreter's own start-up included)."""
+    try:
+        import psutil  # a Ray dependency
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - no /proc: count from now
+        return time.time()
+
+
+class StartupClock:
+    """A role's marks: `process` (its worker process started), `init` (its constructor entered:
+    Ray's worker start and the module imports lie between), then whatever the role marks, and
+    `ready` (its constructor returned)."""
+
+    def __init__(self):
+        self.marks = {"process": process_started(), "init": time.time()}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.time()
+
+
+class Timeline:
+    """Named phases of one driver process, each (start, end) in epoch seconds; overlapping phases
+    are fine (the actors start together). `zero`: the process start."""
+
+    def __init__(self, zero: float | None = None):
+        self.zero = process_started() if zero is None else zero
+        self.phases: list[tuple[str, float, float]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.add(name, t, time.time())
+
+    def add(self, name: str, start: float, end: float) -> None:
+        self.phases.append((name, start, end))
+
+    def add_role(self, name: str, created: float, marks: dict[str, float]) -> None:
+        """One actor's start as phases: from its creation call to its process, to its constructor,
+        then between its own marks in order."""
+        points = [("created", created)] + sorted(marks.items(), key=lambda kv: kv[1])
+        labels = {"process": "worker process start", "init": "worker start, imports"}
+        for (_, a), (label, b) in zip(points, points[1:]):
+            self.add(f"{name}: {labels.get(label, label)}", a, b)
+
+    def at(self, name: str) -> float | None:
+        """Seconds from the zero to the end of the first phase called `name`."""
+        return next((end - self.zero for n, _, end in self.phases if n == name), None)
+
+    def rows(self) -> list[dict]:
+        return [{"phase": n, "start_s": round(a - self.zero, 3), "seconds": round(b - a, 3)}
+                for n, a, b in sorted(self.phases, key=lambda p: p[1])]
+
+    def table(self) -> str:
+        lines = [f"{'phase':<52}{'from s':>8}{'took s':>8}"]
+        lines += [f"{r['phase'][:51]:<52}{r['start_s']:>8.2f}{r['seconds']:>8.2f}" for r in self.rows()]
+        return "\n".join(lines)
+
+    def save(self, path: str, **extra) -> None:
+        """timings.json, written atomically: the phases and `extra` (e.g. time_to_first_step_s)."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({**extra, "phases": self.rows()}, f, indent=1)
+        os.replace(tmp, path)

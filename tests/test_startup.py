@@ -1,0 +1,121 @@
+"""Start-up (issue 27): the phases every run records (timings.json), and a run stopped while its
+actors start leaves nothing behind on the cluster it joined (slow: a real `ray start --head`).
+
+Keep this module free of the in-process `ray_local` fixture: ray_head's `ray stop` stops every
+Ray on the machine."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["rollout.prompts_per_step=4", "algo.group_size=4", "train.eval_every=0", "eval.num_prompts=4",
+         "eval.samples=4", "eval.ks=[1,4]", "learner.micro_batch_size=8", "run.plots=false",
+         "run.tensorboard=false"]
+
+
+def test_a_timeline_lays_out_phases_and_role_marks():
+    from grpo_ray.roles.startup import StartupClock, Timeline
+
+    t = Timeline(zero=100.0)
+    t.add("ray start or connect", 101.0, 104.0)
+    t.add_role("generator 0", created=104.0, marks={"process": 103.5, "init": 106.0, "vllm import": 110.0,
+                                                     "vllm engine": 111.0})
+    rows = {r["phase"]: r for r in t.rows()}
+    assert rows["ray start or connect"] == {"phase": "ray start or connect", "start_s": 1.0, "seconds": 3.0}
+    # marks in time order: a worker process Ray had started before the actor was created comes first
+    assert rows["generator 0: worker process start"]["seconds"] == -0.5
+    assert rows["generator 0: worker start, imports"] == {"phase": "generator 0: worker start, imports",
+                                                          "start_s": 3.5, "seconds": 2.5}
+    assert rows["generator 0: vllm engine"]["seconds"] == 1.0
+    assert t.at("generator 0: vllm import") == 10.0 and t.at("nothing") is None
+    clock = StartupClock()
+    clock.mark("x")
+    assert clock.marks["process"] <= clock.marks["init"] <= clock.marks["x"]
+
+
+def _live(dashboard: str) -> tuple[list[str], list[str]]:
+    """(actor classes not dead and Serve applications, placement groups not removed) on the
+    cluster. An application counts from when it is asked for: Serve's controller deploys it
+    whether or not the driver that asked waits."""
+    import urllib.request
+
+    from ray.util.state import list_actors, list_placement_groups
+
+    actors = [a.class_name for a in list_actors(address=dashboard, limit=1000) if a.state != "DEAD"]
+    groups = [g.placement_group_id for g in list_placement_groups(address=dashboard, limit=1000)
+              if g.state != "REMOVED"]
+    try:
+        with urllib.request.urlopen(f"{dashboard}/api/serve/applications/", timeout=10) as r:
+            apps = list((json.load(r).get("applications") or {}))
+    except OSError:  # Serve not started on this cluster yet
+        apps = []
+    return actors + [f"app {a}" for a in apps], groups
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["Generator", "app grpo-verifier-", "ServeReplica"])
+def test_a_run_stopped_during_start_up_leaves_no_actors_or_placement_groups(ray_head, tiny_model_dir, tmp_path,
+                                                                            when):
+    """SIGTERM once the roles' actors exist (Generator: before the verifier pool; app: while the
+    driver deploys the pool; ServeReplica: the pool is up and the driver waits for the engines)."""
+    cmd = [sys.executable, "-m", "grpo_ray", "train", f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}",
+           "run.name=stop", "train.steps=5", *SMALL]
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    log = open(tmp_path / "log.txt", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            actors, groups = _live(ray_head.dashboard)
+            if any(when in a for a in actors):
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+        assert groups, "the roles' placement group should exist once their actors do"
+        assert not (tmp_path / "stop" / "timings.json").exists()  # still starting: no step ran
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 143, out[-3000:]
+    assert "joined the running Ray cluster at " in out
+    deadline = time.time() + 60  # actor deaths reach the GCS asynchronously
+    while time.time() < deadline:
+        actors, groups = _live(ray_head.dashboard)
+        left = [a for a in actors if a != "ServeController"]  # Serve's own, one per cluster, by design
+        if not left and not groups:
+            break
+        time.sleep(1)
+    assert not left and not groups, (left, groups)
+
+
+@pytest.mark.slow
+def test_a_run_writes_its_start_up_and_shut_down_phases(tiny_model_dir, tmp_path):
+    """timings.json: every phase from the process start to the actors' stop, time to first step."""
+    cmd = [sys.executable, "-m", "grpo_ray", "train", "--address", "local", f"model.path={tiny_model_dir}",
+           f"run.output_dir={tmp_path}", "run.name=t", "train.steps=2", *SMALL]
+    env = {**__import__("os").environ, "RAY_ADDRESS": "", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Token authentication is enabled" not in proc.stderr  # a Ray the run owns: nothing to act on
+    for noise in ("built successfully", "Loading weights", "Triton is installed", "reduce_op", "NUMA binding"):
+        assert noise not in proc.stderr + proc.stdout, noise
+    timings = json.loads((tmp_path / "t" / "timings.json").read_text())
+    phases = {p["phase"]: p for p in timings["phases"]}
+    for name in ("interpreter, imports, config", "ray start or connect", "placement group", "verifier pool (Serve)",
+                 "generator 0: vllm import", "generator 0: vllm engine", "learner 0: deepspeed init",
+                 "reference: model load", "first evaluation", "first step", "final model", "stop actors"):
+        assert name in phases and phases[name]["seconds"] >= 0, name
+    first = phases["first step"]
+    assert timings["time_to_first_step_s"] == pytest.approx(first["start_s"] + first["seconds"], abs=0.01)
+    assert 0 < timings["time_to_first_step_s"] < timings["until_exit_s"]
+    assert phases["first evaluation"]["start_s"] >= phases["generator 0: vllm engine"]["start_s"]
