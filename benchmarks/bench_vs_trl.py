@@ -13,9 +13,12 @@ learner ranks, verifier pool). --compiled compiles grpo-ray's vLLM engines
 (rollout.enforce_eager=false): sampling ~12% faster at the tiny size and ~4% at small
 (in-process, alternating), for 0-6 s more start-up per engine with a warm compile cache and
 28-37 s without, which the wall time shows and the step time does not. Each system runs in
-its own process, one after the other. Prints a table per size, both reward curves, a PNG of
-step time vs model size, and as its last line one JSON object with the headline ratios (and
-the rounds and engine mode they came from).
+its own process, one after the other. Prints a table per size (step time; "train s", the
+training call alone; "process s", the whole process from interpreter start to exit, which is
+what a user waits for: imports, set-up, Ray's start and shut-down included), both reward
+curves, a PNG of step time vs model size, and as its last line one JSON object with the
+headline ratios (step time, and wall_ratio_vs_trl_<size>: the whole-process ratio), and the
+rounds and engine mode they came from.
 
 --rounds N runs the systems N times in turn (TRL, grpo-ray, TRL, grpo-ray, ...) and reports the
 median of the N ratios, each taken between runs minutes apart. On a shared 2-core box the same
@@ -112,23 +115,38 @@ def measure(system: str, size: str, root: str, dtype: str, reuse: bool = False, 
     with open(log, "w") as f:
         cmd = [sys.executable, __file__, "--worker", system, "--size", size, "--root", root, "--out", out,
                "--dtype", dtype] + (["--compiled"] if compiled else [])
+        t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        process_s = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"{system} at size {size} failed; see {log}")
-    return json.load(open(out))
+    result = json.load(open(out))
+    # the whole process, interpreter start to exit: imports, set-up, Ray start and shut-down included
+    result["process_s"] = process_s
+    with open(out, "w") as f:
+        json.dump(result, f)
+    return result
 
 
-def report(size: str, rounds: list[dict[str, dict]]) -> tuple[float, float | None]:
+def report(size: str, rounds: list[dict[str, dict]]) -> tuple[float, float | None, float | None]:
     """Prints one size's table; returns the step-time ratios against TRL (sync, and async or
-    None), each the median over rounds of the ratio within a round."""
+    None), each the median over rounds of the ratio within a round, and the whole-process wall
+    time ratio (grpo-ray sync / TRL; None for results measured before it was recorded)."""
     trl, ours, ours_async = (rounds[0].get(s) for s in ("trl", "ours", "ours_async"))
     print(f"\n{size}: {ours['params'] / 1e6:.1f}M parameters, {SIZES[size]['new_tokens']} new tokens, "
           f"{PROMPTS} prompts x {GROUP} samples, {SIZES[size]['steps']} steps")
-    print(f"{'':<16}{'step s':>9}{'wall s':>9}   reward per step")
+    print(f"{'':<16}{'step s':>9}{'train s':>9}{'process s':>11}   reward per step")
     rows = (("TRL", trl), ("grpo-ray", ours), ("grpo-ray async", ours_async))
     for name, r in (row for row in rows if row[1] is not None):
         curve = " ".join(f"{x:.2f}" for x in r["rewards"])
-        print(f"{name:<16}{steady(r['step_s']):>9.2f}{r['wall_s']:>9.1f}   {curve}")
+        process = f"{r['process_s']:>11.1f}" if "process_s" in r else f"{'-':>11}"
+        print(f"{name:<16}{steady(r['step_s']):>9.2f}{r['wall_s']:>9.1f}{process}   {curve}")
+    walls = [r["ours"]["process_s"] / r["trl"]["process_s"] for r in rounds
+             if "process_s" in r["ours"] and "process_s" in r["trl"]]
+    wall_ratio = statistics.median(walls) if walls else None
+    if wall_ratio is not None:
+        print(f"whole-process wall time ratio (grpo-ray / TRL, interpreter start to exit): {wall_ratio:.2f}"
+              + (f" (rounds: {' '.join(f'{x:.2f}' for x in walls)})" if len(walls) > 1 else ""))
     ratios = {}
     for system, name in (("ours", "grpo-ray"), ("ours_async", "grpo-ray async")):
         if system not in rounds[0]:
@@ -141,7 +159,7 @@ def report(size: str, rounds: list[dict[str, dict]]) -> tuple[float, float | Non
             steps = ", ".join(f"{steady(r['trl']['step_s']):.3f} / {steady(r[system]['step_s']):.3f}" for r in rounds)
             print(f"  per round (TRL / {name} s): {steps}; ratios {' '.join(f'{x:.2f}' for x in per_round)}, "
                   f"median {ratios[system]:.2f}")
-    return ratios["ours"], ratios.get("ours_async")
+    return ratios["ours"], ratios.get("ours_async"), wall_ratio
 
 
 def plot(results: dict, path: str, dtype: str) -> None:
@@ -192,13 +210,13 @@ def main() -> None:
         ap.error(f"--rounds={args.rounds}: run each system at least once (--rounds 1)")
     root = args.root or tempfile.mkdtemp(prefix="bench-vs-trl-")
     os.makedirs(root, exist_ok=True)
-    results, ratios, async_ratios = {}, {}, {}
+    results, ratios, async_ratios, wall_ratios = {}, {}, {}, {}
     systems = ("trl", "ours", "ours_async") if args.with_async else ("trl", "ours")
     for size in args.sizes.split(","):
         results[size] = [{system: measure(system, size, root, args.dtype, args.reuse, k, args.compiled)
                           for system in systems}
                          for k in range(args.rounds)]
-        ratios[size], async_ratios[size] = report(size, results[size])
+        ratios[size], async_ratios[size], wall_ratios[size] = report(size, results[size])
     suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
     where = os.path.join(REPO, "benchmarks") if set(args.sizes.split(",")) == set(SIZES) else root
     path = (args.plot or os.path.join(where, "step_time_vs_size.png")).replace(".png", f"{suffix}.png")
@@ -209,6 +227,7 @@ def main() -> None:
                       **{f"step_time_ratio_vs_trl_{s}{suffix}": round(r, 3) for s, r in ratios.items()},
                       **{f"step_time_ratio_vs_trl_{s}{suffix}_async": round(r, 3)
                          for s, r in async_ratios.items() if r is not None},
+                      **{f"wall_ratio_vs_trl_{s}{suffix}": round(r, 3) for s, r in wall_ratios.items() if r is not None},
                       "rounds": args.rounds, "engines": "compiled" if args.compiled else "eager",
                       "machine": machine()}))
 

@@ -99,10 +99,13 @@ def test_a_run_stopped_during_start_up_leaves_no_actors_or_placement_groups(ray_
 
 
 @pytest.mark.slow
-def test_a_run_writes_its_start_up_and_shut_down_phases(tiny_model_dir, tmp_path):
-    """timings.json: every phase from the process start to the actors' stop, time to first step."""
+@pytest.mark.parametrize("eval_at_start", [True, False])
+def test_a_run_writes_its_start_up_and_shut_down_phases(tiny_model_dir, tmp_path, eval_at_start):
+    """timings.json: every phase from the process start to the actors' stop, time to first step;
+    train.eval_at_start=false: no evaluation before step 1."""
     cmd = [sys.executable, "-m", "grpo_ray", "train", "--address", "local", f"model.path={tiny_model_dir}",
-           f"run.output_dir={tmp_path}", "run.name=t", "train.steps=2", *SMALL]
+           f"run.output_dir={tmp_path}", "run.name=t", "train.steps=2", f"train.eval_at_start={eval_at_start}",
+           *SMALL]
     env = {**__import__("os").environ, "RAY_ADDRESS": "", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -113,9 +116,14 @@ def test_a_run_writes_its_start_up_and_shut_down_phases(tiny_model_dir, tmp_path
     phases = {p["phase"]: p for p in timings["phases"]}
     for name in ("interpreter, imports, config", "ray start or connect", "placement group", "verifier pool (Serve)",
                  "generator 0: vllm import", "generator 0: vllm engine", "learner 0: deepspeed init",
-                 "reference: model load", "first evaluation", "first step", "final model", "stop actors"):
+                 "reference: model load", "first step", "final evaluation", "final model", "stop actors"):
         assert name in phases and phases[name]["seconds"] >= 0, name
     first = phases["first step"]
     assert timings["time_to_first_step_s"] == pytest.approx(first["start_s"] + first["seconds"], abs=0.01)
     assert 0 < timings["time_to_first_step_s"] < timings["until_exit_s"]
-    assert phases["first evaluation"]["start_s"] >= phases["generator 0: vllm engine"]["start_s"]
+    rows = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in rows if "eval/pass@1" in r]
+    assert evals == ([0, 2] if eval_at_start else [2])
+    assert ("first evaluation" in phases) == eval_at_start
+    if eval_at_start:
+        assert phases["first evaluation"]["start_s"] >= phases["generator 0: vllm engine"]["start_s"]

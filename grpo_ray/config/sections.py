@@ -293,6 +293,8 @@ class TrainConfig(Section):
     """The training loop."""
     steps: int = _f(60, "training steps", ge=0)
     eval_every: int = _f(20, "0 = only at start and end", ge=0)
+    eval_at_start: bool = _f(True, "evaluate the base before step 1 (the baseline of every eval chart); false: "
+                             "the first evaluation is at eval_every or the end, for quick runs")
     checkpoint_every: int = _f(50, "0 = only at the end", ge=0)
     keep_checkpoints: int = _f(2, "newest checkpoints kept; older ones are deleted", ge=1)
     spot_check_every: int = _f(10, "write samples/step_N.{jsonl,md} every N steps; 0 = never", ge=0)

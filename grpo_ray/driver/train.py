@@ -182,7 +182,7 @@ class Run:
 
     def loop(self, start: int, tqdm) -> None:
         cfg, steps, step, last = self.cfg, self.cfg.train.steps, start, start - 1
-        if start == 1:
+        if start == 1 and cfg.train.eval_at_start:
             with self.timeline.phase("first evaluation"):
                 self.evaluate(0)
         bar = tqdm(desc="grpo", unit="step", file=sys.stderr, initial=start - 1, total=steps)
