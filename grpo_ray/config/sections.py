@@ -80,6 +80,25 @@ class RunConfig(Section):
         return name
 
 
+# every linear layer of the attention and MLP blocks (Qwen2/Llama/Mistral names): LoRA on all of
+# them comes much closer to full fine-tuning than on attention alone (Dettmers et al. 2023,
+# QLoRA; Schulman et al. 2025, "LoRA Without Regret")
+LORA_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelLoraConfig(Section):
+    """LoRA (Hu et al. 2021) through PEFT: the learner trains a low-rank adapter and the base stays
+    frozen; the base with the adapter off is the KL reference (no reference actor runs)."""
+    rank: int = _f(0, "adapter rank r; 0 = off (full fine-tuning)", ge=0)
+    alpha: Float = _f(16.0, "the adapter's output is scaled by alpha / rank", gt=0.0)
+    dropout: Float = _f(0.0, "dropout on the adapter's input in the learner only (the sampler has none, so "
+                        "anything above 0 moves the ratio off 1 before any update)", ge=0.0, le=0.9)
+    target_modules: list[Text] = _f(LORA_ALL_LINEAR, "the linear layers (by name) that get an adapter")
+    sync: Literal["merged", "adapter"] = _f(
+        "merged", "what the generators get after each update: merged, the base weights with the adapter folded "
+        "in (vLLM runs no LoRA kernels); adapter, only the adapter's tensors (vLLM serves it as a LoRA)")
+
+
 class ModelConfig(Section):
     """The policy model."""
     path: Text = _f("builtin:tiny", "a Hugging Face model folder, or builtin:tiny (built and warm-started locally)")
@@ -89,6 +108,7 @@ class ModelConfig(Section):
     hidden_size: int = _f(128, "builtin:tiny only", ge=32)
     num_layers: int = _f(2, "builtin:tiny only", ge=1)
     num_heads: int = _f(4, "builtin:tiny only", ge=1)
+    lora: ModelLoraConfig = Field(default_factory=ModelLoraConfig, description=ModelLoraConfig.__doc__)
 
 
 class WarmStartConfig(Section):
@@ -370,11 +390,21 @@ class Config(Section):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description=ResourcesConfig.__doc__)
 
     @property
-    def uses_reference(self) -> bool:
+    def needs_reference(self) -> bool:
         """Whether anything needs the frozen reference: the KL term (beta > 0) or the KL guard. With
-        beta 0 and kl_stop null (DAPO, Dr. GRPO) no reference actor runs: TRL and verl skip theirs
-        the same way, which saves a forward pass over every rollout and a model's memory."""
+        beta 0 and kl_stop null (DAPO, Dr. GRPO) there is none: TRL and verl skip theirs the same
+        way, which saves a forward pass over every rollout and a model's memory."""
         return self.algo.beta > 0 or self.algo.kl_stop is not None
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a reference actor runs: a LoRA run's reference is its own base with the adapter
+        off, computed in the learner (as TRL does), so no second copy of the model is started."""
+        return self.needs_reference and not self.model.lora.rank
+
+    @property
+    def lora(self) -> bool:
+        return self.model.lora.rank > 0
 
     @property
     def epsilon_high(self) -> float:
@@ -395,7 +425,12 @@ class Config(Section):
 
 def _check_reference(cfg: Config) -> None:
     algo = cfg.algo
-    if not cfg.uses_reference and (algo.ref_reset_every or algo.kl_action == "rollback"):
+    if cfg.lora and algo.ref_reset_every:
+        raise fail(f"algo.ref_reset_every={algo.ref_reset_every} with model.lora.rank={cfg.model.lora.rank}: a LoRA "
+                   "run's reference is its base with the adapter off, and a reset would have to fold the adapter "
+                   "into the base; set algo.ref_reset_every=0 (or model.lora.rank=0 to train every weight)",
+                   "algo.ref_reset_every", "model.lora.rank")
+    if not cfg.needs_reference and (algo.ref_reset_every or algo.kl_action == "rollback"):
         key = "algo.ref_reset_every" if algo.ref_reset_every else "algo.kl_action"
         shown = f"algo.ref_reset_every={algo.ref_reset_every}" if algo.ref_reset_every else "algo.kl_action=rollback"
         raise fail(f"{shown} needs a reference policy, but algo.beta=0 with algo.kl_stop=null runs none; "

@@ -122,6 +122,11 @@ def _run(cfg: Config, run_dir: str, model_path: str, train_records: list[dict], 
         log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
             f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), reference, "
             f"{cfg.learner.num_ranks} learner rank(s)")
+        trainable, total = roles.learners.parameter_counts()
+        lora = cfg.model.lora
+        log(f"policy: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3g}M trained" + (
+            f" (LoRA rank {lora.rank} on {', '.join(lora.target_modules)}; the base with the adapter off is the "
+            "reference)" if cfg.lora else ""))
         tokenizer, metrics = outputs.result()
         run = Run(cfg, roles, run_dir, model_path, PromptSampler(train_records, cfg.run.seed),
                   eval_records[:cfg.eval.num_prompts], log, reference, timeline, tokenizer, metrics)
@@ -259,6 +264,10 @@ class Run:
                 self.checkpoint(last)
         with phase("final model"):
             self.log(f"final policy: {save_policy(self.roles, self.run_dir, self.tokenizer, 'final_model')}")
+            if cfg.lora:  # final_model/ is merged; the adapter alone, for PEFT and vLLM's LoRA serving
+                with writing(os.path.join(self.run_dir, "final_adapter")) as tmp:
+                    self.roles.learners.save_adapter(tmp)
+                self.log(f"final adapter: {os.path.join(self.run_dir, 'final_adapter')}")
         if cfg.run.plots:  # drawn while the actors stop (plotted())
             self.plotting = ThreadPoolExecutor(1).submit(self._plot)
 

@@ -177,7 +177,8 @@ def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:
             loss_kwargs=loss_kwargs, micro_batch_size=cfg.learner.micro_batch_size, rank=rank,
             world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
             threads=threads, seed=cfg.run.seed, recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis,
-            tis_cap=a.tis_cap, share_prompts=cfg.model.share_prompts, temperature=cfg.rollout.temperature))
+            tis_cap=a.tis_cap, share_prompts=cfg.model.share_prompts, temperature=cfg.rollout.temperature,
+            lora=cfg.model.lora.model_dump(exclude={"sync"}) if cfg.lora else None, base_reference=cfg.needs_reference))
     return actors
 
 
@@ -227,7 +228,7 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
     bound = Bound(cfg.run.stall_timeout_s)
     group = LearnerGroup(learners, gather_on_all_ranks=full_params_need_all_ranks(cfg.learner.backend,
                                                                                 cfg.learner.zero_stage),
-                         dtype=cfg.model.dtype, bound=bound)
+                         dtype=cfg.model.dtype, bound=bound, lora=cfg.lora)
     fleet = GeneratorFleet(generators, group, bound, start_s=time.perf_counter() - t0)
     fleet.locate()  # the engines are up (awaited above): where each runs, for the stall messages
     return Roles(fleet, verifier, reference, group, placement, bound)

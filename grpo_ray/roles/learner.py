@@ -31,6 +31,9 @@ import torch
 
 from ..core.algorithm import masked_mean, policy_loss, truncated_is_weights
 from ..core.metrics import ROW_MISMATCH, SUMMED, combine_parts, row_mismatch
+from ..models.lora import LoraSettings, adapter_files, merged_state_dict, save_merged, trainable_parameters, write_adapter
+from ..models.lora import base_only as lora_base_only
+from ..models.lora import wrap as lora_wrap
 from ..models.modeling import batched_logprobs, disable_dropout, load_causal_lm, response_logprobs
 from ..core.records import TrainBatch
 from .backends import BackendSettings, get_backend
@@ -44,8 +47,12 @@ class Learner:
                  micro_batch_size: int = 64, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int = 29500, threads: int = 2, seed: int = 0,
                  recompute_old_logprobs: bool = False, tis: str = "none", tis_cap: float = 2.0,
-                 share_prompts: bool = True, temperature: float = 1.0, backend: str = "deepspeed"):
-        """backend: a name in roles.backends.BACKENDS; zero_stage is DeepSpeed's option."""
+                 share_prompts: bool = True, temperature: float = 1.0, backend: str = "deepspeed",
+                 lora: dict | None = None, base_reference: bool = False):
+        """backend: a name in roles.backends.BACKENDS; zero_stage is DeepSpeed's option.
+        lora: model.lora's keys (rank > 0: train a PEFT adapter, the base frozen); base_reference:
+        fill in the batches' ref_logprobs from the base with the adapter off (a LoRA run's
+        reference: no reference actor runs)."""
         self.clock = StartupClock()
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
@@ -55,10 +62,13 @@ class Learner:
         self.micro_batch_size, self.share_prompts = micro_batch_size, share_prompts
         self.temperature = temperature  # rollout.temperature: logprobs of the policy that sampled
 
+        self.lora = LoraSettings(**{**lora, "target_modules": tuple(lora["target_modules"])}) if lora else None
+        self.base_reference = base_reference and self.lora is not None
+
         def build_model():
             model = load_causal_lm(model_path, "float32")  # fp32 master weights; the backend applies dtype
             disable_dropout(model)  # the loss forward runs in train mode
-            return model
+            return lora_wrap(model, self.lora) if self.lora else model
 
         settings = BackendSettings(lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, warmup_steps=warmup_steps,
                                    dtype=dtype, rank=rank, world_size=world_size, master_addr=master_addr,
@@ -73,11 +83,17 @@ class Learner:
         """This actor's start-up marks (roles/startup.py)."""
         return self.clock.marks
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, all) parameters of the policy (whole sizes, also when ZeRO-3 partitions them)."""
+        return trainable_parameters(self.backend.module)
+
     def update(self, mini_batches: list[TrainBatch], normalizers: list[float], epochs: int = 1) -> dict[str, float]:
         """`epochs` passes over this rank's share of each mini-batch, one optimizer step per
         mini-batch (DeepSeekMath's mu and the mini-batch split). old_logprobs stay the same for
         every pass, so from the second optimizer step on the ratio moves away from 1 and
         clipping acts. normalizers[j] is mini-batch j's normaliser over ALL ranks."""
+        if self.base_reference:
+            mini_batches = [dataclasses.replace(b, ref_logprobs=self.reference_logprobs(b)) for b in mini_batches]
         self.backend.train()
         mini_batches, mismatch = self._prepare_old_logprobs(mini_batches)
         steps = []  # (parts, grad norm, applied) per optimizer step
@@ -166,13 +182,22 @@ class Learner:
         return batched_logprobs(self.backend.module, batch, self.micro_batch_size, self.share_prompts,
                                 self.temperature)
 
+    def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """ref_logprobs [B, T] of a LoRA run: the frozen base's, with the adapter off."""
+        self.backend.eval()
+        with lora_base_only(self.backend.module):
+            return batched_logprobs(self.backend.module, batch, self.micro_batch_size, self.share_prompts,
+                                    self.temperature)
+
     def weight_buckets(self, dtype: str = "float32", bucket_mb: int = 256) -> list[WeightBucket]:
-        """The current weights as buckets for the generators (rank 0's are the ones sent)."""
+        """The current weights as buckets for the generators (rank 0's are the ones sent); a LoRA
+        policy's with the adapter folded in."""
         target = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         with self.backend.full_parameters() as module:
             if self.rank != 0:
                 return []
-            return pack_state_dict(module.state_dict().items(), bucket_mb << 20, target)
+            weights = merged_state_dict(module) if self.lora else module.state_dict().items()
+            return pack_state_dict(weights, bucket_mb << 20, target)
 
     def update_then_pack(self, mini_batches: list[TrainBatch], normalizers: list[float], epochs: int = 1,
                          dtype: str = "float32") -> tuple[dict[str, float], list[WeightBucket]]:
@@ -200,5 +225,14 @@ class Learner:
         """The policy as a Hugging Face folder, written by rank 0 (every rank must call this when
         backends.full_params_need_all_ranks)."""
         with self.backend.full_parameters() as module:
-            if self.rank == 0:
+            if self.rank == 0 and self.lora:
+                save_merged(module, out_dir)  # a plain Hugging Face model: no PEFT needed to load it
+            elif self.rank == 0:
                 module.save_pretrained(out_dir)
+
+    def save_adapter(self, out_dir: str) -> None:
+        """A LoRA policy's adapter in PEFT's format (PeftModel.from_pretrained loads it), by rank 0
+        (every rank must call this when backends.full_params_need_all_ranks)."""
+        with self.backend.full_parameters() as module:
+            if self.rank == 0:
+                write_adapter(adapter_files(module), out_dir)

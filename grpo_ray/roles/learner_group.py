@@ -29,13 +29,15 @@ class Update:
 
 
 class LearnerGroup:
-    def __init__(self, actors: list, gather_on_all_ranks: bool, dtype: str = "float32", bound: Bound | None = None):
+    def __init__(self, actors: list, gather_on_all_ranks: bool, dtype: str = "float32", bound: Bound | None = None,
+                 lora: bool = False):
         """gather_on_all_ranks: reading whole parameters (weights for the generators, a saved
         policy) needs every rank (backends.full_params_need_all_ranks). dtype: the generators'
         weights (model.dtype). bound: how long a call may go without progress
         (run.stall_timeout_s): a rank that stalls raises waiting.Stalled naming it; ranks are
-        not restarted (their process group and optimizer state would be lost), the run stops."""
-        self.actors, self.dtype, self.bound = actors, dtype, bound or Bound(None)
+        not restarted (their process group and optimizer state would be lost), the run stops.
+        lora: the policy is a LoRA adapter on a frozen base (model.lora)."""
+        self.actors, self.dtype, self.bound, self.lora = actors, dtype, bound or Bound(None), lora
         self._gathering = actors if gather_on_all_ranks else actors[:1]
         self.names = [f"learner rank {r}" for r in range(len(actors))]
         if self.bound.stall_s is not None:  # where each rank runs, asked while it can answer
@@ -107,6 +109,14 @@ class LearnerGroup:
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
 
+    def save_adapter(self, out_dir: str) -> None:
+        """A LoRA policy's adapter in PEFT's format; not atomic (the caller writes into a temp folder)."""
+        self.wait([lr.save_adapter.remote(out_dir) for lr in self._gathering], "save_adapter")
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, all) parameters of the policy."""
+        return self.wait([self.actors[0].parameter_counts.remote()], "parameter_counts")[0]
+
     def save_state(self, out_dir: str) -> None:
         """Weights, optimizer moments and LR schedule: every rank writes its own shard."""
         self.wait([lr.save_state.remote(out_dir) for lr in self.actors], "save_state")
@@ -121,6 +131,9 @@ class LearnerGroup:
         return self.wait([lr.scale_lr.remote(factor) for lr in self.actors], "scale_lr")[0]
 
     def checkpoint_into(self, folder: str, tokenizer) -> None:
-        """A checkpoint's learner part: policy/ (Hugging Face) and learner/ (backend state)."""
+        """A checkpoint's learner part: policy/ (Hugging Face; a LoRA policy merged), adapter/ (a
+        LoRA policy's adapter, PEFT's format) and learner/ (backend state)."""
         self.save_policy(os.path.join(folder, "policy"), tokenizer)
+        if self.lora:
+            self.save_adapter(os.path.join(folder, "adapter"))
         self.save_state(os.path.join(folder, "learner"))

@@ -132,8 +132,9 @@ def make_optimizer(model: torch.nn.Module, settings: BackendSettings):
     a sparse RL signal is a large, random step away from the reference. Returns (optimizer, scheduler)."""
     import torch
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
-                                  betas=(0.9, 0.99))
+    # only what trains (a LoRA policy's adapter): ZeRO partitions the optimizer's parameters
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.99))
     warmup = settings.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
     return optimizer, scheduler

@@ -1,0 +1,194 @@
+"""LoRA (issue 24): a PEFT adapter on a frozen base. Fast tests run the real Learner in-process on
+a plain-torch backend (test_learner_backend); the slow ones run DeepSpeed ranks, vLLM generators
+and the whole loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grpo_ray.core.algorithm import loss_normalizer
+from grpo_ray.models.modeling import batched_logprobs, load_causal_lm
+from test_learner_backend import plain_learner  # noqa: F401 - the fixture
+from test_learner_options import _batch
+
+LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj"]}
+
+
+def _base(module):
+    return {k: v.clone() for k, v in module.state_dict().items() if ".lora_" not in k}
+
+
+def _update(learner, b, steps=2):
+    b.old_logprobs = learner.logprobs(b)
+    for _ in range(steps):
+        learner.update([b], [loss_normalizer(b.response_mask, "seq_mean")])
+
+
+def test_an_update_changes_the_adapter_only_and_the_reference_is_the_base(plain_learner, tiny_model_dir):
+    learner = plain_learner(lora=LORA, base_reference=True)
+    module = learner.backend.module
+    trainable, total = learner.parameter_counts()
+    assert 0 < trainable < total / 10
+    assert all(("lora_" in n) == p.requires_grad for n, p in module.named_parameters())
+    b = _batch(seed=4)
+    base = load_causal_lm(tiny_model_dir).eval()
+    want = batched_logprobs(base, b, 8, True, 1.0)
+    assert torch.equal(learner.reference_logprobs(b), want)  # B = 0 at the start: also the policy's
+    before = _base(module)
+    _update(learner, b)
+    after = _base(module)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    moved = learner.logprobs(b)
+    assert not torch.allclose(moved, want, atol=1e-4)  # the adapter trained...
+    assert torch.equal(learner.reference_logprobs(b), want)  # ...and the reference is still the base, exactly
+
+
+def test_the_learner_fills_in_the_kl_reference_itself(plain_learner):
+    """A LoRA run has no reference actor: the batches come without ref_logprobs and the loss still
+    has its KL term (a kl metric), measured against the base."""
+    learner = plain_learner(lora=LORA, base_reference=True)
+    learner.loss_kwargs["beta"] = 0.5
+    b = _batch(seed=6)
+    b.old_logprobs = learner.logprobs(b)
+    first = learner.update([b], [loss_normalizer(b.response_mask, "seq_mean")])
+    assert first["kl"] == pytest.approx(0.0, abs=1e-7)  # policy == base before the first step
+    second = learner.update([b], [loss_normalizer(b.response_mask, "seq_mean")])
+    assert second["kl"] > 1e-6
+    assert b.ref_logprobs is None  # the batch handed in is left as it was
+
+
+def test_merged_weights_and_saved_folders_give_the_policys_logprobs(plain_learner, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from grpo_ray.roles.weight_sync import unpack_bucket
+
+    learner = plain_learner(lora=LORA, base_reference=True)
+    b = _batch(seed=7)
+    _update(learner, b, steps=3)
+    want = learner.logprobs(b)
+    # the generators' weights: the base's own names, the adapter folded in
+    weights = dict(item for bucket in learner.weight_buckets() for item in unpack_bucket(bucket))
+    assert not any("lora" in k or "base_layer" in k for k in weights)
+    learner.save_pretrained(str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()  # plain transformers, no PEFT
+    assert set(merged.state_dict()) <= set(weights) | {"lm_head.weight"}
+    assert torch.allclose(batched_logprobs(merged, b, 8, True, 1.0), want, atol=1e-5)
+    merged.load_state_dict(weights, strict=False)
+    assert torch.allclose(batched_logprobs(merged, b, 8, True, 1.0), want, atol=1e-5)
+    learner.save_adapter(str(tmp_path / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(learner.backend.module.peft_config["default"].base_model_name_or_path)
+    peft = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    assert torch.allclose(batched_logprobs(peft, b, 8, True, 1.0), want, atol=1e-5)
+
+
+def test_lora_updates_do_not_depend_on_the_micro_batch_split(plain_learner):
+    """The aggregation's split invariance holds for the adapter's gradient: one update over micro
+    batches of 16 rows or of 4 gives the same adapter (float32 rounding aside)."""
+    adapters = []
+    for micro in (16, 4):
+        learner = plain_learner(lora=LORA, base_reference=True)
+        learner.micro_batch_size = micro
+        b = _batch(seed=8)
+        b.old_logprobs = learner.logprobs(b) + 0.05 * b.response_mask  # ratio != 1: clipping acts on some tokens
+        learner.update([b], [loss_normalizer(b.response_mask, "seq_mean")])
+        adapters.append({n: p.detach().clone() for n, p in learner.backend.module.named_parameters() if "lora_" in n})
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.allclose(adapters[0][k], adapters[1][k], atol=1e-6) for k in adapters[0])
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in adapters[0].items() if "lora_B" in k)
+
+
+def test_target_modules_that_match_nothing_are_named(plain_learner):
+    with pytest.raises(ValueError, match=r"model.lora.target_modules: \['qkv'\] match no layer.*q_proj"):
+        plain_learner(lora={**LORA, "target_modules": ["q_proj", "qkv"]})
+
+
+def test_lora_config_keys_and_refusals():
+    from grpo_ray.config import ConfigError, load_config
+
+    cfg = load_config("configs/default.yaml", ["model.lora.rank=8"])
+    assert cfg.lora and cfg.needs_reference and not cfg.uses_reference  # no reference actor with LoRA
+    assert not load_config("configs/default.yaml").lora
+    with pytest.raises(ConfigError, match="algo.ref_reset_every=5 with model.lora.rank=8"):
+        load_config("configs/default.yaml", ["model.lora.rank=8", "algo.ref_reset_every=5"])
+    with pytest.raises(ConfigError, match="model.lora.rank=-1"):
+        load_config("configs/default.yaml", ["model.lora.rank=-1"])
+
+
+PROMPTS = [f"Q: {a}+{b}=?\nA:" for a, b in [(1, 2), (13, 29), (40, 7), (25, 25)]]
+
+
+@pytest.mark.slow
+def test_after_a_merged_sync_the_generator_samples_the_lora_policy(ray_local, tiny_model_dir):
+    """DeepSpeed learner with an adapter, a vLLM generator: after the update and the sync, the
+    generator's logprobs are the learner's (1e-4, float32); the base's are not."""
+    from grpo_ray.core.records import TrainBatch
+    from grpo_ray.roles.generator import Generator
+    from grpo_ray.roles.learner import Learner
+
+    ray = ray_local
+    gen = ray.remote(Generator).options(num_cpus=0.25).remote(tiny_model_dir, cpu_threads="0-1", seed=0)
+    learner = ray.remote(Learner).options(num_cpus=0.25).remote(
+        tiny_model_dir, lr=1e-2, loss_kwargs=dict(eps_low=0.2, eps_high=0.2, beta=0.01, aggregation="seq_mean"),
+        micro_batch_size=16, master_port=29631, lora=LORA, base_reference=True)
+    try:
+        ro = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=2))
+        b = TrainBatch.from_rollout(ro, torch.randn(len(ro), generator=torch.Generator().manual_seed(0)), pad_id=0)
+        for _ in range(2):
+            stats = ray.get(learner.update.remote([b], [loss_normalizer(b.response_mask, "seq_mean")]))
+        assert stats["kl"] > 0 and stats["grad_norm"] > 0
+        ray.get(gen.update_weights.remote(learner.weight_buckets.remote(), 1))
+        ro2 = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=3))
+        b2 = TrainBatch.from_rollout(ro2, torch.zeros(len(ro2)), pad_id=0)
+        mask = b2.response_mask
+        learner_lp = ray.get(learner.logprobs.remote(b2))
+        assert float(((learner_lp - b2.old_logprobs).abs() * mask).max()) < 1e-4
+        base_lp = ray.get(learner.reference_logprobs.remote(b2))
+        assert float(((base_lp - b2.old_logprobs).abs() * mask).max()) > 1e-3  # the adapter moved the policy
+    finally:
+        for a in (gen, learner):
+            ray.kill(a)
+
+
+@pytest.mark.slow
+def test_the_loop_with_lora_on_two_zero3_ranks(ray_local, tiny_model_dir, tmp_path):
+    """No reference actor; the KL against the base; checkpoints with the adapter; final_model/
+    merged (plain transformers) and final_adapter/ (PEFT) give the same logprobs."""
+    import json
+    import os
+
+    from peft import PeftModel
+    from ray._private import state
+    from transformers import AutoModelForCausalLM
+
+    from grpo_ray.config import load_config
+    from grpo_ray.driver.train import train
+
+    def references():
+        return sum(a["ActorClassName"] == "Reference" for a in state.actors().values())
+
+    before = references()
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
+                                        "task": "reward_fns:digit_fraction"}) + "\n" for i in range(12)))
+    cfg = load_config("configs/default.yaml", [
+        "rollout.prompts_per_step=4", "algo.group_size=4", "train.steps=3", "train.eval_every=0",
+        "eval.num_prompts=4", "eval.samples=4", "eval.ks=[1,4]", "learner.lr=1e-2", "learner.micro_batch_size=8",
+        "learner.num_ranks=2", "learner.zero_stage=3", "algo.beta=0.01", "train.checkpoint_every=2",
+        "model.lora.rank=4", "run.plots=false", f"run.output_dir={tmp_path}", "run.name=lora",
+        f"model.path={tiny_model_dir}", "data.task=jsonl", f"data.train_path={data}", "data.eval_fraction=0.5"])
+    run_dir = train(cfg)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["kl"] > 0  # against the base
+    assert all(abs(r["sampler_kl"]) < 1e-4 for r in rows)  # the generators sample the learner's policy
+    assert references() == before  # none was ever created
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "step_000002", "adapter", "adapter_config.json"))
+    b = _batch(seed=9)
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final_model")).eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                     os.path.join(run_dir, "final_adapter")).eval()
+    want = batched_logprobs(merged, b, 8, True, 1.0)
+    assert torch.allclose(batched_logprobs(peft, b, 8, True, 1.0), want, atol=1e-5)
+    assert not torch.allclose(batched_logprobs(load_causal_lm(tiny_model_dir), b, 8, True, 1.0), want, atol=1e-4)
