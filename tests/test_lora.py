@@ -120,32 +120,40 @@ PROMPTS = [f"Q: {a}+{b}=?\nA:" for a, b in [(1, 2), (13, 29), (40, 7), (25, 25)]
 
 
 @pytest.mark.slow
-def test_after_a_merged_sync_the_generator_samples_the_lora_policy(ray_local, tiny_model_dir):
-    """DeepSpeed learner with an adapter, a vLLM generator: after the update and the sync, the
-    generator's logprobs are the learner's (1e-4, float32); the base's are not."""
+@pytest.mark.parametrize("sync", ["merged", "adapter"])
+def test_after_a_sync_the_generator_samples_the_lora_policy(ray_local, tiny_model_dir, sync):
+    """DeepSpeed learner with an adapter, a vLLM generator: after the update and the sync (merged
+    weights, or the adapter alone served as a vLLM LoRA), the generator's logprobs are the
+    learner's (1e-4, float32); the base's are not."""
     from grpo_ray.core.records import TrainBatch
     from grpo_ray.roles.generator import Generator
     from grpo_ray.roles.learner import Learner
 
     ray = ray_local
-    gen = ray.remote(Generator).options(num_cpus=0.25).remote(tiny_model_dir, cpu_threads="0-1", seed=0)
+    adapter = sync == "adapter"
+    gen = ray.remote(Generator).options(num_cpus=0.25).remote(tiny_model_dir, cpu_threads="0-1", seed=0,
+                                                              lora_rank=LORA["rank"] if adapter else 0)
     learner = ray.remote(Learner).options(num_cpus=0.25).remote(
         tiny_model_dir, lr=1e-2, loss_kwargs=dict(eps_low=0.2, eps_high=0.2, beta=0.01, aggregation="seq_mean"),
-        micro_batch_size=16, master_port=29631, lora=LORA, base_reference=True)
+        micro_batch_size=16, master_port=29631 + adapter, lora=LORA, base_reference=True, sync_adapter=adapter)
     try:
-        ro = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=2))
-        b = TrainBatch.from_rollout(ro, torch.randn(len(ro), generator=torch.Generator().manual_seed(0)), pad_id=0)
-        for _ in range(2):
-            stats = ray.get(learner.update.remote([b], [loss_normalizer(b.response_mask, "seq_mean")]))
-        assert stats["kl"] > 0 and stats["grad_norm"] > 0
-        ray.get(gen.update_weights.remote(learner.weight_buckets.remote(), 1))
-        ro2 = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=3))
-        b2 = TrainBatch.from_rollout(ro2, torch.zeros(len(ro2)), pad_id=0)
-        mask = b2.response_mask
-        learner_lp = ray.get(learner.logprobs.remote(b2))
-        assert float(((learner_lp - b2.old_logprobs).abs() * mask).max()) < 1e-4
-        base_lp = ray.get(learner.reference_logprobs.remote(b2))
-        assert float(((base_lp - b2.old_logprobs).abs() * mask).max()) > 1e-3  # the adapter moved the policy
+        for version in (1, 2):  # the second sync replaces the first adapter
+            ro = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=version))
+            b = TrainBatch.from_rollout(ro, torch.randn(len(ro), generator=torch.Generator().manual_seed(version)),
+                                        pad_id=0)
+            for _ in range(2):
+                stats = ray.get(learner.update.remote([b], [loss_normalizer(b.response_mask, "seq_mean")]))
+            assert stats["kl"] > 0 and stats["grad_norm"] > 0
+            loaded = ray.get(gen.update_weights.remote(learner.weight_buckets.remote(), version))
+            assert loaded == (2 * 7 * 2 if adapter else loaded)  # adapter: A and B of 7 layers x 2 blocks
+            ro2 = ray.get(gen.generate.remote(PROMPTS, n=8, temperature=1.0, max_new_tokens=8, seed=10 + version))
+            assert ro2.weight_version == version
+            b2 = TrainBatch.from_rollout(ro2, torch.zeros(len(ro2)), pad_id=0)
+            mask = b2.response_mask
+            learner_lp = ray.get(learner.logprobs.remote(b2))
+            assert float(((learner_lp - b2.old_logprobs).abs() * mask).max()) < 1e-4
+            base_lp = ray.get(learner.reference_logprobs.remote(b2))
+            assert float(((base_lp - b2.old_logprobs).abs() * mask).max()) > 1e-3  # the adapter moved the policy
     finally:
         for a in (gen, learner):
             ray.kill(a)

@@ -10,7 +10,8 @@ from .errors import ConfigError, Sources
 from .loading import field_type, json_schema, load_config, parse_override, resolve, show
 from .sections import (AlgoConfig, CodeRewardConfig, Config, DataConfig, EvalConfig, LearnerConfig,
                        MathRewardConfig, ModelConfig, ResourcesConfig, RewardConfig, RolloutConfig, RunConfig,
-                       TrainConfig, VerifierPoolConfig, WarmStartConfig, cpu_list, cpu_threads, overlong_buffer)
+                       TrainConfig, VerifierPoolConfig, WarmStartConfig, overlong_buffer)
+from .resources import cpu_list, cpu_threads
 
 __all__ = ["AlgoConfig", "CodeRewardConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "LearnerConfig",
            "MathRewardConfig", "ModelConfig", "ResourcesConfig", "RewardConfig", "RolloutConfig", "RunConfig",

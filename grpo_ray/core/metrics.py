@@ -57,7 +57,9 @@ def advantage_variance(advantages: torch.Tensor) -> float:
     return float(advantages.float().var(unbiased=False))
 
 
-SUMMED = ("loss", "pg_loss", "tokens")  # already divided by the global normaliser: parts add up
+# loss, pg_loss, tokens: already divided by the global normaliser, parts add up; sync/bytes: only
+# the rank whose weights are sent packs any
+SUMMED = ("loss", "pg_loss", "tokens", "sync/bytes")
 
 
 def combine_parts(parts: list[dict[str, float]]) -> dict[str, float]:

@@ -81,7 +81,9 @@ def supervised_warm_start(model_dir: str, train_records: list[dict], ws, seed: i
 
 def builtin_model(cfg, train_records: list[dict], cache_root: str, log=print) -> str:
     """Path of the warm-started builtin:tiny model, built once per configuration."""
-    key = json.dumps({"model": vars(cfg.model), "warmstart": vars(cfg.warmstart),
+    # model.lora trains on top of the base, it does not make it: a LoRA run starts from the same one
+    model = {k: v for k, v in vars(cfg.model).items() if k != "lora"}
+    key = json.dumps({"model": model, "warmstart": vars(cfg.warmstart),
                       "max_operand": cfg.data.max_operand, "eval_fraction": cfg.data.eval_fraction,
                       "seed": cfg.run.seed, "version": 5}, sort_keys=True)
     path = os.path.join(cache_root, "builtin-tiny-" + hashlib.sha256(key.encode()).hexdigest()[:12])

@@ -132,6 +132,7 @@ def start_generators(cfg: Config, model_path: str, placement: Placement | None =
             model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
             kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=cpus,
             enforce_eager=cfg.rollout.enforce_eager,
+            lora_rank=cfg.model.lora.rank if cfg.lora and cfg.model.lora.sync == "adapter" else 0,
             gpu_share=placement.slot("generator", i).gpus if placement else cfg.resources.generator_gpus))
     return actors
 
@@ -178,7 +179,8 @@ def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:
             world_size=cfg.learner.num_ranks, master_addr=master_addr, master_port=master_port,
             threads=threads, seed=cfg.run.seed, recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis,
             tis_cap=a.tis_cap, share_prompts=cfg.model.share_prompts, temperature=cfg.rollout.temperature,
-            lora=cfg.model.lora.model_dump(exclude={"sync"}) if cfg.lora else None, base_reference=cfg.needs_reference))
+            lora=cfg.model.lora.model_dump(exclude={"sync"}) if cfg.lora else None, base_reference=cfg.needs_reference,
+            sync_adapter=cfg.lora and cfg.model.lora.sync == "adapter"))
     return actors
 
 

@@ -15,13 +15,16 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 import time
 import warnings
 
 from ..config import ConfigError
 from ..core.records import Rollout
+from ..models.lora import write_adapter
 from .startup import StartupClock
-from .weight_sync import WeightBucket, unpack_bucket
+from .weight_sync import AdapterWeights, WeightBucket, unpack_bucket
 
 
 def _vllm_env(threads: str | None) -> None:
@@ -229,10 +232,28 @@ def _install_seeded_cpu_sampler() -> None:
     ops.TopKTopPSampler.forward_cpu = forward_cpu
 
 
+# the LoRA ranks vLLM accepts as max_lora_rank (vllm/config/lora.py MaxLoRARanks)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _lora_options(rank: int) -> dict:
+    """vLLM's engine options to serve one adapter of `rank` (none for rank 0)."""
+    if not rank:
+        return {}
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ConfigError(f"model.lora.rank={rank}: vLLM serves adapters up to rank {VLLM_LORA_RANKS[-1]}; "
+                          "use model.lora.sync=merged")
+    return {"enable_lora": True, "max_lora_rank": fits[0], "max_loras": 1}
+
+
 class Generator:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512,
                  kv_cache_mb: int = 256, seed: int = 0, cpu_threads: str | None = None,
-                 max_num_seqs: int = 256, enforce_eager: bool = True, gpu_share: float = 1.0):
+                 max_num_seqs: int = 256, enforce_eager: bool = True, gpu_share: float = 1.0, lora_rank: int = 0):
+        """lora_rank > 0: the engine serves a LoRA adapter of that rank, loaded at each sync
+        (model.lora.sync=adapter); before the first one it samples the base (a fresh adapter is
+        zero)."""
         self.clock = StartupClock()
         _vllm_env(cpu_threads)
         from vllm import LLM
@@ -266,9 +287,12 @@ class Generator:
                        logprobs_mode="processed_logprobs",
                        # vLLM checks at start that this fraction of the GPU is free: a generator
                        # sharing its GPU (resources.colocate) may only claim its share
-                       gpu_memory_utilization=0.9 * min(1.0, gpu_share or 1.0))
+                       gpu_memory_utilization=0.9 * min(1.0, gpu_share or 1.0),
+                       **_lora_options(lora_rank))
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version, self.load_error = 0, None
+        self.lora_request = None  # the adapter loaded at the last sync (model.lora.sync=adapter)
+        self.adapter_root = tempfile.mkdtemp(prefix="grpo-adapter-") if lora_rank else None
         cache = self.llm.llm_engine.vllm_config.cache_config
         # tokens of KV cache (0 = unknown); checked on CPU only, see _check_kv_cache
         self.kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size if cpu else 0
@@ -316,7 +340,7 @@ class Generator:
                                  logprobs=0, flat_logprobs=True, detokenize=False,
                                  seed=None if seed is None else seed + j * n)
                   for j in range(len(prompts))]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
         prompt_ids, response_ids, logprobs, truncated = [], [], [], []
         for out in outputs:
             for c in out.outputs:
@@ -339,7 +363,10 @@ class Generator:
         load succeeds, rather than sampling from that mix."""
         self.load_error = "a weight load is in progress"
         try:
-            loaded = self.llm.collective_rpc(_reload, args=(buckets,))[0]
+            if buckets and isinstance(buckets[0], AdapterWeights):
+                loaded = self._load_adapter(buckets[0], version)
+            else:
+                loaded = self.llm.collective_rpc(_reload, args=(buckets,))[0]
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             raise
@@ -350,6 +377,28 @@ class Generator:
             self.llm.reset_prefix_cache()
         self.weight_version = version
         return loaded
+
+    def _load_adapter(self, adapter: AdapterWeights, version: int) -> int:
+        """model.lora.sync=adapter: vLLM loads an adapter from a folder (PEFT's files), by an int
+        id it caches; each sync writes a new folder, drops the old adapter and adds the new one
+        under a new id (the version's), so no request can run on a stale cached copy."""
+        from safetensors.torch import load
+        from vllm.lora.request import LoRARequest
+
+        if self.adapter_root is None:
+            raise RuntimeError("this generator was started without LoRA (lora_rank=0): it takes merged weights")
+        path = os.path.join(self.adapter_root, f"v{version}")
+        write_adapter(adapter.files, path)
+        engine, old = self.llm.llm_engine, self.lora_request
+        request = LoRARequest(f"policy-v{version}", version + 1, path)  # vLLM's ids start at 1
+        if old is not None:
+            engine.remove_lora(old.lora_int_id)
+        if not engine.add_lora(request):
+            raise RuntimeError(f"vLLM did not load the adapter of version {version} from {path}")
+        self.lora_request = request
+        if old is not None and old.lora_path != path:
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        return len(load(adapter.files["adapter_model.safetensors"]))
 
     def ready(self) -> bool:
         return True

@@ -38,7 +38,7 @@ from ..models.modeling import batched_logprobs, disable_dropout, load_causal_lm,
 from ..core.records import TrainBatch
 from .backends import BackendSettings, get_backend
 from .startup import StartupClock
-from .weight_sync import WeightBucket, pack_state_dict
+from .weight_sync import AdapterWeights, WeightBucket, pack_state_dict, payload_bytes
 
 
 class Learner:
@@ -48,11 +48,12 @@ class Learner:
                  master_addr: str = "127.0.0.1", master_port: int = 29500, threads: int = 2, seed: int = 0,
                  recompute_old_logprobs: bool = False, tis: str = "none", tis_cap: float = 2.0,
                  share_prompts: bool = True, temperature: float = 1.0, backend: str = "deepspeed",
-                 lora: dict | None = None, base_reference: bool = False):
+                 lora: dict | None = None, base_reference: bool = False, sync_adapter: bool = False):
         """backend: a name in roles.backends.BACKENDS; zero_stage is DeepSpeed's option.
         lora: model.lora's keys (rank > 0: train a PEFT adapter, the base frozen); base_reference:
         fill in the batches' ref_logprobs from the base with the adapter off (a LoRA run's
-        reference: no reference actor runs)."""
+        reference: no reference actor runs); sync_adapter: the generators get the adapter alone
+        (model.lora.sync=adapter), not merged weights."""
         self.clock = StartupClock()
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
@@ -64,6 +65,7 @@ class Learner:
 
         self.lora = LoraSettings(**{**lora, "target_modules": tuple(lora["target_modules"])}) if lora else None
         self.base_reference = base_reference and self.lora is not None
+        self.sync_adapter = sync_adapter and self.lora is not None
 
         def build_model():
             model = load_causal_lm(model_path, "float32")  # fp32 master weights; the backend applies dtype
@@ -164,7 +166,8 @@ class Learner:
         first = [p for p in parts if "sampler_kl" in p]
         out = combine_parts([{k: v for k, v in p.items() if k not in ("sampler_kl", ROW_MISMATCH)} for p in parts])
         for k in SUMMED:
-            out[k] /= len(kept)
+            if k in out:  # sync/bytes is added below
+                out[k] /= len(kept)
         if mismatch is not None:
             out["sampler_kl"], out[ROW_MISMATCH] = mismatch["sampler_kl"], mismatch[ROW_MISMATCH]
         elif first:
@@ -174,6 +177,7 @@ class Learner:
         out["grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
         out["optimizer_steps"] = float(len(applied))  # applied
         out["nonfinite_steps"] = float(len(steps) - len(applied))
+        out["sync/bytes"] = 0.0  # update_then_pack: what this rank packed for the generators
         return out
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
@@ -191,11 +195,13 @@ class Learner:
 
     def weight_buckets(self, dtype: str = "float32", bucket_mb: int = 256) -> list[WeightBucket]:
         """The current weights as buckets for the generators (rank 0's are the ones sent); a LoRA
-        policy's with the adapter folded in."""
+        policy's with the adapter folded in, or its adapter alone (sync_adapter)."""
         target = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         with self.backend.full_parameters() as module:
             if self.rank != 0:
                 return []
+            if self.sync_adapter:
+                return [AdapterWeights(adapter_files(module))]
             weights = merged_state_dict(module) if self.lora else module.state_dict().items()
             return pack_state_dict(weights, bucket_mb << 20, target)
 
@@ -204,7 +210,9 @@ class Learner:
         """update() then weight_buckets() in one call: with Ray's num_returns=2 the driver queues
         the generators' weight load on the buckets right away, and they travel the moment the
         update ends, without a round trip through the driver (~8 ms a step at the tiny size)."""
-        return self.update(mini_batches, normalizers, epochs), self.weight_buckets(dtype)
+        stats, buckets = self.update(mini_batches, normalizers, epochs), self.weight_buckets(dtype)
+        stats["sync/bytes"] = float(payload_bytes(buckets))  # rank 0's are sent; the others pack none
+        return stats, buckets
 
     def save_state(self, out_dir: str) -> None:
         """Weights, optimizer moments and LR schedule (every rank writes its own shard of a sharded

@@ -24,6 +24,11 @@ class WeightBucket:
 ALIGN = 16  # bytes: a view as int64 or float32 needs an offset that its element size divides
 
 
+def payload_bytes(buckets: list) -> int:
+    """Bytes a sync sends to each generator: weight buckets, or an adapter (AdapterWeights)."""
+    return sum(b.nbytes if isinstance(b, AdapterWeights) else int(b.data.nbytes) for b in buckets)
+
+
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -72,3 +77,14 @@ def unpack_bucket(bucket: WeightBucket):
         raw = torch.from_numpy(bucket.data)
     for name, dtype, shape, offset, nbytes in bucket.entries:
         yield name, raw[offset:offset + nbytes].view(getattr(torch, dtype)).view(shape)
+
+
+@dataclass
+class AdapterWeights:
+    """A LoRA policy's adapter as PEFT writes it (file name -> bytes): what travels to the
+    generators instead of weight buckets with model.lora.sync=adapter (vLLM serves it as a LoRA)."""
+    files: dict[str, bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.files.values())
