@@ -35,13 +35,16 @@ def _weights(folder):
 
 
 @pytest.mark.slow
-def test_n_steps_then_resume_equals_2n_steps(ray_local, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("lora", [[], ["model.lora.rank=4", "model.lora.sync=adapter"]], ids=["full", "lora"])
+def test_n_steps_then_resume_equals_2n_steps(ray_local, tiny_model_dir, tmp_path, lora):
+    """Also for a LoRA run (issue 24), whose generators get the adapter alone: the checkpoint's
+    learner state holds the adapter and its optimizer moments, the resumed generators get it pushed."""
     from grpo_ray.driver.train import train
 
-    full = train(_cfg(tmp_path, tiny_model_dir, "full", 4, "train.checkpoint_every=2"))
-    half = train(_cfg(tmp_path, tiny_model_dir, "half", 2))  # "killed" after 2 steps: its final checkpoint
+    full = train(_cfg(tmp_path, tiny_model_dir, "full", 4, "train.checkpoint_every=2", *lora))
+    half = train(_cfg(tmp_path, tiny_model_dir, "half", 2, *lora))  # "killed" after 2 steps: its final checkpoint
     assert [s for s, _ in list_checkpoints(half)] == [2]
-    resumed = train(_cfg(tmp_path, tiny_model_dir, "half", 4))  # run.resume=auto picks it up
+    resumed = train(_cfg(tmp_path, tiny_model_dir, "half", 4, *lora))  # run.resume=auto picks it up
     assert resumed == half
     a, b = _rows(full), _rows(half)
     steps_a = [r for r in a if "reward/mean" in r]
@@ -59,7 +62,7 @@ def test_n_steps_then_resume_equals_2n_steps(ray_local, tiny_model_dir, tmp_path
     # a resumed run whose last session was cut short after its last checkpoint (during the final
     # evaluation, say) finishes the run: the evaluation and final_model/, and no step again
     shutil.rmtree(os.path.join(half, "final_model"))
-    train(_cfg(tmp_path, tiny_model_dir, "half", 4))
+    train(_cfg(tmp_path, tiny_model_dir, "half", 4, *lora))
     assert os.path.isdir(os.path.join(half, "final_model"))
     rows = _rows(half)
     assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2, 3, 4]
