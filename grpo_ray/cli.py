@@ -23,6 +23,8 @@ def _train(args) -> None:
 def _eval(args) -> None:
     from .data.datasets import drop_training_prompts, load_jsonl
     from .driver.evaluation import eval_model
+    from .driver.outputs import cache_dir
+    from .models.lora import is_adapter_dir, merged_from_adapter
 
     cfg = eval_config(args)
     keys = (args.prompt_key or cfg.data.prompt_key, args.answer_key or cfg.data.answer_key,
@@ -32,7 +34,10 @@ def _eval(args) -> None:
         records, dropped = drop_training_prompts(records, load_jsonl(args.train_data, *keys), args.train_data)
         if dropped:
             print(f"grpo-ray: warning: {dropped}", file=sys.stderr)
-    eval_model(cfg, args.model_dir, records[:args.limit] if args.limit else records, args.out)
+    model_dir = args.model_dir
+    if is_adapter_dir(model_dir):  # a LoRA run's final_adapter/ (or a checkpoint's adapter/)
+        model_dir = merged_from_adapter(model_dir, cache_dir(), log=lambda m: print(f"grpo-ray: {m}", file=sys.stderr))
+    eval_model(cfg, model_dir, records[:args.limit] if args.limit else records, args.out)
 
 
 EVAL_DEFAULTS = {"k": "1,10", "samples": 16, "temperature": 1.0, "max_new_tokens": 256}
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
                                                           "when it finds one: run.resume=auto)")
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="pass@k of a model on held-out prompts (per-problem CSV + pass_at_k.json)")
-    e.add_argument("model_dir", help="a Hugging Face model folder (e.g. runs/default/final_model)")
+    e.add_argument("model_dir", help="a Hugging Face model folder (e.g. runs/default/final_model), or a LoRA "
+                                     "adapter folder (runs/default_lora/final_adapter: merged into its base first)")
     e.add_argument("data", help="JSONL with prompt and answer fields (and task, tests, ... for code)")
     e.add_argument("--k", default=None, help="comma-separated k for pass@k (default: the config's eval.ks, "
                                                "or 1,10 without --config)")

@@ -200,3 +200,29 @@ def test_the_loop_with_lora_on_two_zero3_ranks(ray_local, tiny_model_dir, tmp_pa
     want = batched_logprobs(merged, b, 8, True, 1.0)
     assert torch.allclose(batched_logprobs(peft, b, 8, True, 1.0), want, atol=1e-5)
     assert not torch.allclose(batched_logprobs(load_causal_lm(tiny_model_dir), b, 8, True, 1.0), want, atol=1e-4)
+
+
+def test_an_adapter_folder_is_merged_into_its_base_for_grpo_ray_eval(plain_learner, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from grpo_ray.models.lora import is_adapter_dir, merged_from_adapter
+    from grpo_ray.models.modeling import ModelDirError
+
+    learner = plain_learner(lora=LORA, base_reference=True)
+    b = _batch(seed=11)
+    _update(learner, b)
+    learner.save_adapter(str(tmp_path / "adapter"))
+    assert is_adapter_dir(str(tmp_path / "adapter")) and not is_adapter_dir(str(tmp_path))
+    said = []
+    merged = merged_from_adapter(str(tmp_path / "adapter"), str(tmp_path / "cache"), log=said.append)
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert torch.allclose(batched_logprobs(model, b, 8, True, 1.0), learner.logprobs(b), atol=1e-5)
+    assert (tmp_path / "cache").is_dir() and len(said) == 1
+    assert merged_from_adapter(str(tmp_path / "adapter"), str(tmp_path / "cache"), log=said.append) == merged
+    assert len(said) == 1  # built once per adapter
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "/nowhere/base"}))
+    with pytest.raises(ModelDirError, match="names its base model '/nowhere/base'"):
+        merged_from_adapter(str(tmp_path / "adapter"), str(tmp_path / "cache"))

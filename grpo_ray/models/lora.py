@@ -98,3 +98,43 @@ def write_adapter(files: dict[str, bytes], out_dir: str) -> None:
 def base_only(module: torch.nn.Module):
     """Context: the adapter off (the frozen base: the reference policy of a LoRA run)."""
     return module.disable_adapter()
+
+
+def is_adapter_dir(path: str) -> bool:
+    """A PEFT adapter folder (adapter_config.json), as final_adapter/ and checkpoints' adapter/."""
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def merged_from_adapter(adapter_dir: str, cache_root: str, log=print) -> str:
+    """The model an adapter folder stands for, as a Hugging Face folder (its base, named by
+    adapter_config.json's base_model_name_or_path, with the adapter folded in and the base's
+    tokenizer), built once per adapter under cache_root and written atomically."""
+    import hashlib
+    import shutil
+
+    from peft import PeftModel
+
+    from .modeling import ModelDirError, load_causal_lm, load_tokenizer
+
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        base = json.load(f).get("base_model_name_or_path") or ""
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        raise ModelDirError(f"the adapter in {adapter_dir} names its base model {base!r} (base_model_name_or_path in "
+                            "adapter_config.json), which is not a model folder here; put the base there, or edit "
+                            "that field to where it is")
+    digest = hashlib.sha256(os.path.abspath(base).encode())
+    for name in sorted(os.listdir(adapter_dir)):
+        if name.startswith("adapter_"):
+            with open(os.path.join(adapter_dir, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    out = os.path.join(cache_root, f"merged-{digest.hexdigest()[:12]}")
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    log(f"merging the adapter {adapter_dir} into its base {base} -> {out}")
+    model = PeftModel.from_pretrained(load_causal_lm(base), adapter_dir).merge_and_unload()
+    tmp = f"{out}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    load_tokenizer(base).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
