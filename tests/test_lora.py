@@ -114,6 +114,28 @@ def test_lora_config_keys_and_refusals():
         load_config("configs/default.yaml", ["model.lora.rank=8", "algo.ref_reset_every=5"])
     with pytest.raises(ConfigError, match="model.lora.rank=-1"):
         load_config("configs/default.yaml", ["model.lora.rank=-1"])
+    for bad, needle in ((["model.lora.target_modules=[]"], "name at least one linear layer"),
+                        (["model.lora.target_modules=[q_proj,lm_head]"], r"\['lm_head'\]: adapters on the embeddings"),
+                        (["model.lora.rank=600", "model.lora.sync=adapter"], "vLLM serves adapters up to rank 512")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config("configs/default.yaml", ["model.lora.rank=8", *bad])
+
+
+def test_a_checkpoint_of_other_lora_settings_is_refused_before_any_actor(tiny_model_dir, tmp_path):
+    from grpo_ray.driver.checkpoint import CheckpointError, find_resume
+    from test_resume import _fake_checkpoint
+
+    lora = {k: v for k, v in LORA.items()}
+    _fake_checkpoint(str(tmp_path), 2, tiny_model_dir)  # saved by a full fine-tuning run
+    with pytest.raises(CheckpointError, match="saved with full fine-tuning; this run has model.lora.rank=4"):
+        find_resume(str(tmp_path), "auto", tiny_model_dir, lora)
+    assert find_resume(str(tmp_path), "auto", tiny_model_dir, None)[1]["step"] == 2
+    state = {"version": 1, "step": 4, "sampler": {"epoch": 0, "position": 0},
+             "monitor": {"active": [], "recent_kl": []}, "lora": {**lora, "alpha": 16.0}}
+    _fake_checkpoint(str(tmp_path), 4, tiny_model_dir, state)
+    with pytest.raises(CheckpointError, match="model.lora.alpha=16.0.*this run has.*model.lora.alpha=8.0"):
+        find_resume(str(tmp_path), "auto", tiny_model_dir, lora)
+    assert find_resume(str(tmp_path), "auto", tiny_model_dir, {**lora, "alpha": 16.0})[1]["step"] == 4
 
 
 PROMPTS = [f"Q: {a}+{b}=?\nA:" for a, b in [(1, 2), (13, 29), (40, 7), (25, 25)]]

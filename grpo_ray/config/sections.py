@@ -99,6 +99,20 @@ class ModelLoraConfig(Section):
         "merged", "what the generators get after each update: merged, the base weights with the adapter folded "
         "in (vLLM runs no LoRA kernels); adapter, only the adapter's tensors (vLLM serves it as a LoRA)")
 
+    @model_validator(mode="after")
+    def _servable(self) -> ModelLoraConfig:
+        if not self.target_modules:
+            raise fail("model.lora.target_modules=[]: name at least one linear layer (default: all 7 of the "
+                       "attention and MLP blocks)", "model.lora.target_modules")
+        if heads := [t for t in self.target_modules if t in ("lm_head", "embed_tokens")]:
+            raise fail(f"model.lora.target_modules: {heads}: adapters on the embeddings or the LM head are not "
+                       "synced (vLLM ties and serves those whole); keep to the blocks' linear layers",
+                       "model.lora.target_modules")
+        if self.sync == "adapter" and self.rank > 512:
+            raise fail(f"model.lora.rank={self.rank} with model.lora.sync=adapter: vLLM serves adapters up to "
+                       "rank 512; use sync=merged", "model.lora.rank", "model.lora.sync")
+        return self
+
 
 class ModelConfig(Section):
     """The policy model."""
@@ -416,78 +430,11 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _across_sections(self) -> Config:
-        """Checks that span sections (each section checks its own keys)."""
-        _check_reference(self)
-        _check_model_and_batches(self)
-        _check_sampler_logprobs(self)
-        _check_lengths(self)
+        """Checks that span sections (each section checks its own keys; these are in checks.py)."""
+        from .checks import across_sections
+
+        across_sections(self)
         return self
-
-
-def _check_reference(cfg: Config) -> None:
-    algo = cfg.algo
-    if cfg.lora and algo.ref_reset_every:
-        raise fail(f"algo.ref_reset_every={algo.ref_reset_every} with model.lora.rank={cfg.model.lora.rank}: a LoRA "
-                   "run's reference is its base with the adapter off, and a reset would have to fold the adapter "
-                   "into the base; set algo.ref_reset_every=0 (or model.lora.rank=0 to train every weight)",
-                   "algo.ref_reset_every", "model.lora.rank")
-    if not cfg.needs_reference and (algo.ref_reset_every or algo.kl_action == "rollback"):
-        key = "algo.ref_reset_every" if algo.ref_reset_every else "algo.kl_action"
-        shown = f"algo.ref_reset_every={algo.ref_reset_every}" if algo.ref_reset_every else "algo.kl_action=rollback"
-        raise fail(f"{shown} needs a reference policy, but algo.beta=0 with algo.kl_stop=null runs none; "
-                   "set algo.kl_stop (e.g. 0.1) to keep the KL guard and its reference",
-                   key, "algo.beta", "algo.kl_stop")
-
-
-def _check_model_and_batches(cfg: Config) -> None:
-    if cfg.model.path == "builtin:tiny" and cfg.data.task != "arithmetic":
-        raise fail("model.path='builtin:tiny' is warm-started on the arithmetic task; set data.task=arithmetic "
-                   "or point model.path at a Hugging Face model folder", "model.path", "data.task")
-    rows, parts = cfg.rollout.prompts_per_step * cfg.algo.group_size, cfg.algo.mini_batches * cfg.learner.num_ranks
-    if rows % parts:
-        raise fail(f"algo.mini_batches * learner.num_ranks = {parts} must divide rollout.prompts_per_step * "
-                   f"algo.group_size = {rows} (every rank takes an equal share of every mini-batch)",
-                   "algo.mini_batches", "learner.num_ranks", "rollout.prompts_per_step", "algo.group_size")
-    if cfg.learner.num_ranks > 1 and 0 < cfg.resources.learner_gpus < 1:
-        raise fail(f"resources.learner_gpus={cfg.resources.learner_gpus} with learner.num_ranks="
-                   f"{cfg.learner.num_ranks}: two ranks could share one GPU, which NCCL refuses; use 1 "
-                   "(or 0 on CPUs)", "resources.learner_gpus", "learner.num_ranks")
-
-
-def _check_sampler_logprobs(cfg: Config) -> None:
-    algo, rollout = cfg.algo, cfg.rollout
-    if rollout.asynchronous and algo.recompute_old_logprobs and algo.tis == "none":
-        raise fail("rollout.asynchronous=true with algo.recompute_old_logprobs=true needs algo.tis=token or "
-                   "sequence: the recomputed old logprobs are the learner's, one update past the sampler, "
-                   "and only the importance weights against the sampler's correct for that lag",
-                   "rollout.asynchronous", "algo.recompute_old_logprobs", "algo.tis")
-    if rollout.asynchronous and algo.dynamic_sampling:
-        raise fail("rollout.asynchronous=true does not work with algo.dynamic_sampling=true yet (the extra "
-                   "rounds would be sampled with other weights); turn one of them off",
-                   "rollout.asynchronous", "algo.dynamic_sampling")
-    if rollout.top_p < 1.0 and not algo.recompute_old_logprobs:
-        raise fail(f"rollout.top_p={rollout.top_p} samples from the renormalised nucleus, so the sampler's "
-                   "logprobs (old_logprobs) are not the full softmax the learner computes: the ratio would "
-                   "start below 1 and the clip act on that gap. Set algo.recompute_old_logprobs=true "
-                   "algo.tis=token (importance weights against the sampler), or rollout.top_p=1.0",
-                   "rollout.top_p", "algo.recompute_old_logprobs")
-    if algo.tis != "none" and not algo.recompute_old_logprobs:
-        raise fail(f"algo.tis={algo.tis!r} needs algo.recompute_old_logprobs=true: the importance "
-                   "weights compare the learner's old logprobs with the sampler's",
-                   "algo.tis", "algo.recompute_old_logprobs")
-
-
-def _check_lengths(cfg: Config) -> None:
-    rollout = cfg.rollout
-    if rollout.max_new_tokens >= rollout.max_model_len:
-        raise fail(f"rollout.max_new_tokens={rollout.max_new_tokens} leaves no room for the prompt in "
-                   f"rollout.max_model_len={rollout.max_model_len} (vLLM stops an answer there, so the "
-                   "truncation metrics and overlong handling would be off): raise rollout.max_model_len "
-                   "to the longest prompt plus max_new_tokens, or lower max_new_tokens",
-                   "rollout.max_new_tokens", "rollout.max_model_len")
-    if cfg.algo.overlong == "penalty" and overlong_buffer(cfg) > rollout.max_new_tokens:
-        raise fail(f"algo.overlong_buffer={cfg.algo.overlong_buffer} is longer than rollout.max_new_tokens="
-                   f"{rollout.max_new_tokens}", "algo.overlong_buffer", "rollout.max_new_tokens")
 
 
 def overlong_buffer(cfg: Config) -> int:

@@ -208,8 +208,10 @@ def check_resume_mode(run_dir: str, mode: str) -> None:
         raise CheckpointError(f"--resume: no checkpoint in {checkpoints_dir(run_dir)}")
 
 
-def find_resume(run_dir: str, mode: str, base_model: str) -> tuple[str, dict] | None:
-    """(checkpoint path, state) to resume from, or None for a fresh run. mode: run.resume."""
+def find_resume(run_dir: str, mode: str, base_model: str, lora: dict | None = None) -> tuple[str, dict] | None:
+    """(checkpoint path, state) to resume from, or None for a fresh run. mode: run.resume.
+    lora: model.lora's keys that shape the learner's state (None: full fine-tuning); a
+    checkpoint saved with others is refused here, before any actor starts."""
     check_resume_mode(run_dir, mode)
     found = list_checkpoints(run_dir)
     if mode == "never" or not found:
@@ -217,4 +219,10 @@ def find_resume(run_dir: str, mode: str, base_model: str) -> tuple[str, dict] | 
     path = found[-1][1]
     state = load_state(path)
     check_shape(path, base_model)
+    saved = state.get("lora")
+    if saved != lora:
+        def said(x):
+            return "full fine-tuning" if not x else ", ".join(f"model.lora.{k}={v}" for k, v in x.items())
+        raise CheckpointError(f"checkpoint {path} was saved with {said(saved)}; this run has {said(lora)}; resume "
+                              "with the same model.lora settings, or start another run (run.name)")
     return path, state

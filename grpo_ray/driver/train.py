@@ -7,6 +7,7 @@ Run as `grpo-ray train configs/default.yaml [dotted.key=value ...]` or `python -
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -62,8 +63,14 @@ def preflight(cfg: Config, log) -> tuple[list[dict], list[dict], str | None, str
     model_path = prepare_model(cfg, train_records, run_dir, log)  # builtin:tiny: built in the cache beside run dirs
     # a prompt the model cannot take would crash vLLM at the step that first draws it
     train_records, eval_records = fit_to_model(cfg, model_path, train_records, eval_records, log)
-    resume = find_resume(run_dir, cfg.run.resume, model_path)  # a checkpoint of another model: refused here
+    # a checkpoint of another model, or of other model.lora settings: refused here
+    resume = find_resume(run_dir, cfg.run.resume, model_path, lora_state(cfg))
     return train_records, eval_records, dropped, model_path, resume
+
+
+def lora_state(cfg: Config) -> dict | None:
+    """The model.lora keys a checkpoint's learner state depends on (sync does not)."""
+    return cfg.model.lora.model_dump(exclude={"sync"}) if cfg.lora else None
 
 
 def train(cfg: Config, address: str | None = None) -> str:
@@ -109,19 +116,17 @@ def _run(cfg: Config, run_dir: str, model_path: str, train_records: list[dict], 
     side = ThreadPoolExecutor(1)
     outputs = side.submit(open_outputs, cfg, run_dir, model_path)
     side.shutdown(wait=False)  # its thread ends with that one task
-    try:
+    run: Run | None = None
+    with contextlib.ExitStack() as cleanup:  # in reverse order, on any exit: an error, a stop (SIGTERM)
+        cleanup.callback(close_outputs, outputs)
         with timeline.phase("actors"):
             roles = start_roles(cfg, model_path, resume_from=resume[0] if resume else None,
                                 reference=reference, timeline=timeline)
-    except BaseException:
-        if outputs.exception() is None:  # else start_roles' error is the one to say
-            outputs.result()[1].close()
-        raise
-    run = None
-    try:  # from here on the actors are released whatever happens (an error, a stop)
+        cleanup.callback(lambda: run is not None and run.plotted())  # drawn while the actors stop
+        cleanup.callback(stop_actors, roles, timeline)
         log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
-            f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), reference, "
-            f"{cfg.learner.num_ranks} learner rank(s)")
+            f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), "
+            + ("reference, " if roles.reference is not None else "") + f"{cfg.learner.num_ranks} learner rank(s)")
         trainable, total = roles.learners.parameter_counts()
         lora = cfg.model.lora
         log(f"policy: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3g}M trained" + (
@@ -130,15 +135,19 @@ def _run(cfg: Config, run_dir: str, model_path: str, train_records: list[dict], 
         tokenizer, metrics = outputs.result()
         run = Run(cfg, roles, run_dir, model_path, PromptSampler(train_records, cfg.run.seed),
                   eval_records[:cfg.eval.num_prompts], log, reference, timeline, tokenizer, metrics)
-        try:
-            run.loop(run.restore(*resume) if resume else 1, tqdm)
-        finally:
-            run.metrics.close()
-    finally:
-        with timeline.phase("stop actors"):
-            stop_roles(roles)
-        if run is not None:
-            run.plotted()  # the plots were drawn while the actors stopped
+        run.loop(run.restore(*resume) if resume else 1, tqdm)
+
+
+def stop_actors(roles: Roles, timeline: Timeline) -> None:
+    with timeline.phase("stop actors"):
+        stop_roles(roles)
+
+
+def close_outputs(outputs: Future) -> None:
+    """Close the metrics sinks open_outputs opened (none when it failed; its error is raised
+    where its result was asked for)."""
+    if outputs.exception() is None:
+        outputs.result()[1].close()
 
 
 def open_outputs(cfg: Config, run_dir: str, model_path: str) -> tuple:
@@ -269,7 +278,9 @@ class Run:
                     self.roles.learners.save_adapter(tmp)
                 self.log(f"final adapter: {os.path.join(self.run_dir, 'final_adapter')}")
         if cfg.run.plots:  # drawn while the actors stop (plotted())
-            self.plotting = ThreadPoolExecutor(1).submit(self._plot)
+            pool = ThreadPoolExecutor(1)
+            self.plotting = pool.submit(self._plot)
+            pool.shutdown(wait=False)
 
     def _plot(self) -> None:
         from .plots import plot_run
@@ -280,6 +291,9 @@ class Run:
             self.log(f"plots: {len(charts)} charts in {os.path.join(self.run_dir, 'plots')}")
         except DataError as e:  # nothing to plot (no step ran): the run itself is fine
             self.log(f"warning: no plots: {e}")
+        except Exception as e:  # noqa: BLE001 - the run is saved; a chart that fails must not fail it
+            self.log(f"warning: the plots failed ({type(e).__name__}: {e}); `grpo-ray plot {self.run_dir}` "
+                     "draws them again")
 
     def plotted(self) -> None:
         """Wait for the plots (an error drawing them is raised here)."""
@@ -427,7 +441,7 @@ class Run:
     def checkpoint(self, step: int, kl_stopped: bool = False) -> None:
         # a rollout sampling ahead is not saved: a resume draws its prompts again
         sampler = self.ahead.sampler_state if self.ahead else self.sampler.state_dict()
-        state = {"sampler": sampler, "monitor": self.monitor.state_dict(),
+        state = {"sampler": sampler, "monitor": self.monitor.state_dict(), "lora": lora_state(self.cfg),
                  "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
                  "reference": None if self.reference == self.model_path else self.reference,
                  "kl_stopped": kl_stopped}

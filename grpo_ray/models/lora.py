@@ -52,6 +52,7 @@ def trainable_parameters(module: torch.nn.Module) -> tuple[int, int]:
     return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
 
 
+@torch.no_grad()
 def merged_state_dict(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The base model's weights with the adapter folded in, under the base model's own names
     (what transformers and vLLM load); `module` is left as it is."""

@@ -218,21 +218,21 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
         with timeline.phase("waiting for the actors"):
             ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]
                     + ([reference.__ray_ready__.remote()] if reference else []) + restored)
-    except BaseException:
+        named = ([(f"generator {i}", g) for i, g in enumerate(generators)] + [("reference", reference)] * bool(reference)
+                 + [(f"learner {r}", lr) for r, lr in enumerate(learners)])
+        for (name, _), marks in zip(named, ray.get([a.startup.remote() for _, a in named])):
+            timeline.add_role(name, created, marks)
+        bound = Bound(cfg.run.stall_timeout_s)
+        group = LearnerGroup(learners, gather_on_all_ranks=full_params_need_all_ranks(cfg.learner.backend,
+                                                                                    cfg.learner.zero_stage),
+                             dtype=cfg.model.dtype, bound=bound, lora=cfg.lora)
+        fleet = GeneratorFleet(generators, group, bound, start_s=time.perf_counter() - t0)
+        fleet.locate()  # the engines are up (awaited above): where each runs, for the stall messages
+    except BaseException:  # an error or a stop (SIGTERM) anywhere up to here: nothing left on the cluster
         placement.remove()  # kills the actors placed in it
         if verifier is not None:
             verifier.shutdown()
         raise
-    named = ([(f"generator {i}", g) for i, g in enumerate(generators)] + [("reference", reference)] * bool(reference)
-             + [(f"learner {r}", lr) for r, lr in enumerate(learners)])
-    for (name, _), marks in zip(named, ray.get([a.startup.remote() for _, a in named])):
-        timeline.add_role(name, created, marks)
-    bound = Bound(cfg.run.stall_timeout_s)
-    group = LearnerGroup(learners, gather_on_all_ranks=full_params_need_all_ranks(cfg.learner.backend,
-                                                                                cfg.learner.zero_stage),
-                         dtype=cfg.model.dtype, bound=bound, lora=cfg.lora)
-    fleet = GeneratorFleet(generators, group, bound, start_s=time.perf_counter() - t0)
-    fleet.locate()  # the engines are up (awaited above): where each runs, for the stall messages
     return Roles(fleet, verifier, reference, group, placement, bound)
 
 
@@ -254,6 +254,7 @@ def restart_reference(roles: Roles) -> None:
 
 def stop_roles(roles: Roles) -> None:
     roles.verifier.shutdown()
+    roles.fleet.close()  # the generators' own files (a LoRA adapter's folder), before they are killed
     for actor in roles.fleet.actors + [roles.reference] + roles.learners.actors:
         if actor is not None:
             ray.kill(actor)

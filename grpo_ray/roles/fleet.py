@@ -201,6 +201,14 @@ class GeneratorFleet:
             ray.kill(self.actors[i], no_restart=False)
             self.names[i] = f"generator {i} (restarted)"
 
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Ask every generator to remove what it wrote on its node (best effort: a generator
+        that does not answer in time is killed with its files left)."""
+        try:
+            ray.wait([g.close.remote() for g in self.actors], num_returns=len(self.actors), timeout=timeout_s)
+        except ray.exceptions.RayError:
+            pass
+
     def ready(self) -> None:
         """Wait until every engine is up, then locate them."""
         ray.get([g.ready.remote() for g in self.actors])

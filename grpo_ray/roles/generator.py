@@ -400,6 +400,11 @@ class Generator:
             shutil.rmtree(old.lora_path, ignore_errors=True)
         return len(load(adapter.files["adapter_model.safetensors"]))
 
+    def close(self) -> None:
+        """Remove the adapter folders this engine loaded from (ray.kill runs no exit handlers)."""
+        if self.adapter_root is not None:
+            shutil.rmtree(self.adapter_root, ignore_errors=True)
+
     def ready(self) -> bool:
         return True
 

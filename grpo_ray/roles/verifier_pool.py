@@ -164,7 +164,10 @@ class VerifierPool:
         try:
             self.handle = serve.run(app, name=self.app, route_prefix=None)
         except BaseException:  # a failed start, or a stop (SIGTERM) while it deploys: no app left behind
-            serve.delete(self.app, _blocking=False)
+            try:
+                serve.delete(self.app, _blocking=False)
+            except Exception as e:  # noqa: BLE001 - the error being raised is the one to say
+                log.warning("verifier pool: could not delete %s: %s", self.app, e)
             raise
 
     def score(self, records: list[dict], responses: list[str], group_size: int = 1) -> Scores:
