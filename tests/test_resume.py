@@ -241,3 +241,33 @@ def test_a_refused_resume_leaves_config_yaml_as_it_was(tiny_model_dir, tmp_path,
         train_mod.train(_cfg(tmp_path, tiny_model_dir, "r", 8, "learner.lr=5e-5"))
     assert open(os.path.join(run, "config.yaml"), "rb").read() == before
     assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml"]
+
+
+@pytest.mark.slow
+def test_keep_best_keeps_the_best_checkpoint_under_pruning_and_across_a_resume(ray_local, tiny_model_dir, tmp_path):
+    """train.keep_best: the best evaluation's checkpoint survives keep_checkpoints=1, also when
+    the run is resumed half way, and best_model/ is its policy."""
+    from grpo_ray.driver.train import train
+
+    extra = ["train.eval_every=1", "train.checkpoint_every=1", "train.keep_checkpoints=1",
+             "train.keep_best=eval/mean_reward"]
+    train(_cfg(tmp_path, tiny_model_dir, "best", 2, *extra))  # "killed" after step 2 (its final checkpoint)
+    run_dir = train(_cfg(tmp_path, tiny_model_dir, "best", 5, *extra))
+    evals = [(r["step"], r["eval/mean_reward"]) for r in _rows(run_dir) if "eval/mean_reward" in r and r["step"] >= 1]
+    assert [s for s, _ in evals] == [1, 2, 3, 4, 5]  # both sessions' evaluations
+    best_step = max(evals, key=lambda e: e[1])[0]  # the first of the highest (a later tie is not better)
+    assert [s for s, _ in list_checkpoints(run_dir)] == sorted({best_step, 5})  # pruned to the newest + the best
+    state = load_state(list_checkpoints(run_dir)[-1][1])
+    assert state["best"] == {"metric": "eval/mean_reward", "value": max(v for _, v in evals), "step": best_step}
+    wa = _weights(os.path.join(run_dir, "best_model"))
+    wb = _weights(os.path.join(run_dir, "checkpoints", f"step_{best_step:06d}", "policy"))
+    assert all(float((wa[k] - wb[k]).abs().max()) == 0.0 for k in wa)
+
+
+def test_keep_best_must_name_a_logged_metric():
+    from grpo_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.keep_best='eval/pass@5': no evaluation logs it; the metrics are "
+                                          r"eval/pass@1, eval/pass@10, eval/mean_reward"):
+        load_config("configs/default.yaml", ["train.keep_best=eval/pass@5"])
+    assert load_config("configs/default.yaml", ["train.keep_best=eval/pass@10"]).train.keep_best == "eval/pass@10"

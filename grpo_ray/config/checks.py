@@ -15,6 +15,15 @@ def across_sections(cfg: Config) -> None:
     _check_model_and_batches(cfg)
     _check_sampler_logprobs(cfg)
     _check_lengths(cfg)
+    _check_keep_best(cfg)
+
+
+def _check_keep_best(cfg: Config) -> None:
+    metric = cfg.train.keep_best
+    logged = [f"eval/pass@{k}" for k in cfg.eval.ks] + ["eval/mean_reward"]
+    if metric and metric not in logged:
+        raise fail(f"train.keep_best={metric!r}: no evaluation logs it; the metrics are {', '.join(logged)} "
+                   "(eval.ks sets the pass@k)", "train.keep_best", "eval.ks")
 
 
 def _check_reference(cfg: Config) -> None:

@@ -332,6 +332,8 @@ class TrainConfig(Section):
                              "the first evaluation is at eval_every or the end, for quick runs")
     checkpoint_every: int = _f(50, "0 = only at the end", ge=0)
     keep_checkpoints: int = _f(2, "newest checkpoints kept; older ones are deleted", ge=1)
+    keep_best: Text = _f("", "an eval metric (e.g. eval/pass@1): the checkpoint of the best evaluation after a step "
+                         "is saved and kept beside the newest ones, and copied to best_model/ at the end; empty = off")
     spot_check_every: int = _f(10, "write samples/step_N.{jsonl,md} every N steps; 0 = never", ge=0)
     spot_check_samples: int = _f(8, "completions per spot check", ge=1)
     max_nonfinite_steps: int = _f(3, "stop after this many steps in a row whose update skipped an optimizer step "

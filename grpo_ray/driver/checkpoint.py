@@ -129,13 +129,14 @@ def newest_good(run_dir: str) -> tuple[int, str] | None:
     return good[-1] if good else None
 
 
-def prune(run_dir: str, keep: int) -> None:
+def prune(run_dir: str, keep: int, best_step: int | None = None) -> None:
     """Keep the newest `keep` checkpoints, and the newest one saved while the KL rule held even
-    when it is older: the checkpoint of a KL stop must not push out the last good one. Then
+    when it is older: the checkpoint of a KL stop must not push out the last good one; and the
+    best one (train.keep_best: the checkpoint of step `best_step`). Then
     drop the reset references (reference_policy/step_N) that no kept checkpoint names, except
     the newest (the one the reference actor runs, and reloads if Ray restarts it)."""
     found = list_checkpoints(run_dir)
-    kept = found[-keep:] + [c for c in found if not kl_stopped(c[1])][-1:]
+    kept = found[-keep:] + [c for c in found if not kl_stopped(c[1])][-1:] + [c for c in found if c[0] == best_step]
     for c in found:
         if c not in kept:
             shutil.rmtree(c[1], ignore_errors=True)

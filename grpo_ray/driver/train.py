@@ -22,6 +22,7 @@ from ..models.modeling import check_model_dir, load_tokenizer
 from ..roles.actors import Roles, check_backend, init_ray, replace_reference, start_roles, stop_roles
 from ..roles.startup import Timeline
 from ..roles.waiting import Stalled
+from .best import Best, write_best_model
 from .checkpoint import (REFERENCES, check_resume_mode, checkpoint_path, find_resume, list_checkpoints, load_state,
                          newest_good, prune, remove_partial_saves, write_state, writing)
 from .evaluation import evaluate
@@ -175,6 +176,8 @@ class Run:
         self.tokenizer, self.metrics = tokenizer, metrics
         self.monitor = Monitor(cfg.algo.kl_stop, cfg.algo.kl_window)
         self.plotting: Future | None = None  # the plots, drawn in a thread at the end
+        self.best = Best(cfg.train.keep_best) if cfg.train.keep_best else None  # train.keep_best
+        self.saved: int | None = None  # the step of the last checkpoint this session saved
         self.lr_scale, self.rollbacks = 1.0, 0  # KL rollbacks so far and the lr factor they left
         self.ahead: InFlight | None = None  # rollout.asynchronous: the next step's rollout, sampling
         self.nonfinite_run: tuple[int, int] | None = None  # (first step, steps) in a row with skipped steps
@@ -190,6 +193,8 @@ class Run:
         self.sampler.load_state_dict(state["sampler"])
         self.monitor.load_state_dict(state["monitor"])
         self.lr_scale, self.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
+        if self.best:
+            self.best.load_state_dict(state.get("best"))
         self.log(f"resumed from {path}: step {state['step']} of {self.cfg.train.steps} done")
         self.metrics.write({"step": state["step"], "event": "resume", "message": path})
         return state["step"] + 1
@@ -277,6 +282,9 @@ class Run:
                 with writing(os.path.join(self.run_dir, "final_adapter")) as tmp:
                     self.roles.learners.save_adapter(tmp)
                 self.log(f"final adapter: {os.path.join(self.run_dir, 'final_adapter')}")
+            if self.best and self.best.step is not None:
+                self.log(f"best policy: {write_best_model(self.run_dir, self.best)} (step {self.best.step}, "
+                         f"{self.best.metric} {self.best.value:.3f})")
         if cfg.run.plots:  # drawn while the actors stop (plotted())
             pool = ThreadPoolExecutor(1)
             self.plotting = pool.submit(self._plot)
@@ -347,6 +355,9 @@ class Run:
         self.roles.fleet.resync(version=state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.monitor.load_state_dict(state["monitor"])
+        if self.best:
+            self.best.load_state_dict(state.get("best"))
+        self.saved = None  # the steps after it run again
         msg = (f"KL guard: rolled back from step {step} to the checkpoint of step {state['step']} ({path}); "
                f"learning rate now {lr:.3g} (x{scale:g}), rollback {self.rollbacks} of {a.kl_max_rollbacks}")
         self.log(msg)
@@ -437,11 +448,16 @@ class Run:
         for w in self.monitor.check_eval(m[f"eval/pass@{min(c.eval.ks)}"]):
             self.log(f"warning: {w}")
             self.metrics.write({"step": step, "event": "warning", "message": w})
+        if self.best and self.best.offer(step, m):  # saved now: the next checkpoint may be steps away
+            self.checkpoint(step)
 
     def checkpoint(self, step: int, kl_stopped: bool = False) -> None:
+        if step == self.saved and not kl_stopped:  # saved already (a new best was, at its evaluation)
+            return
         # a rollout sampling ahead is not saved: a resume draws its prompts again
         sampler = self.ahead.sampler_state if self.ahead else self.sampler.state_dict()
         state = {"sampler": sampler, "monitor": self.monitor.state_dict(), "lora": lora_state(self.cfg),
+                 "best": self.best.state_dict() if self.best else None,
                  "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
                  "reference": None if self.reference == self.model_path else self.reference,
                  "kl_stopped": kl_stopped}
@@ -449,6 +465,7 @@ class Run:
         with writing(path) as tmp:  # the same step saved again (a KL stop right after a save) replaces it
             self.roles.learners.checkpoint_into(tmp, self.tokenizer)
             write_state(tmp, step, state)
-        prune(self.run_dir, self.cfg.train.keep_checkpoints)
+        prune(self.run_dir, self.cfg.train.keep_checkpoints, self.best.step if self.best else None)
+        self.saved = step
         self.metrics.write({"step": step, "event": "checkpoint", "message": path})
 
