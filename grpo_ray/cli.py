@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .driver.checkpoint import CheckpointError
@@ -25,7 +26,9 @@ def _eval(args) -> None:
     from .driver.evaluation import eval_model
     from .driver.outputs import cache_dir
     from .models.lora import is_adapter_dir, merged_from_adapter
+    from .models.modeling import check_model_dir
 
+    models = eval_models(args)  # first: it may move a dotted override argparse read as DATA
     cfg = eval_config(args)
     keys = (args.prompt_key or cfg.data.prompt_key, args.answer_key or cfg.data.answer_key,
             cfg.data.prompt_template, cfg.data.verifier)
@@ -34,10 +37,50 @@ def _eval(args) -> None:
         records, dropped = drop_training_prompts(records, load_jsonl(args.train_data, *keys), args.train_data)
         if dropped:
             print(f"grpo-ray: warning: {dropped}", file=sys.stderr)
-    model_dir = args.model_dir
-    if is_adapter_dir(model_dir):  # a LoRA run's final_adapter/ (or a checkpoint's adapter/)
-        model_dir = merged_from_adapter(model_dir, cache_dir(), log=lambda m: print(f"grpo-ray: {m}", file=sys.stderr))
-    eval_model(cfg, model_dir, records[:args.limit] if args.limit else records, args.out)
+    records = records[:args.limit] if args.limit else records
+    say = lambda m: print(f"grpo-ray: {m}", file=sys.stderr)  # noqa: E731
+    # a LoRA run's final_adapter/ (or a checkpoint's adapter/) is merged into its base; every
+    # folder is checked before the first model samples
+    models = [(name, merged_from_adapter(path, cache_dir(), log=say) if is_adapter_dir(path) else path)
+              for name, path in models]
+    for _, path in models if args.model else []:  # (one model: eval_model checks it before it samples)
+        check_model_dir(path, max_model_len=cfg.rollout.max_model_len)
+    for name, path in models:
+        eval_model(cfg, path, records, os.path.join(args.out, name) if args.model else args.out)
+    if args.model:  # several models: one table, each against the first
+        from .driver.compare import compare, markdown, write_compare
+
+        table = compare({name: read_rows(os.path.join(args.out, name, "results.csv")) for name, _ in models},
+                        cfg.eval.ks, set_name=os.path.splitext(os.path.basename(args.data))[0])
+        print(markdown(table, models[0][0]), end="")
+        print(f"wrote {', '.join(write_compare(args.out, table))}")
+
+
+def eval_models(args) -> list[tuple[str, str]]:
+    """(name, folder) of each model `grpo-ray eval` samples: MODEL_DIR, or each --model NAME=PATH."""
+    if args.model and args.model_dir and "=" in args.data:  # argparse filled the optional MODEL_DIR first
+        args.model_dir, args.data, args.overrides = None, args.model_dir, [args.data, *args.overrides]
+    if bool(args.model) == bool(args.model_dir):
+        raise ConfigError("grpo-ray eval: give one model folder, or several as --model NAME=PATH (not both)")
+    if not args.model:
+        return [("model", args.model_dir)]
+    models = []
+    for spec in args.model:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or "/" in name:
+            raise ConfigError(f"--model {spec!r}: expected NAME=PATH, e.g. --model base=runs/x/base "
+                              "(NAME: a folder name for its results under --out)")
+        if name in dict(models):
+            raise ConfigError(f"--model {spec!r}: the name {name!r} is given twice")
+        models.append((name, path))
+    return models
+
+
+def read_rows(path: str) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 EVAL_DEFAULTS = {"k": "1,10", "samples": 16, "temperature": 1.0, "max_new_tokens": 256}
@@ -132,8 +175,12 @@ def main(argv: list[str] | None = None) -> None:
                                                           "when it finds one: run.resume=auto)")
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="pass@k of a model on held-out prompts (per-problem CSV + pass_at_k.json)")
-    e.add_argument("model_dir", help="a Hugging Face model folder (e.g. runs/default/final_model), or a LoRA "
-                                     "adapter folder (runs/default_lora/final_adapter: merged into its base first)")
+    e.add_argument("model_dir", nargs="?", help="a Hugging Face model folder (e.g. runs/default/final_model), or "
+                   "a LoRA adapter folder (runs/default_lora/final_adapter: merged into its base first)")
+    e.add_argument("--model", action="append", default=None, metavar="NAME=PATH",
+                   help="instead of MODEL_DIR, several models (e.g. --model base=PATH --model final=RUN/final_model): "
+                        "each evaluated with the same seeds into OUT/NAME, then compare.csv, compare.md and a chart "
+                        "with each one's pass@k against the first and a bootstrap 95%% interval over problems")
     e.add_argument("data", help="JSONL with prompt and answer fields (and task, tests, ... for code)")
     e.add_argument("--k", default=None, help="comma-separated k for pass@k (default: the config's eval.ks, "
                                                "or 1,10 without --config)")

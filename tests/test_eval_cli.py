@@ -123,3 +123,79 @@ def test_an_unwritable_out_folder_fails_before_any_sampling(tiny_model_dir, tmp_
     (tmp_path / "a_file").write_text("")
     with pytest.raises(OSError, match=r"--out '.*a_file/ev' is not writable"):  # no Ray, no engine started
         eval_model(load_config(None), tiny_model_dir, [{"prompt": "1+1?", "answer": "2"}], str(tmp_path / "a_file" / "ev"))
+
+
+def test_the_compare_table_is_the_unbiased_estimator_over_each_models_rows(tmp_path):
+    import csv
+
+    from grpo_ray.core.metrics import pass_at_k
+    from grpo_ray.driver.compare import bootstrap_interval, compare, write_compare
+
+    rows = lambda counts: [{"prompt": f"p{i}", "num_samples": "8", "num_correct": str(c)}  # noqa: E731
+                           for i, c in enumerate(counts)]
+    base, final = [0, 1, 2, 0, 8, 3, 0, 1], [2, 4, 2, 1, 8, 6, 0, 5]
+    table = compare({"base": rows(base), "final": rows(final)}, [1, 4], set_name="held")
+    got = {(r["model"], r["k"]): r for r in table}
+    for k in (1, 4):
+        want = {name: sum(pass_at_k(8, c, k) for c in counts) / 8 for name, counts in (("base", base), ("final", final))}
+        assert got["base", k]["pass@k"] == pytest.approx(want["base"])
+        assert got["final", k]["pass@k"] == pytest.approx(want["final"])
+        assert got["final", k]["diff"] == pytest.approx(want["final"] - want["base"])
+        assert got["final", k]["ci95_low"] <= got["final", k]["diff"] <= got["final", k]["ci95_high"]
+        assert "diff" not in got["base", k]
+    assert bootstrap_interval(__import__("numpy").zeros(5)) == (0.0, 0.0)  # no difference, no width
+    with pytest.raises(ValueError, match="'final' was evaluated on other prompts than 'base'"):
+        compare({"base": rows(base), "final": rows(final)[::-1]}, [1])
+    paths = write_compare(str(tmp_path), table)
+    assert sorted(os.listdir(tmp_path)) == ["compare.csv", "compare.md", "compare_held.png"]
+    back = list(csv.DictReader(open(paths[0])))
+    assert [float(r["pass@k"]) for r in back] == pytest.approx([r["pass@k"] for r in table])
+    assert "| held | final | 1 |" in open(paths[1]).read()
+
+
+def test_eval_takes_several_named_models(tmp_path, monkeypatch):
+    from grpo_ray import cli
+    from grpo_ray.driver import evaluation
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    with pytest.raises(SystemExit):  # both a MODEL_DIR and --model
+        cli.main(["eval", str(tmp_path), str(data), "--model", f"a={tmp_path}"])
+    for bad in (["--model", "a"], ["--model", f"a={tmp_path}", "--model", f"a={tmp_path}"]):
+        with pytest.raises(SystemExit):
+            cli.main(["eval", str(data), *bad])
+    seen = []
+    monkeypatch.setattr("grpo_ray.models.modeling.check_model_dir", lambda *a, **k: None)
+    monkeypatch.setattr(evaluation, "eval_model", lambda cfg, model, records, out: seen.append((model, out)))
+    monkeypatch.setattr(cli, "read_rows", lambda path: [{"prompt": "1+1?", "num_samples": 16, "num_correct": 3}])
+    # a dotted override after DATA: argparse reads DATA as MODEL_DIR, eval moves it back
+    cli.main(["eval", "--model", "base=/m/base", "--model", "final=/m/final", str(data), "--out", str(tmp_path / "o"),
+              "eval.samples=16"])
+    assert seen == [("/m/base", str(tmp_path / "o" / "base")), ("/m/final", str(tmp_path / "o" / "final"))]
+    assert (tmp_path / "o" / "compare.md").is_file()
+
+
+@pytest.mark.slow
+def test_eval_compares_models_with_the_same_seeds(tiny_model_dir, tmp_path):
+    """The same model under two names: with the same seeds every problem gets the same counts,
+    so the difference and its interval are exactly 0; the table is the estimator over each CSV."""
+    import pandas as pd
+
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
+                                        "task": "reward_fns:has_digit"}) + "\n" for i in range(6)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = f"{REPO}:{REPO / 'tests'}"
+    proc = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "eval", "--model", f"a={tiny_model_dir}", "--model",
+                           f"b={tiny_model_dir}", str(data), "--k", "1,2", "--samples", "4", "--max-new-tokens", "6",
+                           "--out", str(tmp_path / "ev")], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "ev" / "compare.csv")
+    for k in (1, 2):
+        for name in ("a", "b"):
+            rows = pd.read_csv(tmp_path / "ev" / name / "results.csv")
+            want = mean_pass_at_k(rows["num_samples"].tolist(), rows["num_correct"].tolist(), k)
+            assert float(table[(table.model == name) & (table.k == k)]["pass@k"].iloc[0]) == pytest.approx(want)
+        b = table[(table.model == "b") & (table.k == k)].iloc[0]
+        assert b["diff"] == 0.0 and b["ci95_low"] == 0.0 and b["ci95_high"] == 0.0
+    assert "| held | b | 1 |" in proc.stdout and (tmp_path / "ev" / "compare_held.png").is_file()
