@@ -21,6 +21,8 @@ def across_sections(cfg: Config) -> None:
 def _check_keep_best(cfg: Config) -> None:
     metric = cfg.train.keep_best
     logged = [f"eval/pass@{k}" for k in cfg.eval.ks] + ["eval/mean_reward"]
+    for s in cfg.eval.sets:
+        logged += [f"eval/{s.name}/pass@{k}" for k in (s.ks or cfg.eval.ks)] + [f"eval/{s.name}/mean_reward"]
     if metric and metric not in logged:
         raise fail(f"train.keep_best={metric!r}: no evaluation logs it; the metrics are {', '.join(logged)} "
                    "(eval.ks sets the pass@k)", "train.keep_best", "eval.ks")

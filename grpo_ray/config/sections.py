@@ -341,6 +341,29 @@ class TrainConfig(Section):
                                      "newest checkpoint before them is named for the resume)", ge=1)
 
 
+class EvalSetConfig(Section):
+    """One more evaluation set beside the main held-out one: its metrics are eval/<name>/pass@k
+    and eval/<name>/mean_reward; unset keys take the eval section's values."""
+    name: Text = _f("", "a folder-safe name (its metrics: eval/<name>/...)")
+    path: Text = _f("", "a JSONL file of prompts (data.prompt_key, answer_key, prompt_template and verifier "
+                        "apply; a row may name its own task)")
+    num_prompts: Optional[int] = _f(None, "default: eval.num_prompts", ge=1)
+    samples: Optional[int] = _f(None, "default: eval.samples", ge=1)
+    ks: Optional[list[Annotated[int, Field(ge=1)]]] = _f(None, "default: eval.ks")
+    temperature: Optional[Float] = _f(None, "default: eval.temperature", gt=0.0)
+    retention: bool = _f(False, "a capability the run must keep (the GRPO guide's best practice 4): a warning "
+                                "and a `retention` event when its pass@ (smallest k) falls more than "
+                                "eval.retention_drop below its first evaluation")
+
+    @model_validator(mode="after")
+    def _named(self) -> EvalSetConfig:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise fail(f"eval.sets: name={self.name!r}: give each set a folder-safe name", "eval.sets")
+        if not self.path:
+            raise fail(f"eval.sets: set {self.name!r} has no path (a JSONL file of prompts)", "eval.sets")
+        return self
+
+
 class EvalConfig(Section):
     """Evaluation on held-out prompts (pass@k)."""
     num_prompts: int = _f(64, "held-out prompts per evaluation", ge=1)
@@ -348,12 +371,23 @@ class EvalConfig(Section):
     ks: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 10], min_length=1,
                                                   description="the k of pass@k, each >= 1 and <= samples")
     temperature: Float = _f(1.0, "sampling temperature", gt=0.0)
+    sets: list[EvalSetConfig] = _f([], "more evaluation sets beside the held-out one (e.g. a capability to keep)")
+    retention_drop: Float = _f(0.05, "how far (absolute) a retention set's pass@ may fall below its first value "
+                                     "before the warning", ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _enough_samples(self) -> EvalConfig:
         if max(self.ks) > self.samples:
             raise fail(f"eval.ks={self.ks!r} needs eval.samples >= {max(self.ks)} (pass@k is estimated from "
                        f"`samples` completions), got {self.samples}", "eval.ks", "eval.samples")
+        names = [s.name for s in self.sets]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise fail(f"eval.sets: the name(s) {dupes} are given twice; each set needs its own", "eval.sets")
+        for s in self.sets:
+            ks, samples = s.ks or self.ks, s.samples or self.samples
+            if max(ks) > samples:
+                raise fail(f"eval.sets: set {s.name!r}: ks={ks!r} needs samples >= {max(ks)}, got {samples}",
+                           "eval.sets")
         return self
 
 

@@ -3,10 +3,90 @@ unbiased pass@k (Chen et al. 2021) for each k. The same code runs inside trainin
 `grpo-ray eval`."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..core.metrics import mean_pass_at_k
 from ..roles.fleet import GeneratorFleet, Sampling
 
 EVAL_SEED = 1_000_003  # fixed: successive evaluations differ by the model, not the dice
+
+
+@dataclass
+class EvalSet:
+    """One evaluation set of a run: the main held-out one (name "": eval/pass@k) or one of
+    eval.sets (eval/<name>/pass@k)."""
+    name: str
+    records: list[dict]
+    samples: int
+    ks: list[int]
+    temperature: float
+    retention: bool = False
+
+    def key(self, metric: str) -> str:
+        """"pass@1" -> eval/pass@1 or eval/<name>/pass@1."""
+        return f"eval/{self.name}/{metric}" if self.name else f"eval/{metric}"
+
+
+def eval_sets(cfg, held_out: list[dict], train_records: list[dict], fit) -> list[EvalSet]:
+    """The main held-out set, then eval.sets, each read from its file (DataError naming the file
+    and line), without the prompts the run trains on, through `fit` (the rows the model can take)."""
+    from ..data.datasets import drop_training_prompts, load_jsonl
+
+    e, d = cfg.eval, cfg.data
+    sets = [EvalSet("", held_out[:e.num_prompts], e.samples, list(e.ks), e.temperature)]
+    for s in e.sets:
+        records = load_jsonl(s.path, d.prompt_key, d.answer_key, d.prompt_template, d.verifier)
+        records, _ = drop_training_prompts(records, train_records, d.train_path or "the task")
+        records = fit(records, f"eval set {s.name!r}")[:s.num_prompts or e.num_prompts]
+        sets.append(EvalSet(s.name, records, s.samples or e.samples, list(s.ks or e.ks), s.temperature or e.temperature,
+                            s.retention))
+    return sets
+
+
+def evaluate_sets(fleet: GeneratorFleet, verifier, sets: list[EvalSet], max_new_tokens: int) -> dict:
+    """Every set's pass@k and mean reward, under its own keys."""
+    out = {}
+    for s in sets:
+        m, _ = evaluate(fleet, verifier, s.records, samples=s.samples, ks=s.ks, temperature=s.temperature,
+                        max_new_tokens=max_new_tokens)
+        out.update({s.key(k[len("eval/"):]): v for k, v in m.items()})
+    return out
+
+
+class Retention:
+    """eval.sets marked retention: each one's pass@ (its smallest k) at the first evaluation is
+    its baseline; a later one more than eval.retention_drop below it is a capability the run is
+    losing (the GRPO guide's best practice 4: check capability retention)."""
+
+    def __init__(self, sets: list[EvalSet], drop: float):
+        self.keys = {s.name or "held-out": s.key(f"pass@{min(s.ks)}") for s in sets if s.retention}
+        self.drop, self.start = drop, {}
+
+    def check(self, m: dict) -> list[str]:
+        """Warnings for the sets below their baseline by more than the drop."""
+        out = []
+        for name, key in self.keys.items():
+            if key not in m:
+                continue
+            start = self.start.setdefault(name, m[key])
+            if m[key] < start - self.drop:
+                out.append(f"retention: eval set {name!r} fell from {start:.3f} to {m[key]:.3f} ({key}; more than "
+                           f"eval.retention_drop={self.drop:g}): the run is losing that capability; raise algo.beta, "
+                           "lower learner.lr, or mix prompts of that kind into the training data")
+        return out
+
+    def verdict(self, m: dict) -> str | None:
+        """One line for the end of the run: each retention set's start and end, held or lost."""
+        parts = [f"{name} {'held' if m[key] >= self.start[name] - self.drop else 'LOST'} "
+                 f"({self.start[name]:.3f} -> {m[key]:.3f})" for name, key in self.keys.items()
+                 if name in self.start and key in m]
+        return "retention: " + "; ".join(parts) if parts else None
+
+    def state_dict(self) -> dict:
+        return dict(self.start)
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.start = dict(state or {})
 
 
 def correctness(score) -> float:

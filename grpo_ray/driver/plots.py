@@ -150,6 +150,10 @@ def plot_run(run_dir: str, kl_stop: float | None = None) -> list[str]:
     if len(evals):
         figure("pass_at_k", "held-out pass@k (unbiased)",
                lambda ax: series(ax, evals, sorted(c for c in evals if c.startswith("eval/pass@"))))
+        # eval.sets: one chart each (eval/<name>/pass@k), retention sets among them
+        for name in sorted({c.split("/")[1] for c in evals if c.count("/") == 2 and "/pass@" in c}):
+            figure(f"pass_at_k_{name}", f"eval set {name}: pass@k (unbiased)",
+                   lambda ax, name=name: series(ax, evals, sorted(c for c in evals if c.startswith(f"eval/{name}/pass@"))))
     return written
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import ray
 
@@ -25,9 +26,9 @@ from ..roles.waiting import Stalled
 from .best import Best, write_best_model
 from .checkpoint import (REFERENCES, check_resume_mode, checkpoint_path, find_resume, list_checkpoints, load_state,
                          newest_good, prune, remove_partial_saves, write_state, writing)
-from .evaluation import evaluate
-from .outputs import (create_run_dir, fit_to_model, prepare_model, resolve_run_dir, stopped_where, summary_line,
-                      write_samples)
+from .evaluation import EvalSet, Retention, eval_sets, evaluate_sets
+from .outputs import (create_run_dir, fit_records, fit_to_model, prepare_model, resolve_run_dir, stopped_where,
+                      summary_line, write_samples)
 from .parity import PARITY, ParityStop, describe, threshold, verdict
 from .rollout import InFlight
 from .signals import Stopped, stop_on_signals
@@ -44,10 +45,19 @@ def save_policy(roles: Roles, run_dir: str, tokenizer, name: str) -> str:
     return final
 
 
-def preflight(cfg: Config, log) -> tuple[list[dict], list[dict], str | None, str, tuple[str, dict] | None]:
+@dataclass
+class Prepared:
+    """What preflight hands the run: nothing of it has been written or started yet."""
+    train_records: list[dict]
+    eval_sets: list[EvalSet]  # the main held-out set first (eval/pass@k), then eval.sets
+    dropped: str | None  # a warning about held-out rows that were training prompts
+    model_path: str
+    resume: tuple[str, dict] | None  # (checkpoint, its state) to continue from
+
+
+def preflight(cfg: Config, log) -> Prepared:
     """Everything that can refuse the run, before anything is written (config.yaml included) or
-    started: (train records, held-out records, a warning about held-out rows dropped, the model
-    folder, the checkpoint to resume from or None)."""
+    started."""
     train_records, eval_records = load_datasets(cfg.data, cfg.run.seed)
     # pass@k on prompts the policy trains on measures memory, not generalisation (a file split by
     # data.eval_fraction puts a duplicated row on both sides; an eval_path may repeat train rows)
@@ -64,9 +74,11 @@ def preflight(cfg: Config, log) -> tuple[list[dict], list[dict], str | None, str
     model_path = prepare_model(cfg, train_records, run_dir, log)  # builtin:tiny: built in the cache beside run dirs
     # a prompt the model cannot take would crash vLLM at the step that first draws it
     train_records, eval_records = fit_to_model(cfg, model_path, train_records, eval_records, log)
+    sets = eval_sets(cfg, eval_records, train_records,
+                     lambda rows, name: fit_records(cfg, load_tokenizer(model_path), rows, name, log))
     # a checkpoint of another model, or of other model.lora settings: refused here
     resume = find_resume(run_dir, cfg.run.resume, model_path, lora_state(cfg))
-    return train_records, eval_records, dropped, model_path, resume
+    return Prepared(train_records, sets, dropped, model_path, resume)
 
 
 def lora_state(cfg: Config) -> dict | None:
@@ -85,20 +97,19 @@ def train(cfg: Config, address: str | None = None) -> str:
     # Bad data, a model that cannot take a prompt and bad checkpoints fail here, before anything
     # is written or started.
     with timeline.phase("data, model check, warm start"):
-        train_records, eval_records, dropped, model_path, resume = preflight(cfg, log)
+        prepared = preflight(cfg, log)
     run_dir = create_run_dir(cfg)
     log(f"run directory: {run_dir}")
-    if dropped:
-        log(f"warning: {dropped}")
+    if prepared.dropped:
+        log(f"warning: {prepared.dropped}")
     remove_partial_saves(run_dir)
-    reference = (resume[1].get("reference") if resume else None) or model_path
     with timeline.phase("ray start or connect"):
         joined = init_ray(address, dashboard=cfg.run.ray_dashboard)
     if joined:  # its actors, dashboard and logs are there, and outlive this run
         log(f"joined the running Ray cluster at {joined}")
     try:
         with stop_on_signals():
-            _run(cfg, run_dir, model_path, train_records, eval_records, resume, reference, log, tqdm, timeline)
+            _run(cfg, run_dir, prepared, log, tqdm, timeline)
     except Stopped as e:
         e.where = stopped_where(run_dir, cfg.train.steps)
         raise
@@ -109,9 +120,10 @@ def train(cfg: Config, address: str | None = None) -> str:
     return run_dir
 
 
-def _run(cfg: Config, run_dir: str, model_path: str, train_records: list[dict], eval_records: list[dict],
-         resume: tuple[str, dict] | None, reference: str, log, tqdm, timeline: Timeline) -> None:
+def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Timeline) -> None:
     """Start the actors, run the steps, release the actors (also on an error or a stop)."""
+    model_path, resume = prepared.model_path, prepared.resume
+    reference = (resume[1].get("reference") if resume else None) or model_path
     t0 = time.perf_counter()
     # the driver's own set-up (tokenizer, TensorBoard's imports) runs while the actors start
     side = ThreadPoolExecutor(1)
@@ -134,8 +146,8 @@ def _run(cfg: Config, run_dir: str, model_path: str, train_records: list[dict], 
             f" (LoRA rank {lora.rank} on {', '.join(lora.target_modules)}; the base with the adapter off is the "
             "reference)" if cfg.lora else ""))
         tokenizer, metrics = outputs.result()
-        run = Run(cfg, roles, run_dir, model_path, PromptSampler(train_records, cfg.run.seed),
-                  eval_records[:cfg.eval.num_prompts], log, reference, timeline, tokenizer, metrics)
+        run = Run(cfg, roles, run_dir, model_path, PromptSampler(prepared.train_records, cfg.run.seed),
+                  prepared.eval_sets, log, reference, timeline, tokenizer, metrics)
         run.loop(run.restore(*resume) if resume else 1, tqdm)
 
 
@@ -168,9 +180,10 @@ class Run:
     monitor and the metrics file; and what it does besides steps: evaluate and checkpoint."""
 
     def __init__(self, cfg: Config, roles: Roles, run_dir: str, model_path: str, sampler: PromptSampler,
-                 eval_records: list[dict], log, reference: str, timeline: Timeline, tokenizer, metrics: Tracker):
-        self.cfg, self.roles, self.run_dir, self.sampler, self.eval_records, self.log = (
-            cfg, roles, run_dir, sampler, eval_records, log)
+                 eval_sets: list[EvalSet], log, reference: str, timeline: Timeline, tokenizer, metrics: Tracker):
+        self.cfg, self.roles, self.run_dir, self.sampler, self.eval_sets, self.log = (
+            cfg, roles, run_dir, sampler, eval_sets, log)
+        self.retention = Retention(eval_sets, cfg.eval.retention_drop)  # eval.sets marked retention
         self.timeline = timeline  # start-up and shut-down phases (timings.json)
         self.model_path, self.reference = model_path, reference  # the reference actor's folder
         self.tokenizer, self.metrics = tokenizer, metrics
@@ -178,6 +191,7 @@ class Run:
         self.plotting: Future | None = None  # the plots, drawn in a thread at the end
         self.best = Best(cfg.train.keep_best) if cfg.train.keep_best else None  # train.keep_best
         self.saved: int | None = None  # the step of the last checkpoint this session saved
+        self.last_eval: dict = {}  # the newest evaluation's metrics
         self.lr_scale, self.rollbacks = 1.0, 0  # KL rollbacks so far and the lr factor they left
         self.ahead: InFlight | None = None  # rollout.asynchronous: the next step's rollout, sampling
         self.nonfinite_run: tuple[int, int] | None = None  # (first step, steps) in a row with skipped steps
@@ -195,6 +209,7 @@ class Run:
         self.lr_scale, self.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
         if self.best:
             self.best.load_state_dict(state.get("best"))
+        self.retention.load_state_dict(state.get("retention"))
         self.log(f"resumed from {path}: step {state['step']} of {self.cfg.train.steps} done")
         self.metrics.write({"step": state["step"], "event": "resume", "message": path})
         return state["step"] + 1
@@ -268,6 +283,8 @@ class Run:
         phase = self.timeline.phase
         with phase("final evaluation"):
             self.evaluate(last)
+        if verdict := self.retention.verdict(self.last_eval):
+            self.log(verdict)
         if stopped:  # kept beside the last good one (checkpoint.prune), which a rollback goes back to
             self.checkpoint(last, kl_stopped=True)
             good = newest_good(self.run_dir)
@@ -357,6 +374,7 @@ class Run:
         self.monitor.load_state_dict(state["monitor"])
         if self.best:
             self.best.load_state_dict(state.get("best"))
+        self.retention.load_state_dict(state.get("retention"))
         self.saved = None  # the steps after it run again
         msg = (f"KL guard: rolled back from step {step} to the checkpoint of step {state['step']} ({path}); "
                f"learning rate now {lr:.3g} (x{scale:g}), rollback {self.rollbacks} of {a.kl_max_rollbacks}")
@@ -439,8 +457,7 @@ class Run:
         c, roles = self.cfg, self.roles
         roles.fleet.settle()  # evaluate the weights of `step`, loaded
         try:  # a generator Ray restarted mid-evaluation gets the current weights pushed (the fleet's resync)
-            m, _ = evaluate(roles.fleet, roles.verifier, self.eval_records, samples=c.eval.samples,
-                            ks=c.eval.ks, temperature=c.eval.temperature, max_new_tokens=c.rollout.max_new_tokens)
+            m = evaluate_sets(roles.fleet, roles.verifier, self.eval_sets, c.rollout.max_new_tokens)
         except (ray.exceptions.RayActorError, Stalled) as e:
             raise RuntimeError(self.died(step, e)) from None
         self.metrics.write({"step": step, **m})
@@ -448,6 +465,10 @@ class Run:
         for w in self.monitor.check_eval(m[f"eval/pass@{min(c.eval.ks)}"]):
             self.log(f"warning: {w}")
             self.metrics.write({"step": step, "event": "warning", "message": w})
+        for w in self.retention.check(m):
+            self.log(f"warning: {w}")
+            self.metrics.write({"step": step, "event": "retention", "message": w})
+        self.last_eval = m
         if self.best and self.best.offer(step, m):  # saved now: the next checkpoint may be steps away
             self.checkpoint(step)
 
@@ -457,7 +478,7 @@ class Run:
         # a rollout sampling ahead is not saved: a resume draws its prompts again
         sampler = self.ahead.sampler_state if self.ahead else self.sampler.state_dict()
         state = {"sampler": sampler, "monitor": self.monitor.state_dict(), "lora": lora_state(self.cfg),
-                 "best": self.best.state_dict() if self.best else None,
+                 "best": self.best.state_dict() if self.best else None, "retention": self.retention.state_dict(),
                  "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
                  "reference": None if self.reference == self.model_path else self.reference,
                  "kl_stopped": kl_stopped}

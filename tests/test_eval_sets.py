@@ -1,0 +1,96 @@
+"""eval.sets and retention (issue 25): more evaluation sets beside the held-out one, each under
+its own keys, and the warning when a set marked retention falls below where it started."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from grpo_ray.config import ConfigError, load_config
+from grpo_ray.data.datasets import DataError
+from grpo_ray.driver.evaluation import EvalSet, Retention
+
+
+def _set(name, retention=True, ks=(1, 4)):
+    return EvalSet(name, [], 4, list(ks), 1.0, retention)
+
+
+def test_retention_warns_below_the_first_value_and_says_the_verdict():
+    r = Retention([_set(""), _set("keep"), _set("other", retention=False)], drop=0.05)
+    assert r.keys == {"held-out": "eval/pass@1", "keep": "eval/keep/pass@1"}
+    assert r.check({"eval/pass@1": 0.5, "eval/keep/pass@1": 0.6, "eval/other/pass@1": 0.9}) == []  # baselines
+    assert r.check({"eval/pass@1": 0.46, "eval/keep/pass@1": 0.56}) == []  # within the drop
+    said = r.check({"eval/pass@1": 0.7, "eval/keep/pass@1": 0.5})
+    assert len(said) == 1 and said[0].startswith("retention: eval set 'keep' fell from 0.600 to 0.500")
+    assert "raise algo.beta" in said[0] and "eval.retention_drop=0.05" in said[0]
+    assert r.verdict({"eval/pass@1": 0.7, "eval/keep/pass@1": 0.5}) == \
+        "retention: held-out held (0.500 -> 0.700); keep LOST (0.600 -> 0.500)"
+    again = Retention([_set("keep")], drop=0.05)
+    again.load_state_dict(r.state_dict())  # a resume keeps the baselines of the first session
+    assert again.check({"eval/keep/pass@1": 0.5})
+
+
+def test_eval_sets_bad_input_is_named_before_any_actor(tmp_path, tiny_model_dir, monkeypatch):
+    from grpo_ray.driver import train as train_mod
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started before the eval sets were read")
+
+    monkeypatch.setattr(train_mod, "init_ray", no_ray)
+    with pytest.raises(ConfigError, match=re.escape("eval.sets: the name(s) ['a'] are given twice")):
+        load_config(None, ["eval.sets=[{name: a, path: x.jsonl}, {name: a, path: y.jsonl}]"])
+    with pytest.raises(ConfigError, match="train.keep_best='eval/b/pass@1': no evaluation logs it"):
+        load_config(None, ["eval.sets=[{name: a, path: x.jsonl}]", "train.keep_best=eval/b/pass@1"])
+    assert load_config(None, ["eval.sets=[{name: a, path: x.jsonl}]", "train.keep_best=eval/a/pass@1"])
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(8)))
+    base = [f"model.path={tiny_model_dir}", "data.task=jsonl", f"data.train_path={data}", f"run.output_dir={tmp_path}",
+            "run.name=r"]
+    missing = tmp_path / "nowhere.jsonl"
+    with pytest.raises(DataError, match=re.escape(str(missing))):
+        train_mod.train(load_config(None, base + [f"eval.sets=[{{name: keep, path: {missing}}}]"]))
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_a_set_loses_its_training_prompts_and_takes_its_own_sizes(tmp_path):
+    from grpo_ray.driver.evaluation import eval_sets
+
+    f = tmp_path / "keep.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"{i}-1?", "answer": str(i - 1)}) + "\n" for i in range(10)))
+    cfg = load_config(None, [f"eval.sets=[{{name: keep, path: {f}, num_prompts: 5, samples: 8, ks: [1, 8], "
+                             "retention: true}]", "eval.num_prompts=3"])
+    sets = eval_sets(cfg, [{"prompt": "h"}] * 6, [{"prompt": "0-1?"}], lambda rows, name: rows)
+    main, keep = sets
+    assert (main.name, len(main.records), main.samples, main.ks) == ("", 3, 16, [1, 10])
+    assert (keep.name, keep.samples, keep.ks, keep.retention) == ("keep", 8, [1, 8], True)
+    assert [r["prompt"] for r in keep.records] == [f"{i}-1?" for i in range(1, 6)]  # 0-1? trains: dropped
+    assert keep.key("pass@8") == "eval/keep/pass@8" and main.key("pass@1") == "eval/pass@1"
+
+
+@pytest.mark.slow
+def test_the_loop_evaluates_every_set_and_watches_retention(ray_local, tiny_model_dir, tmp_path):
+    from grpo_ray.driver.train import train
+
+    train_file, keep = tmp_path / "train.jsonl", tmp_path / "keep.jsonl"
+    train_file.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
+                                              "task": "reward_fns:digit_fraction"}) + "\n" for i in range(12)))
+    keep.write_text("".join(json.dumps({"prompt": f"Q: {i}-1=?\nA:", "answer": str(i - 1),
+                                        "task": "reward_fns:has_digit"}) + "\n" for i in range(6)))
+    cfg = load_config("configs/default.yaml", [
+        "rollout.prompts_per_step=4", "algo.group_size=4", "train.steps=3", "train.eval_every=1",
+        "eval.num_prompts=4", "eval.samples=4", "eval.ks=[1,4]", "learner.lr=1e-2", "learner.micro_batch_size=8",
+        "run.tensorboard=false", f"run.output_dir={tmp_path}", "run.name=sets", f"model.path={tiny_model_dir}",
+        "data.task=jsonl", f"data.train_path={train_file}", "data.eval_fraction=0.25",
+        f"eval.sets=[{{name: keep, path: {keep}, samples: 6, ks: [1, 2], retention: true}}]", "eval.retention_drop=0.0"])
+    run_dir = train(cfg)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    evals = [r for r in rows if "eval/pass@1" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3]
+    assert all({"eval/keep/pass@1", "eval/keep/pass@2", "eval/keep/mean_reward"} <= set(r) for r in evals)
+    start = evals[0]["eval/keep/pass@1"]
+    fell = [r["step"] for r in evals if r["eval/keep/pass@1"] < start]
+    events = [r["step"] for r in rows if r.get("event") == "retention"]
+    assert events == fell  # a warning exactly at the evaluations below the start (drop 0)
+    assert os.path.isfile(os.path.join(run_dir, "plots", "pass_at_k_keep.png"))
