@@ -219,49 +219,49 @@ class Run:
         if start == 1 and cfg.train.eval_at_start:
             with self.timeline.phase("first evaluation"):
                 self.evaluate(0)
-        bar = tqdm(desc="grpo", unit="step", file=sys.stderr, initial=start - 1, total=steps)
-        mark = None  # when the last step returned: its bookkeeping below counts in the next step's time
-        stopped = False  # by the KL guard
-        while step <= steps:
-            begun = time.time()
-            try:
-                m, samples, self.ahead = train_step(step, cfg, self.roles, self.sampler,
-                                                    self.tokenizer.pad_token_id, self.ahead, started=mark)
-            except (ray.exceptions.RayActorError, Stalled) as e:  # a learner (no restarts), a role out of restarts
-                raise RuntimeError(self.died(step, e)) from None
-            if step == start:
-                self.timeline.add("first step", begun, time.time())
-            mark = time.perf_counter()
-            errors, parity = m.pop(REWARD_ERRORS, {}), m.pop(PARITY, {})
-            self.metrics.write(m)
-            self.reward_errors(step, errors)  # raises RewardFunctionError when a component failed everywhere
-            last = step
-            if cfg.train.spot_check_every and step % cfg.train.spot_check_every == 0:
-                write_samples(self.run_dir, step, samples)
-            if step % cfg.run.log_every == 0:
-                self.log(summary_line(m, steps))
-            self.nonfinite(step, m)  # raises NonFiniteStop after train.max_nonfinite_steps in a row
-            self.parity(step, parity)  # pushes the weights again; raises ParityStop when that did not help
-            if self.watch(step, m):
-                back = self.rollback(step) if cfg.algo.kl_action == "rollback" else None
-                if back is None:
-                    stopped = True
-                    break
-                step, mark = back + 1, None
-                bar.n = back
-                continue
-            if ref_reset_due(cfg, step):  # after the KL check: a policy that drifted is no reference
-                self.reset_reference(step)
-                mark = None
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
-                self.evaluate(step)
-                mark = None  # evaluations and checkpoints are not step time
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                self.checkpoint(step)
-                mark = None
-            step += 1
-            bar.update(1)
-        bar.close()
+        # the bar is closed (its line ended) also on an error or a stop: the CLI's last line follows it
+        with tqdm(desc="grpo", unit="step", file=sys.stderr, initial=start - 1, total=steps) as bar:
+            mark = None  # when the last step returned: its bookkeeping below counts in the next step's time
+            stopped = False  # by the KL guard
+            while step <= steps:
+                begun = time.time()
+                try:
+                    m, samples, self.ahead = train_step(step, cfg, self.roles, self.sampler,
+                                                        self.tokenizer.pad_token_id, self.ahead, started=mark)
+                except (ray.exceptions.RayActorError, Stalled) as e:  # a learner (no restarts), a role out of restarts
+                    raise RuntimeError(self.died(step, e)) from None
+                if step == start:
+                    self.timeline.add("first step", begun, time.time())
+                mark = time.perf_counter()
+                errors, parity = m.pop(REWARD_ERRORS, {}), m.pop(PARITY, {})
+                self.metrics.write(m)
+                self.reward_errors(step, errors)  # raises RewardFunctionError when a component failed everywhere
+                last = step
+                if cfg.train.spot_check_every and step % cfg.train.spot_check_every == 0:
+                    write_samples(self.run_dir, step, samples)
+                if step % cfg.run.log_every == 0:
+                    self.log(summary_line(m, steps))
+                self.nonfinite(step, m)  # raises NonFiniteStop after train.max_nonfinite_steps in a row
+                self.parity(step, parity)  # pushes the weights again; raises ParityStop when that did not help
+                if self.watch(step, m):
+                    back = self.rollback(step) if cfg.algo.kl_action == "rollback" else None
+                    if back is None:
+                        stopped = True
+                        break
+                    step, mark = back + 1, None
+                    bar.n = back
+                    continue
+                if ref_reset_due(cfg, step):  # after the KL check: a policy that drifted is no reference
+                    self.reset_reference(step)
+                    mark = None
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
+                    self.evaluate(step)
+                    mark = None  # evaluations and checkpoints are not step time
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    self.checkpoint(step)
+                    mark = None
+                step += 1
+                bar.update(1)
         self.finish(start, last, stopped)
 
     def reward_errors(self, step: int, errors: dict) -> None:
