@@ -45,13 +45,12 @@ def _eval(args) -> None:
               for name, path in models]
     for _, path in models if args.model else []:  # (one model: eval_model checks it before it samples)
         check_model_dir(path, max_model_len=cfg.rollout.max_model_len)
-    for name, path in models:
-        eval_model(cfg, path, records, os.path.join(args.out, name) if args.model else args.out)
+    rows = {name: eval_model(cfg, path, records, os.path.join(args.out, name) if args.model else args.out)[1]
+            for name, path in models}
     if args.model:  # several models: one table, each against the first
         from .driver.compare import compare, markdown, write_compare
 
-        table = compare({name: read_rows(os.path.join(args.out, name, "results.csv")) for name, _ in models},
-                        cfg.eval.ks, set_name=os.path.splitext(os.path.basename(args.data))[0])
+        table = compare(rows, cfg.eval.ks, set_name=os.path.splitext(os.path.basename(args.data))[0])
         print(markdown(table, models[0][0]), end="")
         print(f"wrote {', '.join(write_compare(args.out, table))}")
 
@@ -74,13 +73,6 @@ def eval_models(args) -> list[tuple[str, str]]:
             raise ConfigError(f"--model {spec!r}: the name {name!r} is given twice")
         models.append((name, path))
     return models
-
-
-def read_rows(path: str) -> list[dict]:
-    import csv
-
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 EVAL_DEFAULTS = {"k": "1,10", "samples": 16, "temperature": 1.0, "max_new_tokens": 256}

@@ -62,7 +62,7 @@ FILE_ALLOW: dict[str, int] = {}
 FUNCTION_ALLOW = {
     # the clipped loss reads best as one formula top to bottom; 19 of its lines are the docstring
     "grpo_ray/core/algorithm.py::policy_loss": 65,
-    "grpo_ray/driver/plots.py::plot_run": 64,
+    "grpo_ray/driver/plots.py::plot_run": 63,
 }
 
 

@@ -56,7 +56,7 @@ def test_eval_reads_the_configs_prompt_and_answer_fields(tmp_path, monkeypatch):
     data = tmp_path / "gsm.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "solution": "#### 2"}) + "\n")
     got = []
-    monkeypatch.setattr(evaluation, "eval_model", lambda cfg, model, records, out: got.append(records))
+    monkeypatch.setattr(evaluation, "eval_model", lambda cfg, model, records, out: (got.append(records), []))
     cli.main(["eval", str(tmp_path), str(data), "data.prompt_key=question", "data.answer_key=solution"])
     assert [(r["prompt"], r["solution"]) for r in got[0]] == [("1+1?", "#### 2")]
     with pytest.raises(SystemExit):  # a flag still wins over the config
@@ -166,8 +166,8 @@ def test_eval_takes_several_named_models(tmp_path, monkeypatch):
             cli.main(["eval", str(data), *bad])
     seen = []
     monkeypatch.setattr("grpo_ray.models.modeling.check_model_dir", lambda *a, **k: None)
-    monkeypatch.setattr(evaluation, "eval_model", lambda cfg, model, records, out: seen.append((model, out)))
-    monkeypatch.setattr(cli, "read_rows", lambda path: [{"prompt": "1+1?", "num_samples": 16, "num_correct": 3}])
+    monkeypatch.setattr(evaluation, "eval_model", lambda cfg, model, records, out: (
+        seen.append((model, out)), [{"prompt": "1+1?", "num_samples": 16, "num_correct": 3}]))
     # a dotted override after DATA: argparse reads DATA as MODEL_DIR, eval moves it back
     cli.main(["eval", "--model", "base=/m/base", "--model", "final=/m/final", str(data), "--out", str(tmp_path / "o"),
               "eval.samples=16"])

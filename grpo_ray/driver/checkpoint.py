@@ -98,9 +98,12 @@ def disk_full(error: BaseException) -> bool:
 
 
 def write_state(folder: str, step: int, state: dict) -> None:
-    """state.json of a checkpoint (written last into its temp folder)."""
-    with open(os.path.join(folder, "state.json"), "w") as f:
+    """state.json of a checkpoint (written last into its temp folder; into a saved checkpoint,
+    through a temp file and a rename)."""
+    path = os.path.join(folder, "state.json")
+    with open(path + ".tmp", "w") as f:
         json.dump({"version": STATE_VERSION, "step": step, **state}, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def replace_dir(new: str, final: str) -> None:

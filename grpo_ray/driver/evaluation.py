@@ -132,6 +132,7 @@ def evaluate(fleet: GeneratorFleet, verifier, records: list[dict], *, samples: i
 def write_results(out_dir: str, rows: list[dict], metrics: dict) -> tuple[str, str]:
     """results.csv (one row per problem, via pandas) and pass_at_k.json, each written to a temp
     file and renamed, so an interrupted run never leaves a half-written result."""
+    import csv
     import json
     import os
 
@@ -139,7 +140,8 @@ def write_results(out_dir: str, rows: list[dict], metrics: dict) -> tuple[str, s
 
     os.makedirs(out_dir, exist_ok=True)
     csv_path, json_path = os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "pass_at_k.json")
-    pd.DataFrame(rows).to_csv(csv_path + ".tmp", index=False)
+    # every text field quoted: a sampled "\r" left bare reads back as a line break
+    pd.DataFrame(rows).to_csv(csv_path + ".tmp", index=False, quoting=csv.QUOTE_NONNUMERIC)
     os.replace(csv_path + ".tmp", csv_path)
     with open(json_path + ".tmp", "w") as f:
         json.dump(metrics, f, indent=1)
@@ -147,9 +149,10 @@ def write_results(out_dir: str, rows: list[dict], metrics: dict) -> tuple[str, s
     return csv_path, json_path
 
 
-def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print) -> dict:
+def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print) -> tuple[dict, list[dict]]:
     """`grpo-ray eval`: start generators and the verifier pool on the cluster, evaluate
-    `records` with cfg.eval's samples and ks, write the results; returns the pass@k metrics."""
+    `records` with cfg.eval's samples and ks, write the results; returns the pass@k metrics and
+    the per-problem rows."""
     import os
 
     import ray
@@ -186,4 +189,4 @@ def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print
     csv_path, json_path = write_results(out_dir, rows, {"model": model_dir, "problems": len(rows), **metrics})
     log(" ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()) + f" on {len(rows)} problems")
     log(f"wrote {csv_path} and {json_path}")
-    return metrics
+    return metrics, rows

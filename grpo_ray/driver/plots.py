@@ -147,14 +147,19 @@ def plot_run(run_dir: str, kl_stop: float | None = None) -> list[str]:
 
         figure("length", "response length (tokens) and truncation", length)
         figure("timings", "seconds per phase", lambda ax: series(ax, train, [f"time/{p}" for p in PHASES]))
-    if len(evals):
-        figure("pass_at_k", "held-out pass@k (unbiased)",
-               lambda ax: series(ax, evals, sorted(c for c in evals if c.startswith("eval/pass@"))))
-        # eval.sets: one chart each (eval/<name>/pass@k), retention sets among them
-        for name in sorted({c.split("/")[1] for c in evals if c.count("/") == 2 and "/pass@" in c}):
-            figure(f"pass_at_k_{name}", f"eval set {name}: pass@k (unbiased)",
-                   lambda ax, name=name: series(ax, evals, sorted(c for c in evals if c.startswith(f"eval/{name}/pass@"))))
+    for name, title, keys in eval_series(evals):  # the held-out set, then each of eval.sets
+        figure(name, title, lambda ax, keys=keys: series(ax, evals, keys))
     return written
+
+
+def eval_series(evals) -> list[tuple[str, str, list[str]]]:
+    """(chart name, title, pass@k columns): the held-out set's eval/pass@k, then each eval set's
+    eval/<name>/pass@k (retention sets among them)."""
+    main = sorted(c for c in evals if c.startswith("eval/pass@"))
+    names = sorted({c.split("/")[1] for c in evals if c.count("/") == 2 and "/pass@" in c})
+    return ([("pass_at_k", "held-out pass@k (unbiased)", main)] if main else []) + [
+        (f"pass_at_k_{n}", f"eval set {n}: pass@k (unbiased)", sorted(c for c in evals if c.startswith(f"eval/{n}/pass@")))
+        for n in names]
 
 
 def _config_value(run_dir: str, keys: tuple[str, ...], default):

@@ -470,7 +470,12 @@ class Run:
             self.metrics.write({"step": step, "event": "retention", "message": w})
         self.last_eval = m
         if self.best and self.best.offer(step, m):  # saved now: the next checkpoint may be steps away
-            self.checkpoint(step)
+            if step == self.saved:  # the loop saved this step before its evaluation: update its record
+                path = checkpoint_path(self.run_dir, step)
+                write_state(path, step, {**load_state(path), "best": self.best.state_dict()})
+                prune(self.run_dir, c.train.keep_checkpoints, self.best.step)
+            else:
+                self.checkpoint(step)
 
     def checkpoint(self, step: int, kl_stopped: bool = False) -> None:
         if step == self.saved and not kl_stopped:  # saved already (a new best was, at its evaluation)
