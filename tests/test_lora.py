@@ -99,9 +99,22 @@ def test_lora_updates_do_not_depend_on_the_micro_batch_split(plain_learner):
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in adapters[0].items() if "lora_B" in k)
 
 
-def test_target_modules_that_match_nothing_are_named(plain_learner):
+def test_target_modules_that_match_nothing_are_named_before_any_actor(plain_learner, tiny_model_dir, tmp_path,
+                                                                     monkeypatch):
+    from grpo_ray.config import ConfigError, load_config
+    from grpo_ray.driver import train as train_mod
+
     with pytest.raises(ValueError, match=r"model.lora.target_modules: \['qkv'\] match no layer.*q_proj"):
         plain_learner(lora={**LORA, "target_modules": ["q_proj", "qkv"]})
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started before model.lora.target_modules was checked")
+
+    monkeypatch.setattr(train_mod, "init_ray", no_ray)
+    cfg = load_config("configs/default.yaml", [f"model.path={tiny_model_dir}", "model.lora.rank=4",
+                                               "model.lora.target_modules=[q_proj,qkv]", f"run.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"\['qkv'\] match no layer of this model; its linear layers are .*'down_proj'"):
+        train_mod.train(cfg)
 
 
 def test_lora_config_keys_and_refusals():

@@ -19,6 +19,7 @@ import ray
 from ..config import Config, ConfigError
 from ..core.metrics import Monitor
 from ..data.datasets import DataError, PromptSampler, drop_training_prompts, load_datasets, task_problem
+from ..models.lora import check_targets
 from ..models.modeling import check_model_dir, load_tokenizer
 from ..roles.actors import Roles, check_backend, init_ray, replace_reference, start_roles, stop_roles
 from ..roles.startup import Timeline
@@ -72,6 +73,8 @@ def preflight(cfg: Config, log) -> Prepared:
     run_dir = resolve_run_dir(cfg)
     check_resume_mode(run_dir, cfg.run.resume)
     model_path = prepare_model(cfg, train_records, run_dir, log)  # builtin:tiny: built in the cache beside run dirs
+    if cfg.lora:  # a target the model does not have would fail in every learner rank
+        check_targets(model_path, cfg.model.lora.target_modules)
     # a prompt the model cannot take would crash vLLM at the step that first draws it
     train_records, eval_records = fit_to_model(cfg, model_path, train_records, eval_records, log)
     sets = eval_sets(cfg, eval_records, train_records,

@@ -32,14 +32,33 @@ def wrap(model: torch.nn.Module, s: LoraSettings) -> torch.nn.Module:
     only the adapter's parameters require gradients."""
     from peft import LoraConfig, get_peft_model
 
-    missing = [t for t in s.target_modules if not any(n.split(".")[-1] == t for n, _ in model.named_modules())]
-    if missing:
-        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(f"model.lora.target_modules: {missing} match no layer of this model; its linear "
-                         f"layers are {names}")
+    if problem := target_problem(model, s.target_modules):
+        raise ValueError(problem)
     config = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, bias="none",
                         target_modules=list(s.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def target_problem(model: torch.nn.Module, targets) -> str | None:
+    """What is wrong with model.lora.target_modules for this model (None: nothing)."""
+    missing = [t for t in targets if not any(n.split(".")[-1] == t for n, _ in model.named_modules())]
+    if not missing:
+        return None
+    names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return f"model.lora.target_modules: {missing} match no layer of this model; its linear layers are {names}"
+
+
+def check_targets(model_path: str, targets) -> None:
+    """target_problem on the driver, before any actor starts: the model built on the meta device
+    (no weights read), so this costs no memory whatever its size. Raises ConfigError."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..config import ConfigError
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    if problem := target_problem(model, targets):
+        raise ConfigError(problem)
 
 
 def is_lora(module: torch.nn.Module) -> bool:
