@@ -212,6 +212,12 @@ def check_resume_mode(run_dir: str, mode: str) -> None:
         raise CheckpointError(f"--resume: no checkpoint in {checkpoints_dir(run_dir)}")
 
 
+def lora_state(cfg) -> dict | None:
+    """The model.lora keys a checkpoint's learner state depends on (sync does not); None: full
+    fine-tuning."""
+    return cfg.model.lora.model_dump(exclude={"sync"}) if cfg.lora else None
+
+
 def find_resume(run_dir: str, mode: str, base_model: str, lora: dict | None = None) -> tuple[str, dict] | None:
     """(checkpoint path, state) to resume from, or None for a fresh run. mode: run.resume.
     lora: model.lora's keys that shape the learner's state (None: full fine-tuning); a

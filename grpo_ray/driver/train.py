@@ -26,7 +26,7 @@ from ..roles.startup import Timeline
 from ..roles.waiting import Stalled
 from .best import Best, write_best_model
 from .checkpoint import (REFERENCES, check_resume_mode, checkpoint_path, find_resume, list_checkpoints, load_state,
-                         newest_good, prune, remove_partial_saves, write_state, writing)
+                         lora_state, newest_good, prune, remove_partial_saves, write_state, writing)
 from .evaluation import EvalSet, Retention, eval_sets, evaluate_sets
 from .outputs import (create_run_dir, fit_records, fit_to_model, prepare_model, resolve_run_dir, stopped_where,
                       summary_line, write_samples)
@@ -77,16 +77,11 @@ def preflight(cfg: Config, log) -> Prepared:
         check_targets(model_path, cfg.model.lora.target_modules)
     # a prompt the model cannot take would crash vLLM at the step that first draws it
     train_records, eval_records = fit_to_model(cfg, model_path, train_records, eval_records, log)
-    sets = eval_sets(cfg, eval_records, train_records,
-                     lambda rows, name: fit_records(cfg, load_tokenizer(model_path), rows, name, log))
+    tokenizer = load_tokenizer(model_path) if cfg.eval.sets else None  # once for every eval set
+    sets = eval_sets(cfg, eval_records, train_records, lambda rows, name: fit_records(cfg, tokenizer, rows, name, log))
     # a checkpoint of another model, or of other model.lora settings: refused here
     resume = find_resume(run_dir, cfg.run.resume, model_path, lora_state(cfg))
     return Prepared(train_records, sets, dropped, model_path, resume)
-
-
-def lora_state(cfg: Config) -> dict | None:
-    """The model.lora keys a checkpoint's learner state depends on (sync does not)."""
-    return cfg.model.lora.model_dump(exclude={"sync"}) if cfg.lora else None
 
 
 def train(cfg: Config, address: str | None = None) -> str:
@@ -207,15 +202,20 @@ class Run:
         model and get the checkpoint's weights pushed: a Ray restart rebuilds an actor from its
         constructor's folder, and pruning may delete the checkpoint's (train.keep_checkpoints)."""
         self.roles.fleet.resync(version=state["step"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.monitor.load_state_dict(state["monitor"])
+        self.load_guards(state)
         self.lr_scale, self.rollbacks = state.get("lr_scale", 1.0), state.get("rollbacks", 0)
-        if self.best:
-            self.best.load_state_dict(state.get("best"))
-        self.retention.load_state_dict(state.get("retention"))
         self.log(f"resumed from {path}: step {state['step']} of {self.cfg.train.steps} done")
         self.metrics.write({"step": state["step"], "event": "resume", "message": path})
         return state["step"] + 1
+
+    def load_guards(self, state: dict) -> None:
+        """From a checkpoint's state (resume, rollback): the prompt sampler's position, the KL
+        monitor, the best evaluation so far and the retention baselines."""
+        self.sampler.load_state_dict(state["sampler"])
+        self.monitor.load_state_dict(state["monitor"])
+        if self.best:
+            self.best.load_state_dict(state.get("best"))
+        self.retention.load_state_dict(state.get("retention"))
 
     def loop(self, start: int, tqdm) -> None:
         cfg, steps, step, last = self.cfg, self.cfg.train.steps, start, start - 1
@@ -324,7 +324,7 @@ class Run:
                      "draws them again")
 
     def plotted(self) -> None:
-        """Wait for the plots (an error drawing them is raised here)."""
+        """Wait for the plots (_plot turns a failure into a warning)."""
         if self.plotting is not None:
             self.plotting.result()
 
@@ -373,11 +373,7 @@ class Run:
             self.ahead.drop_reference()
         self.ahead = None  # sampled by the rolled-back policy
         self.roles.fleet.resync(version=state["step"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.monitor.load_state_dict(state["monitor"])
-        if self.best:
-            self.best.load_state_dict(state.get("best"))
-        self.retention.load_state_dict(state.get("retention"))
+        self.load_guards(state)
         self.saved = None  # the steps after it run again
         msg = (f"KL guard: rolled back from step {step} to the checkpoint of step {state['step']} ({path}); "
                f"learning rate now {lr:.3g} (x{scale:g}), rollback {self.rollbacks} of {a.kl_max_rollbacks}")

@@ -188,10 +188,8 @@ class Learner:
 
     def reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """ref_logprobs [B, T] of a LoRA run: the frozen base's, with the adapter off."""
-        self.backend.eval()
         with lora_base_only(self.backend.module):
-            return batched_logprobs(self.backend.module, batch, self.micro_batch_size, self.share_prompts,
-                                    self.temperature)
+            return self.logprobs(batch)
 
     def weight_buckets(self, dtype: str = "float32", bucket_mb: int = 256) -> list[WeightBucket]:
         """The current weights as buckets for the generators (rank 0's are the ones sent); a LoRA
