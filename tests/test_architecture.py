@@ -37,6 +37,7 @@ LAYER_RANK = {
     "root": 0,  # grpo_ray/__init__.py: __version__ only
     "core": 0,
     "verifiers": 1,
+    "envs": 1.5,  # environments: their tools run in the verifiers' sandbox; config and data check their names
     "data": 2,
     "config": 2,
     "models": 3,

@@ -16,6 +16,18 @@ def across_sections(cfg: Config) -> None:
     _check_sampler_logprobs(cfg)
     _check_lengths(cfg)
     _check_keep_best(cfg)
+    _check_env(cfg)
+
+
+def _check_env(cfg: Config) -> None:
+    env, rollout = cfg.env, cfg.rollout
+    if env.turn_tokens > rollout.max_new_tokens:
+        raise fail(f"env.turn_tokens={env.turn_tokens} is more than rollout.max_new_tokens={rollout.max_new_tokens}, "
+                   "which bounds the whole trajectory after the prompt (every turn and observation)",
+                   "env.turn_tokens", "rollout.max_new_tokens")
+    if cfg.data.task == "multiply" and not env.name:
+        raise fail("data.task='multiply' is the tool task (3-digit products the model cannot do in its head): set "
+                   "env.name=python (configs/tool_default.yaml)", "data.task", "env.name")
 
 
 def _check_keep_best(cfg: Config) -> None:
@@ -44,9 +56,9 @@ def _check_reference(cfg: Config) -> None:
 
 
 def _check_model_and_batches(cfg: Config) -> None:
-    if cfg.model.path == "builtin:tiny" and cfg.data.task != "arithmetic":
-        raise fail("model.path='builtin:tiny' is warm-started on the arithmetic task; set data.task=arithmetic "
-                   "or point model.path at a Hugging Face model folder", "model.path", "data.task")
+    if cfg.model.path == "builtin:tiny" and cfg.data.task not in ("arithmetic", "multiply"):
+        raise fail("model.path='builtin:tiny' is warm-started on a built-in task; set data.task=arithmetic (or "
+                   "multiply) or point model.path at a Hugging Face model folder", "model.path", "data.task")
     rows, parts = cfg.rollout.prompts_per_step * cfg.algo.group_size, cfg.algo.mini_batches * cfg.learner.num_ranks
     if rows % parts:
         raise fail(f"algo.mini_batches * learner.num_ranks = {parts} must divide rollout.prompts_per_step * "

@@ -4,53 +4,14 @@ section, and the checks that span sections on Config. Defaults follow the DeepSe
 (arXiv:2501.12948)."""
 from __future__ import annotations
 
-import copy
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, field_validator, model_validator
 
 from ..core.algorithm import AGGREGATIONS, ESTIMATORS, TIS_LEVELS
+from .env import EnvConfig
+from .fields import Float, Section, Text, _f, fail
 from .resources import cpu_list
-
-
-def _number(value: Any) -> Any:
-    """Float fields take ints (beta: 1) and YAML 1.1's dotless exponents, which it reads as text (1e-3)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _text(value: Any) -> Any:
-    """Text fields take numbers as text (run.name: 123 in a file)."""
-    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-
-Float = Annotated[float, BeforeValidator(_number)]
-Text = Annotated[str, BeforeValidator(_text)]
-
-
-def _f(default: Any, doc: str = "", *, ge: Any = None, gt: Any = None, le: Any = None) -> Any:
-    """A field with its description and bounds (ge: >=, gt: >, le: <=)."""
-    kw = {"ge": ge, "gt": gt, "le": le, "description": doc or None}
-    if isinstance(default, (list, dict)):
-        return Field(default_factory=lambda: copy.deepcopy(default), **kw)
-    return Field(default, **kw)
-
-
-def fail(message: str, *keys: str) -> PydanticCustomError:
-    """A config error of a validator; `keys` (dotted) are the keys whose sources the message names."""
-    return PydanticCustomError("config", message, {"keys": list(keys)})
-
-
-class Section(BaseModel):
-    """Unknown keys are errors; no silent coercion (ints for floats and numbers for text aside)."""
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class RunConfig(Section):
@@ -136,8 +97,10 @@ class WarmStartConfig(Section):
 
 
 class DataConfig(Section):
-    """The prompts: the built-in arithmetic task, or your own JSONL files."""
-    task: Literal["arithmetic", "jsonl"] = _f("arithmetic", "arithmetic (built in) or jsonl (data.train_path)")
+    """The prompts: the built-in tasks (arithmetic; multiply, with a Python tool), or your own JSONL files."""
+    task: Literal["arithmetic", "multiply", "jsonl"] = _f(
+        "arithmetic", "arithmetic or multiply (built in; multiply is the tool task: with env.name=python) or jsonl "
+                      "(data.train_path)")
     train_path: Text = _f("", "jsonl only: a .jsonl file with prompt and answer fields")
     eval_path: Text = _f("", "jsonl only: held-out prompts; empty = eval_fraction of the training file")
     prompt_key: Text = _f("prompt", "the prompt's field in a JSONL row")
@@ -439,6 +402,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description=TrainConfig.__doc__)
     eval: EvalConfig = Field(default_factory=EvalConfig, description=EvalConfig.__doc__)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description=ResourcesConfig.__doc__)
+    env: EnvConfig = Field(default_factory=EnvConfig, description=EnvConfig.__doc__)
 
     @property
     def needs_reference(self) -> bool:

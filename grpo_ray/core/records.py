@@ -15,6 +15,25 @@ from .score import Score  # noqa: F401  (re-exported: the records passed between
 
 
 @dataclass
+class Trajectory:
+    """How one completion of a multi-turn rollout went (Rollout.trajectories): its response is
+    the model's turns with the environment's observations between them, whose tokens are in the
+    sequence (the learner and the reference see them) but carry no loss, KL or entropy."""
+    turns: int = 1                  # model turns
+    tool_calls: int = 0
+    tool_errors: int = 0
+    # [start, end) of each observation's tokens in the response (response_ids' indices)
+    observations: list[tuple[int, int]] = field(default_factory=list)
+    reward: float | None = None     # the environment's, when it ended the trajectory with one
+    error: str | None = None        # the environment failed: the trajectory scores 0 with this reason
+    segments: list[tuple[str, str]] = field(default_factory=list)  # ("model" | "env", text), for spot checks
+
+    @property
+    def observation_tokens(self) -> int:
+        return sum(end - start for start, end in self.observations)
+
+
+@dataclass
 class Rollout:
     """Completions of one step; completion i answers prompt i // group_size (groups contiguous)."""
     prompt_ids: list[list[int]]      # [B][prompt_len_i]
@@ -33,6 +52,11 @@ class Rollout:
     # the weight-sync parity guard; filled by concat (part i's rows are generator i's), kept by
     # select_groups; [] when unknown (a part straight from one generator)
     generators: list[int] = field(default_factory=list)
+    # [B] multi-turn rollouts (env.name): each row's turns; [] for single-turn rollouts
+    trajectories: list[Trajectory] = field(default_factory=list)
+    # seconds the generator waited on environment calls with nothing left to sample (the tools'
+    # share of the critical path)
+    env_s: float = 0.0
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -53,6 +77,8 @@ class Rollout:
             sample_s=max((p.sample_s for p in parts), default=0.0),  # generators run side by side
             # a generator's part has none: its index in parts; a joined selection keeps its own
             generators=[g for i, p in enumerate(parts) for g in (p.generators or [i] * len(p))],
+            trajectories=[t for p in parts for t in p.trajectories] if all(p.trajectories for p in parts) else [],
+            env_s=max((p.env_s for p in parts), default=0.0),
         )
 
 
@@ -62,7 +88,8 @@ class Rollout:
         return Rollout([self.prompt_ids[i] for i in rows], [self.response_ids[i] for i in rows],
                        [self.old_logprobs[i] for i in rows], [self.texts[i] for i in rows],
                        [self.truncated[i] for i in rows], self.weight_version, self.queued_s, self.sample_s,
-                       [self.generators[i] for i in rows] if self.generators else [])
+                       [self.generators[i] for i in rows] if self.generators else [],
+                       [self.trajectories[i] for i in rows] if self.trajectories else [], self.env_s)
 
 
 @dataclass
@@ -108,6 +135,10 @@ class TrainBatch:
                 attention_mask[i, P:P + len(r)] = 1
                 response_mask[i, :len(r)] = 1.0
                 old_logprobs[i, :len(r)] = torch.tensor(lp, dtype=torch.float32)
+        for i, traj in enumerate(rollout.trajectories):  # observations: in the sequence, not in the loss
+            for start, end in traj.observations:
+                response_mask[i, start:end] = 0.0
+                old_logprobs[i, start:end] = 0.0
         return TrainBatch(input_ids, attention_mask, response_mask, old_logprobs,
                           advantages.float(), P)
 

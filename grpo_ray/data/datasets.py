@@ -7,7 +7,7 @@ import os
 import random
 
 from ..verifiers import registry
-from .tasks import arithmetic_records
+from .tasks import arithmetic_records, multiply_records
 
 
 class DataError(ValueError):
@@ -62,7 +62,7 @@ def _record(path: str, lineno: int, line: str, prompt_key: str, answer_key: str,
     rec["raw_prompt"], rec["answer"] = row[prompt_key], row.get(answer_key)
     rec["prompt"] = template.replace("{prompt}", rec["raw_prompt"])  # not format(): LaTeX has braces
     rec.setdefault("task", verifier)
-    problem = task_problem(rec)
+    problem = task_problem(rec) or env_problem(rec)
     if problem:
         raise DataError(f"{path}:{lineno}: {problem}")
     return rec
@@ -150,10 +150,25 @@ def task_problem(rec: dict) -> str | None:
     return registry.row_problem(rec)
 
 
+def env_problem(rec: dict) -> str | None:
+    """Why a row's own `env` (a name or {"name", "options"}) names no environment class, or None."""
+    if rec.get("env") in (None, ""):
+        return None
+    from ..envs import EnvError, env_class, resolve_spec
+
+    try:
+        env_class(resolve_spec(rec["env"], None).name)
+    except EnvError as e:
+        return f"env: {e}"
+    return None
+
+
 def load_datasets(data_cfg, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held_out) records for the configured task."""
     if data_cfg.task == "arithmetic":
         return arithmetic_records(data_cfg.max_operand, seed, data_cfg.eval_fraction)
+    if data_cfg.task == "multiply":
+        return multiply_records(data_cfg.max_operand, seed, data_cfg.eval_fraction)
     keys = (data_cfg.prompt_key, data_cfg.answer_key, data_cfg.prompt_template, data_cfg.verifier)
     train = load_jsonl(data_cfg.train_path, *keys)
     if data_cfg.eval_path:

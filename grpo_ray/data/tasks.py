@@ -1,4 +1,5 @@
-"""Built-in, procedurally generated task: small additions in GSM8K answer style.
+"""Built-in, procedurally generated tasks: small additions in GSM8K answer style, and
+(multiply) products to be computed with a Python tool over two model turns.
 
 Answers are checked by the same code as GSM8K (`#### <number>` then the last number), so the
 default job exercises the real math verifier. The split is by operand pair: held-out pairs never
@@ -33,8 +34,94 @@ def arithmetic_records(max_operand: int, seed: int, eval_fraction: float) -> tup
     return records[n_eval:], records[:n_eval]
 
 
-def tokenizer_corpus(max_operand: int) -> list[str]:
+def tokenizer_corpus(max_operand: int, task: str = "arithmetic") -> list[str]:
     """Text the tiny tokenizer is trained on: every prompt/response shape of the task."""
+    if task == "multiply":
+        return multiply_corpus(max_operand)
     lines = [arithmetic_prompt(a, b) + arithmetic_response(a + b, f"{a}+{b}={a + b}")
              for a in range(max_operand + 1) for b in range(0, max_operand + 1, 7)]
+    return lines + ["Question: How many? Answer: The answer is 42.\n#### 42"]
+
+
+# --- multiply: multi-turn tool use -------------------------------------------------------------
+# A task the tiny model cannot do in its head (3-digit x 2-digit products) but can do with a Python
+# tool. The text protocol (the environment's code relies on it):
+#   prompt                 'Q: 123*45=?\nA:'
+#   model turn 1 (loss)    ' ```python\nprint(123*45)\n```\n```output'   (generation stops at "```output")
+#   observation (no loss)  '\n5535\n```\n'                                 (written by the environment)
+#   model turn 2 (loss)    ' #### 5535' + EOS
+# or, guessing, one model turn ' #### 6190' + EOS. The answer is the number after ####.
+
+MULTIPLY_A_RANGE = (100, 999)  # a is always 3 digits; b is in [MULTIPLY_MIN_B, max_operand]
+MULTIPLY_MIN_B = 10
+TOOL_STOP = "```output"
+
+
+def multiply_prompt(a: int, b: int) -> str:
+    return f"Q: {a}*{b}=?\nA:"
+
+
+def tool_call_turn(a: int, b: int) -> str:
+    """Model turn 1 of a tool-using trajectory; ends with the stop string TOOL_STOP."""
+    return f" ```python\nprint({a}*{b})\n```\n{TOOL_STOP}"
+
+
+def tool_observation(output: str) -> str:
+    """What the environment appends after turn 1: the tool's printed text (e.g. '5535'), fenced."""
+    return f"\n{output.strip()}\n```\n"
+
+
+def tool_answer_turn(answer) -> str:
+    """Model turn 2 (EOS not included)."""
+    return f" #### {answer}"
+
+
+def guess_turn(guess) -> str:
+    """The whole response of a trajectory that does not call the tool (EOS not included)."""
+    return f" #### {guess}"
+
+
+def multiply_guess(a: int, b: int, rng: random.Random) -> int:
+    """A plausible wrong-ish answer: a random number with as many digits as a*b."""
+    d = len(str(a * b))
+    return rng.randint(10 ** (d - 1), 10 ** d - 1)
+
+
+def _multiply_b_range(max_operand: int) -> tuple[int, int]:
+    if max_operand < MULTIPLY_MIN_B:
+        raise ValueError(f"multiply: max_operand={max_operand} must be >= {MULTIPLY_MIN_B} (b is in "
+                         f"[{MULTIPLY_MIN_B}, max_operand])")
+    return MULTIPLY_MIN_B, max_operand
+
+
+def multiply_records(max_operand: int, seed: int, eval_fraction: float,
+                     size: int = 20000) -> tuple[list[dict], list[dict]]:
+    """`size` distinct pairs (a, b), a in [100, 999], b in [10, max_operand], drawn with `seed`
+    and split into (train, held_out): held-out pairs never appear in training. Each record:
+    {"prompt", "answer", "task": "math", "a", "b"}."""
+    lo_a, hi_a = MULTIPLY_A_RANGE
+    lo_b, hi_b = _multiply_b_range(max_operand)
+    n_b = hi_b - lo_b + 1
+    total = (hi_a - lo_a + 1) * n_b
+    idx = random.Random(seed).sample(range(total), min(size, total))
+    pairs = [(lo_a + i // n_b, lo_b + i % n_b) for i in idx]
+    n_eval = max(1, int(len(pairs) * eval_fraction))
+    records = [{"prompt": multiply_prompt(a, b), "answer": str(a * b), "task": "math", "a": a, "b": b}
+               for a, b in pairs]
+    return records[n_eval:], records[:n_eval]
+
+
+def multiply_corpus(max_operand: int, n: int = 3000) -> list[str]:
+    """Tokenizer text for the multiply task: every segment shape, whole trajectories of both kinds
+    and each segment alone (so BPE learns the fences, 'python', 'print', 'output')."""
+    rng = random.Random(0)
+    lo_a, hi_a = MULTIPLY_A_RANGE
+    lo_b, hi_b = _multiply_b_range(max_operand)
+    lines = []
+    for _ in range(n):
+        a, b = rng.randint(lo_a, hi_a), rng.randint(lo_b, hi_b)
+        call, obs, ans = tool_call_turn(a, b), tool_observation(str(a * b)), tool_answer_turn(a * b)
+        lines.append(multiply_prompt(a, b) + call + obs + ans)
+        lines.append(multiply_prompt(a, b) + guess_turn(multiply_guess(a, b, rng)))
+        lines += [call, obs, ans]
     return lines + ["Question: How many? Answer: The answer is 42.\n#### 42"]

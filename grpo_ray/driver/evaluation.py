@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from ..core.metrics import mean_pass_at_k
 from ..roles.fleet import GeneratorFleet, Sampling
+from ..roles.multiturn import EnvRollout
+from .rollout import collect_scores, submit_part
 
 EVAL_SEED = 1_000_003  # fixed: successive evaluations differ by the model, not the dice
 
@@ -43,12 +45,13 @@ def eval_sets(cfg, held_out: list[dict], train_records: list[dict], fit) -> list
     return sets
 
 
-def evaluate_sets(fleet: GeneratorFleet, verifier, sets: list[EvalSet], max_new_tokens: int) -> dict:
-    """Every set's pass@k and mean reward, under its own keys."""
+def evaluate_sets(fleet: GeneratorFleet, verifier, sets: list[EvalSet], max_new_tokens: int,
+                  env: EnvRollout | None = None) -> dict:
+    """Every set's pass@k and mean reward, under its own keys (env: multi-turn, as in training)."""
     out = {}
     for s in sets:
         m, _ = evaluate(fleet, verifier, s.records, samples=s.samples, ks=s.ks, temperature=s.temperature,
-                        max_new_tokens=max_new_tokens)
+                        max_new_tokens=max_new_tokens, env=env)
         out.update({s.key(k[len("eval/"):]): v for k, v in m.items()})
     return out
 
@@ -96,27 +99,29 @@ def correctness(score) -> float:
 
 def evaluate(fleet: GeneratorFleet, verifier, records: list[dict], *, samples: int, ks: list[int],
              temperature: float, max_new_tokens: int, top_p: float = 1.0,
-             progress_every: int = 0) -> tuple[dict, list[dict]]:
+             progress_every: int = 0, env: EnvRollout | None = None) -> tuple[dict, list[dict]]:
     """Returns ({"eval/pass@k": ...}, per-problem rows with num_samples and num_correct).
     `verifier`: the VerifierPool (submit now, collect later).
     progress_every > 0: work in chunks of that many prompts behind a progress bar (the samples
     are the same: prompt j always samples with seeds EVAL_SEED + j*samples + k); each chunk is
     scored while the next one samples. Every chunk comes from the fleet's current weights (a
-    generator Ray restarted mid-evaluation gets them pushed, and the chunk is sampled again)."""
+    generator Ray restarted mid-evaluation gets them pushed, and the chunk is sampled again).
+    env: sample multi-turn trajectories (env.name), scored as in training (rollout.submit_part)."""
     chunk = progress_every or max(len(records), 1)
-    texts, pending = [], []
+    texts, pending, trajectories = [], [], []
     starts = range(0, len(records), chunk)
     if progress_every:
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="eval", unit=f"x{chunk} prompts")
-    sampling = Sampling(n=samples, temperature=temperature, max_new_tokens=max_new_tokens, top_p=top_p)
+    sampling = Sampling(n=samples, temperature=temperature, max_new_tokens=max_new_tokens, top_p=top_p, env=env)
     for start in starts:
         part = records[start:start + chunk]
-        rollout = fleet.sample([r["prompt"] for r in part], sampling, seed=EVAL_SEED + start * samples)
+        rollout = fleet.sample([r["prompt"] for r in part], sampling, seed=EVAL_SEED + start * samples, records=part)
         texts += rollout.texts
-        pending.append(verifier.submit(part, rollout.texts, samples))
-    scores = verifier.collect(pending)
+        trajectories += rollout.trajectories
+        pending.append(submit_part(verifier, part, rollout, samples))
+    scores = collect_scores(verifier, pending)
     rows = []
     for i, rec in enumerate(records):
         group = scores[i * samples:(i + 1) * samples]
@@ -126,6 +131,8 @@ def evaluate(fleet: GeneratorFleet, verifier, records: list[dict], *, samples: i
     n, c = [r["num_samples"] for r in rows], [r["num_correct"] for r in rows]
     metrics = {f"eval/pass@{k}": mean_pass_at_k(n, c, k) for k in ks}
     metrics["eval/mean_reward"] = sum(s.reward for s in scores) / max(len(scores), 1)
+    if trajectories:  # how the tool use of the evaluated policy changes
+        metrics["eval/tool_calls/mean"] = sum(t.tool_calls for t in trajectories) / len(trajectories)
     return metrics, rows
 
 
@@ -171,21 +178,22 @@ def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print
     except OSError as e:
         raise OSError(f"--out {out_dir!r} is not writable ({e.strerror})") from None
 
-    from ..roles.actors import actor_env, init_ray, start_generators
+    from ..roles.actors import actor_env, init_ray, start_env_hosts, start_generators
     from ..roles.verifier_pool import VerifierPool
 
     init_ray(None)
     fleet = GeneratorFleet(start_generators(cfg, model_dir))
     pool = VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
+    env = start_env_hosts(cfg, pool.app)
     try:
         fleet.ready()
         metrics, rows = evaluate(fleet, pool, records, samples=cfg.eval.samples, ks=cfg.eval.ks,
                                  temperature=cfg.eval.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                                 progress_every=64)
+                                 progress_every=64, env=env)
     finally:
         pool.shutdown()
-        for g in fleet.actors:
-            ray.kill(g)
+        for actor in fleet.actors + list(env.hosts if env else ()):
+            ray.kill(actor)
     csv_path, json_path = write_results(out_dir, rows, {"model": model_dir, "problems": len(rows), **metrics})
     log(" ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()) + f" on {len(rows)} problems")
     log(f"wrote {csv_path} and {json_path}")

@@ -64,7 +64,7 @@ def fit_to_model(cfg: Config, model_path: str, train: list[dict], held_out: list
                  log) -> tuple[list[dict], list[dict]]:
     """The JSONL rows whose prompt fits the model (fit_records). The built-in task's prompts are
     short: not checked."""
-    if cfg.data.task == "arithmetic":
+    if cfg.data.task in ("arithmetic", "multiply"):
         return train, held_out
     from ..models.modeling import load_tokenizer
 
@@ -126,9 +126,15 @@ def write_samples(run_dir: str, step: int, samples: list[dict]) -> None:
         text = f"{v:.3f}" if isinstance(v, float) else str(v)
         return text.replace("|", "\\|").replace("\n", "<br>")
 
+    def response(s: dict) -> str:  # a multi-turn trajectory: each turn and observation, marked
+        if "turns" not in s:
+            return cell(s["response"])
+        return "<br>".join(f"**[{t['role']}]** {cell(t['text'])}" for t in s["turns"])
+
     cols = ["prompt", "response", "reward", "advantage", "reason"]
     lines = [f"# Samples at step {step}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(s[c]) for c in cols) + " |" for s in samples]
+    lines += ["| " + " | ".join(response(s) if c == "response" else cell(s[c]) for c in cols) + " |"
+              for s in samples]
     write_atomic(base + ".md", "\n".join(lines) + "\n")
 
 

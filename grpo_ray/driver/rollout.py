@@ -20,6 +20,8 @@ from ..core.algorithm import informative_groups
 from ..core.records import Rollout, Score
 from ..data.datasets import PromptSampler
 from ..roles.fleet import Arrived, Launch, Sampled, Sampling, split
+from ..roles.multiturn import EnvRollout
+from ..roles.verifier_pool import Pending, Scores
 
 
 @dataclass
@@ -59,9 +61,52 @@ class InFlight:
         self.ref_logprobs = None
 
 
-def sampling(cfg: Config) -> Sampling:
+def sampling(cfg: Config, env: EnvRollout | None = None) -> Sampling:
     r = cfg.rollout
-    return Sampling(n=cfg.algo.group_size, temperature=r.temperature, max_new_tokens=r.max_new_tokens, top_p=r.top_p)
+    return Sampling(n=cfg.algo.group_size, temperature=r.temperature, max_new_tokens=r.max_new_tokens, top_p=r.top_p,
+                    env=env)
+
+
+@dataclass
+class PartChecks:
+    """One generator's part sent for scoring: the verifier's request for the rows it scores, and
+    the scores of the rows a multi-turn environment ended (its reward, or its failure: 0)."""
+    pending: Pending | None
+    rows: list[int]            # the part's rows the verifier scores, in order
+    given: dict[int, Score]    # row -> the environment's score
+    size: int
+
+
+def submit_part(verifier, records: list[dict], part: Rollout, group_size: int) -> PartChecks:
+    """Send a part's checks to the verifier pool (records: one per group of the part)."""
+    if not part.trajectories:
+        return PartChecks(verifier.submit(records, part.texts, group_size), list(range(len(part))), {}, len(part))
+    given = {i: env_score(t) for i, t in enumerate(part.trajectories) if t.reward is not None or t.error}
+    rows = [i for i in range(len(part)) if i not in given]
+    pending = verifier.submit([records[i // group_size] for i in rows], [part.texts[i] for i in rows], 1) if rows else None
+    return PartChecks(pending, rows, given, len(part))
+
+
+ENV_ERROR = "environment"  # the Score.errors key of a trajectory whose environment failed
+
+
+def env_score(t) -> Score:
+    """The score of a trajectory its environment ended: its reward, or 0 with why it failed
+    (under Score.errors, so that the step warns once and stops when every trajectory fails)."""
+    if t.error:
+        return Score(0.0, f"environment error: {t.error}", errors={ENV_ERROR: t.error})
+    return Score(float(t.reward), f"environment reward {t.reward:g}")
+
+
+def collect_scores(verifier, parts: list[PartChecks]) -> Scores:
+    """The scores of submitted parts, in row order (Scores.retries: the pool's resends)."""
+    out = Scores()
+    for p in parts:
+        got = verifier.collect([p.pending]) if p.pending is not None else Scores()
+        out.retries += got.retries
+        by_row = {**dict(zip(p.rows, got)), **p.given}
+        out.extend(by_row[i] for i in range(p.size))
+    return out
 
 
 def step_seed(cfg: Config, step: int, round: int = 0) -> int:
@@ -81,16 +126,16 @@ def sample_and_score(roles, cfg: Config, records: list[dict], seed: int, pad_id:
     useless: it is cancelled. Returns (rollout, reference pass ref or None, the pool's pending
     requests in part order)."""
     G, ref_pass, pending, by_part = cfg.algo.group_size, None, {}, []
-    for event in roles.fleet.stream([r["prompt"] for r in records], sampling(cfg), seed):
+    for event in roles.fleet.stream([r["prompt"] for r in records], sampling(cfg, roles.env), seed, records=records):
         if isinstance(event, Launch):
-            roles.verifier.cancel(list(pending.values()))
+            roles.verifier.cancel([p.pending for p in pending.values() if p.pending is not None])
             if ref_pass is not None:
                 ray.cancel(ref_pass)
             if pad_id is not None and roles.reference is not None:
                 ref_pass = roles.reference.rollout_logprobs.remote(pad_id, *event.refs)
             pending, by_part = {}, split(records, len(event.refs))
         elif isinstance(event, Arrived):
-            pending[event.index] = roles.verifier.submit(by_part[event.index], event.part.texts, G)
+            pending[event.index] = submit_part(roles.verifier, by_part[event.index], event.part, G)
         elif isinstance(event, Sampled):
             return event.rollout, ref_pass, [pending[i] for i in sorted(pending)]
     raise AssertionError("the fleet's stream ended without a rollout")
@@ -113,7 +158,7 @@ def collect_rollout(step: int, cfg: Config, roles, sampler: PromptSampler, timer
             rollout, ref_pass, scoring = sample_and_score(roles, cfg, records, step_seed(cfg, step, rounds),
                                                           pad_id=None if a.dynamic_sampling else pad_id)
         with timer("verify"):  # what is left of the scoring once the last part is sampled
-            scores = roles.verifier.collect(scoring)
+            scores = collect_scores(roles.verifier, scoring)
         if not a.dynamic_sampling:
             return Collected(records, rollout, scores, ref_pass, retries=scores.retries)
         retries += scores.retries
@@ -140,7 +185,7 @@ def start_rollout(step: int, cfg: Config, roles, sampler: PromptSampler) -> InFl
     """Draw the step's prompts and start sampling them with the fleet's current weights."""
     before = sampler.state_dict()
     records = sampler.next(cfg.rollout.prompts_per_step)
-    launch = roles.fleet.launch([x["prompt"] for x in records], sampling(cfg), step_seed(cfg, step))
+    launch = roles.fleet.launch([x["prompt"] for x in records], sampling(cfg, roles.env), step_seed(cfg, step), records)
     return InFlight(step, records, launch, before)
 
 
@@ -159,12 +204,12 @@ def collect_ahead(step: int, cfg: Config, roles, sampler: PromptSampler, timer,
     with timer("generate"):
         rollout = None
         for event in roles.fleet.stream(ahead.launch.prompts, ahead.launch.sampling, ahead.launch.seed,
-                                        first=ahead.launch):
+                                        first=ahead.launch, records=ahead.records):
             if isinstance(event, Launch):  # sampled again (a restarted generator): the queued pass scores
                 ahead.drop_reference()      # the samples thrown away
             elif isinstance(event, Sampled):
                 rollout = event.rollout
     following = start_rollout(step + 1, cfg, roles, sampler) if step < cfg.train.steps else None
     with timer("verify"):
-        scores = roles.verifier.score(ahead.records, rollout.texts, cfg.algo.group_size)
+        scores = collect_scores(roles.verifier, [submit_part(roles.verifier, ahead.records, rollout, cfg.algo.group_size)])
     return Collected(ahead.records, rollout, scores, ahead.ref_logprobs, retries=scores.retries), following

@@ -27,7 +27,7 @@ from ..roles.actors import Roles, restart_reference
 from ..roles.waiting import Stalled, wait_all
 from .evaluation import correctness
 from .parity import PARITY
-from .rollout import Collected, InFlight, collect_ahead, collect_rollout
+from .rollout import ENV_ERROR, Collected, InFlight, collect_ahead, collect_rollout
 
 
 class PhaseTimer:
@@ -78,6 +78,7 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
     with timer("sync"):  # the load runs while the driver logs this step (GeneratorFleet.settle)
         roles.fleet.settle(keep_latest=True)
     metrics = {"step": step, **rollout_metrics(got.rollout, rewards, advantages, G, got.scores),
+               **env_metrics(got.rollout),
                **component_means(got.scores), REWARD_ERRORS: reward_errors(got.scores), **shaping, **got.stats, **stats,
                PARITY: mismatch_by_generator(mismatch, got.rollout.generators),
                "verify/retries": got.retries, **timer.metrics(),
@@ -120,7 +121,9 @@ def spot_samples(got: Collected, advantages: torch.Tensor, G: int, n: int) -> li
     records, rollout, scores = got.records, got.rollout, got.scores
     rows = [g * G + k for g in range(len(records)) for k in range(min(2, G))][:n]
     return [{"prompt": records[i // G]["prompt"], "response": rollout.texts[i], "reward": scores[i].reward,
-             "reason": scores[i].reason, "advantage": float(advantages[i]), "truncated": rollout.truncated[i]}
+             "reason": scores[i].reason, "advantage": float(advantages[i]), "truncated": rollout.truncated[i],
+             **({"turns": [{"role": who, "text": text} for who, text in rollout.trajectories[i].segments]}
+                if rollout.trajectories else {})}
             for i in rows]
 
 
@@ -151,6 +154,21 @@ def rollout_metrics(rollout: Rollout, rewards: torch.Tensor, advantages: torch.T
             "response_length/min": float(lengths.min()),
             "truncated/frac": sum(rollout.truncated) / max(len(rollout), 1),
             "weight_version": rollout.weight_version}
+
+
+def env_metrics(rollout: Rollout) -> dict:
+    """Multi-turn rollouts' turns, tool use and failures, and the tools' share of the critical
+    path (time/env: the generators waited on environments with nothing to sample); {} without."""
+    trajs = rollout.trajectories
+    if not trajs:
+        return {}
+    n, calls = len(trajs), sum(t.tool_calls for t in trajs)
+    model_tokens = sum(len(r) for r in rollout.response_ids) - sum(t.observation_tokens for t in trajs)
+    return {"env/turns/mean": sum(t.turns for t in trajs) / n, "env/tool_calls/mean": calls / n,
+            "env/tool_errors/frac": sum(t.tool_errors for t in trajs) / max(calls, 1),
+            "env/observation_tokens/mean": sum(t.observation_tokens for t in trajs) / n,
+            "env/model_tokens/mean": model_tokens / n, "env/errors/frac": sum(bool(t.error) for t in trajs) / n,
+            "time/env": rollout.env_s}
 
 
 def component_means(scores: list) -> dict:
@@ -189,6 +207,15 @@ def reward_error_messages(step: int, errors: dict, said: set) -> tuple[list[str]
     rewards were 0: the run would learn nothing from it, and exit 0 as if it had)."""
     messages, stop = [], None
     for name, (n, total, first) in errors.items():
+        if name == ENV_ERROR:  # an environment's reset/step failed (envs: the trajectory scored 0)
+            if name not in said:
+                said.add(name)
+                messages.append(f"environment error: {first} (first of {n} of {total} trajectories in step {step}; "
+                                "each ended with reward 0, counted in env/errors/frac and not repeated here)")
+            if n == total and stop is None:
+                stop = (f"the environment failed on every trajectory of step {step} ({n} of {total}): {first}; "
+                        "fix its reset/step (env.name, or the rows' env) and run again")
+            continue
         what = first if first.startswith(name) else f"{name}: {first}"
         if name not in said:
             said.add(name)

@@ -18,7 +18,8 @@ import ray
 
 from ..config import Config, ConfigError
 from ..core.metrics import Monitor
-from ..data.datasets import DataError, PromptSampler, drop_training_prompts, load_datasets, task_problem
+from ..data.datasets import (DataError, PromptSampler, drop_training_prompts, load_datasets, source_of,
+                             task_problem)
 from ..models.lora import check_targets
 from ..models.modeling import check_model_dir, load_tokenizer
 from ..roles.actors import Roles, check_backend, init_ray, replace_reference, start_roles, stop_roles
@@ -68,6 +69,9 @@ def preflight(cfg: Config, log) -> Prepared:
         if problem:
             raise ConfigError(f"reward.components: {problem}")
     check_backend(cfg)
+    if not cfg.env.name and (row := next((r for r in train_records + eval_records if r.get("env")), None)):
+        raise ConfigError(f"{source_of(row) or 'a row'} names env {row['env']!r}, but env.name is empty, so no env "
+                          "hosts would run it: set env.name (the environment of rows without their own)")
     if cfg.model.path != "builtin:tiny":
         check_model_dir(cfg.model.path, max_model_len=cfg.rollout.max_model_len)
     run_dir = resolve_run_dir(cfg)
@@ -456,7 +460,7 @@ class Run:
         c, roles = self.cfg, self.roles
         roles.fleet.settle()  # evaluate the weights of `step`, loaded
         try:  # a generator Ray restarted mid-evaluation gets the current weights pushed (the fleet's resync)
-            m = evaluate_sets(roles.fleet, roles.verifier, self.eval_sets, c.rollout.max_new_tokens)
+            m = evaluate_sets(roles.fleet, roles.verifier, self.eval_sets, c.rollout.max_new_tokens, roles.env)
         except (ray.exceptions.RayActorError, Stalled) as e:
             raise RuntimeError(self.died(step, e)) from None
         self.metrics.write({"step": step, **m})

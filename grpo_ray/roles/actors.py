@@ -18,6 +18,7 @@ from ..config import Config, ConfigError, cpu_list, cpu_threads
 from .backends import BACKENDS, full_params_need_all_ranks
 from .fleet import GeneratorFleet
 from .learner_group import LearnerGroup
+from .multiturn import EnvRollout
 from .placement import Placement, reserve
 from .startup import Timeline
 from .waiting import Bound
@@ -118,6 +119,7 @@ class Roles:
     learners: LearnerGroup
     placement: Placement | None = None
     bound: Bound = field(default_factory=lambda: Bound(None))  # run.stall_timeout_s: how long a call may stall
+    env: EnvRollout | None = None  # multi-turn rollouts (env.name): the env hosts and limits
 
 
 def start_generators(cfg: Config, model_path: str, placement: Placement | None = None) -> list:
@@ -135,6 +137,29 @@ def start_generators(cfg: Config, model_path: str, placement: Placement | None =
             lora_rank=cfg.model.lora.rank if cfg.lora and cfg.model.lora.sync == "adapter" else 0,
             gpu_share=placement.slot("generator", i).gpus if placement else cfg.resources.generator_gpus))
     return actors
+
+
+def start_env_hosts(cfg: Config, tool_pool: str | None) -> EnvRollout | None:
+    """env.hosts CPU actors for the environments (none without env.name), outside the placement
+    group as the verifier pool's replicas are: they hold no accelerator. Not waited for."""
+    if not cfg.env.name:
+        return None
+    from .env_host import EnvHost
+
+    options = dict(num_cpus=cfg.env.host_cpus, max_concurrency=cfg.env.concurrency,
+                   runtime_env={"env_vars": actor_env()}, **_restarts(cfg))
+    hosts = tuple(ray.remote(EnvHost).options(**options).remote(tool_pool, cfg.env.max_turns)
+                  for _ in range(cfg.env.hosts))
+    return env_rollout(cfg, hosts)
+
+
+def env_rollout(cfg: Config, hosts: tuple) -> EnvRollout:
+    """What the generators need to sample multi-turn with these hosts (env section)."""
+    from ..envs import EnvSpec
+
+    e = cfg.env
+    return EnvRollout(hosts, EnvSpec(e.name, dict(e.options)), max_turns=e.max_turns, turn_tokens=e.turn_tokens,
+                      call_timeout_s=e.call_timeout_s)
 
 
 def start_reference(cfg: Config, model_path: str, placement: Placement | None = None):
@@ -205,7 +230,7 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
     timeline = timeline or Timeline()
     with timeline.phase("placement group"):
         placement = reserve(cfg)
-    verifier, t0 = None, time.perf_counter()
+    verifier, env, t0 = None, None, time.perf_counter()
     try:
         created = time.time()
         generators = start_generators(cfg, model_path, placement)
@@ -214,10 +239,12 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
         # blocks until its replicas run, while the actors start
         with timeline.phase("verifier pool (Serve)"):
             verifier = VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
+        env = start_env_hosts(cfg, verifier.app)
         restored = [lr.load_state.remote(os.path.join(resume_from, "learner")) for lr in learners] if resume_from else []
         with timeline.phase("waiting for the actors"):
             ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]
-                    + ([reference.__ray_ready__.remote()] if reference else []) + restored)
+                    + ([reference.__ray_ready__.remote()] if reference else []) + restored
+                    + [h.__ray_ready__.remote() for h in (env.hosts if env else ())])
         named = ([(f"generator {i}", g) for i, g in enumerate(generators)] + [("reference", reference)] * bool(reference)
                  + [(f"learner {r}", lr) for r, lr in enumerate(learners)])
         for (name, _), marks in zip(named, ray.get([a.startup.remote() for _, a in named])):
@@ -230,10 +257,12 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
         fleet.locate()  # the engines are up (awaited above): where each runs, for the stall messages
     except BaseException:  # an error or a stop (SIGTERM) anywhere up to here: nothing left on the cluster
         placement.remove()  # kills the actors placed in it
+        for host in env.hosts if env else ():  # outside it
+            ray.kill(host)
         if verifier is not None:
             verifier.shutdown()
         raise
-    return Roles(fleet, verifier, reference, group, placement, bound)
+    return Roles(fleet, verifier, reference, group, placement, bound, env)
 
 
 def replace_reference(roles: Roles, cfg: Config, model_path: str) -> None:
@@ -255,7 +284,7 @@ def restart_reference(roles: Roles) -> None:
 def stop_roles(roles: Roles) -> None:
     roles.verifier.shutdown()
     roles.fleet.close()  # the generators' own files (a LoRA adapter's folder), before they are killed
-    for actor in roles.fleet.actors + [roles.reference] + roles.learners.actors:
+    for actor in roles.fleet.actors + [roles.reference] + roles.learners.actors + list(roles.env.hosts if roles.env else ()):
         if actor is not None:
             ray.kill(actor)
     if roles.placement is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import ray
 
 from ..core.records import Rollout
+from .multiturn import EnvRollout
 from .waiting import Bound, Stalled, locations, wait_all, wait_any
 
 MAX_RESYNCS = 3  # pushes of the current weights before a rollout that keeps coming back stale fails
@@ -34,6 +35,7 @@ class Sampling:
     temperature: float
     max_new_tokens: int
     top_p: float = 1.0
+    env: EnvRollout | None = None  # multi-turn: the env hosts and limits (env.name); None: one turn
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Launch:
     prompts: list[str]
     sampling: Sampling
     seed: int
+    records: list[dict] | None = None  # the prompts' rows (multi-turn: the environments are reset with them)
 
 
 @dataclass
@@ -89,29 +92,33 @@ class GeneratorFleet:
         return len(self.actors)
 
     # ------------------------------------------------------------ sampling
-    def launch(self, prompts: list[str], sampling: Sampling, seed: int) -> Launch:
+    def launch(self, prompts: list[str], sampling: Sampling, seed: int, records: list[dict] | None = None) -> Launch:
         """Split the prompts across the generators and start sampling; nothing waits. Prompt j's
         completions sample with seeds seed + j*n + k wherever it lands. Each generator runs
-        the call after the weight loads queued on it, so it samples with `self.version`."""
+        the call after the weight loads queued on it, so it samples with `self.version`.
+        records: the prompts' rows, which a multi-turn rollout's environments are reset with."""
         refs, offset = [], 0
+        rows = records if sampling.env is not None else None
         for gen, chunk in zip(self.actors, split(prompts, len(self.actors))):
             refs.append(gen.generate.remote(chunk, n=sampling.n, temperature=sampling.temperature,
                                             max_new_tokens=sampling.max_new_tokens, top_p=sampling.top_p,
-                                            seed=seed + offset * sampling.n, sent=time.time()))
+                                            seed=seed + offset * sampling.n, sent=time.time(),
+                                            **({"records": rows[offset:offset + len(chunk)], "env": sampling.env}
+                                               if rows is not None else {})))
             offset += len(chunk)
-        return Launch(refs, self.version, list(prompts), sampling, seed)
+        return Launch(refs, self.version, list(prompts), sampling, seed, rows)
 
-    def stream(self, prompts: list[str], sampling: Sampling, seed: int,
-               first: Launch | None = None) -> Iterator[Launch | Arrived | Sampled]:
+    def stream(self, prompts: list[str], sampling: Sampling, seed: int, first: Launch | None = None,
+               records: list[dict] | None = None) -> Iterator[Launch | Arrived | Sampled]:
         """Sample with the current weights, as events: a Launch (again after each resync: what
         was queued behind the previous one is for stale samples), an Arrived per part sampled
         with the launch's weights, in the order they finish, and a last Sampled. `first`: a
         launch already made (rollout.asynchronous), taken as the first attempt, with its own
-        version as the one expected."""
+        version as the one expected. records: the prompts' rows (multi-turn rollouts)."""
         launch = first
         for attempt in range(MAX_RESYNCS + 1):
             if launch is None:
-                launch = self.launch(prompts, sampling, seed)
+                launch = self.launch(prompts, sampling, seed, records)
                 yield launch
             parts, waiting, grace = [None] * len(launch.refs), list(launch.refs), 0.0
             while waiting:
@@ -137,10 +144,11 @@ class GeneratorFleet:
             launch = None
         raise RuntimeError(f"generators keep returning stale weight versions after {MAX_RESYNCS} weight pushes")
 
-    def sample(self, prompts: list[str], sampling: Sampling, seed: int, first: Launch | None = None) -> Rollout:
+    def sample(self, prompts: list[str], sampling: Sampling, seed: int, first: Launch | None = None,
+               records: list[dict] | None = None) -> Rollout:
         """stream() without the events: the rollout, every part from the current weights (or
         from `first`'s, when its parts all came from them)."""
-        for event in self.stream(prompts, sampling, seed, first):
+        for event in self.stream(prompts, sampling, seed, first, records):
             if isinstance(event, Sampled):
                 return event.rollout
         raise AssertionError("stream ended without a rollout")

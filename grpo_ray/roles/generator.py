@@ -23,6 +23,7 @@ import warnings
 from ..config import ConfigError
 from ..core.records import Rollout
 from ..models.lora import write_adapter
+from .multiturn import EnvRollout, TurnLoop
 from .startup import StartupClock
 from .weight_sync import AdapterWeights, WeightBucket, unpack_bucket
 
@@ -318,13 +319,15 @@ class Generator:
                              "step more generators (rollout.num_generators)")
 
     def generate(self, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int,
-                 top_p: float = 1.0, seed: int | None = None, sent: float | None = None) -> Rollout:
+                 top_p: float = 1.0, seed: int | None = None, sent: float | None = None,
+                 records: list[dict] | None = None, env: EnvRollout | None = None) -> Rollout:
         """n completions per prompt, grouped contiguously: completion i answers prompt i // n.
         With a seed, prompt j's completions use seeds seed + j*n ... seed + j*n + n-1 (vLLM gives
         child k of a request seed + k), so no two completions share a random stream. sent: the
         caller's time.time() when it made the call; the wait since goes in Rollout.queued_s
         (wall clocks: exact on one node, as good as the clocks' agreement across nodes), and the
-        time spent here in Rollout.sample_s."""
+        time spent here in Rollout.sample_s. env: sample multi-turn trajectories with those env
+        hosts (records: the prompts' rows, which the environments are reset with)."""
         queued, start = max(0.0, time.time() - sent) if sent else 0.0, time.perf_counter()
         if self.load_error:
             raise RuntimeError(f"the generator's last weight load failed ({self.load_error}), so its engine holds "
@@ -332,6 +335,10 @@ class Generator:
         from vllm import SamplingParams
 
         self._check_kv_cache(prompts, n, max_new_tokens)
+        if env is not None:
+            return self._generate_turns(prompts, records or [{} for _ in prompts], env, n=n, temperature=temperature,
+                                        max_new_tokens=max_new_tokens, top_p=top_p, seed=seed, queued=queued,
+                                        start=start)
         # detokenize=False: vLLM's incremental detokenizer runs per token per step (~10% of a
         # tiny model's generate here); one batched decode of the finished responses is cheaper.
         # flat_logprobs: a few flat lists per completion instead of a dict and a Logprob object
@@ -356,6 +363,18 @@ class Generator:
         texts = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         return Rollout(prompt_ids, response_ids, logprobs, texts, truncated, self.weight_version, queued,
                        time.perf_counter() - start)
+
+    def _generate_turns(self, prompts: list[str], records: list[dict], env: EnvRollout, *, n: int,
+                        temperature: float, max_new_tokens: int, top_p: float, seed: int | None, queued: float,
+                        start: float) -> Rollout:
+        """Multi-turn trajectories (roles/multiturn.py); texts are the whole responses, observations
+        included, as the verifier scores them."""
+        loop = TurnLoop(self.llm, self.tokenizer, env, temperature=temperature, top_p=top_p,
+                        max_new_tokens=max_new_tokens, lora_request=self.lora_request)
+        got = loop.run(prompts, records, n, seed)
+        texts = self.tokenizer.batch_decode(got.response_ids, skip_special_tokens=True)
+        return Rollout(got.prompt_ids, got.response_ids, got.logprobs, texts, got.truncated, self.weight_version,
+                       queued, time.perf_counter() - start, trajectories=got.trajectories, env_s=got.env_s)
 
     def update_weights(self, buckets: list[WeightBucket], version: int) -> int:
         """Load the learner's weights into the running engine; returns tensors loaded. A load

@@ -76,6 +76,14 @@ class VerifierReplica:
         deadline = None if self.budget_s is None else time.monotonic() + self.budget_s
         return await loop.run_in_executor(self.executor, self._timed, records, responses, deadline)
 
+    async def run_tool(self, code: str, limits: dict):
+        """An environment's tool call (envs/tools.py): the code run in the sandbox, in the same
+        thread pool as the checks (so the autoscaler sees tool calls as load, too)."""
+        from ..envs.tools import execute
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, execute, code, limits)
+
     def _timed(self, records: list[dict], responses: list[str], deadline: float | None) -> tuple[list[Score], float]:
         t = time.perf_counter()
         scores = self.verifier.score(records, responses, deadline)

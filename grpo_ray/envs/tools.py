@@ -1,0 +1,96 @@
+"""Tools the environments call: Python in the sandbox, and the row's code checks.
+
+Where they run: on the verifier pool's replicas (the autoscaling Ray Serve deployment, on CPU
+nodes apart from the GPUs, with the sandbox's isolation: no network, uid 65534, rlimits, a wall
+clock, bounded output), once an env host has `connect`ed to it; in this process otherwise (the
+plain classes' tests, a local debug session). An environment of your own can call them too:
+`from grpo_ray.envs.tools import run_python`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+_POOL: dict = {"app": None, "handle": None}
+# the pool may queue a call behind others: its own limit plus this much before it counts as lost
+_POOL_SLACK_S = 30.0
+
+
+@dataclass
+class ToolResult:
+    output: str               # stdout of a run that finished, else ""
+    error: str | None = None  # why it failed: the exception's last line, a limit, a timeout
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def connect(app: str | None) -> None:
+    """Send tool calls to the verifier pool of that Serve application (None: run them here)."""
+    _POOL.update(app=app, handle=None)
+
+
+def _handle():
+    if _POOL["handle"] is None:
+        from ray import serve
+
+        _POOL["handle"] = serve.get_deployment_handle("verifier", app_name=_POOL["app"])
+    return _POOL["handle"]
+
+
+def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256, max_output_bytes: int = 8192,
+               allow_unsandboxed: bool = False) -> ToolResult:
+    """Run `code` as a Python program in the sandbox; its stdout, or why it failed."""
+    limits = dict(timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
+                  allow_unsandboxed=allow_unsandboxed)
+    if _POOL["app"] is None:
+        return execute(code, limits)
+    start = time.monotonic()
+    try:
+        return _handle().run_tool.remote(code, limits).result(timeout_s=timeout_s + _POOL_SLACK_S)
+    except TimeoutError:
+        return ToolResult("", f"the tool pool did not answer within {timeout_s + _POOL_SLACK_S:g} s",
+                          time.monotonic() - start)
+
+
+def check_code(record: dict, response: str) -> tuple[float, str]:
+    """(reward, reason) of the row's tests on `response` (the code verifier: its options are the
+    run's reward.code), on the pool when connected."""
+    record = {**record, "task": "code"}
+    if _POOL["app"] is None:
+        from ..verifiers import verify
+
+        score = verify(record, response)
+    else:
+        scores, _ = _handle().score.remote([record], [response]).result(timeout_s=120.0)
+        score = scores[0]
+    return score.reward, score.reason
+
+
+def execute(code: str, limits: dict) -> ToolResult:
+    """Run the code here, in the sandbox (what a pool replica does with a tool call)."""
+    from ..verifiers import sandbox
+    from ..verifiers.code import NOT_ISOLATED
+
+    start = time.monotonic()
+    if not limits.get("allow_unsandboxed") and not sandbox.bwrap_works():
+        return ToolResult("", NOT_ISOLATED.replace("reward.code.allow_unsandboxed", "env.options.allow_unsandboxed"))
+    try:
+        res = sandbox.run_python(code, timeout_s=limits["timeout_s"], memory_mb=limits["memory_mb"],
+                                 max_output_bytes=limits["max_output_bytes"])
+    except ValueError as e:  # source too long
+        return ToolResult("", str(e), time.monotonic() - start)
+    return ToolResult(res.stdout if res.returncode == 0 and not res.killed_reason else "", _error(res), res.wall_s)
+
+
+def _error(res) -> str | None:
+    """The failure as a model would see it in a terminal: the exception's last line, or the limit."""
+    if res.killed_reason:
+        return {"output limit": "error: the output passed its size limit"}.get(
+            res.killed_reason, f"error: {res.killed_reason}")
+    if res.returncode == 0:
+        return None
+    lines = res.stderr.strip().splitlines()
+    return lines[-1] if lines else f"error: exit code {res.returncode}"
