@@ -91,7 +91,7 @@ def _k8s_gpu_group() -> dict:
 
 
 @pytest.mark.parametrize("name", ["gsm8k_qwen2.5_1.5b_8gpu.yaml", "code_humaneval_8gpu.yaml",
-                                  "gsm8k_qwen2.5_7b_lora_8gpu.yaml"])
+                                  "gsm8k_qwen2.5_7b_lora_8gpu.yaml", "gsm8k_qwen2.5_1.5b_python_tool_8gpu.yaml"])
 def test_realistic_configs_fit_the_gpu_nodes_of_both_cluster_definitions(name):
     """8 GPUs' worth of roles that one GPU node of aws.yaml and of the KubeRay job can hold, and
     a verifier pool no larger than the verifier nodes can run."""

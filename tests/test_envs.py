@@ -170,3 +170,22 @@ def test_hostile_tool_calls_end_with_an_error_observation_within_their_limit(cod
     assert says in step.observation and step.tool_errors == 1 and not step.done, step
     assert len(step.observation) < 400
     assert tool.step("```python\nprint(6*7)\n```\n```output").observation == "\n42\n```\n"  # the next call is fine
+
+
+def test_code_feedback_feeds_back_the_visible_tests_then_scores_the_full_ones():
+    from grpo_ray.envs.code_feedback import CodeFeedback
+
+    record = {"prompt": "Write add(a, b).", "tests": "assert add(1, 2) == 3\nassert add(-1, 1) == 0\nassert add(2, 2) == 4"}
+    env = CodeFeedback(max_turns=3)
+    assert env.reset(record) == ""
+    wrong = env.step("```python\ndef add(a, b):\n    return a - b\n```")
+    assert not wrong.done and wrong.observation.startswith("\nThe tests failed:") and wrong.tool_calls == 1
+    half = env.step("```python\ndef add(a, b):\n    return 3 if a == 1 else 0\n```")  # passes the visible test only
+    assert half.done and half.reward == 0.0
+    env.reset(record)
+    assert env.step("```python\ndef add(a, b):\n    return a + b\n```") == EnvStep(reward=1.0, done=True, tool_calls=1)
+    env = CodeFeedback(max_turns=2)
+    env.reset(record)
+    env.step("def add(a, b): return 0")
+    last = env.step("def add(a, b): return 0")  # the last turn: scored on the full tests, no feedback
+    assert last.done and last.reward == 0.0
