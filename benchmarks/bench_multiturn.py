@@ -47,13 +47,13 @@ def local_cost(n: int) -> dict:
     return {"median_ms": round(1000 * statistics.median(times), 1), "p99_ms": round(pct(times, 0.99), 1)}
 
 
-def start_pool(replicas: int):
+def start_pool(replicas: int, ongoing: int = 8):
     from grpo_ray.config import load_config
     from grpo_ray.roles.actors import actor_env
     from grpo_ray.roles.verifier_pool import VerifierPool
 
     cfg = load_config(None, [f"run.output_dir={tempfile.mkdtemp()}", f"reward.pool.min_replicas={replicas}",
-                             f"reward.pool.max_replicas={replicas}", "reward.pool.max_ongoing_requests=8"])
+                             f"reward.pool.max_replicas={replicas}", f"reward.pool.max_ongoing_requests={ongoing}"])
     return VerifierPool(cfg.reward, actor_env(), name=f"bench{replicas}")
 
 
@@ -65,12 +65,12 @@ def host_for(pool, concurrency: int = 64):
     return ray.remote(EnvHost).options(num_cpus=0.1, max_concurrency=concurrency).remote(pool.app, 4)
 
 
-def pool_figures(replicas: int, serial: int, burst: int) -> dict:
+def pool_figures(replicas: int, serial: int, burst: int, ongoing: int) -> dict:
     import ray
 
     from grpo_ray.envs import EnvSpec
 
-    pool = start_pool(replicas)
+    pool = start_pool(replicas, ongoing)
     try:
         host = host_for(pool)
         keys = [f"k{i}" for i in range(burst)]
@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=256)
     ap.add_argument("--serial", type=int, default=100)
     ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--ongoing", type=int, default=8, help="reward.pool.max_ongoing_requests")
+    ap.add_argument("--skip-task", action="store_true")
     args = ap.parse_args()
     import ray
 
@@ -150,12 +152,15 @@ def main() -> None:
 
     out = {"machine": machine(), "local": local_cost(args.serial)}
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-    out["pool"] = {n: pool_figures(n, args.serial, args.calls) for n in map(int, args.replicas.split(","))}
+    out["pool"] = {n: pool_figures(n, args.serial, args.calls, args.ongoing) for n in map(int, args.replicas.split(","))}
     print(f"\npython tool call ({out['machine']})")
     print(f"{'path':<34}{'median ms':>10}{'p99 ms':>9}{'calls/s':>9}")
     print(f"{'sandbox, in process':<34}{out['local']['median_ms']:>10}{out['local']['p99_ms']:>9}{'':>9}")
     for n, f in out["pool"].items():
         print(f"{f'env host -> pool, {n} replica(s)':<34}{f['median_ms']:>10}{f['p99_ms']:>9}{f['calls_per_s']:>9}")
+    if args.skip_task:
+        print(json.dumps(out))
+        return
     out["tool_task"] = t = tool_task(args.prompts)
     print(f"\ntool task: {t['trajectories']} trajectories, {t['turns_per_trajectory']} turns and "
           f"{t['tool_calls_per_trajectory']} tool calls each, {t['model_tokens_per_trajectory']} model tokens")

@@ -191,8 +191,20 @@ class TurnLoop:
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         request_id = f"{t.key}-t{t.info.turns}"
         self.live[request_id] = t
-        self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": t.prompt_ids + t.ids}, params,
+        self.llm.llm_engine.add_request(request_id, self._render(t.prompt_ids + t.ids), params,
                                         lora_request=self.lora_request)
+
+    def _render(self, ids: list[int]):
+        """The engine's input for token ids, rendered as vLLM's own entry points do (a raw
+        {"prompt_token_ids"} prompt works too, with a deprecation warning per process)."""
+        engine = self.llm.llm_engine
+        try:
+            from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+            parsed = parse_model_prompt(engine.model_config, {"prompt_token_ids": ids})
+            return engine.renderer.render_cmpl([parsed], engine.renderer.default_cmpl_tok_params)[0]
+        except (ImportError, AttributeError):  # another vLLM: the raw prompt
+            return {"prompt_token_ids": ids}
 
     def _end_turn(self, t: _Traj, out) -> None:
         """A model turn is sampled: keep its tokens and logprobs as they are, then ask the environment."""

@@ -76,13 +76,14 @@ class VerifierReplica:
         deadline = None if self.budget_s is None else time.monotonic() + self.budget_s
         return await loop.run_in_executor(self.executor, self._timed, records, responses, deadline)
 
-    async def run_tool(self, code: str, limits: dict):
-        """An environment's tool call (envs/tools.py): the code run in the sandbox, in the same
-        thread pool as the checks (so the autoscaler sees tool calls as load, too)."""
+    async def run_tools(self, calls: list[tuple[str, dict]]) -> list:
+        """Environments' tool calls (envs/tools.py: (code, limits) each, batched by the env
+        host): each run in the sandbox, on the same thread pool as the checks."""
         from ..envs.tools import execute
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, execute, code, limits)
+        return await asyncio.gather(*(loop.run_in_executor(self.executor, execute, code, limits)
+                                      for code, limits in calls))
 
     def _timed(self, records: list[dict], responses: list[str], deadline: float | None) -> tuple[list[Score], float]:
         t = time.perf_counter()
