@@ -93,8 +93,10 @@ def pool_figures(replicas: int, serial: int, burst: int, ongoing: int) -> dict:
         pool.shutdown()
 
 
-def tool_task(prompts: int) -> dict:
-    """The tool task's generate call, multi-turn against single-turn of the same length."""
+def tool_task(prompts: int, model: str | None = None) -> dict:
+    """The tool task's generate call, multi-turn against single-turn of the same length. model:
+    the policy to sample (default: the warm-started base; a trained tool_default run's
+    final_model calls the tool on nearly every prompt)."""
     import ray
     from vllm import SamplingParams
 
@@ -107,7 +109,7 @@ def tool_task(prompts: int) -> dict:
 
     cfg = load_config("configs/tool_default.yaml")
     train, _ = load_datasets(cfg.data, cfg.run.seed)
-    model = builtin_model(cfg, train, cache_dir(), log=lambda *_: None)
+    model = model or builtin_model(cfg, train, cache_dir(), log=lambda *_: None)
     records, G = train[:prompts], cfg.algo.group_size
     pool = start_pool(1)
     try:
@@ -145,6 +147,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--ongoing", type=int, default=8, help="reward.pool.max_ongoing_requests")
     ap.add_argument("--skip-task", action="store_true")
+    ap.add_argument("--model", default=None, help="the tool task's policy (default: the warm-started base)")
     args = ap.parse_args()
     import ray
 
@@ -161,7 +164,7 @@ def main() -> None:
     if args.skip_task:
         print(json.dumps(out))
         return
-    out["tool_task"] = t = tool_task(args.prompts)
+    out["tool_task"] = t = tool_task(args.prompts, args.model)
     print(f"\ntool task: {t['trajectories']} trajectories, {t['turns_per_trajectory']} turns and "
           f"{t['tool_calls_per_trajectory']} tool calls each, {t['model_tokens_per_trajectory']} model tokens")
     print(f"{'multi-turn generate s':<34}{t['multi_turn_s']:>10}")

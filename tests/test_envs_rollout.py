@@ -89,11 +89,12 @@ def test_trajectories_do_not_wait_for_each_others_tool_calls(gen):
 
 
 # ---------------------------------------------------------------- under real Ray
-def test_a_user_environment_trains_under_ray_and_logs_its_turns(ray_local, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_user_environment_trains_under_ray_and_logs_its_turns(ray_local, tmp_path, mode):
     from grpo_ray.config import load_config
     from grpo_ray.driver.train import train
 
-    cfg = load_config("configs/default.yaml", [
+    cfg = load_config("configs/default.yaml", [f"rollout.asynchronous={mode == 'async'}",
         f"run.output_dir={tmp_path}", "run.name=env", "train.steps=2", "train.eval_every=0", "eval.num_prompts=4",
         "eval.samples=4", "eval.ks=[1]", "rollout.prompts_per_step=4", "algo.group_size=4", "rollout.max_new_tokens=40",
         "env.name=env_fns:Echo", "env.options={turns: 3}", "env.max_turns=3", "env.turn_tokens=12",

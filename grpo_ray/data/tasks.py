@@ -46,13 +46,13 @@ def tokenizer_corpus(max_operand: int, task: str = "arithmetic") -> list[str]:
 # --- multiply: multi-turn tool use -------------------------------------------------------------
 # A task the tiny model cannot do in its head (3-digit x 2-digit products) but can do with a Python
 # tool. The text protocol (the environment's code relies on it):
-#   prompt                 'Q: 123*45=?\nA:'
-#   model turn 1 (loss)    ' ```python\nprint(123*45)\n```\n```output'   (generation stops at "```output")
-#   observation (no loss)  '\n5535\n```\n'                                 (written by the environment)
-#   model turn 2 (loss)    ' #### 5535' + EOS
-# or, guessing, one model turn ' #### 6190' + EOS. The answer is the number after ####.
+#   prompt                 'Q: 523*93=?\nA:'
+#   model turn 1 (loss)    ' ```python\nprint(523*93)\n```\n```output'   (generation stops at "```output")
+#   observation (no loss)  '\n48639\n```\n'                                (written by the environment)
+#   model turn 2 (loss)    ' #### 48639' + EOS
+# or, guessing, one model turn ' #### 61907' + EOS. The answer is the number after ####.
 
-MULTIPLY_A_RANGE = (100, 999)  # a is always 3 digits; b is in [MULTIPLY_MIN_B, max_operand]
+MULTIPLY_A_RANGE = (100, 999)  # a is always 3 digits; b is in [MULTIPLY_MIN_B, max_operand] (multiply_pairs)
 MULTIPLY_MIN_B = 10
 TOOL_STOP = "```output"
 
@@ -67,7 +67,7 @@ def tool_call_turn(a: int, b: int) -> str:
 
 
 def tool_observation(output: str) -> str:
-    """What the environment appends after turn 1: the tool's printed text (e.g. '5535'), fenced."""
+    """What the environment appends after turn 1: the tool's printed text (e.g. '48639\\n'), fenced."""
     return f"\n{output.strip()}\n```\n"
 
 
@@ -87,24 +87,26 @@ def multiply_guess(a: int, b: int, rng: random.Random) -> int:
     return rng.randint(10 ** (d - 1), 10 ** d - 1)
 
 
-def _multiply_b_range(max_operand: int) -> tuple[int, int]:
+def multiply_pairs(max_operand: int) -> list[tuple[int, int]]:
+    """Every (a, b) of the task in order: a in [100, 999], b in [10, max_operand], and a*b with as
+    many digits as the largest product (5 for max_operand <= 99: 100*10=1000 is left out). A fixed
+    length puts every digit of the tool's output at a fixed distance from where the answer copies
+    it; with 4- and 5-digit products mixed, most copying errors were in the 4-digit ones."""
     if max_operand < MULTIPLY_MIN_B:
         raise ValueError(f"multiply: max_operand={max_operand} must be >= {MULTIPLY_MIN_B} (b is in "
                          f"[{MULTIPLY_MIN_B}, max_operand])")
-    return MULTIPLY_MIN_B, max_operand
+    lo_a, hi_a = MULTIPLY_A_RANGE
+    smallest = 10 ** (len(str(hi_a * max_operand)) - 1)
+    return [(a, b) for a in range(lo_a, hi_a + 1) for b in range(MULTIPLY_MIN_B, max_operand + 1) if a * b >= smallest]
 
 
 def multiply_records(max_operand: int, seed: int, eval_fraction: float,
                      size: int = 20000) -> tuple[list[dict], list[dict]]:
-    """`size` distinct pairs (a, b), a in [100, 999], b in [10, max_operand], drawn with `seed`
-    and split into (train, held_out): held-out pairs never appear in training. Each record:
+    """`size` distinct pairs of multiply_pairs(max_operand) drawn with `seed`, split into
+    (train, held_out): held-out pairs never appear in training. Each record:
     {"prompt", "answer", "task": "math", "a", "b"}."""
-    lo_a, hi_a = MULTIPLY_A_RANGE
-    lo_b, hi_b = _multiply_b_range(max_operand)
-    n_b = hi_b - lo_b + 1
-    total = (hi_a - lo_a + 1) * n_b
-    idx = random.Random(seed).sample(range(total), min(size, total))
-    pairs = [(lo_a + i // n_b, lo_b + i % n_b) for i in idx]
+    pairs = multiply_pairs(max_operand)
+    pairs = random.Random(seed).sample(pairs, min(size, len(pairs)))
     n_eval = max(1, int(len(pairs) * eval_fraction))
     records = [{"prompt": multiply_prompt(a, b), "answer": str(a * b), "task": "math", "a": a, "b": b}
                for a, b in pairs]
@@ -115,11 +117,10 @@ def multiply_corpus(max_operand: int, n: int = 3000) -> list[str]:
     """Tokenizer text for the multiply task: every segment shape, whole trajectories of both kinds
     and each segment alone (so BPE learns the fences, 'python', 'print', 'output')."""
     rng = random.Random(0)
-    lo_a, hi_a = MULTIPLY_A_RANGE
-    lo_b, hi_b = _multiply_b_range(max_operand)
+    pairs = multiply_pairs(max_operand)
     lines = []
     for _ in range(n):
-        a, b = rng.randint(lo_a, hi_a), rng.randint(lo_b, hi_b)
+        a, b = rng.choice(pairs)
         call, obs, ans = tool_call_turn(a, b), tool_observation(str(a * b)), tool_answer_turn(a * b)
         lines.append(multiply_prompt(a, b) + call + obs + ans)
         lines.append(multiply_prompt(a, b) + guess_turn(multiply_guess(a, b, rng)))
