@@ -112,6 +112,14 @@ def _plot(args) -> None:
         print(path)
 
 
+def _report(args) -> None:
+    from .driver.report import write_report
+
+    if not os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
+        raise FileNotFoundError(f"{args.run_dir}/metrics.jsonl does not exist: is {args.run_dir} a run directory?")
+    print(write_report(args.run_dir))
+
+
 def _build_model(args) -> None:
     from .data.tasks import tokenizer_corpus
     from .models.tiny_model import TinyShape, build_tiny_model
@@ -196,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("plot", help="PNG charts of a run (reward, KL, pass@k, clipping, length, timings)")
     p.add_argument("run_dir")
     p.set_defaults(fn=_plot)
+    r = sub.add_parser("report", help="RUN_DIR/report.html: config changes, eval table, charts, warnings, samples")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=_report)
     b = sub.add_parser("build-model", help="build a tiny random Qwen2 model + tokenizer offline")
     b.add_argument("out_dir")
     b.add_argument("--hidden-size", type=int, default=128)

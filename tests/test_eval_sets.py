@@ -2,6 +2,7 @@
 its own keys, and the warning when a set marked retention falls below where it started."""
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -94,3 +95,14 @@ def test_the_loop_evaluates_every_set_and_watches_retention(ray_local, tiny_mode
     events = [r["step"] for r in rows if r.get("event") == "retention"]
     assert events == fell  # a warning exactly at the evaluations below the start (drop 0)
     assert os.path.isfile(os.path.join(run_dir, "plots", "pass_at_k_keep.png"))
+    # the run's report: every eval set's metrics, every chart, every warning, no external URL
+    page = open(os.path.join(run_dir, "report.html")).read()
+    assert all(k in page for r in evals for k in r if k.startswith("eval/"))
+    assert "retention" in page and "<td>keep</td>" not in page
+    charts = sorted(os.listdir(os.path.join(run_dir, "plots")))
+    assert len(charts) >= 7 and all(f'alt="{c}"' in page for c in charts)
+    assert page.count("data:image/png;base64,") == len(charts)
+    for r in rows:
+        if r.get("event") in ("warning", "retention"):
+            assert html.escape(r["message"]) in page, r["message"]
+    assert "http://" not in page and "https://" not in page and "src=\"data:" in page

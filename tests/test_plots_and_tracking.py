@@ -54,3 +54,33 @@ def test_plot_cli_names_a_missing_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "plot", str(tmp_path / "nope")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and f"{tmp_path / 'nope'}/metrics.jsonl does not exist" in proc.stderr
+
+
+def test_report_cli_names_a_missing_run(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "grpo_ray", "report", str(tmp_path / "nope")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "metrics.jsonl does not exist" in r.stderr, r.stderr
+
+
+def test_report_of_a_run_dir_embeds_its_charts_and_lists_config_changes(tmp_path):
+    from grpo_ray.driver.plots import plot_run
+    from grpo_ray.driver.report import write_report
+
+    rows = [{"step": 0, "eval/pass@1": 0.2, "eval/keep/pass@1": 0.5},
+            {"step": 1, "reward/mean": 0.3, "reward/std": 0.4, "kl": 0.01, "clip/low": 0, "clip/high": 0,
+             "response_length/mean": 5.0, "time/step": 1.0},
+            {"step": 1, "event": "warning", "message": "low reward variance <0.3> & more"},
+            {"step": 2, "eval/pass@1": 0.6, "eval/keep/pass@1": 0.4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "config.yaml").write_text("algo:\n  beta: 0.01\neval:\n  sets:\n  - {name: keep, path: k.jsonl, "
+                                          "retention: true}\n")
+    plot_run(str(tmp_path))
+    page = open(write_report(str(tmp_path))).read()
+    assert "<td>algo.beta</td><td>0.01</td><td>0.001</td>" in page
+    assert "<td>eval/pass@1</td><td>0.200</td><td>0.600 (step 2)</td><td>0.600</td>" in page
+    assert "<td>eval/keep/pass@1</td><td>0.500</td><td>0.500 (step 0)</td><td>0.400</td><td>retention</td>" in page
+    assert "low reward variance &lt;0.3&gt; &amp; more" in page
+    assert page.count("data:image/png;base64,") == len(os.listdir(tmp_path / "plots")) > 0

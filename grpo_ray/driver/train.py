@@ -315,17 +315,9 @@ class Run:
             pool.shutdown(wait=False)
 
     def _plot(self) -> None:
-        from .plots import plot_run
+        from .report import plots_and_report
 
-        try:
-            with self.timeline.phase("plots"):
-                charts = plot_run(self.run_dir, self.cfg.algo.kl_stop)
-            self.log(f"plots: {len(charts)} charts in {os.path.join(self.run_dir, 'plots')}")
-        except DataError as e:  # nothing to plot (no step ran): the run itself is fine
-            self.log(f"warning: no plots: {e}")
-        except Exception as e:  # noqa: BLE001 - the run is saved; a chart that fails must not fail it
-            self.log(f"warning: the plots failed ({type(e).__name__}: {e}); `grpo-ray plot {self.run_dir}` "
-                     "draws them again")
+        plots_and_report(self.run_dir, self.cfg.algo.kl_stop, self.log, self.timeline)
 
     def plotted(self) -> None:
         """Wait for the plots (_plot turns a failure into a warning)."""
