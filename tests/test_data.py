@@ -468,34 +468,3 @@ def test_the_warm_started_base_is_cached_for_every_output_dir(tmp_path, monkeypa
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == str(tmp_path / "xdg" / "grpo-ray")
 
-
-# --------------------------------------------------------------------------- the tool task (multiply)
-def test_multiply_task_splits_by_pair_and_keeps_products_of_one_length():
-    from grpo_ray.data.tasks import multiply_records
-
-    train, held = multiply_records(99, seed=0, eval_fraction=0.1, size=2000)
-    assert len(train) == 1800 and len(held) == 200
-    assert not {(r["a"], r["b"]) for r in train} & {(r["a"], r["b"]) for r in held}
-    for r in train[:50] + held[:50]:
-        assert r["prompt"] == f"Q: {r['a']}*{r['b']}=?\nA:" and r["answer"] == str(r["a"] * r["b"])
-        assert 100 <= r["a"] <= 999 and 10 <= r["b"] <= 99 and len(r["answer"]) == 5
-    assert multiply_records(99, seed=0, eval_fraction=0.1, size=2000) == (train, held)
-
-
-def test_multiply_warm_start_trains_on_the_model_turns_only(tiny_model_dir):
-    """The observation is tokenised on its own (as the generator appends it) and carries no loss."""
-    from transformers import AutoTokenizer
-
-    from grpo_ray.data.tasks import tool_observation
-    from grpo_ray.models.warmstart import multiply_segments, segment_batch
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rec = {"prompt": "Q: 347*86=?\nA:", "a": 347, "b": 86}
-    segs = multiply_segments(tok, rec, use_tool=True)
-    assert [w[0] for _, w in segs] == [0.0, 1.0, 0.0, 1.0]
-    assert segs[2][0] == tok(tool_observation("29842"))["input_ids"]
-    assert segs[3][0][-1] == tok.eos_token_id
-    ids, mask, labels, weights = segment_batch(tok, [segs, multiply_segments(tok, rec, use_tool=False, guess=12345)])
-    n0, n2 = len(segs[0][0]), len(segs[0][0]) + len(segs[1][0])
-    assert (labels[0, :n0] == -100).all() and (labels[0, n2:n2 + len(segs[2][0])] == -100).all()
-    assert (labels[0, n0:n2] >= 0).all() and int(mask[0].sum()) == sum(len(s) for s, _ in segs)

@@ -62,6 +62,55 @@ def test_env_host_turns_a_raising_or_ill_typed_step_into_an_error_for_that_traje
     assert host.open() == 0 and "no environment" in host.step("a", "x").error
 
 
+@pytest.mark.parametrize("returned, says", [
+    ("EnvStep(tool_calls=None)", "tool_calls=None"),
+    ("EnvStep(reward=float('nan'), done=True)", "reward=nan"),
+    ("EnvStep(reward=True, done=True)", "reward=True"),
+    ("EnvStep(observation=3)", "observation=3"),
+])
+def test_env_host_refuses_an_env_step_with_fields_of_the_wrong_kind(returned, says):
+    class Odd:
+        def reset(self, record):
+            return ""
+
+        def step(self, completion):
+            return eval(returned)
+
+    host = EnvHost()
+    host.envs["k"] = Odd()
+    reply = host.step("k", "x")
+    assert reply.step is None and says in reply.error and "Odd.step returned EnvStep(" in reply.error
+
+
+def test_env_host_takes_a_lone_stop_string_as_one_string_and_refuses_others():
+    class One:
+        stop = "</call>"
+
+        def reset(self, record):
+            return ""
+
+        def step(self, completion):
+            return EnvStep(done=True)
+
+    class Bad(One):
+        stop = ("</call>", 7)
+
+    import env_fns
+
+    host = EnvHost()
+    env_fns.One, env_fns.Bad = One, Bad
+    ok, bad = host.reset([("a", EnvSpec("env_fns:One"), {}), ("b", EnvSpec("env_fns:Bad"), {})])
+    assert ok.stop == ("</call>",) and ok.error is None
+    assert "stop must be a string or a tuple of non-empty strings" in bad.error
+
+
+def test_env_host_drops_environments_left_idle():
+    host = EnvHost(idle_s=0.0)
+    host.reset([("old", EnvSpec("env_fns:Echo"), {})])
+    host.reset([("new", EnvSpec("env_fns:Echo"), {})])  # the sweep at this reset drops "old"
+    assert set(host.envs) == {"new"}
+
+
 def test_env_host_gives_max_turns_to_an_environment_that_takes_it():
     host = EnvHost(max_turns=3)
     host.reset([("k", EnvSpec("code_feedback"), {"tests": "assert f() == 1"})])
@@ -189,3 +238,35 @@ def test_code_feedback_feeds_back_the_visible_tests_then_scores_the_full_ones():
     env.step("def add(a, b): return 0")
     last = env.step("def add(a, b): return 0")  # the last turn: scored on the full tests, no feedback
     assert last.done and last.reward == 0.0
+
+
+# --------------------------------------------------------------------------- the tool task (multiply)
+def test_multiply_task_splits_by_pair_and_keeps_products_of_one_length():
+    from grpo_ray.data.tasks import multiply_records
+
+    train, held = multiply_records(99, seed=0, eval_fraction=0.1, size=2000)
+    assert len(train) == 1800 and len(held) == 200
+    assert not {(r["a"], r["b"]) for r in train} & {(r["a"], r["b"]) for r in held}
+    for r in train[:50] + held[:50]:
+        assert r["prompt"] == f"Q: {r['a']}*{r['b']}=?\nA:" and r["answer"] == str(r["a"] * r["b"])
+        assert 100 <= r["a"] <= 999 and 10 <= r["b"] <= 99 and len(r["answer"]) == 5
+    assert multiply_records(99, seed=0, eval_fraction=0.1, size=2000) == (train, held)
+
+
+def test_multiply_warm_start_trains_on_the_model_turns_only(tiny_model_dir):
+    """The observation is tokenised on its own (as the generator appends it) and carries no loss."""
+    from transformers import AutoTokenizer
+
+    from grpo_ray.data.tasks import tool_observation
+    from grpo_ray.models.warmstart import multiply_segments, segment_batch
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rec = {"prompt": "Q: 347*86=?\nA:", "a": 347, "b": 86}
+    segs = multiply_segments(tok, rec, use_tool=True)
+    assert [w[0] for _, w in segs] == [0.0, 1.0, 0.0, 1.0]
+    assert segs[2][0] == tok(tool_observation("29842"))["input_ids"]
+    assert segs[3][0][-1] == tok.eos_token_id
+    ids, mask, labels, weights = segment_batch(tok, [segs, multiply_segments(tok, rec, use_tool=False, guess=12345)])
+    n0, n2 = len(segs[0][0]), len(segs[0][0]) + len(segs[1][0])
+    assert (labels[0, :n0] == -100).all() and (labels[0, n2:n2 + len(segs[2][0])] == -100).all()
+    assert (labels[0, n0:n2] >= 0).all() and int(mask[0].sum()) == sum(len(s) for s, _ in segs)

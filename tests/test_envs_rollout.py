@@ -134,3 +134,22 @@ def test_hostile_tool_calls_through_the_pool_leave_it_and_the_host_alive(ray_loc
         assert pool.running() >= 1
     finally:
         pool.shutdown()
+
+
+def test_a_rollout_that_fails_leaves_the_engine_clean_for_the_next_call(gen):
+    class DeadHost:
+        def reset(self, items):
+            raise RuntimeError("the host went away")
+
+        def step(self, key, completion):  # never reached
+            raise AssertionError
+
+        def close(self, keys):
+            pass
+
+    env = EnvRollout((DeadHost(),), EnvSpec("env_fns:Echo"), max_turns=2, turn_tokens=4)
+    with pytest.raises(RuntimeError, match="the host went away"):
+        gen.generate(PROMPTS, n=2, temperature=1.0, max_new_tokens=20, seed=4, records=[{}, {}], env=env)
+    assert not gen.llm.llm_engine.has_unfinished_requests()
+    ro = gen.generate(PROMPTS, n=2, temperature=1.0, max_new_tokens=8, seed=4)  # single-turn, as before
+    assert len(ro) == 4

@@ -77,7 +77,7 @@ class Rollout:
             sample_s=max((p.sample_s for p in parts), default=0.0),  # generators run side by side
             # a generator's part has none: its index in parts; a joined selection keeps its own
             generators=[g for i, p in enumerate(parts) for g in (p.generators or [i] * len(p))],
-            trajectories=[t for p in parts for t in p.trajectories] if all(p.trajectories for p in parts) else [],
+            trajectories=_joined_trajectories(parts),
             env_s=max((p.env_s for p in parts), default=0.0),
         )
 
@@ -90,6 +90,18 @@ class Rollout:
                        [self.truncated[i] for i in rows], self.weight_version, self.queued_s, self.sample_s,
                        [self.generators[i] for i in rows] if self.generators else [],
                        [self.trajectories[i] for i in rows] if self.trajectories else [], self.env_s)
+
+
+def _joined_trajectories(parts: list[Rollout]) -> list[Trajectory]:
+    """The parts' trajectories in order; [] for single-turn parts. A mix would drop the
+    observation masks of the multi-turn rows (their observation tokens would carry loss)."""
+    nonempty = [p for p in parts if len(p)]
+    if not any(p.trajectories for p in nonempty):
+        return []
+    if not all(p.trajectories for p in nonempty):
+        raise RuntimeError("a rollout joins multi-turn parts with single-turn ones: their observation masks "
+                           "would be lost")
+    return [t for p in nonempty for t in p.trajectories]
 
 
 @dataclass

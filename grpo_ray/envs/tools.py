@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 _POOL: dict = {"app": None, "handle": None, "batcher": None}
+_LOCK = threading.Lock()
 # the pool may queue a call behind others: its own limit plus this much before it counts as lost
 _POOL_SLACK_S = 30.0
 
@@ -31,8 +32,10 @@ class ToolResult:
 
 
 def connect(app: str | None) -> None:
-    """Send tool calls to the verifier pool of that Serve application (None: run them here)."""
-    _POOL.update(app=app, handle=None, batcher=None)
+    """Send tool calls to the verifier pool of that Serve application (None: run them here).
+    Once per process (an env host connects when it starts)."""
+    with _LOCK:
+        _POOL.update(app=app, handle=None, batcher=_Batcher() if app else None)
 
 
 def _handle():
@@ -50,14 +53,13 @@ def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256, max_o
                   allow_unsandboxed=allow_unsandboxed)
     if _POOL["app"] is None:
         return execute(code, limits)
-    start = time.monotonic()
-    if _POOL["batcher"] is None:
-        _POOL["batcher"] = _Batcher()
+    # the batch the call goes in answers it, with an error when the pool fails or passes the
+    # batch's time; this bound only guards against a batcher that stopped
+    start, bound = time.monotonic(), (timeout_s + _POOL_SLACK_S) * 8
     try:
-        return _POOL["batcher"].call(code, limits).result(timeout=timeout_s + _POOL_SLACK_S)
+        return _POOL["batcher"].call(code, limits).result(timeout=bound)
     except TimeoutError:
-        return ToolResult("", f"the tool pool did not answer within {timeout_s + _POOL_SLACK_S:g} s",
-                          time.monotonic() - start)
+        return ToolResult("", f"the tool pool did not answer within {bound:g} s", time.monotonic() - start)
 
 
 class _Batcher:
@@ -70,10 +72,10 @@ class _Batcher:
     one replica instead of ~80 (benchmarks/RESULTS.md). Batches keep the requests in flight
     few, and the calls beyond them wait here, not in back-off."""
 
-    def __init__(self, max_inflight: int = 4, max_batch: int = 64):
+    def __init__(self, max_inflight: int = 4, max_batch: int = 16, replica_threads: int = 4):
         self.todo: queue.Queue = queue.Queue()
         self.slots = threading.Semaphore(max_inflight)
-        self.max_batch = max_batch
+        self.max_batch, self.threads = max_batch, replica_threads
         threading.Thread(target=self._send, daemon=True, name="tool-batcher").start()
 
     def call(self, code: str, limits: dict) -> Future:
@@ -90,9 +92,12 @@ class _Batcher:
             threading.Thread(target=self._run, args=(batch,), daemon=True).start()
 
     def _run(self, batch: list) -> None:
+        # a replica runs reward.pool.max_ongoing_requests (4 by default) calls at a time: a batch
+        # of hung calls takes its limit once per round
+        rounds = -(-len(batch) // self.threads)
         try:
             results = _handle().run_tools.remote([(c, lim) for c, lim, _ in batch]).result(
-                timeout_s=max(lim["timeout_s"] for _, lim, _ in batch) + _POOL_SLACK_S)
+                timeout_s=max(lim["timeout_s"] for _, lim, _ in batch) * rounds + _POOL_SLACK_S)
         except Exception as e:  # noqa: BLE001 - a lost request fails its calls, not the host
             results = [ToolResult("", f"the tool pool failed: {type(e).__name__}: {str(e)[:200]}")] * len(batch)
         finally:

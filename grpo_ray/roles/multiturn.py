@@ -46,13 +46,24 @@ class _Calls:
         self.hosts, self.remote = hosts, bool(hosts) and hasattr(hosts[0].step, "remote")
         self.pool = None if self.remote else ThreadPoolExecutor(max_workers=16, thread_name_prefix="env")
 
-    def reset(self, by_host: dict[int, list]) -> dict[int, list[EnvReply]]:
-        if self.remote:
-            import ray
+    def reset(self, by_host: dict[int, list], timeout: float) -> dict[int, list[EnvReply]]:
+        """Each host's replies; a host that fails or does not answer within timeout gets an
+        error for each of its trajectories."""
+        if not self.remote:
+            return {h: self.hosts[h].reset(items) for h, items in by_host.items()}
+        import ray
 
-            refs = {h: self.hosts[h].reset.remote(items) for h, items in by_host.items()}
-            return {h: ray.get(r) for h, r in refs.items()}
-        return {h: self.hosts[h].reset(items) for h, items in by_host.items()}
+        refs = {h: self.hosts[h].reset.remote(items) for h, items in by_host.items()}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        out = {}
+        for h, ref in refs.items():
+            try:
+                out[h] = ray.get(ref, timeout=0)
+            except Exception as e:  # noqa: BLE001 - a dead or stuck host ends its trajectories only
+                why = "no answer within env.call_timeout_s" if isinstance(e, ray.exceptions.GetTimeoutError) else \
+                    f"{type(e).__name__}: {str(e)[:200]}"
+                out[h] = [EnvReply(error=f"the env host's reset failed ({why})")] * len(by_host[h])
+        return out
 
     def step(self, host: int, key: str, completion: str):
         if self.remote:
@@ -126,9 +137,10 @@ class TurnLoop:
         self.waiting: dict = {}            # env call handle -> (trajectory, sent at)
 
     def run(self, prompts: list[str], records: list[dict], n: int, seed: int | None) -> TurnResult:
-        trajs = self._start(prompts, records, n, seed)
+        self.trajs: list[_Traj] = []  # filled by _start before any reset: the finally closes what was made
         env_s, engine = 0.0, self.llm.llm_engine
         try:
+            trajs = self._start(prompts, records, n, seed)
             while engine.has_unfinished_requests() or self.waiting:
                 if engine.has_unfinished_requests():
                     for out in engine.step():
@@ -141,8 +153,12 @@ class TurnLoop:
                 t = time.perf_counter()
                 self._collect(timeout)
                 env_s += (time.perf_counter() - t) if timeout else 0.0
-        finally:
-            self.calls.close({h: [t.key for t in trajs if t.host == h and t.spec is not None]
+        finally:  # also on an error: no request left in the engine for its next call
+            if self.live:
+                engine.abort_request(list(self.live))
+            self.live.clear()
+            self.waiting.clear()
+            self.calls.close({h: [t.key for t in self.trajs if t.host == h and t.spec is not None]
                               for h in range(len(self.env.hosts))})
         return TurnResult([t.prompt_ids for t in trajs], [t.ids for t in trajs], [t.logprobs for t in trajs],
                           [t.truncated for t in trajs], [t.info for t in trajs], env_s)
@@ -158,11 +174,13 @@ class TurnLoop:
                 i = j * n + k
                 trajs.append(_Traj(i, f"{run}-{i}", i % hosts, spec, list(ids),
                                    None if seed is None else seed + i))
+        self.trajs = trajs
         by_host: dict[int, list] = {}  # host -> [(trajectory, (key, spec, record))]
         for t in trajs:
             if t.spec is not None:
                 by_host.setdefault(t.host, []).append((t, (t.key, t.spec, records[t.index // n])))
-        replies = self.calls.reset({h: [item for _, item in pairs] for h, pairs in by_host.items()})
+        replies = self.calls.reset({h: [item for _, item in pairs] for h, pairs in by_host.items()},
+                                   self.env.call_timeout_s)
         for h, pairs in by_host.items():
             for (traj, _), reply in zip(pairs, replies[h]):
                 if reply.error:

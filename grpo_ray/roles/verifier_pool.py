@@ -79,11 +79,14 @@ class VerifierReplica:
     async def run_tools(self, calls: list[tuple[str, dict]]) -> list:
         """Environments' tool calls (envs/tools.py: (code, limits) each, batched by the env
         host): each run in the sandbox, on the same thread pool as the checks."""
-        from ..envs.tools import execute
+        from ..envs.tools import ToolResult, execute
 
         loop = asyncio.get_running_loop()
-        return await asyncio.gather(*(loop.run_in_executor(self.executor, execute, code, limits)
-                                      for code, limits in calls))
+        out = await asyncio.gather(*(loop.run_in_executor(self.executor, execute, code, limits)
+                                     for code, limits in calls), return_exceptions=True)
+        # a launch that failed (EAGAIN, EMFILE) fails its own call, not the batch's
+        return [r if isinstance(r, ToolResult) else ToolResult("", f"error: the sandbox did not start "
+                                                                   f"({type(r).__name__}: {r})") for r in out]
 
     def _timed(self, records: list[dict], responses: list[str], deadline: float | None) -> tuple[list[Score], float]:
         t = time.perf_counter()
