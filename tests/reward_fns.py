@@ -96,3 +96,13 @@ def nan_reward(record, response):
 def constant(record, response):
     """A trivial function: what a call costs on top of the function itself."""
     return 0.5
+
+
+def fading(record, response):
+    """1.0 for the first record["budget"] calls (counted in the file record["counter"]), then 0: a
+    capability that is there at the first evaluation and gone at the next."""
+    import os
+
+    with open(record["counter"], "a") as f:
+        f.write(".")
+    return 1.0 if os.path.getsize(record["counter"]) <= record["budget"] else 0.0

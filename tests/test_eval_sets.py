@@ -106,3 +106,28 @@ def test_the_loop_evaluates_every_set_and_watches_retention(ray_local, tiny_mode
         if r.get("event") in ("warning", "retention"):
             assert html.escape(r["message"]) in page, r["message"]
     assert "http://" not in page and "https://" not in page and "src=\"data:" in page
+
+
+def test_retention_action_stop_stops_with_a_checkpoint_of_that_step(ray_local, tiny_model_dir, tmp_path):
+    from grpo_ray.driver.evaluation import RetentionStop
+    from grpo_ray.driver.train import train
+
+    train_file, keep, counter = tmp_path / "train.jsonl", tmp_path / "keep.jsonl", tmp_path / "calls"
+    train_file.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
+                                              "task": "reward_fns:digit_fraction"}) + "\n" for i in range(12)))
+    keep.write_text("".join(json.dumps({"prompt": f"Q: {i}-1=?\nA:", "answer": str(i - 1), "task": "reward_fns:fading",
+                                        "counter": str(counter), "budget": 4 * 4}) + "\n" for i in range(4)))
+    cfg = load_config("configs/default.yaml", [
+        "rollout.prompts_per_step=4", "algo.group_size=4", "train.steps=4", "train.eval_every=2",
+        "eval.num_prompts=4", "eval.samples=4", "eval.ks=[1]", "learner.micro_batch_size=8", "run.tensorboard=false",
+        f"run.output_dir={tmp_path}", "run.name=stop", f"model.path={tiny_model_dir}", "data.task=jsonl",
+        f"data.train_path={train_file}", "data.eval_fraction=0.25", "train.checkpoint_every=0",
+        f"eval.sets=[{{name: keep, path: {keep}, retention: true}}]", "eval.retention_action=stop"])
+    with pytest.raises(RetentionStop) as e:
+        train(cfg)
+    assert "eval set 'keep' fell from 1.000 to 0.000" in str(e.value) and "checkpoint of step 2" in str(e.value)
+    run_dir = tmp_path / "stop"
+    assert (run_dir / "checkpoints" / "step_000002" / "state.json").is_file()
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r.get("event") == "retention"] == [2]
+    assert max(r["step"] for r in rows if "reward/mean" in r) == 2  # no step after the stop

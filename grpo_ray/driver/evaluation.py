@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import ConfigError
 from ..core.metrics import mean_pass_at_k
 from ..roles.fleet import GeneratorFleet, Sampling
 from ..roles.multiturn import EnvRollout
@@ -54,6 +55,11 @@ def evaluate_sets(fleet: GeneratorFleet, verifier, sets: list[EvalSet], max_new_
                         max_new_tokens=max_new_tokens, env=env)
         out.update({s.key(k[len("eval/"):]): v for k, v in m.items()})
     return out
+
+
+class RetentionStop(ConfigError):
+    """eval.retention_action=stop: a retention set fell below its baseline; the run stops in one
+    line, naming the set and the checkpoint saved at that step."""
 
 
 class Retention:

@@ -28,7 +28,7 @@ from ..roles.waiting import Stalled
 from .best import Best, write_best_model
 from .checkpoint import (REFERENCES, check_resume_mode, checkpoint_path, find_resume, list_checkpoints, load_state,
                          lora_state, newest_good, prune, remove_partial_saves, write_state, writing)
-from .evaluation import EvalSet, Retention, eval_sets, evaluate_sets
+from .evaluation import EvalSet, Retention, RetentionStop, eval_sets, evaluate_sets
 from .outputs import (create_run_dir, fit_records, fit_to_model, prepare_model, resolve_run_dir, stopped_where,
                       summary_line, write_samples)
 from .parity import PARITY, ParityStop, describe, threshold, verdict
@@ -289,7 +289,7 @@ class Run:
             return
         phase = self.timeline.phase
         with phase("final evaluation"):
-            self.evaluate(last)
+            self.evaluate(last, final=True)
         if verdict := self.retention.verdict(self.last_eval):
             self.log(verdict)
         if stopped:  # kept beside the last good one (checkpoint.prune), which a rollback goes back to
@@ -448,7 +448,7 @@ class Run:
         self.roles.fleet.resync()
         self.parity_pushed = step
 
-    def evaluate(self, step: int) -> None:
+    def evaluate(self, step: int, final: bool = False) -> None:
         c, roles = self.cfg, self.roles
         roles.fleet.settle()  # evaluate the weights of `step`, loaded
         try:  # a generator Ray restarted mid-evaluation gets the current weights pushed (the fleet's resync)
@@ -460,9 +460,14 @@ class Run:
         for w in self.monitor.check_eval(m[f"eval/pass@{min(c.eval.ks)}"]):
             self.log(f"warning: {w}")
             self.metrics.write({"step": step, "event": "warning", "message": w})
-        for w in self.retention.check(m):
+        fell = self.retention.check(m)
+        for w in fell:
             self.log(f"warning: {w}")
             self.metrics.write({"step": step, "event": "retention", "message": w})
+        if fell and c.eval.retention_action == "stop" and not final:
+            self.checkpoint(step)
+            raise RetentionStop(f"{fell[0]} (eval.retention_action=stop: checkpoint of step {step} saved in "
+                                f"{checkpoint_path(self.run_dir, step)})")
         self.last_eval = m
         if self.best and self.best.offer(step, m):  # saved now: the next checkpoint may be steps away
             if step == self.saved:  # the loop saved this step before its evaluation: update its record
