@@ -270,7 +270,7 @@ def test_each_generator_part_is_scored_the_moment_it_arrives(ray_local, tmp_path
     import ray
 
     from grpo_ray.core.records import Rollout
-    from grpo_ray.driver.rollout import sample_and_score
+    from grpo_ray.driver.rollout import collect_scores, sample_and_score
     from grpo_ray.roles.fleet import Arrived, GeneratorFleet, Launch, Sampling
 
     @ray.remote
@@ -290,9 +290,9 @@ def test_each_generator_part_is_scored_the_moment_it_arrives(ray_local, tmp_path
         cfg = load_config(None, [f"run.output_dir={tmp_path}", "algo.group_size=2"])
         records = [{"task": "reward_fns:now", "answer": "", "prompt": p} for p in ("a", "c")]
         fleet = GeneratorFleet([StandIn.remote(0.0), StandIn.remote(4.0)])
-        roles = types.SimpleNamespace(fleet=fleet, verifier=pool, reference=None)
+        roles = types.SimpleNamespace(fleet=fleet, verifier=pool, reference=None, env=None)
         rollout, ref_pass, pending = sample_and_score(roles, cfg, records, seed=0)
-        scored = [s.reward for s in pool.collect(pending)]
+        scored = [s.reward for s in collect_scores(pool, pending)]
         assert rollout.texts == ["a", "a", "c", "c"] and len(scored) == 4 and ref_pass is None
         done = rollout.sample_s  # the later part's return time (Rollout.concat keeps the max)
         assert max(scored[:2]) < done, "part 0 waited for part 1 before it was scored"

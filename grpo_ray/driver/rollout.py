@@ -123,8 +123,8 @@ def sample_and_score(roles, cfg: Config, records: list[dict], seed: int, pad_id:
     checks take seconds, and on a cluster the parts finish at different times). With a pad_id,
     the reference pass on them is queued behind the sampling. A launch the fleet repeats (a
     restarted generator sampled with stale weights) makes what was queued behind the last one
-    useless: it is cancelled. Returns (rollout, reference pass ref or None, the pool's pending
-    requests in part order)."""
+    useless: it is cancelled. Returns (rollout, reference pass ref or None, each part's PartChecks
+    in part order: collect_scores awaits them)."""
     G, ref_pass, pending, by_part = cfg.algo.group_size, None, {}, []
     for event in roles.fleet.stream([r["prompt"] for r in records], sampling(cfg, roles.env), seed, records=records):
         if isinstance(event, Launch):
