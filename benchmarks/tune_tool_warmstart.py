@@ -100,6 +100,22 @@ def sample(model, tokenizer, contexts: list[list[int]], max_new: int, stop: str 
     return results
 
 
+def _count(counts: dict, r: dict, kind: str, text: str, code: str | None, obs: str | None) -> bool:
+    """Add one sample to the tallies; returns whether its answer is right."""
+    m = ANSWER.search(text)
+    right = bool(m) and m.group(1) == r["answer"]
+    counts["n"] += 1
+    counts["right"] += right
+    counts[kind] += 1
+    if kind == "tool":
+        counts["tool_right"] += right
+        counts["code_ok"] += code == f"print({r['a']}*{r['b']})"
+        counts["copy_ok"] += bool(m) and m.group(1) == obs.strip().split("\n")[0].strip()
+    elif kind == "guess":
+        counts["guess_right"] += right
+    return right
+
+
 def evaluate(path: str, held_out: list[dict], samples: int, batch: int = 200, force_tool: bool = False) -> dict:
     """Sample and score; force_tool: every turn 1 starts with the first token of the tool call
     (as if the policy had learnt to call it), the rest sampled."""
@@ -135,17 +151,7 @@ def evaluate(path: str, held_out: list[dict], samples: int, batch: int = 200, fo
                 finals[i] = ("tool", tokenizer.decode([t for t in t2 if t != eos]), code, obs)
         for i, r in enumerate(chunk):
             kind, text, code, obs = finals[i]
-            m = ANSWER.search(text)
-            right = bool(m) and m.group(1) == r["answer"]
-            counts["n"] += 1
-            counts["right"] += right
-            counts[kind] += 1
-            if kind == "tool":
-                counts["tool_right"] += right
-                counts["code_ok"] += code == f"print({r['a']}*{r['b']})"
-                counts["copy_ok"] += bool(m) and m.group(1) == obs.strip().split("\n")[0].strip()
-            elif kind == "guess":
-                counts["guess_right"] += right
+            right = _count(counts, r, kind, text, code, obs)
             if len(examples) < 4 and (kind != "guess" or len(examples) < 2) or (kind == "tool" and not right
                                                                                   and len(failures) < 6):
                 (examples if len(examples) < 4 else failures).append((r["prompt"], kind, code, obs, text, right))
