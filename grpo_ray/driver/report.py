@@ -17,24 +17,19 @@ from .outputs import write_atomic
 def _flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict) and v and not k == "options":
+        if isinstance(v, dict) and v and k != "options":
             out.update(_flat(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
-def config_changes(run_dir: str) -> list[tuple[str, object, object]]:
-    """(key, value, default) of every key of the run's config.yaml that differs from the default."""
-    import yaml
-
+def config_changes(cfg: dict) -> list[tuple[str, object, object]]:
+    """(key, value, default) of every key of a run's config (its config.yaml, parsed) that
+    differs from the default."""
     from ..config import Config
 
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        ran = _flat(yaml.safe_load(f) or {})
+    ran = _flat(cfg)
     default = _flat(Config().to_dict())
     return [(k, v, default.get(k)) for k, v in ran.items() if v != default.get(k)]
 
@@ -87,12 +82,16 @@ def write_report(run_dir: str) -> str:
 
     rows = _rows(run_dir)
     cfg_path = os.path.join(run_dir, "config.yaml")
-    cfg = yaml.safe_load(open(cfg_path)) if os.path.isfile(cfg_path) else {}
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            cfg = yaml.safe_load(f) or {}
+    else:
+        cfg = {}
     retention = {s["name"] for s in (cfg.get("eval") or {}).get("sets", []) if s.get("retention")}
     events = [[r.get("step", ""), r["event"], r.get("message", "")] for r in rows if "event" in r]
     parts = [f"<h1>grpo-ray run: {html.escape(os.path.basename(os.path.abspath(run_dir)))}</h1>",
              "<h2>Config (keys that differ from the defaults)</h2>",
-             _table(["key", "value", "default"], [list(c) for c in config_changes(run_dir)]),
+             _table(["key", "value", "default"], [list(c) for c in config_changes(cfg)]),
              "<h2>Evaluation</h2>", _table(["metric", "start", "best", "end", ""], eval_table(rows, retention)),
              "<h2>Charts</h2>", *[_image(p) for p in sorted(glob.glob(os.path.join(run_dir, "plots", "*.png")))],
              "<h2>Warnings and events</h2>", _table(["step", "event", "message"], events)]
