@@ -11,9 +11,9 @@ from .loading import field_type, json_schema, load_config, parse_override, resol
 from .sections import (AlgoConfig, CodeRewardConfig, Config, DataConfig, EvalConfig, LearnerConfig,
                        MathRewardConfig, ModelConfig, ResourcesConfig, RewardConfig, RolloutConfig, RunConfig,
                        TrainConfig, VerifierPoolConfig, WarmStartConfig, overlong_buffer)
-from .resources import cpu_list, cpu_threads
+from .resources import cpu_list, cpu_threads, shard_cpus
 
 __all__ = ["AlgoConfig", "CodeRewardConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "LearnerConfig",
            "MathRewardConfig", "ModelConfig", "ResourcesConfig", "RewardConfig", "RolloutConfig", "RunConfig",
-           "Sources", "TrainConfig", "VerifierPoolConfig", "WarmStartConfig", "cpu_list", "cpu_threads",
+           "Sources", "TrainConfig", "VerifierPoolConfig", "WarmStartConfig", "cpu_list", "cpu_threads", "shard_cpus",
            "field_type", "json_schema", "load_config", "overlong_buffer", "parse_override", "resolve", "show"]

@@ -17,6 +17,7 @@ def across_sections(cfg: Config) -> None:
     _check_lengths(cfg)
     _check_keep_best(cfg)
     _check_env(cfg)
+    _check_tensor_parallel(cfg)
 
 
 def _check_env(cfg: Config) -> None:
@@ -104,3 +105,22 @@ def _check_lengths(cfg: Config) -> None:
     if cfg.algo.overlong == "penalty" and overlong_buffer(cfg) > rollout.max_new_tokens:
         raise fail(f"algo.overlong_buffer={cfg.algo.overlong_buffer} is longer than rollout.max_new_tokens="
                    f"{rollout.max_new_tokens}", "algo.overlong_buffer", "rollout.max_new_tokens")
+
+
+def _check_tensor_parallel(cfg: Config) -> None:
+    tp, res = cfg.rollout.tensor_parallel, cfg.resources
+    if cfg.model.path == "builtin:tiny" and cfg.model.num_heads % tp:
+        raise fail(f"rollout.tensor_parallel={tp} does not divide model.num_heads={cfg.model.num_heads}: vLLM gives "
+                   "each worker an equal share of the attention heads", "rollout.tensor_parallel", "model.num_heads")
+    if tp > 1 and 0 < res.generator_gpus < 1:
+        raise fail(f"resources.generator_gpus={res.generator_gpus} with rollout.tensor_parallel={tp}: each worker "
+                   "of a sharded engine needs a GPU of its own; use 1 (or 0 on CPUs)",
+                   "resources.generator_gpus", "rollout.tensor_parallel")
+    if tp > 1 and res.generator_gpus and res.colocate == "all":
+        raise fail(f"resources.colocate=all with rollout.tensor_parallel={tp}: a generator sharded over {tp} GPUs "
+                   "cannot share one learner rank's GPU; use resources.colocate=learner_reference or none",
+                   "resources.colocate", "rollout.tensor_parallel")
+    if cfg.sync.method == "collective" and cfg.lora and cfg.model.lora.sync == "adapter":
+        raise fail("sync.method=collective broadcasts whole weights; model.lora.sync=adapter sends the adapter's "
+                   "files (a few MB) through the object store: use sync.method=object_store, or "
+                   "model.lora.sync=merged", "sync.method", "model.lora.sync")

@@ -47,3 +47,13 @@ def cpu_list(spec: str) -> list[int]:
         lo, _, hi = part.partition("-")
         out += list(range(int(lo), int(hi or lo) + 1))
     return out
+
+
+def shard_cpus(spec: str, shards: int) -> str:
+    """A tensor-parallel engine's VLLM_CPU_OMP_THREADS_BIND: its CPU ids split into `shards`
+    slices, one per worker ("0-3", 2 -> "0-1|2-3"); fewer ids than shards share them in turn."""
+    ids = cpu_list(spec)
+    if len(ids) < shards:
+        return "|".join(str(ids[i % len(ids)]) for i in range(shards))
+    parts = [ids[i * len(ids) // shards:(i + 1) * len(ids) // shards] for i in range(shards)]
+    return "|".join(",".join(map(str, p)) for p in parts)

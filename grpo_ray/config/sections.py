@@ -272,6 +272,9 @@ class RolloutConfig(Section):
     enforce_eager: bool = _f(True, "true: vLLM runs the model eagerly; false: CUDA graphs on GPUs (faster "
                                    "decoding), inductor on CPUs (worth it on long runs only)")
     asynchronous: bool = _f(False, "one step off-policy: step n+1's rollout is sampled while step n trains")
+    tensor_parallel: int = _f(1, "vLLM tensor parallelism: each generator's model is sharded over this many "
+                                 "workers on one node, each with resources.generator_gpus (or its own CPU cores)",
+                              ge=1)
 
 
 class LearnerConfig(Section):
@@ -361,10 +364,11 @@ class ResourcesConfig(Section):
     group (grpo_ray/roles/placement.py): a bundle per learner rank, generator and the reference, or
     shared bundles when co-located. Fractional CPUs by default: on 2 cores, whole-CPU requests
     can starve other actors into a hang. On GPU nodes: 1 GPU per learner rank and generator."""
-    generator_cpus: Float = _f(0.25, "CPUs per vLLM generator", gt=0.0)
+    generator_cpus: Float = _f(0.25, "CPUs per vLLM generator (per worker with rollout.tensor_parallel)", gt=0.0)
     learner_cpus: Float = _f(0.25, "CPUs per learner rank", gt=0.0)
     reference_cpus: Float = _f(0.25, "CPUs of the reference", gt=0.0)
-    generator_gpus: Float = _f(0.0, "GPUs per vLLM generator (one engine per GPU at most)", ge=0.0, le=1.0)
+    generator_gpus: Float = _f(0.0, "GPUs per vLLM generator, per worker with rollout.tensor_parallel (one engine "
+                                    "per GPU at most)", ge=0.0, le=1.0)
     learner_gpus: Float = _f(0.0, "GPUs per learner rank (DeepSpeed: one device per rank)", ge=0.0, le=1.0)
     reference_gpus: Float = _f(0.0, "GPUs of the reference", ge=0.0, le=1.0)
     colocate: Literal["none", "learner_reference", "all"] = _f(
@@ -391,6 +395,16 @@ class ResourcesConfig(Section):
         return spec
 
 
+class SyncConfig(Section):
+    """How the learner's new weights reach the generators after each update."""
+    method: Literal["object_store", "collective"] = _f(
+        "object_store", "object_store: rank 0's buckets go through Ray's object store to each generator; collective: "
+                        "rank 0 broadcasts them to every generator worker in one process group (NCCL on GPUs, gloo "
+                        "on CPUs; roles/collective.py)")
+    timeout_s: Float = _f(120.0, "collective: a sync (or the group's forming) that takes longer fails, naming the "
+                                 "generators it waited for", gt=0.0)
+
+
 class Config(Section):
     """The whole config tree: configs/*.yaml, then dotted command-line overrides."""
     run: RunConfig = Field(default_factory=RunConfig, description=RunConfig.__doc__)
@@ -405,6 +419,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description=EvalConfig.__doc__)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description=ResourcesConfig.__doc__)
     env: EnvConfig = Field(default_factory=EnvConfig, description=EnvConfig.__doc__)
+    sync: SyncConfig = Field(default_factory=SyncConfig, description=SyncConfig.__doc__)
 
     @property
     def needs_reference(self) -> bool:

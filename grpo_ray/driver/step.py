@@ -70,7 +70,7 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
     with timer("learner"):  # the generators' weight load is queued behind the update, not awaited
         update = roles.learners.update(batch, mini_batches=cfg.algo.mini_batches, aggregation=cfg.algo.aggregation,
                                        max_tokens=cfg.rollout.max_new_tokens, epochs=cfg.algo.ppo_epochs)
-        roles.fleet.push(update.weights, version=step)
+        roles.fleet.push(update.weights, version=step, broadcast=update.broadcast)
         stats, mismatch = roles.learners.results(update)
     if ahead is not None:  # the generators take new weights once the next rollout is sampled
         with timer("generate"):

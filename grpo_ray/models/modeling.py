@@ -44,6 +44,23 @@ def check_model_dir(path: str, max_model_len: int | None = None, tokenizer: bool
         load_tokenizer(path)
 
 
+def check_tensor_parallel(path: str, tp: int) -> None:
+    """rollout.tensor_parallel against the model's heads, as vLLM shards them: the attention heads
+    split evenly over the workers, the KV heads too (or, fewer than the workers, each replicated
+    to a whole number of them). ModelDirError names the key and the model's counts."""
+    config = read_model_config(path)
+    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    heads = config.get("num_attention_heads")
+    kv = config.get("num_key_value_heads") or heads
+    if tp <= 1 or not heads:
+        return
+    if heads % tp or (kv % tp if kv >= tp else tp % kv):
+        fits = [n for n in range(1, heads + 1) if not heads % n and not (kv % n if kv >= n else n % kv)]
+        raise ModelDirError(f"rollout.tensor_parallel={tp} does not divide the attention heads of the model in {path} "
+                            f"({heads} heads, {kv} KV heads); vLLM shards them evenly over the workers: use one of "
+                            f"{fits}")
+
+
 def read_model_config(path: str) -> dict:
     """path/config.json as a dict; ModelDirError when the folder or the file is missing or not JSON."""
     if not os.path.isdir(path):

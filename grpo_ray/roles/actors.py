@@ -16,7 +16,7 @@ import ray
 
 from ..config import Config, ConfigError, cpu_list, cpu_threads
 from .backends import BACKENDS, full_params_need_all_ranks
-from .fleet import GeneratorFleet
+from .fleet import CollectiveSync, GeneratorFleet
 from .learner_group import LearnerGroup
 from .multiturn import EnvRollout
 from .placement import Placement, reserve
@@ -64,8 +64,9 @@ def _placed(cfg: Config, placement: Placement | None, role: str, index: int = 0,
     """The role instance's actor options (its bundle and share when placed, plus the actor env),
     and its resolved (vLLM CPU ids, torch threads) from role_threads."""
     res = cfg.resources
+    shards = cfg.rollout.tensor_parallel if role == "generator" else 1  # as placement.plan
     where = placement.options(role, index) if placement else dict(
-        num_cpus=getattr(res, f"{role}_cpus"), num_gpus=getattr(res, f"{role}_gpus"))
+        num_cpus=getattr(res, f"{role}_cpus") * shards, num_gpus=getattr(res, f"{role}_gpus") * shards)
     # Ray sets OMP_NUM_THREADS to the actor's CPU count (1 for a fraction), which slowed vLLM's
     # CPU decoding by ~15% here (125 vs 106 ms a step at the tiny size) even with its own threads
     # bound; give OpenMP the threads the role really uses.
@@ -133,7 +134,7 @@ def start_generators(cfg: Config, model_path: str, placement: Placement | None =
         actors.append(gen_cls.options(**options).remote(
             model_path, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
             kv_cache_mb=cfg.rollout.kv_cache_mb, seed=cfg.run.seed + i, cpu_threads=cpus,
-            enforce_eager=cfg.rollout.enforce_eager,
+            enforce_eager=cfg.rollout.enforce_eager, tensor_parallel=cfg.rollout.tensor_parallel,
             lora_rank=cfg.model.lora.rank if cfg.lora and cfg.model.lora.sync == "adapter" else 0,
             gpu_share=placement.slot("generator", i).gpus if placement else cfg.resources.generator_gpus))
     return actors
@@ -252,9 +253,14 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
         bound = Bound(cfg.run.stall_timeout_s)
         group = LearnerGroup(learners, gather_on_all_ranks=full_params_need_all_ranks(cfg.learner.backend,
                                                                                     cfg.learner.zero_stage),
-                             dtype=cfg.model.dtype, bound=bound, lora=cfg.lora)
-        fleet = GeneratorFleet(generators, group, bound, start_s=time.perf_counter() - t0)
+                             dtype=cfg.model.dtype, bound=bound, lora=cfg.lora,
+                             collective=cfg.sync.method == "collective")
+        fleet = GeneratorFleet(generators, group, bound, start_s=time.perf_counter() - t0,
+                               collective=collective_sync(cfg))
         fleet.locate()  # the engines are up (awaited above): where each runs, for the stall messages
+        if fleet.collective is not None:
+            with timeline.phase("weight-sync group"):
+                fleet.form_group()
     except BaseException:  # an error or a stop (SIGTERM) anywhere up to here: nothing left on the cluster
         placement.remove()  # kills the actors placed in it
         for host in env.hosts if env else ():  # outside it
@@ -263,6 +269,15 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
             verifier.shutdown()
         raise
     return Roles(fleet, verifier, reference, group, placement, bound, env)
+
+
+def collective_sync(cfg: Config) -> CollectiveSync | None:
+    """sync.method=collective's group settings: NCCL when the learners and generators are on
+    GPUs, else gloo (None: the object store)."""
+    if cfg.sync.method != "collective":
+        return None
+    gpus = cfg.resources.generator_gpus > 0 and cfg.resources.learner_gpus > 0
+    return CollectiveSync(cfg.rollout.tensor_parallel, "nccl" if gpus else "gloo", cfg.sync.timeout_s)
 
 
 def replace_reference(roles: Roles, cfg: Config, model_path: str) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import ray
 
 from ..core.records import Rollout
+from .collective import GroupAddress
 from .multiturn import EnvRollout
 from .waiting import Bound, Stalled, locations, wait_all, wait_any
 
@@ -63,6 +64,24 @@ class Sampled:
     rollout: Rollout
 
 
+@dataclass(frozen=True)
+class CollectiveSync:
+    """sync.method=collective (roles/collective.py): how the fleet's weight-sync group is made."""
+    tensor_parallel: int  # workers per generator: each is a member of the group
+    backend: str          # nccl | gloo
+    timeout_s: float
+
+
+@dataclass
+class Push:
+    """A weight push, queued and not yet awaited: each generator's load, and with a collective
+    sync the learner's broadcast (started once the generators are free to receive it)."""
+    version: int
+    loads: list                          # one ObjectRef per generator
+    broadcast: ray.ObjectRef | None = None
+    collective: bool = False
+
+
 def split(items: list, parts: int) -> list[list]:
     """Contiguous, near-equal chunks (empty ones dropped)."""
     size, rem = divmod(len(items), parts)
@@ -75,18 +94,21 @@ def split(items: list, parts: int) -> list[list]:
 
 
 class GeneratorFleet:
-    def __init__(self, actors: list, learners=None, bound: Bound | None = None, start_s: float = 0.0):
+    def __init__(self, actors: list, learners=None, bound: Bound | None = None, start_s: float = 0.0,
+                 collective: CollectiveSync | None = None):
         """actors: the Generator actors; learners: the LearnerGroup the current weights come
         from when a restarted generator must be brought up to date (None: sampling only, as in
         `grpo-ray eval`, where every generator holds the model it started from). bound: how long
         a call may go without progress (run.stall_timeout_s) before the generators that made
         none are restarted; start_s: how long the engines took to start, added to the bound
-        while a restarted one starts again."""
+        while a restarted one starts again. collective: pushes go by broadcast from the learners'
+        rank 0 (sync.method=collective; form_group() makes the group)."""
         self.actors, self.learners = actors, learners
         self.bound, self.start_s = bound or Bound(None), start_s
         self.names = [f"generator {i}" for i in range(len(actors))]  # with node and pid once ready
         self.version = 0  # what every generator holds once the queued loads run
-        self._loading: list = []  # weight loads queued, not yet awaited: [ObjectRef], one per actor and push
+        self._loading: list[Push] = []  # weight pushes queued, not yet awaited
+        self.collective, self._group, self._generation = collective, None, 0
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -154,12 +176,27 @@ class GeneratorFleet:
         raise AssertionError("stream ended without a rollout")
 
     # ------------------------------------------------------------ weights
-    def push(self, weights: ray.ObjectRef, version: int) -> None:
+    def push(self, weights: ray.ObjectRef, version: int, broadcast: bool = False) -> None:
         """Queue the load of `weights` (a ref to the learner's buckets: each generator reads the
         one stored copy) on every generator, behind any rollout already queued there; from now
-        on launches sample with `version`. Not awaited: see settle()."""
-        self._loading += [g.update_weights.remote(weights, version) for g in self.actors]
+        on launches sample with `version`. Not awaited: see settle(). broadcast: `weights` holds
+        the layouts of buckets the learners' rank 0 kept, and sends by broadcast; with no group
+        (one that failed, or a generator restarted since), they go through the object store."""
+        if broadcast and self._group is None:
+            print(f"weight sync of version {version}: no weight-sync group (sync.method=collective) since the last "
+                  "failure or restart; sending it through the object store", file=sys.stderr)
+            weights, broadcast = self.learners.kept_buckets(), False
+        self._loading.append(Push(version, [g.update_weights.remote(weights, version) for g in self.actors],
+                                  collective=broadcast))
         self.version = version
+
+    def _start_broadcasts(self) -> None:
+        """Start the learner's side of the queued broadcasts: called once the generators are free
+        (no rollout in flight ahead of their loads), so the group's timeout is not spent waiting
+        for a rollout to finish."""
+        for push in self._loading:
+            if push.collective and push.broadcast is None:
+                push.broadcast = self.learners.broadcast()
 
     def settle(self, keep_latest: bool = False) -> None:
         """Await the queued weight loads, raising any error they had. keep_latest leaves the
@@ -167,17 +204,53 @@ class GeneratorFleet:
         the next prompts, in async mode behind the rollout sampling ahead (a generator runs its
         calls in order, so the next rollout still starts on the new weights); the next
         settle() awaits it."""
-        newest = self._loading[-len(self.actors):] if keep_latest and self._loading else []
-        older = self._loading[:len(self._loading) - len(newest)]
-        owners = [self.names[i % len(self.actors)] for i in range(len(older))]
+        self._start_broadcasts()
+        newest = self._loading[-1:] if keep_latest else []
+        older, self._loading = self._loading[:len(self._loading) - len(newest)], newest
         try:
-            wait_all(older, owners, "update_weights (loading the new weights)", self.bound)
+            for push in older:
+                self._await(push)
         except Stalled as e:  # a frozen load: restart it; resync() gives it the current weights
-            self._loading = newest
-            self.restart(sorted({i % len(self.actors) for i in e.indices}), e)
+            self.restart(sorted(set(e.indices) & set(range(len(self.actors)))), e)
             self.resync()
+
+    def _await(self, push: Push) -> None:
+        """One push's loads; a broadcast that fails (the group's timeout) names the generators it
+        did not reach, and the group is made again at the next resync."""
+        if push.broadcast is None:
+            wait_all(push.loads, self.names, "update_weights (loading the new weights)", self.bound)
             return
-        self._loading = newest
+        try:
+            wait_all(push.loads + [push.broadcast], self.names + ["learner rank 0"],
+                     "update_weights (the weight broadcast)", self.bound)
+        except ray.exceptions.RayError as e:
+            self._group = None
+            _, pending = ray.wait(push.loads, num_returns=len(push.loads), timeout=0)
+            failed = [self.names[i] for i, ref in enumerate(push.loads) if ref in pending or _failed(ref)]
+            raise RuntimeError(f"the weight sync of version {push.version} (sync.method=collective) did not reach "
+                               f"{', '.join(failed) or 'every generator'} within sync.timeout_s="
+                               f"{self.collective.timeout_s:g}: {_first_line(e)}") from e
+
+    def form_group(self) -> bool:
+        """Make a new weight-sync group of the learners' rank 0 and every generator worker (at
+        start, and after a generator restart: the members of the old one are not all there).
+        False, with a line saying why, when it does not form within sync.timeout_s: pushes then
+        go through the object store until the next try."""
+        c = self.collective
+        self._group, self._generation = None, self._generation + 1
+        host, port = self.learners.sync_address()
+        address = GroupAddress(host, port, 1 + c.tensor_parallel * len(self.actors), c.backend, c.timeout_s,
+                               self._generation)
+        refs = [self.learners.join_sync_group(address)] + [
+            g.join_sync_group.remote(address, 1 + i * c.tensor_parallel) for i, g in enumerate(self.actors)]
+        try:
+            wait_all(refs, ["learner rank 0"] + self.names, "joining the weight-sync group", Bound(c.timeout_s))
+        except (Stalled, ray.exceptions.RayError) as e:
+            print(f"the weight-sync group (sync.method=collective) did not form: {_first_line(e)}; weights go "
+                  "through the object store until a generator restart makes it try again", file=sys.stderr)
+            return False
+        self._group = address
+        return True
 
     def resync(self, version: int | None = None) -> None:
         """Every generator to the learners' current weights, awaited (a generator restart, a
@@ -188,6 +261,8 @@ class GeneratorFleet:
         self.settle()
         self.push(self.learners.weight_buckets(), self.version if version is None else version)
         self.settle()
+        if self.collective is not None:  # a restarted generator is in no group: make a new one
+            self.form_group()
 
     def wait_sampled(self, launch: Launch) -> None:
         """Until every part of `launch` is sampled, without fetching them (async mode: the next
@@ -197,6 +272,7 @@ class GeneratorFleet:
             wait_all(launch.refs, self.names[:len(launch.refs)], "generate", self.bound, fetch=False)
         except Stalled as e:
             self.restart(e.indices, e)
+        self._start_broadcasts()  # the generators are free to receive the weights queued behind it
 
     def restart(self, indices: list[int], stalled: Stalled) -> None:
         """Kill the generators that stalled; Ray starts them again (resources.actor_restarts)
@@ -208,6 +284,7 @@ class GeneratorFleet:
                   file=sys.stderr)
             ray.kill(self.actors[i], no_restart=False)
             self.names[i] = f"generator {i} (restarted)"
+            self._group = None  # it comes back in no weight-sync group
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Ask every generator to remove what it wrote on its node (best effort: a generator
@@ -225,3 +302,16 @@ class GeneratorFleet:
     def locate(self) -> None:
         """Note where each generator runs, for the stall messages (the engines are up)."""
         self.names = [f"generator {i} ({at})" for i, at in enumerate(locations(self.actors))]
+
+
+def _failed(ref) -> bool:
+    try:
+        ray.get(ref, timeout=0)
+        return False
+    except Exception:  # noqa: BLE001 - any error of the call: it did not load
+        return True
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__

@@ -20,12 +20,13 @@ import tempfile
 import time
 import warnings
 
-from ..config import ConfigError
+from ..config import ConfigError, shard_cpus
 from ..core.records import Rollout
 from ..models.lora import write_adapter
+from .collective import GroupAddress, join_worker, receive_buckets
 from .multiturn import EnvRollout, TurnLoop
 from .startup import StartupClock
-from .weight_sync import AdapterWeights, WeightBucket, unpack_bucket
+from .weight_sync import AdapterWeights, BucketLayout, WeightBucket, unpack_bucket
 
 
 def _vllm_env(threads: str | None) -> None:
@@ -43,7 +44,12 @@ def _vllm_env(threads: str | None) -> None:
 
 
 def _reload(worker, buckets):
-    """Runs inside the vLLM worker (collective_rpc): load named tensors into the live model."""
+    """Runs inside each vLLM worker (collective_rpc; one per tensor-parallel shard): load named
+    tensors into the live model. Buckets given as layouts (sync.method=collective) arrive by
+    broadcast from the learner first (roles/collective.py). Every shard is sent the whole
+    weights, and the model's own loaders cut each one's part (as at start-up)."""
+    if buckets and isinstance(buckets[0], BucketLayout):
+        buckets = receive_buckets(worker, buckets)
     weights = [item for bucket in buckets for item in unpack_bucket(bucket)]
     model = worker.model_runner.model
     plan = getattr(model, "_grpo_cpu_gemms", None)
@@ -233,6 +239,36 @@ def _install_seeded_cpu_sampler() -> None:
     ops.TopKTopPSampler.forward_cpu = forward_cpu
 
 
+def _install_worker_samplers(worker) -> None:
+    """Runs in each vLLM worker (collective_rpc). With tensor_parallel > 1 vLLM spawns its
+    workers (it must, in a Ray actor), so the patches the actor installed before building the
+    engine are not in them; the sampler bound its forward at init, so it is bound again."""
+    _install_seeded_cpu_sampler()
+    _install_eager_token_ranks()
+    sampler = getattr(getattr(worker.model_runner, "sampler", None), "topk_topp_sampler", None)
+    if sampler is not None and getattr(sampler.forward, "__name__", "") == "forward_cpu":
+        sampler.forward = sampler.forward_cpu
+
+
+def _exit_when_a_worker_dies(llm) -> None:
+    """tensor_parallel > 1: vLLM's executor notices a worker process that died and shuts the
+    engine down, which leaves this actor alive with a dead engine. Exiting instead lets Ray
+    restart the generator (resources.actor_restarts) and retry its call, as for a crash of the
+    actor itself; the fleet then pushes it the current weights."""
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    executor = getattr(core, "model_executor", None)
+    if hasattr(executor, "register_failure_callback"):
+        executor.register_failure_callback(_worker_died)
+
+
+def _worker_died() -> None:
+    import sys
+
+    print("generator: a tensor-parallel worker of its vLLM engine died; exiting so that Ray restarts the "
+          "generator (resources.actor_restarts)", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 # the LoRA ranks vLLM accepts as max_lora_rank (vllm/config/lora.py MaxLoRARanks)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -251,12 +287,15 @@ def _lora_options(rank: int) -> dict:
 class Generator:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512,
                  kv_cache_mb: int = 256, seed: int = 0, cpu_threads: str | None = None,
-                 max_num_seqs: int = 256, enforce_eager: bool = True, gpu_share: float = 1.0, lora_rank: int = 0):
+                 max_num_seqs: int = 256, enforce_eager: bool = True, gpu_share: float = 1.0, lora_rank: int = 0,
+                 tensor_parallel: int = 1):
         """lora_rank > 0: the engine serves a LoRA adapter of that rank, loaded at each sync
         (model.lora.sync=adapter); before the first one it samples the base (a fresh adapter is
-        zero)."""
+        zero). tensor_parallel > 1: vLLM shards the model over that many worker processes (its
+        multiprocess executor), each on its own GPU, or on CPUs on its own slice of cpu_threads."""
         self.clock = StartupClock()
-        _vllm_env(cpu_threads)
+        self.tensor_parallel = tensor_parallel
+        _vllm_env(shard_cpus(cpu_threads, tensor_parallel) if cpu_threads and tensor_parallel > 1 else cpu_threads)
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -289,7 +328,13 @@ class Generator:
                        # vLLM checks at start that this fraction of the GPU is free: a generator
                        # sharing its GPU (resources.colocate) may only claim its share
                        gpu_memory_utilization=0.9 * min(1.0, gpu_share or 1.0),
-                       **_lora_options(lora_rank))
+                       **_lora_options(lora_rank),
+                       **({"tensor_parallel_size": tensor_parallel, "distributed_executor_backend": "mp"}
+                          if tensor_parallel > 1 else {}))
+        if tensor_parallel > 1:
+            if cpu:
+                self.llm.collective_rpc(_install_worker_samplers)
+            _exit_when_a_worker_dies(self.llm)
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version, self.load_error = 0, None
         self.lora_request = None  # the adapter loaded at the last sync (model.lora.sync=adapter)
@@ -385,7 +430,7 @@ class Generator:
             if buckets and isinstance(buckets[0], AdapterWeights):
                 loaded = self._load_adapter(buckets[0], version)
             else:
-                loaded = self.llm.collective_rpc(_reload, args=(buckets,))[0]
+                loaded = self._load_buckets(buckets)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             raise
@@ -396,6 +441,20 @@ class Generator:
             self.llm.reset_prefix_cache()
         self.weight_version = version
         return loaded
+
+    def _load_buckets(self, buckets: list) -> int:
+        """Every worker (tensor-parallel shard) loads the whole set: each must report every
+        tensor loaded, or the engine would sample from a mix of shards."""
+        counts = self.llm.collective_rpc(_reload, args=(buckets,))
+        if len(counts) != self.tensor_parallel or len(set(counts)) != 1:
+            raise RuntimeError(f"weight sync: the engine's {self.tensor_parallel} workers loaded {counts} tensors; "
+                               "each must load the whole set")
+        return counts[0]
+
+    def join_sync_group(self, address: GroupAddress, first_rank: int) -> list[int]:
+        """sync.method=collective: every worker joins the weight-sync group (roles/collective.py)
+        as first_rank + its tensor-parallel rank; returns the ranks taken."""
+        return self.llm.collective_rpc(join_worker, args=(address, first_rank))
 
     def _load_adapter(self, adapter: AdapterWeights, version: int) -> int:
         """model.lora.sync=adapter: vLLM loads an adapter from a folder (PEFT's files), by an int

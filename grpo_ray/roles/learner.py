@@ -38,7 +38,8 @@ from ..models.modeling import batched_logprobs, disable_dropout, load_causal_lm,
 from ..core.records import TrainBatch
 from .backends import BackendSettings, get_backend
 from .startup import StartupClock
-from .weight_sync import AdapterWeights, WeightBucket, pack_state_dict, payload_bytes
+from .collective import GroupAddress, SyncGroup, free_address
+from .weight_sync import AdapterWeights, WeightBucket, layouts, pack_state_dict, payload_bytes
 
 
 class Learner:
@@ -204,13 +205,41 @@ class Learner:
             return pack_state_dict(weights, bucket_mb << 20, target)
 
     def update_then_pack(self, mini_batches: list[TrainBatch], normalizers: list[float], epochs: int = 1,
-                         dtype: str = "float32") -> tuple[dict[str, float], list[WeightBucket]]:
+                         dtype: str = "float32", keep: bool = False) -> tuple[dict[str, float], list]:
         """update() then weight_buckets() in one call: with Ray's num_returns=2 the driver queues
         the generators' weight load on the buckets right away, and they travel the moment the
-        update ends, without a round trip through the driver (~8 ms a step at the tiny size)."""
+        update ends, without a round trip through the driver (~8 ms a step at the tiny size).
+        keep (sync.method=collective): rank 0 keeps the buckets for broadcast_weights and returns
+        their layouts, so the bytes never enter the object store."""
         stats, buckets = self.update(mini_batches, normalizers, epochs), self.weight_buckets(dtype)
         stats["sync/bytes"] = float(payload_bytes(buckets))  # rank 0's are sent; the others pack none
+        if keep and buckets and isinstance(buckets[0], WeightBucket):
+            self._outbox = buckets
+            return stats, layouts(buckets)
         return stats, buckets
+
+    # ---------------------------------------------- sync.method=collective (rank 0; roles/collective.py)
+    def sync_address(self) -> tuple[str, int]:
+        """Where this rank hosts the weight-sync group's store: its node's IP and a free port."""
+        return free_address()
+
+    def join_sync_group(self, address: GroupAddress) -> int:
+        """Join (as rank 0) a new weight-sync group, dropping the old one."""
+        self._sync = None
+        self._sync = SyncGroup(address, 0)
+        return 0
+
+    def broadcast_weights(self) -> int:
+        """Broadcast the buckets the last update_then_pack(keep=True) kept; returns bytes sent."""
+        group, buckets = getattr(self, "_sync", None), getattr(self, "_outbox", None)
+        if group is None or buckets is None:
+            raise RuntimeError("broadcast_weights: no weight-sync group joined, or no update kept its weights")
+        return group.send(buckets)
+
+    def kept_buckets(self) -> list[WeightBucket]:
+        """The buckets the last update kept, for a push through the object store instead (a group
+        that could not form again after a generator restart)."""
+        return getattr(self, "_outbox", None) or []
 
     def save_state(self, out_dir: str) -> None:
         """Weights, optimizer moments and LR schedule (every rank writes its own shard of a sharded

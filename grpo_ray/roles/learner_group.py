@@ -26,18 +26,21 @@ class Update:
     stats: list
     weights: ray.ObjectRef
     starts: list[list[int]] = field(default_factory=list)
+    broadcast: bool = False  # weights holds layouts: rank 0 broadcasts the bytes (sync.method=collective)
 
 
 class LearnerGroup:
     def __init__(self, actors: list, gather_on_all_ranks: bool, dtype: str = "float32", bound: Bound | None = None,
-                 lora: bool = False):
+                 lora: bool = False, collective: bool = False):
         """gather_on_all_ranks: reading whole parameters (weights for the generators, a saved
         policy) needs every rank (backends.full_params_need_all_ranks). dtype: the generators'
         weights (model.dtype). bound: how long a call may go without progress
         (run.stall_timeout_s): a rank that stalls raises waiting.Stalled naming it; ranks are
         not restarted (their process group and optimizer state would be lost), the run stops.
-        lora: the policy is a LoRA adapter on a frozen base (model.lora)."""
+        lora: the policy is a LoRA adapter on a frozen base (model.lora). collective: rank 0 keeps
+        each update's weights and broadcasts them (sync.method=collective, roles/collective.py)."""
         self.actors, self.dtype, self.bound, self.lora = actors, dtype, bound or Bound(None), lora
+        self.collective = collective
         self._gathering = actors if gather_on_all_ranks else actors[:1]
         self.names = [f"learner rank {r}" for r in range(len(actors))]
         if self.bound.stall_s is not None:  # where each rank runs, asked while it can answer
@@ -82,12 +85,12 @@ class LearnerGroup:
         for rank, (actor, share) in enumerate(zip(self.actors, shares)):
             if rank < len(self._gathering):  # every gathering rank packs; rank 0's buckets are sent
                 part, buckets = actor.update_then_pack.options(num_returns=2).remote(
-                    share, normalizers, epochs, self.dtype)
+                    share, normalizers, epochs, self.dtype, self.collective)
                 weights.append(buckets)
             else:
                 part = actor.update.remote(share, normalizers, epochs)
             stats.append(part)
-        return Update(stats, weights[0], starts)
+        return Update(stats, weights[0], starts, broadcast=self.collective)
 
     def results(self, update: Update) -> tuple[dict, list[tuple[int, float, float]]]:
         """The update's metrics, the ranks' combined (core.metrics.combine_parts), and the
@@ -101,6 +104,22 @@ class LearnerGroup:
     def weight_buckets(self) -> ray.ObjectRef:
         """The current weights as buckets for the generators (a ref to rank 0's)."""
         return [lr.weight_buckets.remote(self.dtype) for lr in self._gathering][0]
+
+    def sync_address(self) -> tuple[str, int]:
+        """Where rank 0 hosts the weight-sync group's store (sync.method=collective)."""
+        return self.wait([self.actors[0].sync_address.remote()], "sync_address")[0]
+
+    def join_sync_group(self, address) -> ray.ObjectRef:
+        """Rank 0 joins a new weight-sync group as its rank 0 (not awaited: every member joins at once)."""
+        return self.actors[0].join_sync_group.remote(address)
+
+    def broadcast(self) -> ray.ObjectRef:
+        """Rank 0 broadcasts the weights its last update kept (not awaited)."""
+        return self.actors[0].broadcast_weights.remote()
+
+    def kept_buckets(self) -> ray.ObjectRef:
+        """Those weights as buckets, for a push through the object store instead."""
+        return self.actors[0].kept_buckets.remote()
 
     def save_policy(self, out_dir: str, tokenizer=None) -> None:
         """The policy in Hugging Face format (transformers and vLLM load it as is), with the

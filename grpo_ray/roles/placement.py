@@ -35,7 +35,8 @@ def plan(cfg: Config) -> tuple[list[dict[str, float]], list[Slot]]:
     res = cfg.resources
     groups: list[list[tuple[str, int, float, float]]] = [
         [("learner", r, res.learner_cpus, res.learner_gpus)] for r in range(cfg.learner.num_ranks)]
-    gens = [("generator", i, res.generator_cpus, res.generator_gpus) for i in range(cfg.rollout.num_generators)]
+    tp = cfg.rollout.tensor_parallel  # a sharded engine's workers: one bundle, so one node
+    gens = [("generator", i, res.generator_cpus * tp, res.generator_gpus * tp) for i in range(cfg.rollout.num_generators)]
     ref = [("reference", 0, res.reference_cpus, res.reference_gpus)] if cfg.uses_reference else []
     if res.colocate == "none":
         groups += [[m] for m in gens + ref]
@@ -60,6 +61,20 @@ def plan(cfg: Config) -> tuple[list[dict[str, float]], list[Slot]]:
     return bundles, slots
 
 
+def check_tensor_parallel_fits(cfg: Config, nodes: list[dict]) -> None:
+    """A sharded generator's workers all run on one node: that many GPUs (or, on CPUs, that many
+    cores: vLLM binds each worker's threads to its own) must be on a single node of the cluster."""
+    tp, gpus = cfg.rollout.tensor_parallel, cfg.resources.generator_gpus
+    if tp <= 1 or not nodes:
+        return
+    kind, need = ("GPU", tp * gpus) if gpus else ("CPU", tp)
+    most = max(node.get(kind, 0.0) for node in nodes)
+    if need > most + 1e-9:
+        raise PlacementError(f"rollout.tensor_parallel={tp} needs {need:g} {kind}s on one node for each generator "
+                             f"(a tensor-parallel group never spans nodes), and the largest node has {most:g}; "
+                             f"lower rollout.tensor_parallel or add larger nodes")
+
+
 def _config_key(role: str, resource: str) -> str:
     return f"resources.{role}_{resource.lower()}s"
 
@@ -82,7 +97,8 @@ def diagnose(bundles: list[dict], slots: list[Slot], total: dict, nodes: list[di
     for b, bundle in enumerate(bundles):
         if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for node in nodes):
             who = " + ".join(f"{s.role} {s.index}" for s in slots if s.bundle == b)
-            return (f"the bundle of {who} ({bundle}) fits on no node; lower resources.*_cpus/_gpus, "
+            sharded = " (rollout.tensor_parallel workers of a generator share its bundle)" if "generator" in who else ""
+            return (f"the bundle of {who} ({bundle}) fits on no node{sharded}; lower resources.*_cpus/_gpus, "
                     "co-locate fewer roles (resources.colocate), or add larger nodes")
     if strategy == "STRICT_PACK" and not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in demand.items())
                                              for n in nodes):
@@ -131,6 +147,7 @@ def reserve(cfg: Config) -> Placement:
     from ray.util import placement_group, remove_placement_group
 
     res = cfg.resources
+    check_tensor_parallel_fits(cfg, [n["Resources"] for n in ray.nodes() if n["Alive"]])
     bundles, slots = plan(cfg)
     group = placement_group(bundles, strategy=res.placement_strategy)
     try:

@@ -16,7 +16,9 @@ import torch
 
 @dataclass
 class WeightBucket:
-    data: np.ndarray  # [nbytes] uint8, the tensors back to back, each at a multiple of ALIGN
+    # [nbytes] uint8, the tensors back to back, each at a multiple of ALIGN: a numpy array (the
+    # object store maps it zero-copy), or a torch tensor a collective broadcast filled
+    data: np.ndarray | torch.Tensor
     # (name, torch dtype name, shape, byte offset, nbytes) per tensor
     entries: list[tuple[str, str, tuple[int, ...], int, int]] = field(default_factory=list)
 
@@ -25,8 +27,9 @@ ALIGN = 16  # bytes: a view as int64 or float32 needs an offset that its element
 
 
 def payload_bytes(buckets: list) -> int:
-    """Bytes a sync sends to each generator: weight buckets, or an adapter (AdapterWeights)."""
-    return sum(b.nbytes if isinstance(b, AdapterWeights) else int(b.data.nbytes) for b in buckets)
+    """Bytes a sync sends to each generator: weight buckets, an adapter (AdapterWeights), or
+    layouts of buckets that go by broadcast."""
+    return sum(int(b.data.nbytes) if isinstance(b, WeightBucket) else b.nbytes for b in buckets)
 
 
 def _aligned(n: int) -> int:
@@ -72,11 +75,26 @@ def unpack_bucket(bucket: WeightBucket):
     """Yield (name, tensor) views into the bucket's buffer, no copy. A bucket fetched from Ray's
     object store is read-only shared memory: the views are only read (the engine copies them into
     its own parameters), so torch's non-writable warning is silenced rather than paid for."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        raw = torch.from_numpy(bucket.data)
+    if isinstance(bucket.data, torch.Tensor):
+        raw = bucket.data
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(bucket.data)
     for name, dtype, shape, offset, nbytes in bucket.entries:
         yield name, raw[offset:offset + nbytes].view(getattr(torch, dtype)).view(shape)
+
+
+@dataclass(frozen=True)
+class BucketLayout:
+    """A bucket without its bytes: what each generator is sent through Ray when the bytes
+    themselves come by broadcast (sync.method=collective, roles/collective.py)."""
+    nbytes: int
+    entries: list[tuple[str, str, tuple[int, ...], int, int]]
+
+
+def layouts(buckets: list[WeightBucket]) -> list[BucketLayout]:
+    return [BucketLayout(int(b.data.nbytes), b.entries) for b in buckets]
 
 
 @dataclass
