@@ -133,11 +133,14 @@ def _steps(run_dir) -> list[dict]:
 
 @pytest.mark.slow
 def test_the_loop_with_a_tp2_generator_and_collective_sync_learns_as_the_object_store(ray_local, tiny_model_dir,
-                                                                                      tmp_path):
+                                                                                      tmp_path, monkeypatch):
     """3 steps, float32: TP=2 with sync.method=collective gives the rewards, losses and sampler KL
     of TP=1 with the object store (1e-4): same tokens sampled, same weights received."""
+    from test_fault_tolerance import _kill_at
+
     from grpo_ray.driver.train import train
 
+    broadcasts = _kill_at(monkeypatch, "LearnerGroup.broadcast", {}, [], module="grpo_ray.roles.learner_group")
     base = train(load_config("configs/default.yaml", _run_overrides(tmp_path, tiny_model_dir, "store",
                                                                     "train.steps=3")))
     tp = train(load_config("configs/default.yaml", _run_overrides(
@@ -148,6 +151,7 @@ def test_the_loop_with_a_tp2_generator_and_collective_sync_learns_as_the_object_
         assert y["reward/mean"] == pytest.approx(x["reward/mean"], abs=1e-4)
         assert y["loss"] == pytest.approx(x["loss"], abs=1e-4)
         assert abs(y["sampler_kl"]) < 1e-4  # the generator samples the learner's policy after each broadcast
+    assert broadcasts[0] == 3  # every step's weights went by broadcast, none through the object store
     assert b[-1]["sync/bytes"] == a[-1]["sync/bytes"] > 0
     assert len({r["reward/mean"] for r in b}) > 1  # the policy moved: a run that did not sync would not match
 
@@ -178,18 +182,21 @@ def test_a_killed_tp_worker_restarts_its_generator_and_the_run_finishes(ray_loca
     original = rollout.sample_and_score
     calls = [0]
 
-    def wrapped(*args, **kwargs):
+    def wrapped(roles, *args, **kwargs):
         calls[0] += 1
-        if calls[0] == 3:
+        if calls[0] == 3:  # once step 2's weights are loaded: a kill mid-broadcast fails the step instead
+            roles.fleet.settle()
             killed.append(_kill_a_worker())
-        return original(*args, **kwargs)
+        return original(roles, *args, **kwargs)
 
     monkeypatch.setattr(rollout, "sample_and_score", wrapped)
     resyncs = _kill_at(monkeypatch, "GeneratorFleet.form_group", {}, [], module="grpo_ray.roles.fleet")
+    broadcasts = _kill_at(monkeypatch, "LearnerGroup.broadcast", {}, [], module="grpo_ray.roles.learner_group")
     run_dir = train(load_config("configs/default.yaml", _run_overrides(
         tmp_path, tiny_model_dir, "kill", "train.steps=5", "rollout.tensor_parallel=2", "sync.method=collective")))
     assert killed
     assert resyncs[0] == 2  # at start, and after the restart
+    assert broadcasts[0] == 5  # every step's push by broadcast (the resync's through the object store)
     steps = _steps(run_dir)
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
     assert [r["weight_version"] for r in steps] == [0, 1, 2, 3, 4]

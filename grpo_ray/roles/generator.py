@@ -10,6 +10,7 @@ step seed with one vectorised hash per step (`_install_seeded_cpu_sampler`).
 """
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import math
@@ -250,15 +251,31 @@ def _install_worker_samplers(worker) -> None:
         sampler.forward = sampler.forward_cpu
 
 
-def _exit_when_a_worker_dies(llm) -> None:
+def _exit_when_a_worker_dies(llm):
     """tensor_parallel > 1: vLLM's executor notices a worker process that died and shuts the
     engine down, which leaves this actor alive with a dead engine. Exiting instead lets Ray
     restart the generator (resources.actor_restarts) and retry its call, as for a crash of the
-    actor itself; the fleet then pushes it the current weights."""
+    actor itself; the fleet then pushes it the current weights. Returns the executor (its
+    is_failed tells a call that failed on the dead engine to exit too: see _dies_with_workers)."""
     core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
     executor = getattr(core, "model_executor", None)
     if hasattr(executor, "register_failure_callback"):
         executor.register_failure_callback(_worker_died)
+    return executor
+
+
+def _dies_with_workers(method):
+    """A call that fails because a worker died ("cancelled" from the executor's queue, often
+    before the failure callback has run) exits the actor rather than return that error."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            if getattr(self._executor, "is_failed", False):
+                _worker_died()
+            raise
+    return call
 
 
 def _worker_died() -> None:
@@ -331,12 +348,14 @@ class Generator:
                        **_lora_options(lora_rank),
                        **({"tensor_parallel_size": tensor_parallel, "distributed_executor_backend": "mp"}
                           if tensor_parallel > 1 else {}))
+        self._executor = None  # tensor_parallel > 1: vLLM's multiprocess executor
         if tensor_parallel > 1:
             if cpu:
                 self.llm.collective_rpc(_install_worker_samplers)
-            _exit_when_a_worker_dies(self.llm)
+            self._executor = _exit_when_a_worker_dies(self.llm)
         self.tokenizer = self.llm.get_tokenizer()
         self.weight_version, self.load_error = 0, None
+        self.sync_group = None  # the weight-sync group joined (sync.method=collective)
         self.lora_request = None  # the adapter loaded at the last sync (model.lora.sync=adapter)
         self.adapter_root = tempfile.mkdtemp(prefix="grpo-adapter-") if lora_rank else None
         cache = self.llm.llm_engine.vllm_config.cache_config
@@ -363,6 +382,7 @@ class Generator:
                              f"{blocks * self.kv_block}: set rollout.kv_cache_mb to at least {need}, or give the "
                              "step more generators (rollout.num_generators)")
 
+    @_dies_with_workers
     def generate(self, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int,
                  top_p: float = 1.0, seed: int | None = None, sent: float | None = None,
                  records: list[dict] | None = None, env: EnvRollout | None = None) -> Rollout:
@@ -421,10 +441,16 @@ class Generator:
         return Rollout(got.prompt_ids, got.response_ids, got.logprobs, texts, got.truncated, self.weight_version,
                        queued, time.perf_counter() - start, trajectories=got.trajectories, env_s=got.env_s)
 
+    @_dies_with_workers
     def update_weights(self, buckets: list[WeightBucket], version: int) -> int:
         """Load the learner's weights into the running engine; returns tensors loaded. A load
         that fails part way leaves some layers new and some old: sampling is refused until a
         load succeeds, rather than sampling from that mix."""
+        if buckets and isinstance(buckets[0], BucketLayout) and self.sync_group is None:
+            # restarted since the weight-sync group formed (Ray runs the interrupted load again):
+            # nothing can arrive, and the engine holds whole weights of its old version, which
+            # the fleet's version check replaces (GeneratorFleet.stream)
+            return 0
         self.load_error = "a weight load is in progress"
         try:
             if buckets and isinstance(buckets[0], AdapterWeights):
@@ -454,7 +480,9 @@ class Generator:
     def join_sync_group(self, address: GroupAddress, first_rank: int) -> list[int]:
         """sync.method=collective: every worker joins the weight-sync group (roles/collective.py)
         as first_rank + its tensor-parallel rank; returns the ranks taken."""
-        return self.llm.collective_rpc(join_worker, args=(address, first_rank))
+        ranks = self.llm.collective_rpc(join_worker, args=(address, first_rank))
+        self.sync_group = address
+        return ranks
 
     def _load_adapter(self, adapter: AdapterWeights, version: int) -> int:
         """model.lora.sync=adapter: vLLM loads an adapter from a folder (PEFT's files), by an int
