@@ -11,6 +11,7 @@ import torch
 from grpo_ray.config import ConfigError, load_config, shard_cpus
 from grpo_ray.core.algorithm import loss_normalizer
 from grpo_ray.core.records import TrainBatch
+from grpo_ray.roles.fleet import Sampling
 
 PROMPTS = ["Q: 1+2=?\nA:", "Q: 13+29=?\nA:", "Q: 7+8=?\nA:"]
 
@@ -114,6 +115,43 @@ def test_a_tp2_generator_samples_as_one_worker_and_takes_broadcast_weights(ray_l
         assert float(((before - _batch(a).old_logprobs).abs() * _batch(a).response_mask).max()) > 1e-3  # it moved
     finally:
         for actor in (tp2, tp1, learner):
+            ray.kill(actor)
+
+
+@pytest.mark.slow
+def test_a_broadcast_a_generator_never_takes_fails_the_sync_naming_it(ray_local, tiny_model_dir):
+    """A frozen generator (SIGSTOP) never enters the broadcast: the learner's side fails after
+    sync.timeout_s, and the error names that generator, not the one that took its weights."""
+    import signal
+
+    from grpo_ray.roles.fleet import CollectiveSync, GeneratorFleet
+    from grpo_ray.roles.generator import Generator
+    from grpo_ray.roles.learner import Learner
+    from grpo_ray.roles.learner_group import LearnerGroup
+
+    ray = ray_local
+    gens = [ray.remote(Generator).options(num_cpus=0.25).remote(tiny_model_dir, cpu_threads=str(i), seed=0)
+            for i in range(2)]
+    learner = ray.remote(Learner).options(num_cpus=0.25).remote(
+        tiny_model_dir, lr=1e-2, loss_kwargs=dict(eps_low=0.2, eps_high=0.2, beta=0.0, aggregation="seq_mean"),
+        micro_batch_size=16, master_port=29643)
+    group = LearnerGroup([learner], gather_on_all_ranks=False, collective=True)
+    fleet = GeneratorFleet(gens, group, collective=CollectiveSync(1, "gloo", timeout_s=5.0))
+    pid = ray.get(gens[1].__ray_call__.remote(lambda self: os.getpid()))
+    try:
+        fleet.ready()
+        assert fleet.form_group()
+        batch = _batch(fleet.sample(PROMPTS, Sampling(n=4, temperature=1.0, max_new_tokens=8), seed=1))
+        os.kill(pid, signal.SIGSTOP)
+        update = group.update(batch, mini_batches=1, aggregation="seq_mean", max_tokens=8, epochs=1)
+        fleet.push(update.weights, version=1, broadcast=update.broadcast)
+        with pytest.raises(RuntimeError, match=r"weight sync of version 1 \(sync.method=collective\) did not reach "
+                                               r"generator 1 \(node [^)]*\) within sync.timeout_s=5"):
+            fleet.settle()
+        assert fleet._group is None  # the next resync forms a new one
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        for actor in gens + [learner]:
             ray.kill(actor)
 
 

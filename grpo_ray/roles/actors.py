@@ -35,7 +35,10 @@ ACTOR_ENV = {"GRPC_ENABLE_FORK_SUPPORT": "0", "GRPC_VERBOSITY": "ERROR", "TOKENI
              "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 # Generators only: vLLM's CPU worker warns through torch's C++ log, once per engine, that it binds
 # memory to the NUMA node of its cores (which is what resources.vllm_cpu_threads asks for).
-GENERATOR_ENV = {"TORCH_CPP_LOG_LEVEL": "ERROR"}
+# PYTHONWARNINGS: the `reduce_op` FutureWarning the generator filters in-process (_vllm_env), also
+# in the worker processes vLLM spawns for rollout.tensor_parallel > 1.
+GENERATOR_ENV = {"TORCH_CPP_LOG_LEVEL": "ERROR",
+                 "PYTHONWARNINGS": "ignore::FutureWarning:vllm.triton_utils.dispatcher"}
 
 
 def in_ray_job() -> bool:

@@ -220,16 +220,16 @@ class GeneratorFleet:
         if push.broadcast is None:
             wait_all(push.loads, self.names, "update_weights (loading the new weights)", self.bound)
             return
-        try:
-            wait_all(push.loads + [push.broadcast], self.names + ["learner rank 0"],
-                     "update_weights (the weight broadcast)", self.bound)
-        except ray.exceptions.RayError as e:
+        try:  # the group's timeout bounds the broadcast: a member that never arrives fails it
+            wait_all([push.broadcast], ["learner rank 0"], "the weight broadcast", self.bound)
+        except (ray.exceptions.RayError, Stalled) as e:
             self._group = None
-            _, pending = ray.wait(push.loads, num_returns=len(push.loads), timeout=0)
+            _, pending = ray.wait(push.loads, num_returns=len(push.loads), timeout=min(5.0, self.collective.timeout_s))
             failed = [self.names[i] for i, ref in enumerate(push.loads) if ref in pending or _failed(ref)]
             raise RuntimeError(f"the weight sync of version {push.version} (sync.method=collective) did not reach "
                                f"{', '.join(failed) or 'every generator'} within sync.timeout_s="
                                f"{self.collective.timeout_s:g}: {_first_line(e)}") from e
+        wait_all(push.loads, self.names, "update_weights (the weight broadcast)", self.bound)
 
     def form_group(self) -> bool:
         """Make a new weight-sync group of the learners' rank 0 and every generator worker (at

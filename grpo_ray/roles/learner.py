@@ -211,14 +211,21 @@ class Learner:
         update ends, without a round trip through the driver (~8 ms a step at the tiny size).
         keep (sync.method=collective): rank 0 keeps the buckets for broadcast_weights and returns
         their layouts, so the bytes never enter the object store."""
-        stats, buckets = self.update(mini_batches, normalizers, epochs), self.weight_buckets(dtype)
+        stats = self.update(mini_batches, normalizers, epochs)
+        buckets = self.keep_weights(dtype) if keep else self.weight_buckets(dtype)
         stats["sync/bytes"] = float(payload_bytes(buckets))  # rank 0's are sent; the others pack none
-        if keep and buckets and isinstance(buckets[0], WeightBucket):
-            self._outbox = buckets
-            return stats, layouts(buckets)
         return stats, buckets
 
     # ---------------------------------------------- sync.method=collective (rank 0; roles/collective.py)
+    def keep_weights(self, dtype: str = "float32") -> list:
+        """weight_buckets(), kept here for broadcast_weights: returns their layouts (an adapter's
+        files, which are not broadcast, are returned as they are)."""
+        buckets = self.weight_buckets(dtype)
+        if buckets and isinstance(buckets[0], WeightBucket):
+            self._outbox = buckets
+            return layouts(buckets)
+        return buckets
+
     def sync_address(self) -> tuple[str, int]:
         """Where this rank hosts the weight-sync group's store: its node's IP and a free port."""
         return free_address()

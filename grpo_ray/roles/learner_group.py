@@ -113,6 +113,10 @@ class LearnerGroup:
         """Rank 0 joins a new weight-sync group as its rank 0 (not awaited: every member joins at once)."""
         return self.actors[0].join_sync_group.remote(address)
 
+    def keep_weights(self) -> ray.ObjectRef:
+        """Rank 0 packs the current weights and keeps them for broadcast(): a ref to their layouts."""
+        return [lr.keep_weights.remote(self.dtype) for lr in self._gathering][0]
+
     def broadcast(self) -> ray.ObjectRef:
         """Rank 0 broadcasts the weights its last update kept (not awaited)."""
         return self.actors[0].broadcast_weights.remote()
