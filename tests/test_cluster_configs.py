@@ -109,3 +109,39 @@ def test_realistic_configs_fit_the_gpu_nodes_of_both_cluster_definitions(name):
     verifier = types["verifier"]
     assert pool.max_replicas * pool.verifier_resource <= verifier["max_workers"] * verifier["resources"]["verifier"]
     assert pool.replica_cpus * verifier["resources"]["verifier"] <= verifier["resources"]["CPU"]
+
+
+def _fits_on(bundles: list[dict], node: dict, count: int) -> bool:
+    """Whether the bundles fit on `count` nodes of `node`'s resources, each bundle whole on one
+    node (first fit, largest GPU bundles first: what a PACK placement can find)."""
+    free = [dict(node) for _ in range(count)]
+    for bundle in sorted(bundles, key=lambda b: (-b.get("GPU", 0.0), -b["CPU"])):
+        spot = next((f for f in free if all(f.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())), None)
+        if spot is None:
+            return False
+        for k, v in bundle.items():
+            spot[k] -= v
+    return True
+
+
+def test_the_tensor_parallel_config_fits_two_gpu_nodes_of_both_cluster_definitions():
+    """Qwen2.5-32B: each generator is one bundle of tensor_parallel GPUs (a TP group never spans
+    nodes), and every bundle fits the GPU nodes aws.yaml and the KubeRay cluster can scale to."""
+    from grpo_ray.roles.placement import plan
+
+    cfg = load_config(str(REPO / "configs" / "gsm8k_qwen2.5_32b_tp4_16gpu.yaml"))
+    bundles, slots = plan(cfg)
+    tp = cfg.rollout.tensor_parallel
+    assert tp == 4 and 40 % tp == 0 and 8 % tp == 0  # Qwen2.5-32B: 40 attention heads, 8 KV heads
+    gens = [bundles[s.bundle] for s in slots if s.role == "generator"]
+    assert gens and all(b["GPU"] == tp for b in gens)
+    assert sum(b.get("GPU", 0.0) for b in bundles) == 16
+    assert cfg.sync.method == "collective" and not cfg.uses_reference  # LoRA: the base is the reference
+    types = yaml.safe_load((CLUSTER / "aws.yaml").read_text())["available_node_types"]
+    k8s = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    gpu = _check_cluster_spec(k8s["spec"])["gpu"]
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    for node, count in ((types["gpu_worker"]["resources"], types["gpu_worker"]["max_workers"]),
+                        ({"CPU": float(limits["cpu"]), "GPU": float(limits["nvidia.com/gpu"])}, gpu["maxReplicas"])):
+        assert _fits_on(bundles, node, count), (node, count)
+        assert not _fits_on(bundles, node, count - 1)  # it needs both nodes

@@ -75,7 +75,8 @@ def test_a_tp2_generator_samples_as_one_worker_and_takes_broadcast_weights(ray_l
     """Same tokens and logprobs (1e-4) as TP=1 on the same weights and seeds; then the learner's
     rank 0 broadcasts an update to both workers of the TP=2 engine and to the TP=1 engine in
     one gloo group, every worker loads the whole set, and the next samples' logprobs are the
-    learner's (1e-4): each shard holds its part of the new weights."""
+    learner's (1e-4): each shard holds its part of the new weights. The TP=1 engine takes
+    vLLM's generic reload (the GPU path), which receives the buckets one at a time."""
     from grpo_ray.roles.collective import GroupAddress
     from grpo_ray.roles.generator import Generator
     from grpo_ray.roles.learner import Learner
@@ -97,6 +98,8 @@ def test_a_tp2_generator_samples_as_one_worker_and_takes_broadcast_weights(ray_l
         ranks = ray.get([learner.join_sync_group.remote(address), tp2.join_sync_group.remote(address, 1),
                          tp1.join_sync_group.remote(address, 3)])
         assert ranks == [0, [1, 2], [3]]
+        # the TP=1 engine takes vLLM's generic reload, as on GPUs: it receives bucket by bucket
+        ray.get(tp1.__ray_call__.remote(lambda self: self.llm.collective_rpc(_generic_reload)))
         batch = _batch(a)
         stats, layouts = learner.update_then_pack.options(num_returns=2).remote(
             [batch], [loss_normalizer(batch.response_mask, "seq_mean")], 1, "float32", True)
@@ -153,6 +156,10 @@ def test_a_broadcast_a_generator_never_takes_fails_the_sync_naming_it(ray_local,
         os.kill(pid, signal.SIGCONT)
         for actor in gens + [learner]:
             ray.kill(actor)
+
+
+def _generic_reload(worker):
+    worker.model_runner.model._grpo_cpu_gemms = []  # [] = vLLM's own reload_weights (generator._reload)
 
 
 def _run_overrides(tmp_path, model_dir, name: str, *extra: str) -> list[str]:

@@ -264,7 +264,7 @@ class RolloutConfig(Section):
     max_new_tokens: int = _f(16, "longest completion in tokens", ge=1)
     num_generators: int = _f(1, "vLLM generator actors", ge=1)
     max_model_len: int = _f(512, "prompt plus completion, in tokens", ge=16)
-    kv_cache_mb: int = _f(256, "vLLM's KV cache per generator, in MiB", ge=16)
+    kv_cache_mb: int = _f(256, "vLLM's KV cache per generator (per worker with tensor_parallel), in MiB", ge=16)
     # on the CPU, vLLM compiles the model with inductor: measured here (2026-11-26, one process,
     # alternating), sampling 8 x 16 answers took 0.16 -> 0.14 s (tiny) and 5.7 -> 5.5 s (small, 128
     # tokens), for 0-6 s more start-up per engine with a warm compile cache (~/.cache/vllm), 28-37 s

@@ -47,20 +47,45 @@ def _vllm_env(threads: str | None) -> None:
 def _reload(worker, buckets):
     """Runs inside each vLLM worker (collective_rpc; one per tensor-parallel shard): load named
     tensors into the live model. Buckets given as layouts (sync.method=collective) arrive by
-    broadcast from the learner first (roles/collective.py). Every shard is sent the whole
-    weights, and the model's own loaders cut each one's part (as at start-up)."""
-    if buckets and isinstance(buckets[0], BucketLayout):
-        buckets = receive_buckets(worker, buckets)
-    weights = [item for bucket in buckets for item in unpack_bucket(bucket)]
+    broadcast from the learner (roles/collective.py). Every shard is sent the whole weights, and
+    the model's own loaders cut each one's part (as at start-up)."""
     model = worker.model_runner.model
     plan = getattr(model, "_grpo_cpu_gemms", None)
     if plan is None:
         plan = model._grpo_cpu_gemms = _cpu_gemm_layers(model)
-    if plan:
+    if plan:  # loads whole blocks at a time, so it takes every bucket first (host memory)
+        if buckets and isinstance(buckets[0], BucketLayout):
+            buckets = receive_buckets(worker, buckets)
+        weights = [item for bucket in buckets for item in unpack_bucket(bucket)]
         _reload_cpu_gemms(model, plan, weights)
-    else:
-        worker.reload_weights(weights_iterator=weights)
-    return len(weights)
+        return len(weights)
+    # vLLM's generic reload consumes an iterator: a broadcast bucket is received as the loader
+    # reaches it and dropped after, so a GPU worker holds one bucket beside its shard, not the
+    # whole model (a 70B model in bf16 is 141 GB; its TP-8 shard is 18 GB)
+    weights = _Counted(item for bucket in _arriving(worker, buckets) for item in unpack_bucket(bucket))
+    worker.reload_weights(weights_iterator=weights)
+    return weights.count
+
+
+def _arriving(worker, buckets):
+    """The buckets, one at a time: as given, or received by broadcast one layout at a time."""
+    for bucket in buckets:
+        yield receive_buckets(worker, [bucket])[0] if isinstance(bucket, BucketLayout) else bucket
+
+
+class _Counted:
+    """An iterator that counts what it yields (the tensors a generic reload consumed)."""
+
+    def __init__(self, items):
+        self.items, self.count = iter(items), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.items)
+        self.count += 1
+        return item
 
 
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")

@@ -70,9 +70,9 @@ def check_tensor_parallel_fits(cfg: Config, nodes: list[dict]) -> None:
     kind, need = ("GPU", tp * gpus) if gpus else ("CPU", tp)
     most = max(node.get(kind, 0.0) for node in nodes)
     if need > most + 1e-9:
-        raise PlacementError(f"rollout.tensor_parallel={tp} needs {need:g} {kind}s on one node for each generator "
-                             f"(a tensor-parallel group never spans nodes), and the largest node has {most:g}; "
-                             f"lower rollout.tensor_parallel or add larger nodes")
+        raise PlacementError(f"could not place the roles: rollout.tensor_parallel={tp} needs {need:g} {kind}s on one "
+                             "node for each generator (a tensor-parallel group never spans nodes), and the largest "
+                             f"node has {most:g}; lower rollout.tensor_parallel or add larger nodes")
 
 
 def _config_key(role: str, resource: str) -> str:
