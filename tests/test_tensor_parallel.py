@@ -217,7 +217,8 @@ def test_a_killed_tp_worker_restarts_its_generator_and_the_run_finishes(ray_loca
                                                                          monkeypatch):
     """A worker of the TP=2 engine is killed before step 3's rollout: the generator exits, Ray
     restarts it, the fleet pushes it the current weights (object store), forms a new weight-sync
-    group, and every step's samples come from the latest weights."""
+    group, and every step's samples come from the latest weights. The two learner ranks run
+    ZeRO-3: both gather for each broadcast, rank 0 sends."""
     from test_fault_tolerance import _kill_at
 
     from grpo_ray.driver import rollout
@@ -238,7 +239,8 @@ def test_a_killed_tp_worker_restarts_its_generator_and_the_run_finishes(ray_loca
     resyncs = _kill_at(monkeypatch, "GeneratorFleet.form_group", {}, [], module="grpo_ray.roles.fleet")
     broadcasts = _kill_at(monkeypatch, "LearnerGroup.broadcast", {}, [], module="grpo_ray.roles.learner_group")
     run_dir = train(load_config("configs/default.yaml", _run_overrides(
-        tmp_path, tiny_model_dir, "kill", "train.steps=5", "rollout.tensor_parallel=2", "sync.method=collective")))
+        tmp_path, tiny_model_dir, "kill", "train.steps=5", "rollout.tensor_parallel=2", "sync.method=collective",
+        "learner.zero_stage=3")))
     assert killed
     assert resyncs[0] == 2  # at start, and after the restart
     assert broadcasts[0] == 5  # every step's push by broadcast (the resync's through the object store)
