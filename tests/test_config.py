@@ -49,7 +49,7 @@ def test_to_dict_round_trips_sections():
     assert d["algo"]["beta"] == 0.5
     assert d["algo"]["group_size"] == 16
     assert set(d) == {"run", "model", "warmstart", "data", "algo", "reward", "rollout", "learner", "train", "eval",
-                      "resources", "env"}
+                      "resources", "env", "sync"}
 
 
 # --------------------------------------------------------------------------- loading

@@ -140,7 +140,7 @@ def test_a_large_model_loads_block_by_block(gen, tiny_model_dir):
     hf = _perturbed(tiny_model_dir, seed=11)
 
     def load_per_block(worker, buckets):
-        from grpo_ray.roles.generator import _reload_cpu_gemms
+        from grpo_ray.roles.engine_weights import _reload_cpu_gemms
         from grpo_ray.roles.weight_sync import unpack_bucket
 
         model = worker.model_runner.model

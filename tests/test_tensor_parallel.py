@@ -159,7 +159,7 @@ def test_a_broadcast_a_generator_never_takes_fails_the_sync_naming_it(ray_local,
 
 
 def _generic_reload(worker):
-    worker.model_runner.model._grpo_cpu_gemms = []  # [] = vLLM's own reload_weights (generator._reload)
+    worker.model_runner.model._grpo_cpu_gemms = []  # [] = vLLM's own reload_weights (engine_weights.py)
 
 
 def _run_overrides(tmp_path, model_dir, name: str, *extra: str) -> list[str]:
