@@ -158,6 +158,48 @@ def test_a_broadcast_a_generator_never_takes_fails_the_sync_naming_it(ray_local,
             ray.kill(actor)
 
 
+@pytest.mark.slow
+def test_a_generator_restarted_during_a_broadcast_gets_the_weights_and_a_new_group(ray_local, tiny_model_dir):
+    """A generator killed right before a broadcast comes back in no group (Ray restarts it and
+    runs its load again, which finds no group and loads nothing); the broadcast fails on the
+    learner's side, and the fleet pushes the current weights through the object store and forms
+    a new group, through which the next update goes: no error, every generator current."""
+    import signal
+
+    from grpo_ray.roles.fleet import CollectiveSync, GeneratorFleet
+    from grpo_ray.roles.generator import Generator
+    from grpo_ray.roles.learner import Learner
+    from grpo_ray.roles.learner_group import LearnerGroup
+
+    ray = ray_local
+    gens = [ray.remote(Generator).options(num_cpus=0.25, max_restarts=1, max_task_retries=1).remote(
+        tiny_model_dir, cpu_threads=str(i), seed=0) for i in range(2)]
+    learner = ray.remote(Learner).options(num_cpus=0.25).remote(
+        tiny_model_dir, lr=1e-2, loss_kwargs=dict(eps_low=0.2, eps_high=0.2, beta=0.0, aggregation="seq_mean"),
+        micro_batch_size=16, master_port=29645)
+    group = LearnerGroup([learner], gather_on_all_ranks=False, collective=True)
+    fleet = GeneratorFleet(gens, group, start_s=60.0, collective=CollectiveSync(1, "gloo", timeout_s=5.0))
+    try:
+        fleet.ready()
+        assert fleet.form_group()
+        sampling = Sampling(n=4, temperature=1.0, max_new_tokens=8)
+        batch = _batch(fleet.sample(PROMPTS, sampling, seed=1))
+        os.kill(ray.get(gens[1].__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+        for version in (1, 2):  # 1: broadcast fails, object store, new group; 2: by broadcast again
+            update = group.update(batch, mini_batches=1, aggregation="seq_mean", max_tokens=8, epochs=1)
+            fleet.push(update.weights, version=version, broadcast=update.broadcast)
+            fleet.settle()
+            assert fleet._group is not None and fleet._group.generation == 2  # formed again once
+        ro = fleet.sample(PROMPTS, sampling, seed=2)
+        assert ro.weight_version == 2
+        b2 = TrainBatch.from_rollout(ro, torch.zeros(len(ro)), pad_id=0)
+        gap = (ray.get(learner.logprobs.remote(b2)) - b2.old_logprobs).abs() * b2.response_mask
+        assert float(gap.max()) < 1e-4
+    finally:
+        for actor in gens + [learner]:
+            ray.kill(actor)
+
+
 def _generic_reload(worker):
     worker.model_runner.model._grpo_cpu_gemms = []  # [] = vLLM's own reload_weights (engine_weights.py)
 

@@ -276,10 +276,12 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
 
 def collective_sync(cfg: Config) -> CollectiveSync | None:
     """sync.method=collective's group settings: NCCL when the learners and generators are on
-    GPUs, else gloo (None: the object store)."""
+    GPUs of their own, else gloo (NCCL refuses two members on one GPU, as resources.colocate=all
+    puts generator 0 with learner rank 0; gloo moves host buffers). None: the object store."""
     if cfg.sync.method != "collective":
         return None
-    gpus = cfg.resources.generator_gpus > 0 and cfg.resources.learner_gpus > 0
+    res = cfg.resources
+    gpus = res.generator_gpus > 0 and res.learner_gpus > 0 and res.colocate != "all"
     return CollectiveSync(cfg.rollout.tensor_parallel, "nccl" if gpus else "gloo", cfg.sync.timeout_s)
 
 

@@ -11,6 +11,7 @@ group's timeout, so a member that never arrives fails the call instead of hangin
 """
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -43,6 +44,9 @@ class SyncGroup:
         store = dist.PrefixStore(f"grpo-sync-{address.generation}", store)
         self.address, self.rank, self._store = address, rank, store  # the store lives as long as the group
         if address.backend == "nccl":
+            # NCCL's wait() only orders the CUDA stream, and its watchdog kills the process on a
+            # timeout: a blocking wait makes a missing member raise here instead
+            os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
             self.device = torch.device("cuda", torch.cuda.current_device())
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
@@ -59,7 +63,14 @@ class SyncGroup:
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = 0, 0
         opts.timeout = timedelta(seconds=self.address.timeout_s)
-        self.group.broadcast([tensor], opts).wait()
+        try:
+            self.group.broadcast([tensor], opts).wait()
+            if tensor.is_cuda:
+                torch.cuda.current_stream(tensor.device).synchronize()
+        except Exception:
+            if hasattr(self.group, "abort"):  # NCCL: free the communicator; the fleet forms a new group
+                self.group.abort()
+            raise
         return tensor
 
     def send(self, buckets: list[WeightBucket]) -> int:

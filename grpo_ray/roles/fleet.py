@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -74,10 +74,12 @@ class CollectiveSync:
 
 @dataclass
 class Push:
-    """A weight push, queued and not yet awaited: each generator's load, and with a collective
-    sync the learner's broadcast (started once the generators are free to receive it)."""
+    """A weight push, not yet awaited: each generator's load, and with a collective sync the
+    learner's broadcast. A collective push's loads and broadcast are queued together once the
+    generators are free to receive it (GeneratorFleet._start_broadcasts)."""
     version: int
-    loads: list                          # one ObjectRef per generator
+    weights: ray.ObjectRef               # a ref to buckets, or to their layouts (collective)
+    loads: list = field(default_factory=list)  # one ObjectRef per generator, once queued
     broadcast: ray.ObjectRef | None = None
     collective: bool = False
 
@@ -119,6 +121,7 @@ class GeneratorFleet:
         completions sample with seeds seed + j*n + k wherever it lands. Each generator runs
         the call after the weight loads queued on it, so it samples with `self.version`.
         records: the prompts' rows, which a multi-turn rollout's environments are reset with."""
+        self._start_broadcasts()  # weights pushed by broadcast load before this rollout samples
         refs, offset = [], 0
         rows = records if sampling.env is not None else None
         for gen, chunk in zip(self.actors, split(prompts, len(self.actors))):
@@ -180,22 +183,28 @@ class GeneratorFleet:
         """Queue the load of `weights` (a ref to the learner's buckets: each generator reads the
         one stored copy) on every generator, behind any rollout already queued there; from now
         on launches sample with `version`. Not awaited: see settle(). broadcast: `weights` holds
-        the layouts of buckets the learners' rank 0 kept, and sends by broadcast; with no group
-        (one that failed, or a generator restarted since), they go through the object store."""
-        if broadcast and self._group is None:
-            print(f"weight sync of version {version}: no weight-sync group (sync.method=collective) since the last "
-                  "failure or restart; sending it through the object store", file=sys.stderr)
-            weights, broadcast = self.learners.kept_buckets(), False
-        self._loading.append(Push(version, [g.update_weights.remote(weights, version) for g in self.actors],
-                                  collective=broadcast))
+        the layouts of buckets the learners' rank 0 kept and sends by broadcast; the loads are
+        queued with the broadcast, once the generators are free (the next settle, launch or
+        wait_sampled)."""
+        push = Push(version, weights, collective=broadcast)
+        if not broadcast:
+            push.loads = [g.update_weights.remote(weights, version) for g in self.actors]
+        self._loading.append(push)
         self.version = version
 
     def _start_broadcasts(self) -> None:
-        """Start the learner's side of the queued broadcasts: called once the generators are free
-        (no rollout in flight ahead of their loads), so the group's timeout is not spent waiting
-        for a rollout to finish."""
+        """Queue each pending collective push: every generator's receive and the learner's
+        broadcast together, so the group's timeout is not spent waiting for a rollout to finish;
+        with no group (one that failed, or a generator restarted since), through the object store."""
         for push in self._loading:
-            if push.collective and push.broadcast is None:
+            if not push.collective or push.loads:
+                continue
+            if self._group is None:
+                print(f"weight sync of version {push.version}: no weight-sync group (sync.method=collective) since "
+                      "the last failure or restart; sending it through the object store", file=sys.stderr)
+                push.weights, push.collective = self.learners.kept_buckets(), False
+            push.loads = [g.update_weights.remote(push.weights, push.version) for g in self.actors]
+            if push.collective:
                 push.broadcast = self.learners.broadcast()
 
     def settle(self, keep_latest: bool = False) -> None:
@@ -215,8 +224,10 @@ class GeneratorFleet:
             self.resync()
 
     def _await(self, push: Push) -> None:
-        """One push's loads; a broadcast that fails (the group's timeout) names the generators it
-        did not reach, and the group is made again at the next resync."""
+        """One push's loads. A broadcast that fails (the group's timeout): when every generator
+        answered and some were restarted since the group formed (their load finds no group and
+        loads nothing), the current weights go through the object store and a new group forms;
+        otherwise the error names the generators that never took it (frozen, or gone)."""
         if push.broadcast is None:
             wait_all(push.loads, self.names, "update_weights (loading the new weights)", self.bound)
             return
@@ -224,10 +235,22 @@ class GeneratorFleet:
             wait_all([push.broadcast], ["learner rank 0"], "the weight broadcast", self.bound)
         except (ray.exceptions.RayError, Stalled) as e:
             self._group = None
-            _, pending = ray.wait(push.loads, num_returns=len(push.loads), timeout=min(5.0, self.collective.timeout_s))
-            failed = [self.names[i] for i, ref in enumerate(push.loads) if ref in pending or _failed(ref)]
+            if isinstance(e, ray.exceptions.RayActorError):
+                raise  # learner rank 0 died: the run stops with its resume hint (train.py)
+            # a restarted generator answers once its engine is up again
+            _, pending = ray.wait(push.loads, num_returns=len(push.loads), timeout=self.start_s + 5.0)
+            answered = [i for i, ref in enumerate(push.loads) if ref not in pending and not _failed(ref)]
+            restarted = [i for i in answered if ray.get(push.loads[i]) == 0]
+            if restarted and not pending:
+                print(f"the weight broadcast of version {push.version} failed: "
+                      f"{', '.join(self.names[i] for i in restarted)} restarted since the weight-sync group formed; "
+                      "pushing the current weights through the object store and forming a new group", file=sys.stderr)
+                self.resync()
+                return
+            missing = [self.names[i] for i, ref in enumerate(push.loads) if ref in pending] or [
+                self.names[i] for i in range(len(push.loads)) if i not in answered]
             raise RuntimeError(f"the weight sync of version {push.version} (sync.method=collective) did not reach "
-                               f"{', '.join(failed) or 'every generator'} within sync.timeout_s="
+                               f"{', '.join(missing) or 'every generator'} within sync.timeout_s="
                                f"{self.collective.timeout_s:g}: {_first_line(e)}") from e
         wait_all(push.loads, self.names, "update_weights (the weight broadcast)", self.bound)
 
@@ -272,7 +295,7 @@ class GeneratorFleet:
             wait_all(launch.refs, self.names[:len(launch.refs)], "generate", self.bound, fetch=False)
         except Stalled as e:
             self.restart(e.indices, e)
-        self._start_broadcasts()  # the generators are free to receive the weights queued behind it
+        self._start_broadcasts()  # the generators are free: their loads of the weights pushed meanwhile
 
     def restart(self, indices: list[int], stalled: Stalled) -> None:
         """Kill the generators that stalled; Ray starts them again (resources.actor_restarts)

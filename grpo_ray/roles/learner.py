@@ -220,6 +220,7 @@ class Learner:
     def keep_weights(self, dtype: str = "float32") -> list:
         """weight_buckets(), kept here for broadcast_weights: returns their layouts (an adapter's
         files, which are not broadcast, are returned as they are)."""
+        self._outbox = None  # the last update's, if its push never took them: not two models at once
         buckets = self.weight_buckets(dtype)
         if buckets and isinstance(buckets[0], WeightBucket):
             self._outbox = buckets
@@ -241,12 +242,16 @@ class Learner:
         group, buckets = getattr(self, "_sync", None), getattr(self, "_outbox", None)
         if group is None or buckets is None:
             raise RuntimeError("broadcast_weights: no weight-sync group joined, or no update kept its weights")
-        return group.send(buckets)
+        try:
+            return group.send(buckets)
+        finally:  # sent or failed, they are not needed again (a failed push is redone from the model)
+            self._outbox = None
 
     def kept_buckets(self) -> list[WeightBucket]:
-        """The buckets the last update kept, for a push through the object store instead (a group
-        that could not form again after a generator restart)."""
-        return getattr(self, "_outbox", None) or []
+        """The buckets the last update kept, for a push through the object store instead (no
+        group since a failure or a generator restart); handed over, not kept."""
+        buckets, self._outbox = getattr(self, "_outbox", None) or [], None
+        return buckets
 
     def save_state(self, out_dir: str) -> None:
         """Weights, optimizer moments and LR schedule (every rank writes its own shard of a sharded
