@@ -44,7 +44,7 @@ def _eval(args) -> None:
     models = [(name, merged_from_adapter(path, cache_dir(), log=say) if is_adapter_dir(path) else path)
               for name, path in models]
     for _, path in models if args.model else []:  # (one model: eval_model checks it before it samples)
-        check_model_dir(path, max_model_len=cfg.rollout.max_model_len)
+        check_model_dir(path, max_model_len=cfg.rollout.max_model_len, tensor_parallel=cfg.rollout.tensor_parallel)
     rows = {name: eval_model(cfg, path, records, os.path.join(args.out, name) if args.model else args.out)[1]
             for name, path in models}
     if args.model:  # several models: one table, each against the first

@@ -173,7 +173,7 @@ def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print
     from ..models.modeling import check_model_dir, load_tokenizer
     from .outputs import fit_records
 
-    check_model_dir(model_dir, max_model_len=cfg.rollout.max_model_len)
+    check_model_dir(model_dir, max_model_len=cfg.rollout.max_model_len, tensor_parallel=cfg.rollout.tensor_parallel)
     # a prompt the model cannot take fails in vLLM: said here, before any actor, naming its file:line
     records = fit_records(cfg, load_tokenizer(model_dir), records, "evaluation", log)
     try:  # before hours of sampling, not after

@@ -21,7 +21,7 @@ from ..core.metrics import Monitor
 from ..data.datasets import (DataError, PromptSampler, drop_training_prompts, load_datasets, source_of,
                              task_problem)
 from ..models.lora import check_targets
-from ..models.modeling import check_model_dir, check_tensor_parallel, load_tokenizer
+from ..models.modeling import check_model_dir, load_tokenizer
 from ..roles.actors import Roles, check_backend, init_ray, replace_reference, start_roles, stop_roles
 from ..roles.startup import Timeline
 from ..roles.waiting import Stalled
@@ -73,8 +73,8 @@ def preflight(cfg: Config, log) -> Prepared:
         raise ConfigError(f"{source_of(row) or 'a row'} names env {row['env']!r}, but env.name is empty, so no env "
                           "hosts would run it: set env.name (the environment of rows without their own)")
     if cfg.model.path != "builtin:tiny":
-        check_model_dir(cfg.model.path, max_model_len=cfg.rollout.max_model_len)
-        check_tensor_parallel(cfg.model.path, cfg.rollout.tensor_parallel)
+        check_model_dir(cfg.model.path, max_model_len=cfg.rollout.max_model_len,
+                        tensor_parallel=cfg.rollout.tensor_parallel)
     run_dir = resolve_run_dir(cfg)
     check_resume_mode(run_dir, cfg.run.resume)
     model_path = prepare_model(cfg, train_records, run_dir, log)  # builtin:tiny: built in the cache beside run dirs

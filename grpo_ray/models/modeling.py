@@ -24,15 +24,17 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_le
 PROBE_PROMPT = "What is 12 + 30? Answer: "
 
 
-def check_model_dir(path: str, max_model_len: int | None = None, tokenizer: bool = True) -> None:
+def check_model_dir(path: str, max_model_len: int | None = None, tokenizer: bool = True,
+                    tensor_parallel: int = 1) -> None:
     """Everything a run needs from a Hugging Face model folder, checked on the driver before any
     actor starts (these failed tens of seconds later, inside vLLM, as long Ray tracebacks): a
     config.json that is JSON, weight files (every shard an index names), a tokenizer that loads
     and encodes a prompt to at least one token (transformers builds an empty one for a folder
     without tokenizer files), and max_model_len (rollout.max_model_len) within the model's
-    context. Raises ModelDirError."""
+    context, and rollout.tensor_parallel against its heads. Raises ModelDirError."""
     config = read_model_config(path)
     check_weights(path)
+    check_tensor_parallel(path, tensor_parallel)
     if max_model_len is not None:
         limit = model_context_len(config)
         if limit is not None and max_model_len > limit:
