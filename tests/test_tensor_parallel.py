@@ -34,12 +34,14 @@ def test_bad_tensor_parallel_settings_are_refused_naming_the_key():
 
 
 def test_a_model_folder_whose_heads_the_tp_size_does_not_divide_is_refused(tiny_model_dir):
-    from grpo_ray.models.modeling import ModelDirError, check_tensor_parallel
+    from grpo_ray.models.modeling import ModelDirError, check_model_dir, check_tensor_parallel
 
     check_tensor_parallel(tiny_model_dir, 2)  # 4 heads, 2 KV heads
     check_tensor_parallel(tiny_model_dir, 4)  # each KV head replicated on 2 workers
     with pytest.raises(ModelDirError, match=r"rollout\.tensor_parallel=3 .*4 heads, 2 KV heads.*\[1, 2, 4\]"):
         check_tensor_parallel(tiny_model_dir, 3)
+    with pytest.raises(ModelDirError, match=r"rollout\.tensor_parallel=3"):  # train, grpo-ray eval, compare
+        check_model_dir(tiny_model_dir, tensor_parallel=3)
 
 
 def test_a_tp_generator_is_one_bundle_and_a_too_small_node_is_named():
