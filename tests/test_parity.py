@@ -85,20 +85,22 @@ def _wrong_weights_for_generator_1(monkeypatch, corrupt) -> list:
     pushed, in order (resyncs included)."""
     import ray
 
-    from grpo_ray.roles.fleet import GeneratorFleet
+    from grpo_ray.roles.fleet import GeneratorFleet, Push
     from grpo_ray.roles.weight_sync import pack_state_dict, unpack_bucket
 
     pushed = []
 
-    def push(self, weights, version):
+    def push(self, weights, version, broadcast=False):
+        assert not broadcast  # sync.method=object_store: the buckets themselves
         pushed.append(version)
         bad = None
         if corrupt(version):
             named = [(n, t * 1.5 if t.is_floating_point() else t.clone()) for b in ray.get(weights)
                      for n, t in unpack_bucket(b)]
             bad = pack_state_dict(named)
-        self._loading += [g.update_weights.remote(bad if i == 1 and bad is not None else weights, version)
-                          for i, g in enumerate(self.actors)]
+        self._loading.append(Push(version, weights, loads=[
+            g.update_weights.remote(bad if i == 1 and bad is not None else weights, version)
+            for i, g in enumerate(self.actors)]))
         self.version = version
 
     monkeypatch.setattr(GeneratorFleet, "push", push)
