@@ -11,6 +11,7 @@ group's timeout, so a member that never arrives fails the call instead of hangin
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ class SyncGroup:
             if tensor.is_cuda:
                 torch.cuda.current_stream(tensor.device).synchronize()
         except Exception:
-            if hasattr(self.group, "abort"):  # NCCL: free the communicator; the fleet forms a new group
+            with contextlib.suppress(Exception):  # free the communicator; the fleet forms a new group
                 self.group.abort()
             raise
         return tensor
