@@ -40,8 +40,9 @@ def _vllm_env(threads: str | None) -> None:
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    if threads:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", threads)
+    if threads:  # set, not defaulted: a value inherited from the process that started Ray (an
+        # in-process engine there) would bind a tensor-parallel engine's workers to one list
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = threads
 
 
 def _s64(c: int) -> int:
