@@ -85,7 +85,10 @@ def test_a_tp2_generator_samples_as_one_worker_and_takes_broadcast_weights(ray_l
 
     ray = ray_local
     gen = ray.remote(Generator)
-    tp2 = gen.options(num_cpus=0.5).remote(tiny_model_dir, cpu_threads="0-1", seed=0, tensor_parallel=2)
+    # a one-id binding in the inherited environment (an in-process engine in the process that
+    # started Ray sets it) must not reach the TP=2 engine's workers
+    tp2 = gen.options(num_cpus=0.5, runtime_env={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "0"}}).remote(
+        tiny_model_dir, cpu_threads="0-1", seed=0, tensor_parallel=2)
     tp1 = gen.options(num_cpus=0.25).remote(tiny_model_dir, cpu_threads="0", seed=0)
     learner = ray.remote(Learner).options(num_cpus=0.25).remote(
         tiny_model_dir, lr=1e-2, loss_kwargs=dict(eps_low=0.2, eps_high=0.2, beta=0.0, aggregation="seq_mean"),
