@@ -34,7 +34,7 @@ def check_model_dir(path: str, max_model_len: int | None = None, tokenizer: bool
     context, and rollout.tensor_parallel against its heads. Raises ModelDirError."""
     config = read_model_config(path)
     check_weights(path)
-    check_tensor_parallel(path, tensor_parallel)
+    check_tensor_parallel(path, tensor_parallel, config)
     if max_model_len is not None:
         limit = model_context_len(config)
         if limit is not None and max_model_len > limit:
@@ -46,11 +46,12 @@ def check_model_dir(path: str, max_model_len: int | None = None, tokenizer: bool
         load_tokenizer(path)
 
 
-def check_tensor_parallel(path: str, tp: int) -> None:
+def check_tensor_parallel(path: str, tp: int, config: dict | None = None) -> None:
     """rollout.tensor_parallel against the model's heads, as vLLM shards them: the attention heads
     split evenly over the workers, the KV heads too (or, fewer than the workers, each replicated
-    to a whole number of them). ModelDirError names the key and the model's counts."""
-    config = read_model_config(path)
+    to a whole number of them). ModelDirError names the key and the model's counts. config: its
+    config.json when already read."""
+    config = config or read_model_config(path)
     config = config.get("text_config", config)  # multimodal configs nest the language model's
     heads = config.get("num_attention_heads")
     kv = config.get("num_key_value_heads") or heads

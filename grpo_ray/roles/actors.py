@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -16,10 +15,11 @@ import ray
 
 from ..config import Config, ConfigError, cpu_list, cpu_threads
 from .backends import BACKENDS, full_params_need_all_ranks
+from .collective import free_address
 from .fleet import CollectiveSync, GeneratorFleet
 from .learner_group import LearnerGroup
 from .multiturn import EnvRollout
-from .placement import Placement, reserve
+from .placement import Placement, instance_resources, reserve
 from .startup import Timeline
 from .waiting import Bound
 
@@ -67,9 +67,8 @@ def _placed(cfg: Config, placement: Placement | None, role: str, index: int = 0,
     """The role instance's actor options (its bundle and share when placed, plus the actor env),
     and its resolved (vLLM CPU ids, torch threads) from role_threads."""
     res = cfg.resources
-    shards = cfg.rollout.tensor_parallel if role == "generator" else 1  # as placement.plan
-    where = placement.options(role, index) if placement else dict(
-        num_cpus=getattr(res, f"{role}_cpus") * shards, num_gpus=getattr(res, f"{role}_gpus") * shards)
+    cpus, gpus = instance_resources(cfg, role)
+    where = placement.options(role, index) if placement else dict(num_cpus=cpus, num_gpus=gpus)
     # Ray sets OMP_NUM_THREADS to the actor's CPU count (1 for a fraction), which slowed vLLM's
     # CPU decoding by ~15% here (125 vs 106 ms a step at the tiny size) even with its own threads
     # bound; give OpenMP the threads the role really uses.
@@ -106,12 +105,6 @@ def _restarts(cfg: Config) -> dict:
     """Stateless or re-syncable roles come back after a crash and the interrupted call is run again."""
     n = cfg.resources.actor_restarts
     return {"max_restarts": n, "max_task_retries": n}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -180,14 +173,10 @@ def _rendezvous(placement: Placement) -> tuple[str, int]:
     """MASTER_ADDR/PORT of the learners' process group: rank 0's node, which hosts the store.
     One node: the driver's. Several: a zero-CPU task in rank 0's bundle looks it up."""
     if len([n for n in ray.nodes() if n["Alive"]]) == 1:
-        return _node_address()
+        return free_address()
     where = placement.options("learner", 0)
     where.update(num_cpus=0, num_gpus=0)
-    return ray.get(ray.remote(_node_address).options(**where).remote())
-
-
-def _node_address() -> tuple[str, int]:
-    return ray.util.get_node_ip_address(), _free_port()
+    return ray.get(ray.remote(free_address).options(**where).remote())
 
 
 def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:

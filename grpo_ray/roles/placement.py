@@ -29,15 +29,21 @@ class Slot:
     gpus: float
 
 
+def instance_resources(cfg: Config, role: str) -> tuple[float, float]:
+    """(CPUs, GPUs) one instance of a role asks for: resources.<role>_cpus/_gpus, for a
+    generator times rollout.tensor_parallel (its workers share one bundle, so one node)."""
+    res, shards = cfg.resources, cfg.rollout.tensor_parallel if role == "generator" else 1
+    return getattr(res, f"{role}_cpus") * shards, getattr(res, f"{role}_gpus") * shards
+
+
 def plan(cfg: Config) -> tuple[list[dict[str, float]], list[Slot]]:
     """The placement group's bundles and every role instance's slot (pure: no Ray).
     Bundles 0..M-1 are the learner ranks, so rank r's bundle index is r."""
     res = cfg.resources
     groups: list[list[tuple[str, int, float, float]]] = [
-        [("learner", r, res.learner_cpus, res.learner_gpus)] for r in range(cfg.learner.num_ranks)]
-    tp = cfg.rollout.tensor_parallel  # a sharded engine's workers: one bundle, so one node
-    gens = [("generator", i, res.generator_cpus * tp, res.generator_gpus * tp) for i in range(cfg.rollout.num_generators)]
-    ref = [("reference", 0, res.reference_cpus, res.reference_gpus)] if cfg.uses_reference else []
+        [("learner", r, *instance_resources(cfg, "learner"))] for r in range(cfg.learner.num_ranks)]
+    gens = [("generator", i, *instance_resources(cfg, "generator")) for i in range(cfg.rollout.num_generators)]
+    ref = [("reference", 0, *instance_resources(cfg, "reference"))] if cfg.uses_reference else []
     if res.colocate == "none":
         groups += [[m] for m in gens + ref]
     else:
