@@ -134,7 +134,7 @@ class _Metrics(list):
 def _run(tmp_path, limit: int):
     """A driver Run with only what Run.nonfinite reads: config, run directory, metrics, log."""
     from grpo_ray.config import Config
-    from grpo_ray.driver.train import Run
+    from grpo_ray.driver.run import Run
 
     run = Run.__new__(Run)
     run.cfg = Config.model_validate({"train": {"max_nonfinite_steps": limit}})
@@ -144,7 +144,7 @@ def _run(tmp_path, limit: int):
 
 
 def test_driver_logs_each_skip_and_stops_after_max_in_a_row(tmp_path):
-    from grpo_ray.driver.train import NonFiniteStop
+    from grpo_ray.driver.run import NonFiniteStop
 
     for step in (2, 4, 5):  # checkpoints: 2 before the non-finite steps, 4 and 5 during them
         os.makedirs(tmp_path / "checkpoints" / f"step_{step:06d}")
