@@ -106,3 +106,15 @@ def fading(record, response):
     with open(record["counter"], "a") as f:
         f.write(".")
     return 1.0 if os.path.getsize(record["counter"]) <= record["budget"] else 0.0
+
+
+def dip(record, response):
+    """0 for the calls numbered record["budget"]+1 .. record["budget"]+record["width"] (counted in
+    the file record["counter"]), 1.0 before and after: a capability lost at one evaluation and
+    back at the next (a retention rollback that helped)."""
+    import os
+
+    with open(record["counter"], "a") as f:
+        f.write(".")
+    n = os.path.getsize(record["counter"])
+    return 0.0 if record["budget"] < n <= record["budget"] + record["width"] else 1.0

@@ -21,16 +21,43 @@ def _set(name, retention=True, ks=(1, 4)):
 def test_retention_warns_below_the_first_value_and_says_the_verdict():
     r = Retention([_set(""), _set("keep"), _set("other", retention=False)], drop=0.05)
     assert r.keys == {"held-out": "eval/pass@1", "keep": "eval/keep/pass@1"}
-    assert r.check({"eval/pass@1": 0.5, "eval/keep/pass@1": 0.6, "eval/other/pass@1": 0.9}) == []  # baselines
-    assert r.check({"eval/pass@1": 0.46, "eval/keep/pass@1": 0.56}) == []  # within the drop
-    said = r.check({"eval/pass@1": 0.7, "eval/keep/pass@1": 0.5})
+    assert r.check({"eval/pass@1": 0.5, "eval/keep/pass@1": 0.6, "eval/other/pass@1": 0.9}, 0) == []  # baselines
+    assert r.check({"eval/pass@1": 0.46, "eval/keep/pass@1": 0.56}, 5) == []  # within the drop
+    assert r.held_at == 5
+    said = r.check({"eval/pass@1": 0.7, "eval/keep/pass@1": 0.5}, 10)
     assert len(said) == 1 and said[0].startswith("retention: eval set 'keep' fell from 0.600 to 0.500")
     assert "raise algo.beta" in said[0] and "eval.retention_drop=0.05" in said[0]
+    assert r.held_at == 5  # the newest evaluation at which every set held: a rollback goes back no later
     assert r.verdict({"eval/pass@1": 0.7, "eval/keep/pass@1": 0.5}) == \
         "retention: held-out held (0.500 -> 0.700); keep LOST (0.600 -> 0.500)"
     again = Retention([_set("keep")], drop=0.05)
     again.load_state_dict(r.state_dict())  # a resume keeps the baselines of the first session
-    assert again.check({"eval/keep/pass@1": 0.5})
+    assert again.held_at == 5 and again.check({"eval/keep/pass@1": 0.5}, 15)
+    old = Retention([_set("keep")], drop=0.05)
+    old.load_state_dict({"keep": 0.6})  # a checkpoint written before held_at existed: its baselines
+    assert old.start == {"keep": 0.6} and old.held_at is None
+
+
+def test_retention_rollback_goes_back_no_later_than_the_last_evaluation_that_held(tmp_path):
+    from grpo_ray.driver.checkpoint import checkpoint_path, newest_good, prune, write_state
+
+    run = str(tmp_path)
+    for step, stopped in ((2, False), (4, False), (5, False), (6, True)):
+        os.makedirs(checkpoint_path(run, step))
+        write_state(checkpoint_path(run, step), step, {"kl_stopped": stopped})
+    assert newest_good(run)[0] == 5 and newest_good(run, at_most=4)[0] == 4 and newest_good(run, at_most=1) is None
+    prune(run, keep=1, protect=(2,))  # the newest, the newest KL-good, and the protected one
+    assert [s for s in (2, 4, 5, 6) if os.path.isdir(checkpoint_path(run, s))] == [2, 5, 6]
+
+
+def test_retention_actions_need_a_retention_set_and_checkpoints():
+    keep = "eval.sets=[{name: keep, path: keep.jsonl, retention: true}]"
+    with pytest.raises(ConfigError, match=re.escape("eval.retention_action=stop acts when a retention set falls, "
+                                                    "but no set in eval.sets is marked retention: true")):
+        load_config(None, ["eval.retention_action=stop", "eval.sets=[{name: keep, path: keep.jsonl}]"])
+    with pytest.raises(ConfigError, match="train.checkpoint_every=0 saves none"):
+        load_config(None, ["eval.retention_action=rollback", keep, "train.checkpoint_every=0"])
+    assert load_config(None, ["eval.retention_action=rollback", keep]).eval.retention_action == "rollback"
 
 
 def test_eval_sets_bad_input_is_named_before_any_actor(tmp_path, tiny_model_dir, monkeypatch):
@@ -131,3 +158,37 @@ def test_retention_action_stop_stops_with_a_checkpoint_of_that_step(ray_local, t
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["step"] for r in rows if r.get("event") == "retention"] == [2]
     assert max(r["step"] for r in rows if "reward/mean" in r) == 2  # no step after the stop
+
+
+@pytest.mark.slow
+def test_retention_action_rollback_goes_back_to_where_every_set_held(ray_local, tiny_model_dir, tmp_path):
+    from grpo_ray.driver.train import train
+
+    train_file, keep, counter = tmp_path / "train.jsonl", tmp_path / "keep.jsonl", tmp_path / "calls"
+    train_file.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
+                                              "task": "reward_fns:digit_fraction"}) + "\n" for i in range(12)))
+    # 16 calls per evaluation: held at steps 0 and 2, lost at step 4, back at the rerun of step 4
+    keep.write_text("".join(json.dumps({"prompt": f"Q: {i}-1=?\nA:", "answer": str(i - 1), "task": "reward_fns:dip",
+                                        "counter": str(counter), "budget": 32, "width": 16}) + "\n" for i in range(4)))
+    cfg = load_config("configs/default.yaml", [
+        "rollout.prompts_per_step=4", "algo.group_size=4", "train.steps=4", "train.eval_every=2",
+        "eval.num_prompts=4", "eval.samples=4", "eval.ks=[1]", "learner.micro_batch_size=8", "run.tensorboard=false",
+        f"run.output_dir={tmp_path}", "run.name=back", f"model.path={tiny_model_dir}", "data.task=jsonl",
+        f"data.train_path={train_file}", "data.eval_fraction=0.25", "train.checkpoint_every=1",
+        "train.keep_checkpoints=1", f"eval.sets=[{{name: keep, path: {keep}, retention: true}}]",
+        "eval.retention_action=rollback"])
+    run_dir = train(cfg)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    evals = [(r["step"], r["eval/keep/pass@1"]) for r in rows if "eval/keep/pass@1" in r]
+    # the last step's evaluation is the loop's (it may still roll back), and finish() does not repeat it
+    assert evals == [(0, 1.0), (2, 1.0), (4, 0.0), (4, 1.0)]
+    assert [r["step"] for r in rows if r.get("event") == "retention"] == [4]
+    back = [r for r in rows if r.get("event") == "retention_rollback"]
+    assert [(r["step"], r["to_step"]) for r in back] == [(4, 2)]  # step 3's checkpoint is newer than the last hold
+    assert "retention guard: rolled back from step 4 to the checkpoint of step 2" in back[0]["message"]
+    assert "(x0.5), rollback 1 of 2" in back[0]["message"]  # the KL guard's lr factor and budget
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 3, 4]
+    # the rerun of step 3 samples from step 2's weights, prompts and seeds: the same rollout
+    assert steps[4]["reward/mean"] == steps[2]["reward/mean"]
+    assert os.path.isfile(os.path.join(run_dir, "final_model", "config.json"))

@@ -16,6 +16,7 @@ def across_sections(cfg: Config) -> None:
     _check_sampler_logprobs(cfg)
     _check_lengths(cfg)
     _check_keep_best(cfg)
+    _check_retention(cfg)
     _check_env(cfg)
     _check_tensor_parallel(cfg)
 
@@ -39,6 +40,18 @@ def _check_keep_best(cfg: Config) -> None:
     if metric and metric not in logged:
         raise fail(f"train.keep_best={metric!r}: no evaluation logs it; the metrics are {', '.join(logged)} "
                    "(eval.ks sets the pass@k)", "train.keep_best", "eval.ks")
+
+
+def _check_retention(cfg: Config) -> None:
+    action = cfg.eval.retention_action
+    if action != "warn" and not any(s.retention for s in cfg.eval.sets):
+        raise fail(f"eval.retention_action={action} acts when a retention set falls, but no set in eval.sets is "
+                   "marked retention: true; mark the capability to keep, e.g. eval.sets=[{name: keep, path: "
+                   "keep.jsonl, retention: true}]", "eval.retention_action", "eval.sets")
+    if action == "rollback" and not cfg.train.checkpoint_every:
+        raise fail("eval.retention_action=rollback goes back to a checkpoint saved while every retention set held, "
+                   "but train.checkpoint_every=0 saves none before the end; set train.checkpoint_every (e.g. the "
+                   "same as train.eval_every)", "eval.retention_action", "train.checkpoint_every")
 
 
 def _check_reference(cfg: Config) -> None:

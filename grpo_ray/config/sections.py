@@ -340,8 +340,10 @@ class EvalConfig(Section):
     sets: list[EvalSetConfig] = _f([], "more evaluation sets beside the held-out one (e.g. a capability to keep)")
     retention_drop: Float = _f(0.05, "how far (absolute) a retention set's pass@ may fall below its first value "
                                      "before the warning", ge=0.0, le=1.0)
-    retention_action: Literal["warn", "stop"] = _f(
-        "warn", "when a retention set falls: warn (and go on), or stop the run with a checkpoint of that step")
+    retention_action: Literal["warn", "stop", "rollback"] = _f(
+        "warn", "when a retention set falls: warn (and go on); stop the run with a checkpoint of that step; or "
+                "roll back to the newest checkpoint saved while every retention set held, with the learning rate "
+                "times algo.kl_rollback_lr_factor (the KL guard's rollback: algo.kl_max_rollbacks in all)")
 
     @model_validator(mode="after")
     def _enough_samples(self) -> EvalConfig:

@@ -126,20 +126,22 @@ def kl_stopped(path: str) -> bool:
         return False
 
 
-def newest_good(run_dir: str) -> tuple[int, str] | None:
-    """The newest checkpoint saved while the KL rule held (what a KL rollback goes back to)."""
-    good = [c for c in list_checkpoints(run_dir) if not kl_stopped(c[1])]
+def newest_good(run_dir: str, at_most: int | None = None) -> tuple[int, str] | None:
+    """The newest checkpoint saved while the KL rule held (what a KL rollback goes back to); with
+    `at_most`, the newest of those up to that step (a retention rollback: up to the last
+    evaluation at which every retention set held)."""
+    good = [c for c in list_checkpoints(run_dir) if not kl_stopped(c[1]) and (at_most is None or c[0] <= at_most)]
     return good[-1] if good else None
 
 
-def prune(run_dir: str, keep: int, best_step: int | None = None) -> None:
+def prune(run_dir: str, keep: int, protect: tuple[int, ...] = ()) -> None:
     """Keep the newest `keep` checkpoints, and the newest one saved while the KL rule held even
     when it is older: the checkpoint of a KL stop must not push out the last good one; and the
-    best one (train.keep_best: the checkpoint of step `best_step`). Then
-    drop the reset references (reference_policy/step_N) that no kept checkpoint names, except
-    the newest (the one the reference actor runs, and reloads if Ray restarts it)."""
+    checkpoints of the steps in `protect` (train.keep_best's, a retention rollback's target).
+    Then drop the reset references (reference_policy/step_N) that no kept checkpoint names,
+    except the newest (the one the reference actor runs, and reloads if Ray restarts it)."""
     found = list_checkpoints(run_dir)
-    kept = found[-keep:] + [c for c in found if not kl_stopped(c[1])][-1:] + [c for c in found if c[0] == best_step]
+    kept = found[-keep:] + [c for c in found if not kl_stopped(c[1])][-1:] + [c for c in found if c[0] in protect]
     for c in found:
         if c not in kept:
             shutil.rmtree(c[1], ignore_errors=True)

@@ -65,13 +65,15 @@ class RetentionStop(ConfigError):
 class Retention:
     """eval.sets marked retention: each one's pass@ (its smallest k) at the first evaluation is
     its baseline; a later one more than eval.retention_drop below it is a capability the run is
-    losing (the GRPO guide's best practice 4: check capability retention)."""
+    losing (the GRPO guide's best practice 4: check capability retention). `held_at`: the step of
+    the newest evaluation at which every set held (what eval.retention_action=rollback goes back
+    to, at the latest)."""
 
     def __init__(self, sets: list[EvalSet], drop: float):
         self.keys = {s.name or "held-out": s.key(f"pass@{min(s.ks)}") for s in sets if s.retention}
-        self.drop, self.start = drop, {}
+        self.drop, self.start, self.held_at = drop, {}, None
 
-    def check(self, m: dict) -> list[str]:
+    def check(self, m: dict, step: int) -> list[str]:
         """Warnings for the sets below their baseline by more than the drop."""
         out = []
         for name, key in self.keys.items():
@@ -82,6 +84,8 @@ class Retention:
                 out.append(f"retention: eval set {name!r} fell from {start:.3f} to {m[key]:.3f} ({key}; more than "
                            f"eval.retention_drop={self.drop:g}): the run is losing that capability; raise algo.beta, "
                            "lower learner.lr, or mix prompts of that kind into the training data")
+        if not out and any(key in m for key in self.keys.values()):
+            self.held_at = step
         return out
 
     def verdict(self, m: dict) -> str | None:
@@ -92,10 +96,13 @@ class Retention:
         return "retention: " + "; ".join(parts) if parts else None
 
     def state_dict(self) -> dict:
-        return dict(self.start)
+        return {"start": dict(self.start), "held_at": self.held_at}
 
     def load_state_dict(self, state: dict | None) -> None:
-        self.start = dict(state or {})
+        state = state or {}
+        if not isinstance(state.get("start"), dict):  # a checkpoint from before held_at: the baselines alone
+            state = {"start": state}
+        self.start, self.held_at = dict(state["start"]), state.get("held_at")
 
 
 def correctness(score) -> float:

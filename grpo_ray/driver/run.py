@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import ray
 
@@ -37,6 +38,14 @@ def save_policy(roles: Roles, run_dir: str, tokenizer, name: str) -> str:
     return final
 
 
+@dataclass
+class After:
+    """What the loop does after a step's guards, evaluation and checkpoint (Run.between_steps)."""
+    stop: bool = False  # the KL guard stopped the run (finish() saves the drifted policy flagged)
+    back_to: int | None = None  # rolled back to the checkpoint of this step: the steps after it run again
+    busy: bool = False  # evaluated, checkpointed or reset the reference: not step time
+
+
 class NonFiniteStop(ConfigError):
     """train.max_nonfinite_steps steps in a row skipped optimizer steps on a non-finite loss or
     gradient: the run stops, in one line, naming the checkpoint to resume from."""
@@ -59,6 +68,7 @@ class Run:
         self.best = Best(cfg.train.keep_best) if cfg.train.keep_best else None  # train.keep_best
         self.saved: int | None = None  # the step of the last checkpoint this session saved
         self.last_eval: dict = {}  # the newest evaluation's metrics
+        self.evaluated: int | None = None  # the step of the newest evaluation
         self.lr_scale, self.rollbacks = 1.0, 0  # KL rollbacks so far and the lr factor they left
         self.ahead: InFlight | None = None  # rollout.asynchronous: the next step's rollout, sampling
         self.nonfinite_run: tuple[int, int] | None = None  # (first step, steps) in a row with skipped steps
@@ -105,36 +115,80 @@ class Run:
                 if step == start:
                     self.timeline.add("first step", begun, time.time())
                 mark = time.perf_counter()
-                errors, parity = m.pop(REWARD_ERRORS, {}), m.pop(PARITY, {})
-                self.metrics.write(m)
-                self.reward_errors(step, errors)  # raises RewardFunctionError when a component failed everywhere
+                self.record(step, m, samples)
                 last = step
-                if cfg.train.spot_check_every and step % cfg.train.spot_check_every == 0:
-                    write_samples(self.run_dir, step, samples)
-                if step % cfg.run.log_every == 0:
-                    self.log(summary_line(m, steps))
-                self.nonfinite(step, m)  # raises NonFiniteStop after train.max_nonfinite_steps in a row
-                self.parity(step, parity)  # pushes the weights again; raises ParityStop when that did not help
-                if self.watch(step, m):
-                    back = self.rollback(step) if cfg.algo.kl_action == "rollback" else None
-                    if back is None:
-                        stopped = True
-                        break
-                    step, mark = back + 1, None
-                    bar.n = back
+                after = self.between_steps(step, m)
+                if after.stop:
+                    stopped = True
+                    break
+                if after.back_to is not None:  # rolled back: the steps after that checkpoint run again
+                    step, mark, bar.n = after.back_to + 1, None, after.back_to
                     continue
-                if ref_reset_due(cfg, step):  # after the KL check: a policy that drifted is no reference
-                    self.reset_reference(step)
-                    mark = None
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
-                    self.evaluate(step)
-                    mark = None  # evaluations and checkpoints are not step time
-                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                    self.checkpoint(step)
+                if after.busy:  # evaluations and checkpoints are not step time
                     mark = None
                 step += 1
                 bar.update(1)
         self.finish(start, last, stopped)
+
+    def record(self, step: int, m: dict, samples: list[dict]) -> None:
+        """A step's metrics line, spot check and console line; the guards that act on one step:
+        reward functions that failed, non-finite updates, weight-sync parity."""
+        cfg = self.cfg
+        errors, parity = m.pop(REWARD_ERRORS, {}), m.pop(PARITY, {})
+        self.metrics.write(m)
+        self.reward_errors(step, errors)  # raises RewardFunctionError when a component failed everywhere
+        if cfg.train.spot_check_every and step % cfg.train.spot_check_every == 0:
+            write_samples(self.run_dir, step, samples)
+        if step % cfg.run.log_every == 0:
+            self.log(summary_line(m, cfg.train.steps))
+        self.nonfinite(step, m)  # raises NonFiniteStop after train.max_nonfinite_steps in a row
+        self.parity(step, parity)  # pushes the weights again; raises ParityStop when that did not help
+
+    def between_steps(self, step: int, m: dict) -> After:
+        """The KL guard, the reference reset, the evaluation (and its retention guard) and the
+        checkpoint due after `step`, in that order."""
+        cfg = self.cfg
+        if self.watch(step, m):
+            back = self.rollback(step, "KL guard", newest_good(self.run_dir)) if cfg.algo.kl_action == "rollback" \
+                else None
+            return After(stop=back is None, back_to=back)
+        busy = False
+        if ref_reset_due(cfg, step):  # after the KL check: a policy that drifted is no reference
+            self.reset_reference(step)
+            busy = True
+        if self.evaluation_due(step):
+            back = self.retention_guard(step, self.evaluate(step))  # raises RetentionStop
+            if back is not None:
+                return After(back_to=back)
+            busy = True
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            self.checkpoint(step)
+            busy = True
+        return After(busy=busy)
+
+    def evaluation_due(self, step: int) -> bool:
+        """Every train.eval_every steps; the last step's is finish()'s, except with
+        eval.retention_action=rollback, which may still go back from there."""
+        cfg = self.cfg
+        if step == cfg.train.steps:
+            return cfg.eval.retention_action == "rollback" and bool(self.retention.keys)
+        return bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0
+
+    def retention_guard(self, step: int, fell: list[str]) -> int | None:
+        """eval.retention_action stop or rollback, when a retention set fell at the evaluation of
+        `step`: returns the step rolled back to, or stops the run with a checkpoint of `step`
+        (RetentionStop, also when no rollback is left)."""
+        if not fell:
+            return None
+        why = "eval.retention_action=stop"
+        if self.cfg.eval.retention_action == "rollback":
+            back = self.rollback(step, "retention guard", newest_good(self.run_dir, at_most=self.retention.held_at))
+            if back is not None:
+                return back
+            why = "eval.retention_action=rollback, and no rollback could be made"
+        self.checkpoint(step)
+        raise RetentionStop(f"{fell[0]} ({why}: checkpoint of step {step} saved in "
+                            f"{checkpoint_path(self.run_dir, step)})")
 
     def reward_errors(self, step: int, errors: dict) -> None:
         """Each reward component's first failure, said at once (with where it failed); a
@@ -153,8 +207,9 @@ class Run:
         if last < start and os.path.isdir(final):
             return
         phase = self.timeline.phase
-        with phase("final evaluation"):
-            self.evaluate(last, final=True)
+        if self.evaluated != last:  # the loop evaluated the last step already (evaluation_due)
+            with phase("final evaluation"):
+                self.evaluate(last, final=True)
         if verdict := self.retention.verdict(self.last_eval):
             self.log(verdict)
         if stopped:  # kept beside the last good one (checkpoint.prune), which a rollback goes back to
@@ -212,14 +267,16 @@ class Run:
             return f"at step {step}, {first}; stopping; {where}"
         return f"an actor died at step {step} and could not be restarted ({first}); {where}"
 
-    def rollback(self, step: int) -> int | None:
-        """algo.kl_action=rollback: back to the newest checkpoint saved while the KL rule held
-        (policy, optimizer, sampler, monitor and reference) with the learning rate times
-        kl_rollback_lr_factor; returns its step, or None to stop."""
-        a, good = self.cfg.algo, newest_good(self.run_dir)
+    def rollback(self, step: int, guard: str, good: tuple[int, str] | None) -> int | None:
+        """Back to the checkpoint `good` (the KL guard: the newest saved while the KL rule held; the
+        retention guard: the newest up to the last evaluation at which every retention set held):
+        policy, optimizer, sampler, monitor and reference, with the learning rate times
+        algo.kl_rollback_lr_factor per rollback (algo.kl_max_rollbacks in all, both guards
+        together); returns its step, or None to stop."""
+        a = self.cfg.algo
         if self.rollbacks >= a.kl_max_rollbacks or not good:
             why = "no checkpoint to roll back to" if not good else f"algo.kl_max_rollbacks={a.kl_max_rollbacks} used"
-            self.log(f"KL guard: stopping instead of rolling back ({why})")
+            self.log(f"{guard}: stopping instead of rolling back ({why})")
             return None
         path = good[1]
         state = load_state(path)
@@ -235,11 +292,12 @@ class Run:
         self.ahead = None  # sampled by the rolled-back policy
         self.roles.fleet.resync(version=state["step"])
         self.load_guards(state)
-        self.saved = None  # the steps after it run again
-        msg = (f"KL guard: rolled back from step {step} to the checkpoint of step {state['step']} ({path}); "
+        self.saved = self.evaluated = None  # the steps after it run again
+        msg = (f"{guard}: rolled back from step {step} to the checkpoint of step {state['step']} ({path}); "
                f"learning rate now {lr:.3g} (x{scale:g}), rollback {self.rollbacks} of {a.kl_max_rollbacks}")
         self.log(msg)
-        self.metrics.write({"step": step, "event": "kl_rollback", "message": msg, "to_step": state["step"]})
+        event = "kl_rollback" if guard.startswith("KL") else "retention_rollback"
+        self.metrics.write({"step": step, "event": event, "message": msg, "to_step": state["step"]})
         return state["step"]
 
     def watch(self, step: int, m: dict) -> bool:
@@ -313,7 +371,10 @@ class Run:
         self.roles.fleet.resync()
         self.parity_pushed = step
 
-    def evaluate(self, step: int, final: bool = False) -> None:
+    def evaluate(self, step: int, final: bool = False) -> list[str]:
+        """Every eval set, logged; the KL monitor's and the retention guard's warnings; a new best
+        checkpoint (train.keep_best). Returns the retention warnings the loop must act on
+        (eval.retention_action stop or rollback; none at the final evaluation)."""
         c, roles = self.cfg, self.roles
         roles.fleet.settle()  # evaluate the weights of `step`, loaded
         try:  # a generator Ray restarted mid-evaluation gets the current weights pushed (the fleet's resync)
@@ -325,22 +386,31 @@ class Run:
         for w in self.monitor.check_eval(m[f"eval/pass@{min(c.eval.ks)}"]):
             self.log(f"warning: {w}")
             self.metrics.write({"step": step, "event": "warning", "message": w})
-        fell = self.retention.check(m)
+        fell = self.retention.check(m, step)
         for w in fell:
             self.log(f"warning: {w}")
             self.metrics.write({"step": step, "event": "retention", "message": w})
-        if fell and c.eval.retention_action == "stop" and not final:
-            self.checkpoint(step)
-            raise RetentionStop(f"{fell[0]} (eval.retention_action=stop: checkpoint of step {step} saved in "
-                                f"{checkpoint_path(self.run_dir, step)})")
+        self.evaluated = step
+        if fell and not final and c.eval.retention_action != "warn":
+            return fell  # the loop stops or rolls back (retention_guard): this policy is no best one
         self.last_eval = m
         if self.best and self.best.offer(step, m):  # saved now: the next checkpoint may be steps away
             if step == self.saved:  # the loop saved this step before its evaluation: update its record
                 path = checkpoint_path(self.run_dir, step)
                 write_state(path, step, {**load_state(path), "best": self.best.state_dict()})
-                prune(self.run_dir, c.train.keep_checkpoints, self.best.step)
+                prune(self.run_dir, c.train.keep_checkpoints, self.protected())
             else:
                 self.checkpoint(step)
+        return []
+
+    def protected(self) -> tuple[int, ...]:
+        """Checkpoints pruning keeps beside the newest: train.keep_best's, and the one a retention
+        rollback would go back to."""
+        steps = (self.best.step,) if self.best and self.best.step is not None else ()
+        if self.cfg.eval.retention_action == "rollback" and self.retention.held_at is not None:
+            good = newest_good(self.run_dir, at_most=self.retention.held_at)
+            steps += (good[0],) if good else ()
+        return steps
 
     def checkpoint(self, step: int, kl_stopped: bool = False) -> None:
         if step == self.saved and not kl_stopped:  # saved already (a new best was, at its evaluation)
@@ -356,6 +426,6 @@ class Run:
         with writing(path) as tmp:  # the same step saved again (a KL stop right after a save) replaces it
             self.roles.learners.checkpoint_into(tmp, self.tokenizer)
             write_state(tmp, step, state)
-        prune(self.run_dir, self.cfg.train.keep_checkpoints, self.best.step if self.best else None)
+        prune(self.run_dir, self.cfg.train.keep_checkpoints, self.protected())
         self.saved = step
         self.metrics.write({"step": step, "event": "checkpoint", "message": path})
