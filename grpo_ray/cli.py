@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .driver.checkpoint import CheckpointError
@@ -22,22 +23,12 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    from .data.datasets import drop_training_prompts, load_jsonl
-    from .driver.evaluation import eval_model
     from .driver.outputs import cache_dir
     from .models.lora import is_adapter_dir, merged_from_adapter
     from .models.modeling import check_model_dir
 
-    models = eval_models(args)  # first: it may move a dotted override argparse read as DATA
+    models = eval_models(args)  # first: it sorts MODEL_DIR, DATA and the dotted overrides apart
     cfg = eval_config(args)
-    keys = (args.prompt_key or cfg.data.prompt_key, args.answer_key or cfg.data.answer_key,
-            cfg.data.prompt_template, cfg.data.verifier)
-    records = load_jsonl(args.data, *keys)
-    if args.train_data:
-        records, dropped = drop_training_prompts(records, load_jsonl(args.train_data, *keys), args.train_data)
-        if dropped:
-            print(f"grpo-ray: warning: {dropped}", file=sys.stderr)
-    records = records[:args.limit] if args.limit else records
     say = lambda m: print(f"grpo-ray: {m}", file=sys.stderr)  # noqa: E731
     # a LoRA run's final_adapter/ (or a checkpoint's adapter/) is merged into its base; every
     # folder is checked before the first model samples
@@ -45,22 +36,81 @@ def _eval(args) -> None:
               for name, path in models]
     for _, path in models if args.model else []:  # (one model: eval_model checks it before it samples)
         check_model_dir(path, max_model_len=cfg.rollout.max_model_len, tensor_parallel=cfg.rollout.tensor_parallel)
+    if args.data is None:
+        tables = _eval_config_sets(args, cfg, models, say)
+    else:
+        tables = _eval_file(args, cfg, models, say)
+    if args.model:  # several models: one table, each against the first
+        from .driver.compare import markdown, write_compare
+
+        print(markdown(tables, models[0][0]), end="")
+        print(f"wrote {', '.join(write_compare(args.out, tables))}")
+
+
+def _eval_file(args, cfg, models: list[tuple[str, str]], say) -> list[dict]:
+    """`grpo-ray eval ... DATA`: every model on the rows of DATA; the compare table (several models)."""
+    from .data.datasets import drop_training_prompts, load_jsonl
+    from .driver.evaluation import eval_model
+
+    keys = (args.prompt_key or cfg.data.prompt_key, args.answer_key or cfg.data.answer_key,
+            cfg.data.prompt_template, cfg.data.verifier)
+    records = load_jsonl(args.data, *keys)
+    if args.train_data:
+        records, dropped = drop_training_prompts(records, load_jsonl(args.train_data, *keys), args.train_data)
+        if dropped:
+            say(f"warning: {dropped}")
+    records = records[:args.limit] if args.limit else records
     rows = {name: eval_model(cfg, path, records, os.path.join(args.out, name) if args.model else args.out)[1]
             for name, path in models}
-    if args.model:  # several models: one table, each against the first
-        from .driver.compare import compare, markdown, write_compare
+    if not args.model:
+        return []
+    from .driver.compare import compare
 
-        table = compare(rows, cfg.eval.ks, set_name=os.path.splitext(os.path.basename(args.data))[0])
-        print(markdown(table, models[0][0]), end="")
-        print(f"wrote {', '.join(write_compare(args.out, table))}")
+    return compare(rows, cfg.eval.ks, set_name=os.path.splitext(os.path.basename(args.data))[0])
+
+
+def _eval_config_sets(args, cfg, models: list[tuple[str, str]], say) -> list[dict]:
+    """`grpo-ray eval --config C` without DATA: every model on the sets a training run of C
+    evaluates (its held-out prompts as `held-out`, then eval.sets), each into OUT[/NAME]/SET;
+    the compare table has a block per set."""
+    from dataclasses import replace
+
+    from .driver.evaluation import config_eval_sets, eval_model_sets
+
+    sets = config_eval_sets(cfg, models[0][1], say)
+    if args.limit:
+        sets = [replace(s, records=s.records[:args.limit]) for s in sets]
+    label = lambda s: s.name or "held-out"  # noqa: E731
+    results = {name: eval_model_sets(cfg, path, sets, [os.path.join(args.out, *([name] if args.model else []),
+                                                                    label(s)) for s in sets], say)
+               for name, path in models}
+    if not args.model:
+        return []
+    from .driver.compare import compare
+
+    return [row for i, s in enumerate(sets)
+            for row in compare({name: got[i][1] for name, got in results.items()}, s.ks, set_name=label(s))]
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # a dotted override (eval.samples=4), never a path
 
 
 def eval_models(args) -> list[tuple[str, str]]:
-    """(name, folder) of each model `grpo-ray eval` samples: MODEL_DIR, or each --model NAME=PATH."""
-    if args.model and args.model_dir and "=" in args.data:  # argparse filled the optional MODEL_DIR first
-        args.model_dir, args.data, args.overrides = None, args.model_dir, [args.data, *args.overrides]
+    """(name, folder) of each model `grpo-ray eval` samples: MODEL_DIR, or each --model NAME=PATH.
+    Sorts the positional arguments first: argparse fills MODEL_DIR and DATA in order, whatever
+    they are (with --model the first is DATA; a dotted override may come anywhere)."""
+    given = [a for a in (args.model_dir, args.data) if a is not None] + list(args.overrides)
+    args.overrides = [a for a in given if OVERRIDE.match(a)]
+    paths = [a for a in given if not OVERRIDE.match(a)]
+    if len(paths) > (1 if args.model else 2):
+        raise ConfigError(f"grpo-ray eval: unexpected argument(s) {paths[1 if args.model else 2:]}: give "
+                          + ("DATA once after --model NAME=PATH" if args.model else "MODEL_DIR and DATA"))
+    args.model_dir, args.data = (([None] if args.model else []) + paths + [None, None])[:2]
     if bool(args.model) == bool(args.model_dir):
         raise ConfigError("grpo-ray eval: give one model folder, or several as --model NAME=PATH (not both)")
+    if args.data is None and args.config is None:
+        raise ConfigError("grpo-ray eval: give DATA (a JSONL file of prompts), or --config CONFIG to evaluate the "
+                          "sets its training run evaluates (the held-out prompts and eval.sets)")
     if not args.model:
         return [("model", args.model_dir)]
     models = []
@@ -191,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="instead of MODEL_DIR, several models (e.g. --model base=PATH --model final=RUN/final_model): "
                         "each evaluated with the same seeds into OUT/NAME, then compare.csv, compare.md and a chart "
                         "with each one's pass@k against the first and a bootstrap 95%% interval over problems")
-    e.add_argument("data", help="JSONL with prompt and answer fields (and task, tests, ... for code)")
+    e.add_argument("data", nargs="?", help="JSONL with prompt and answer fields (and task, tests, ... for code); "
+                                           "without it, --config's sets: its held-out prompts and eval.sets")
     e.add_argument("--k", default=None, help="comma-separated k for pass@k (default: the config's eval.ks, "
                                                "or 1,10 without --config)")
     e.add_argument("--samples", type=int, default=None, help="completions per prompt, n >= max k (default: "

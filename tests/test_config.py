@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from grpo_ray.config import Config, ConfigError, load_config, parse_override
+from grpo_ray.config.sections import EvalSetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_YAML = REPO / "configs" / "default.yaml"
@@ -67,8 +68,12 @@ def test_load_default_yaml():
     for section, values in defaults.items():
         for key, default in values.items():
             expected = data.get(section, {}).get(key, default)
+            if section == "eval" and key == "sets":  # each set's keys not in the file keep their defaults
+                expected = [{**EvalSetConfig(**s).model_dump(), **s} for s in expected]
             assert got[section][key] == expected, f"{section}.{key}"
     assert cfg.data.task == "arithmetic"
+    # the default job watches a skill GRPO does not train, which its warm start teaches
+    assert cfg.warmstart.subtract > 0 and [(s.task, s.retention) for s in cfg.eval.sets] == [("subtract", True)]
     assert cfg.model.path == "builtin:tiny"
 
 

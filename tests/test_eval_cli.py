@@ -199,3 +199,67 @@ def test_eval_compares_models_with_the_same_seeds(tiny_model_dir, tmp_path):
         b = table[(table.model == "b") & (table.k == k)].iloc[0]
         assert b["diff"] == 0.0 and b["ci95_low"] == 0.0 and b["ci95_high"] == 0.0
     assert "| held | b | 1 |" in proc.stdout and (tmp_path / "ev" / "compare_held.png").is_file()
+
+
+def _config_with_a_set(tmp_path, model_dir):
+    """A config whose training run evaluates its held-out rows and one more set, `keep`."""
+    train, keep = tmp_path / "train.jsonl", tmp_path / "keep.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
+                                         "task": "reward_fns:has_digit"}) + "\n" for i in range(8)))
+    keep.write_text("".join(json.dumps({"prompt": f"Q: {i}-1=?\nA:", "answer": str(i - 1),
+                                        "task": "reward_fns:has_digit"}) + "\n" for i in range(5)))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{path: {model_dir}}}\ndata: {{task: jsonl, train_path: {train}, eval_fraction: 0.25}}\n"
+                      "eval: {samples: 4, ks: [1, 2], sets: [{name: keep, path: " + str(keep) + ", samples: 3, "
+                      "ks: [1, 3], retention: true}]}\nrollout: {max_new_tokens: 6}\n")
+    return config
+
+
+def test_eval_without_data_takes_the_configs_sets(tiny_model_dir, tmp_path, monkeypatch):
+    from grpo_ray import cli
+    from grpo_ray.driver import evaluation
+
+    config, seen = _config_with_a_set(tmp_path, tiny_model_dir), []
+
+    def fake(cfg, model, sets, outs, log=print):
+        seen.append((model, [(s.name, len(s.records), s.samples, s.ks) for s in sets], outs))
+        return [({}, [{"prompt": r["prompt"], "num_samples": s.samples, "num_correct": 1} for r in s.records])
+                for s in sets]
+
+    monkeypatch.setattr(evaluation, "eval_model_sets", fake)
+    out = tmp_path / "o"
+    cli.main(["eval", "--model", f"a={tiny_model_dir}", "--config", str(config), "--model", f"b={tiny_model_dir}",
+              "--out", str(out), "eval.num_prompts=2"])
+    # the held-out set: the 2 rows held out of 8; keep: eval.num_prompts=2 of its 5, its own samples and ks
+    want = [("", 2, 4, [1, 2]), ("keep", 2, 3, [1, 3])]
+    assert seen == [(tiny_model_dir, want, [str(out / m / "held-out"), str(out / m / "keep")]) for m in ("a", "b")]
+    table = open(out / "compare.md").read()
+    assert "| held-out | b | 2 |" in table and "| keep | b | 3 |" in table
+    assert {"compare_held-out.png", "compare_keep.png"} <= set(os.listdir(out))
+    with pytest.raises(SystemExit):  # no DATA and no --config: nothing to evaluate
+        cli.main(["eval", "--model", f"a={tiny_model_dir}", "eval.samples=4"])
+
+
+@pytest.mark.slow
+def test_eval_compares_models_over_a_configs_sets(tiny_model_dir, tmp_path):
+    """grpo-ray eval --config without DATA, for real: every set of the config for each model, one
+    table with a block per set, equal to the estimator over each set's CSV."""
+    import pandas as pd
+
+    config = _config_with_a_set(tmp_path, tiny_model_dir)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = f"{REPO}:{REPO / 'tests'}"
+    proc = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "eval", "--model", f"a={tiny_model_dir}", "--model",
+                           f"b={tiny_model_dir}", "--config", str(config), "--out", str(tmp_path / "ev")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pd.read_csv(tmp_path / "ev" / "compare.csv")
+    assert sorted(set(zip(table["set"], table["k"]))) == [("held-out", 1), ("held-out", 2), ("keep", 1), ("keep", 3)]
+    for (set_name, k), rows in table.groupby(["set", "k"]):
+        for name in ("a", "b"):
+            got = pd.read_csv(tmp_path / "ev" / name / set_name / "results.csv")
+            want = mean_pass_at_k(got["num_samples"].tolist(), got["num_correct"].tolist(), k)
+            assert float(rows[rows.model == name]["pass@k"].iloc[0]) == pytest.approx(want)
+        assert float(rows[rows.model == "b"]["diff"].iloc[0]) == 0.0  # the same model, the same seeds
+    assert (tmp_path / "ev" / "a" / "keep" / "results.csv").is_file()
+    assert len(pd.read_csv(tmp_path / "ev" / "a" / "keep" / "results.csv")) == 5

@@ -94,6 +94,10 @@ class WarmStartConfig(Section):
     lr: Float = _f(3e-3, "SFT learning rate", gt=0.0)
     show_work: Float = _f(0.3, "fraction of SFT examples that show their work", ge=0.0, le=1.0)
     label_noise: Float = _f(0.9, "fraction of hasty SFT answers that are random guesses", ge=0.0, le=1.0)
+    subtract: Float = _f(0.0, "share of each SFT batch that teaches subtraction, work always shown (' 48-37=11 #### "
+                              "11'): a skill the base has and GRPO on additions does not train, checked by a "
+                              "retention set (eval.sets: {task: subtract, retention: true}); arithmetic only",
+                         ge=0.0, le=0.9)
 
 
 class DataConfig(Section):
@@ -313,6 +317,8 @@ class EvalSetConfig(Section):
     name: Text = _f("", "a folder-safe name (its metrics: eval/<name>/...)")
     path: Text = _f("", "a JSONL file of prompts (data.prompt_key, answer_key, prompt_template and verifier "
                         "apply; a row may name its own task)")
+    task: Literal["", "subtract"] = _f("", "instead of path, a built-in set: subtract (held-out subtractions up to "
+                                           "data.max_operand; builtin:tiny learns them with warmstart.subtract)")
     num_prompts: Optional[int] = _f(None, "default: eval.num_prompts", ge=1)
     samples: Optional[int] = _f(None, "default: eval.samples", ge=1)
     ks: Optional[list[Annotated[int, Field(ge=1)]]] = _f(None, "default: eval.ks")
@@ -325,8 +331,9 @@ class EvalSetConfig(Section):
     def _named(self) -> EvalSetConfig:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise fail(f"eval.sets: name={self.name!r}: give each set a folder-safe name", "eval.sets")
-        if not self.path:
-            raise fail(f"eval.sets: set {self.name!r} has no path (a JSONL file of prompts)", "eval.sets")
+        if bool(self.path) == bool(self.task):
+            raise fail(f"eval.sets: set {self.name!r} needs a path (a JSONL file of prompts) or a task (a built-in "
+                       "set: subtract), one of the two", "eval.sets")
         return self
 
 

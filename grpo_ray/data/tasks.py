@@ -20,6 +20,9 @@ def arithmetic_response(answer: int, work: str = "") -> str:
 
 
 def arithmetic_work(record: dict) -> str:
+    """'37+48=85', or for a subtraction record '48-37=11'."""
+    if record.get("op") == "-":
+        return f"{record['a']}-{record['b']}={record['a'] - record['b']}"
     return f"{record['a']}+{record['b']}={record['a'] + record['b']}"
 
 
@@ -30,6 +33,19 @@ def arithmetic_records(max_operand: int, seed: int, eval_fraction: float) -> tup
     random.Random(seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * eval_fraction))
     records = [{"prompt": arithmetic_prompt(a, b), "answer": str(a + b), "task": "math", "a": a, "b": b}
+               for a, b in pairs]
+    return records[n_eval:], records[:n_eval]
+
+
+def subtract_records(max_operand: int, seed: int, eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    """All pairs (a, b) with 0 <= b <= a <= max_operand as 'Q: a-b=?\nA:' (answer a-b, never
+    negative), shuffled with `seed`, split into (train, held_out): a second skill of the built-in
+    base (warmstart.subtract) that GRPO on additions does not train, for a retention set
+    (eval.sets: {task: subtract, retention: true})."""
+    pairs = [(a, b) for a in range(max_operand + 1) for b in range(a + 1)]
+    random.Random(seed + 1).shuffle(pairs)  # another order than the additions' (seed)
+    n_eval = max(1, int(len(pairs) * eval_fraction))
+    records = [{"prompt": f"Q: {a}-{b}=?\nA:", "answer": str(a - b), "task": "math", "a": a, "b": b, "op": "-"}
                for a, b in pairs]
     return records[n_eval:], records[:n_eval]
 

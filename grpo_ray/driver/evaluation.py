@@ -32,13 +32,18 @@ class EvalSet:
 
 def eval_sets(cfg, held_out: list[dict], train_records: list[dict], fit) -> list[EvalSet]:
     """The main held-out set, then eval.sets, each read from its file (DataError naming the file
-    and line), without the prompts the run trains on, through `fit` (the rows the model can take)."""
+    and line) or made by its built-in task, without the prompts the run trains on, through `fit`
+    (the rows the model can take)."""
     from ..data.datasets import drop_training_prompts, load_jsonl
+    from ..data.tasks import subtract_records
 
     e, d = cfg.eval, cfg.data
     sets = [EvalSet("", held_out[:e.num_prompts], e.samples, list(e.ks), e.temperature)]
     for s in e.sets:
-        records = load_jsonl(s.path, d.prompt_key, d.answer_key, d.prompt_template, d.verifier)
+        if s.task == "subtract":
+            records = subtract_records(d.max_operand, cfg.run.seed, d.eval_fraction)[1]  # the warm start's held out
+        else:
+            records = load_jsonl(s.path, d.prompt_key, d.answer_key, d.prompt_template, d.verifier)
         records, _ = drop_training_prompts(records, train_records, d.train_path or "the task")
         records = fit(records, f"eval set {s.name!r}")[:s.num_prompts or e.num_prompts]
         sets.append(EvalSet(s.name, records, s.samples or e.samples, list(s.ks or e.ks), s.temperature or e.temperature,
@@ -169,11 +174,38 @@ def write_results(out_dir: str, rows: list[dict], metrics: dict) -> tuple[str, s
     return csv_path, json_path
 
 
+def config_eval_sets(cfg, model_dir: str, log=print) -> list[EvalSet]:
+    """`grpo-ray eval --config` without DATA: the sets a training run of `cfg` evaluates (its
+    held-out prompts, then eval.sets), the same prompts with the training prompts removed, fitted
+    to `model_dir`'s tokenizer."""
+    from ..data.datasets import drop_training_prompts, load_datasets
+    from ..models.modeling import load_tokenizer
+    from .outputs import fit_records
+
+    train, held_out = load_datasets(cfg.data, cfg.run.seed)
+    held_out, dropped = drop_training_prompts(held_out, train, cfg.data.train_path or "the task")
+    if dropped:
+        log(f"warning: {dropped}")
+    tokenizer = load_tokenizer(model_dir)
+    fit = lambda rows, name: fit_records(cfg, tokenizer, rows, name, log)  # noqa: E731
+    return eval_sets(cfg, fit(held_out, "held-out"), train, fit)
+
+
 def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print) -> tuple[dict, list[dict]]:
-    """`grpo-ray eval`: start generators and the verifier pool on the cluster, evaluate
-    `records` with cfg.eval's samples and ks, write the results; returns the pass@k metrics and
-    the per-problem rows."""
+    """`grpo-ray eval MODEL DATA`: `records` with cfg.eval's samples, ks and temperature (one set,
+    written into out_dir); returns the pass@k metrics and the per-problem rows."""
+    e = cfg.eval
+    return eval_model_sets(cfg, model_dir, [EvalSet("", records, e.samples, list(e.ks), e.temperature)], [out_dir],
+                           log)[0]
+
+
+def eval_model_sets(cfg, model_dir: str, sets: list[EvalSet], out_dirs: list[str],
+                    log=print) -> list[tuple[dict, list[dict]]]:
+    """Start generators and the verifier pool on the cluster once, evaluate each set (its own
+    samples, ks and temperature) and write its results into its out_dir; returns each set's
+    (pass@k metrics, per-problem rows)."""
     import os
+    from dataclasses import replace
 
     import ray
 
@@ -182,14 +214,17 @@ def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print
 
     check_model_dir(model_dir, max_model_len=cfg.rollout.max_model_len, tensor_parallel=cfg.rollout.tensor_parallel)
     # a prompt the model cannot take fails in vLLM: said here, before any actor, naming its file:line
-    records = fit_records(cfg, load_tokenizer(model_dir), records, "evaluation", log)
-    try:  # before hours of sampling, not after
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, ".write-test"), "w"):
-            pass
-        os.remove(os.path.join(out_dir, ".write-test"))
-    except OSError as e:
-        raise OSError(f"--out {out_dir!r} is not writable ({e.strerror})") from None
+    tokenizer = load_tokenizer(model_dir)
+    sets = [replace(s, records=fit_records(cfg, tokenizer, s.records, f"eval set {s.name!r}" if s.name else "evaluation",
+                                           log)) for s in sets]
+    for out_dir in out_dirs:
+        try:  # before hours of sampling, not after
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, ".write-test"), "w"):
+                pass
+            os.remove(os.path.join(out_dir, ".write-test"))
+        except OSError as e:
+            raise OSError(f"--out {out_dir!r} is not writable ({e.strerror})") from None
 
     from ..roles.actors import actor_env, init_ray, start_env_hosts, start_generators
     from ..roles.verifier_pool import VerifierPool
@@ -200,14 +235,15 @@ def eval_model(cfg, model_dir: str, records: list[dict], out_dir: str, log=print
     env = start_env_hosts(cfg, pool.app)
     try:
         fleet.ready()
-        metrics, rows = evaluate(fleet, pool, records, samples=cfg.eval.samples, ks=cfg.eval.ks,
-                                 temperature=cfg.eval.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                                 progress_every=64, env=env)
+        results = [evaluate(fleet, pool, s.records, samples=s.samples, ks=s.ks, temperature=s.temperature,
+                            max_new_tokens=cfg.rollout.max_new_tokens, progress_every=64, env=env) for s in sets]
     finally:
         pool.shutdown()
         for actor in fleet.actors + list(env.hosts if env else ()):
             ray.kill(actor)
-    csv_path, json_path = write_results(out_dir, rows, {"model": model_dir, "problems": len(rows), **metrics})
-    log(" ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()) + f" on {len(rows)} problems")
-    log(f"wrote {csv_path} and {json_path}")
-    return metrics, rows
+    for s, (metrics, rows), out_dir in zip(sets, results, out_dirs):
+        csv_path, json_path = write_results(out_dir, rows, {"model": model_dir, "problems": len(rows), **metrics})
+        log((f"{s.name}: " if s.name else "") + " ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items())
+            + f" on {len(rows)} problems")
+        log(f"wrote {csv_path} and {json_path}")
+    return results

@@ -212,6 +212,7 @@ class Run:
                 self.evaluate(last, final=True)
         if verdict := self.retention.verdict(self.last_eval):
             self.log(verdict)
+            self.metrics.write({"step": last, "event": "retention_verdict", "message": verdict})
         if stopped:  # kept beside the last good one (checkpoint.prune), which a rollback goes back to
             self.checkpoint(last, kl_stopped=True)
             good = newest_good(self.run_dir)

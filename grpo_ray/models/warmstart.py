@@ -12,6 +12,10 @@ hasty examples do not blur the arithmetic the careful ones teach). Held-out pass
 response length rise together, as in DeepSeek-R1-Zero. The result is cached by a hash of
 everything that shapes it.
 
+With warmstart.subtract > 0, that share of every batch is a subtraction (' 48-37=11 #### 11',
+work always shown): a second skill the base has and GRPO on additions does not train, which a
+retention set (eval.sets: {task: subtract, retention: true}) watches for being lost.
+
 The multiply task (data.task=multiply, multi-turn tool use) works the same way: for the first 80%
 of steps every example calls the Python tool (turn 1 ' ```python\\nprint(a*b)\\n```\\n```output',
 the environment's observation '\\n<product>\\n```\\n' with no loss, turn 2 ' #### <product>'), which
@@ -31,8 +35,8 @@ import random
 import shutil
 import time
 
-from ..data.tasks import (arithmetic_response, arithmetic_work, guess_turn, multiply_guess, tokenizer_corpus,
-                          tool_answer_turn, tool_call_turn, tool_observation)
+from ..data.tasks import (arithmetic_response, arithmetic_work, guess_turn, multiply_guess, subtract_records,
+                          tokenizer_corpus, tool_answer_turn, tool_call_turn, tool_observation)
 from .tiny_model import TinyShape, build_tiny_model
 
 
@@ -43,7 +47,7 @@ def _sft_batch(tokenizer, records, rng, ws, max_operand, show_work):
     seqs = []
     for r in records:
         answer = int(r["answer"])
-        if rng.random() < show_work:
+        if r.get("op") == "-" or rng.random() < show_work:  # subtractions (warmstart.subtract) always careful
             response = arithmetic_response(answer, arithmetic_work(r))
         else:
             guess = rng.randint(0, 2 * max_operand) if rng.random() < ws.label_noise else answer
@@ -143,8 +147,9 @@ def _multiply_sft_batch(tokenizer, records, rng, ws, tool_fraction):
 
 
 def supervised_warm_start(model_dir: str, train_records: list[dict], ws, seed: int, max_operand: int,
-                          log=print, task: str = "arithmetic") -> None:
-    """Fine-tune the model in model_dir in place (AdamW, linear warm-up then decay)."""
+                          log=print, task: str = "arithmetic", subtractions: list[dict] = ()) -> None:
+    """Fine-tune the model in model_dir in place (AdamW, linear warm-up then decay).
+    subtractions: records a warmstart.subtract share of each batch is drawn from."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -158,6 +163,9 @@ def supervised_warm_start(model_dir: str, train_records: list[dict], ws, seed: i
         for g in opt.param_groups:
             g["lr"] = ws.lr * min(1.0, (step + 1) / 50) * (1.0 - step / ws.steps)
         batch = rng.sample(train_records, min(ws.batch_size, len(train_records)))
+        if subtractions:  # a second skill (warmstart.subtract) in a fixed share of every batch
+            n = round(ws.subtract * len(batch))
+            batch = batch[n:] + rng.sample(subtractions, min(n, len(subtractions)))
         fraction = 1.0 if step < (MULTIPLY_TOOL_PHASE if task == "multiply" else 0.8) * ws.steps else ws.show_work
         if task == "multiply":
             loss = weighted_lm_loss(model, *_multiply_sft_batch(tokenizer, batch, rng, ws, fraction))
@@ -179,7 +187,9 @@ def builtin_model(cfg, train_records: list[dict], cache_root: str, log=print) ->
     # multiply warm-starts on its own task; every other task (arithmetic, jsonl) on arithmetic, with
     # the key it always had (no "task" entry), so existing cached bases stay valid
     task = "multiply" if getattr(cfg.data, "task", "arithmetic") == "multiply" else "arithmetic"
-    fields = {"model": model, "warmstart": vars(cfg.warmstart),
+    # warmstart.subtract=0 (the default) stays out of the key: bases cached before it existed stay valid
+    warmstart = {k: v for k, v in vars(cfg.warmstart).items() if k != "subtract" or v}
+    fields = {"model": model, "warmstart": warmstart,
               "max_operand": cfg.data.max_operand, "eval_fraction": cfg.data.eval_fraction,
               "seed": cfg.run.seed, "version": 5}
     if task != "arithmetic":
@@ -199,7 +209,10 @@ def builtin_model(cfg, train_records: list[dict], cache_root: str, log=print) ->
                       intermediate_size=4 * cfg.model.hidden_size)
     build_tiny_model(tmp, tokenizer_corpus(cfg.data.max_operand, task), shape, seed=cfg.run.seed)
     if cfg.warmstart.steps:
-        supervised_warm_start(tmp, train_records, cfg.warmstart, cfg.run.seed, cfg.data.max_operand, log, task)
+        subtractions = (subtract_records(cfg.data.max_operand, cfg.run.seed, cfg.data.eval_fraction)[0]
+                        if cfg.warmstart.subtract and task == "arithmetic" else [])
+        supervised_warm_start(tmp, train_records, cfg.warmstart, cfg.run.seed, cfg.data.max_operand, log, task,
+                              subtractions)
     open(os.path.join(tmp, "done"), "w").close()
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # atomic: a crash mid-build never leaves a half model behind the cache key
