@@ -98,7 +98,7 @@ def test_a_set_loses_its_training_prompts_and_takes_its_own_sizes(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_loop_evaluates_every_set_and_watches_retention(ray_local, tiny_model_dir, tmp_path):
+def test_the_loop_evaluates_every_set_and_watches_retention(ray_local, tiny_model_dir, tmp_path, capsys):
     from grpo_ray.driver.train import train
 
     train_file, keep = tmp_path / "train.jsonl", tmp_path / "keep.jsonl"
@@ -122,6 +122,10 @@ def test_the_loop_evaluates_every_set_and_watches_retention(ray_local, tiny_mode
     events = [r["step"] for r in rows if r.get("event") == "retention"]
     assert events == fell  # a warning exactly at the evaluations below the start (drop 0)
     assert os.path.isfile(os.path.join(run_dir, "plots", "pass_at_k_keep.png"))
+    # each step's console line ends with the newest evaluation's pass@ of every set (step 2's: step 1's)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step 2/3 |")]
+    assert lines and lines[0].endswith(f"| pass@1 {evals[1]['eval/pass@1']:.3f} | keep/pass@1 "
+                                       f"{evals[1]['eval/keep/pass@1']:.3f}"), lines
     # the run's report: every eval set's metrics, every chart, every warning, no external URL
     page = open(os.path.join(run_dir, "report.html")).read()
     assert all(k in page for r in evals for k in r if k.startswith("eval/"))

@@ -60,6 +60,7 @@ class Run:
         self.cfg, self.roles, self.run_dir, self.sampler, self.eval_sets, self.log = (
             cfg, roles, run_dir, sampler, eval_sets, log)
         self.retention = Retention(eval_sets, cfg.eval.retention_drop)  # eval.sets marked retention
+        self.pass_keys = [s.key(f"pass@{min(s.ks)}") for s in eval_sets]  # each set's, in the step line
         self.timeline = timeline  # start-up and shut-down phases (timings.json)
         self.model_path, self.reference = model_path, reference  # the reference actor's folder
         self.tokenizer, self.metrics = tokenizer, metrics
@@ -139,8 +140,9 @@ class Run:
         self.reward_errors(step, errors)  # raises RewardFunctionError when a component failed everywhere
         if cfg.train.spot_check_every and step % cfg.train.spot_check_every == 0:
             write_samples(self.run_dir, step, samples)
-        if step % cfg.run.log_every == 0:
-            self.log(summary_line(m, cfg.train.steps))
+        if step % cfg.run.log_every == 0:  # with the newest evaluation's pass@ of every set
+            self.log(summary_line(m, cfg.train.steps) + "".join(
+                f" | {k[5:]} {self.last_eval[k]:.3f}" for k in self.pass_keys if k in self.last_eval))
         self.nonfinite(step, m)  # raises NonFiniteStop after train.max_nonfinite_steps in a row
         self.parity(step, parity)  # pushes the weights again; raises ParityStop when that did not help
 
