@@ -196,3 +196,23 @@ def test_retention_action_rollback_goes_back_to_where_every_set_held(ray_local, 
     # the rerun of step 3 samples from step 2's weights, prompts and seeds: the same rollout
     assert steps[4]["reward/mean"] == steps[2]["reward/mean"]
     assert os.path.isfile(os.path.join(run_dir, "final_model", "config.json"))
+
+
+def test_built_in_sets_cost_no_tokenizer_before_the_actors_start(tiny_model_dir, tmp_path, monkeypatch):
+    """Preflight loaded a tokenizer (transformers' import: ~3 s of start-up on 2 cores) for every
+    eval set; the default job's subtraction set is built in, with short prompts: nothing to fit."""
+    from grpo_ray.driver import train as train_mod
+
+    loaded = []
+    monkeypatch.setattr(train_mod, "load_tokenizer", lambda path: loaded.append(path) or None)
+    base = [f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}", "eval.num_prompts=4"]
+    cfg = load_config("configs/default.yaml", base)
+    prepared = train_mod.preflight(cfg, print)
+    assert loaded == [] and [s.name for s in prepared.eval_sets] == ["", "subtraction"]
+    assert all(r["prompt"].startswith("Q: ") and "-" in r["prompt"] for r in prepared.eval_sets[1].records)
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text(json.dumps({"prompt": "Q: 9-1=?\nA:", "answer": "8"}) + "\n")
+    monkeypatch.setattr(train_mod, "load_tokenizer", lambda path: loaded.append(path) or __import__(
+        "grpo_ray.models.modeling", fromlist=["x"]).load_tokenizer(path))
+    train_mod.preflight(load_config("configs/default.yaml", base + [f"eval.sets=[{{name: k, path: {keep}}}]"]), print)
+    assert loaded == [tiny_model_dir]  # a file's rows are fitted to the model

@@ -40,12 +40,13 @@ def eval_sets(cfg, held_out: list[dict], train_records: list[dict], fit) -> list
     e, d = cfg.eval, cfg.data
     sets = [EvalSet("", held_out[:e.num_prompts], e.samples, list(e.ks), e.temperature)]
     for s in e.sets:
-        if s.task == "subtract":
-            records = subtract_records(d.max_operand, cfg.run.seed, d.eval_fraction)[1]  # the warm start's held out
+        if s.task == "subtract":  # the warm start's held-out side; short built-in prompts: not fitted
+            records = subtract_records(d.max_operand, cfg.run.seed, d.eval_fraction)[1]
         else:
             records = load_jsonl(s.path, d.prompt_key, d.answer_key, d.prompt_template, d.verifier)
+            records = fit(records, f"eval set {s.name!r}")
         records, _ = drop_training_prompts(records, train_records, d.train_path or "the task")
-        records = fit(records, f"eval set {s.name!r}")[:s.num_prompts or e.num_prompts]
+        records = records[:s.num_prompts or e.num_prompts]
         sets.append(EvalSet(s.name, records, s.samples or e.samples, list(s.ks or e.ks), s.temperature or e.temperature,
                             s.retention))
     return sets

@@ -63,7 +63,8 @@ def preflight(cfg: Config, log) -> Prepared:
         check_targets(model_path, cfg.model.lora.target_modules)
     # a prompt the model cannot take would crash vLLM at the step that first draws it
     train_records, eval_records = fit_to_model(cfg, model_path, train_records, eval_records, log)
-    tokenizer = load_tokenizer(model_path) if cfg.eval.sets else None  # once for every eval set
+    # once for every eval set read from a file (transformers' import and a tokenizer: ~3 s on 2 cores)
+    tokenizer = load_tokenizer(model_path) if any(s.path for s in cfg.eval.sets) else None
     sets = eval_sets(cfg, eval_records, train_records, lambda rows, name: fit_records(cfg, tokenizer, rows, name, log))
     # a checkpoint of another model, or of other model.lora settings: refused here
     resume = find_resume(run_dir, cfg.run.resume, model_path, lora_state(cfg))
