@@ -261,3 +261,63 @@ def test_an_adapter_folder_is_merged_into_its_base_for_grpo_ray_eval(plain_learn
     config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "/nowhere/base"}))
     with pytest.raises(ModelDirError, match="names its base model '/nowhere/base'"):
         merged_from_adapter(str(tmp_path / "adapter"), str(tmp_path / "cache"))
+
+
+def _tiny_gpt2(folder) -> str:
+    """A GPT-2 model folder (an architecture vLLM serves, but without LoRA support)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from grpo_ray.data.tasks import tokenizer_corpus
+    from grpo_ray.models.tiny_model import build_tokenizer
+
+    tok = build_tokenizer(tokenizer_corpus(9))
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=256,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_adapter_sync_for_a_model_vllm_serves_no_lora_for_is_refused_before_any_actor(tmp_path, monkeypatch):
+    """vLLM 0.32 fails at engine start ("GPT2LMHeadModel does not support LoRA yet") in every
+    generator; preflight says so first, without importing vLLM, and points at merged sync."""
+    import sys
+
+    from grpo_ray.config import ConfigError, load_config
+    from grpo_ray.driver import train as train_mod
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started before the LoRA support was checked")
+
+    monkeypatch.setattr(train_mod, "init_ray", no_ray)
+    gpt2 = _tiny_gpt2(tmp_path / "gpt2")
+    base = [f"model.path={gpt2}", "model.lora.rank=4", "model.lora.target_modules=[c_attn]",
+            f"run.output_dir={tmp_path}", "rollout.max_model_len=256"]
+    had_vllm = "vllm" in sys.modules
+    with pytest.raises(ConfigError, match=r"vLLM cannot serve LoRA adapters for GPT2LMHeadModel .*use "
+                                          r"model.lora.sync=merged"):
+        train_mod.preflight(load_config("configs/default.yaml", base + ["model.lora.sync=adapter"]), print)
+    assert had_vllm or "vllm" not in sys.modules  # read from vLLM's source, not imported
+    assert not (tmp_path / "default").exists()  # nothing written
+    # merged sync sends whole weights: no LoRA kernels in vLLM, any model it serves will do
+    assert train_mod.preflight(load_config("configs/default.yaml", base + ["model.lora.sync=merged"]), print)
+
+
+@pytest.mark.slow
+def test_the_lora_support_read_from_vllms_source_is_vllms_own_answer():
+    """Every text-generation architecture of the installed vLLM whose class the source reading
+    settles: the same answer as vLLM's supports_lora on the loaded class."""
+    from vllm.model_executor.models.interfaces import supports_lora
+    from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS, ModelRegistry
+
+    from grpo_ray.models.vllm_support import class_supports_lora, registry_entry
+
+    settled = {}
+    for arch in _TEXT_GENERATION_MODELS:
+        mine = class_supports_lora(*registry_entry(arch))
+        cls = ModelRegistry._try_load_model_cls(arch) if mine is not None else None
+        if cls is not None:
+            settled[arch] = (mine, supports_lora(cls))
+    assert len(settled) > 50 and {False, True} <= {m for m, _ in settled.values()}
+    assert {a: got for a, got in settled.items() if got[0] != got[1]} == {}
+    assert settled["Qwen2ForCausalLM"] == (True, True) and settled["GPT2LMHeadModel"] == (False, False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..config import Config, ConfigError
 from ..data.datasets import PromptSampler, drop_training_prompts, load_datasets, source_of, task_problem
-from ..models.lora import check_targets
+from ..models.lora import check_serving, check_targets
 from ..models.modeling import check_model_dir, load_tokenizer
 from ..roles.actors import Roles, check_backend, init_ray, start_roles, stop_roles
 from ..roles.startup import Timeline
@@ -61,6 +61,8 @@ def preflight(cfg: Config, log) -> Prepared:
     model_path = prepare_model(cfg, train_records, run_dir, log)  # builtin:tiny: built in the cache beside run dirs
     if cfg.lora:  # a target the model does not have would fail in every learner rank
         check_targets(model_path, cfg.model.lora.target_modules)
+        if cfg.model.lora.sync == "adapter":  # an adapter vLLM cannot load would fail in every generator
+            check_serving(model_path)
     # a prompt the model cannot take would crash vLLM at the step that first draws it
     train_records, eval_records = fit_to_model(cfg, model_path, train_records, eval_records, log)
     # once for every eval set read from a file (transformers' import and a tokenizer: ~3 s on 2 cores)

@@ -61,6 +61,17 @@ def check_targets(model_path: str, targets) -> None:
         raise ConfigError(problem)
 
 
+def check_serving(model_path: str) -> None:
+    """model.lora.sync=adapter: vLLM must serve LoRA for the model's architecture (read from
+    vLLM's source, without importing it: models/vllm_support.py). Raises ConfigError."""
+    from ..config import ConfigError
+    from .modeling import read_model_config
+    from .vllm_support import lora_problem
+
+    if problem := lora_problem(list(read_model_config(model_path).get("architectures") or [])):
+        raise ConfigError(f"{problem} (model.path={model_path!r})")
+
+
 def is_lora(module: torch.nn.Module) -> bool:
     return hasattr(module, "peft_config") and hasattr(module, "get_base_model")
 
