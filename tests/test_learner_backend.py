@@ -56,7 +56,7 @@ class PlainTorchBackend(TrainingBackend):
     def grad_norm(self):
         return self._norm
 
-    def full_parameters(self):
+    def full_parameters(self, trainable_only=False):
         return unsharded(self._model)
 
     def save_state(self, out_dir, client_state):

@@ -321,3 +321,53 @@ def test_the_lora_support_read_from_vllms_source_is_vllms_own_answer():
     assert len(settled) > 50 and {False, True} <= {m for m, _ in settled.values()}
     assert {a: got for a, got in settled.items() if got[0] != got[1]} == {}
     assert settled["Qwen2ForCausalLM"] == (True, True) and settled["GPT2LMHeadModel"] == (False, False)
+
+
+@pytest.mark.slow
+def test_zero3_adapter_sync_gathers_the_adapter_alone(ray_local, tmp_path):
+    """model.lora.sync=adapter under ZeRO-3: the ranks gather only the trainable parameters for
+    the sync (the frozen base stays partitioned, where before every weight was gathered), and
+    rank 0's adapter equals the one read from the whole model."""
+    from safetensors.torch import load
+
+    from grpo_ray.data.tasks import tokenizer_corpus
+    from grpo_ray.models.tiny_model import TinyShape, build_tiny_model
+    from grpo_ray.roles.actors import ACTOR_ENV
+    from grpo_ray.roles.learner import Learner
+
+    # MLP weights of 256 x 1024 are above ZeRO-3's persistence threshold (1e5 elements): partitioned
+    model = str(tmp_path / "m")
+    build_tiny_model(model, tokenizer_corpus(9), TinyShape(hidden_size=256, num_layers=1, num_heads=4, num_kv_heads=2,
+                                                           intermediate_size=1024), seed=0)
+    ray = ray_local
+    loss = dict(eps_low=0.2, eps_high=0.2, beta=0.0, aggregation="seq_mean")
+    actor = ray.remote(Learner).options(num_cpus=0.25, runtime_env={"env_vars": {**ACTOR_ENV, "DS_ACCELERATOR": "cpu"}})
+    ranks = [actor.remote(model, lr=1e-2, loss_kwargs=loss, micro_batch_size=4, zero_stage=3, rank=r,
+                          world_size=2, master_port=29661, lora=LORA, sync_adapter=True) for r in range(2)]
+    b = _batch(seed=3, rows=8)
+    b.old_logprobs = ray.get([r.logprobs.remote(b) for r in ranks])[0]  # ZeRO-3: every rank in each forward
+    ray.get([lr.update.remote([b.select(slice(4 * r, 4 * r + 4))], [loss_normalizer(b.response_mask, "seq_mean")])
+             for r, lr in enumerate(ranks)])  # the adapter's B is no longer zero
+
+    def whole_inside(trainable_only):
+        def look(self):
+            outside = {n for n, p in self.backend.module.named_parameters() if not p.data.numel()}
+            with self.backend.full_parameters(trainable_only=trainable_only) as module:
+                sizes = {n: p.data.numel() for n, p in module.named_parameters()}
+                lora = {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
+            return outside, sizes, lora
+        return ray.get([r.__ray_call__.remote(look) for r in ranks])[0]
+
+    partitioned, sizes, _ = whole_inside(True)
+    assert any("mlp" in n and "base_layer" in n for n in partitioned), partitioned
+    assert all(v > 0 for n, v in sizes.items() if "lora_" in n)
+    assert all(sizes[n] == 0 for n in partitioned if "lora_" not in n)  # the frozen base: not gathered
+    _, everything, adapter = whole_inside(False)
+    assert all(v > 0 for v in everything.values())
+    sent = ray.get([r.weight_buckets.remote() for r in ranks])
+    assert sent[1] == [] and len(sent[0]) == 1
+    tensors = load(sent[0][0].files["adapter_model.safetensors"])
+    assert len(tensors) == len(adapter) and any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
+    for name, t in tensors.items():  # PEFT drops the adapter's name ("default") from its keys
+        match = [v for k, v in adapter.items() if k.replace(".default", "").endswith(name.replace("base_model.model.", ""))]
+        assert len(match) == 1 and torch.equal(match[0], t), name

@@ -196,7 +196,7 @@ class Learner:
         """The current weights as buckets for the generators (rank 0's are the ones sent); a LoRA
         policy's with the adapter folded in, or its adapter alone (sync_adapter)."""
         target = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        with self.backend.full_parameters() as module:
+        with self.backend.full_parameters(trainable_only=self.sync_adapter) as module:
             if self.rank != 0:
                 return []
             if self.sync_adapter:
@@ -280,6 +280,6 @@ class Learner:
     def save_adapter(self, out_dir: str) -> None:
         """A LoRA policy's adapter in PEFT's format (PeftModel.from_pretrained loads it), by rank 0
         (every rank must call this when backends.full_params_need_all_ranks)."""
-        with self.backend.full_parameters() as module:
+        with self.backend.full_parameters(trainable_only=True) as module:
             if self.rank == 0:
                 write_adapter(adapter_files(module), out_dir)

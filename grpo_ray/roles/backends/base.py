@@ -107,9 +107,10 @@ class TrainingBackend(abc.ABC):
         or nan after a skipped step)."""
 
     @abc.abstractmethod
-    def full_parameters(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+    def full_parameters(self, trainable_only: bool = False) -> contextlib.AbstractContextManager[torch.nn.Module]:
         """Context manager yielding the policy with whole (unsharded) parameters, on rank 0 at
-        least; collective when full_params_need_all_ranks()."""
+        least; collective when full_params_need_all_ranks(). trainable_only: only the parameters
+        that train need be whole (a LoRA adapter's sync and save: the frozen base stays sharded)."""
 
     @abc.abstractmethod
     def save_state(self, out_dir: str, client_state: dict) -> None:

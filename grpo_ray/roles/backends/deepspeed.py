@@ -150,13 +150,15 @@ class DeepSpeedBackend(TrainingBackend):
         return float("nan") if norm is None else float(norm)
 
     @contextlib.contextmanager
-    def full_parameters(self):
+    def full_parameters(self, trainable_only: bool = False):
         """ZeRO-3 partitions the parameters, so all ranks must enter the gather together (the
-        driver calls sync and save on every rank under ZeRO-3)."""
+        driver calls sync and save on every rank under ZeRO-3); trainable_only gathers a LoRA
+        adapter alone, not the frozen base beside it."""
         if self.zero_stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+            params = [p for p in self.engine.module.parameters() if p.requires_grad or not trainable_only]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 yield self.engine.module
         else:
             yield self.engine.module
