@@ -9,6 +9,15 @@ Per run: held-out pass@1 at each evaluation, the median step, generation and syn
 sent to each generator per sync (sync/bytes), generation tokens/s (sampled tokens / the
 sampling's own time), wall time. Each run is its own `grpo-ray train` process; the built-in base
 is warm-started once before (the user's cache). Last line: one JSON object.
+
+    .venv/bin/python benchmarks/bench_lora.py --sizes small,medium [--rank 8] [key=value ...]
+
+The bigger models of benchmarks/common.py (SIZES: the step benchmark's workload, 8 prompts x 16
+samples, 128 new tokens), full fine-tuning against LoRA (rank --rank on every linear layer) with
+merged and with adapter sync, in this process: per run the steady step and sync times, the bytes
+per sync, the learner's peak memory (peak RSS on CPU, the most of its ranks), its optimizer
+state, the reference actor's peak memory (LoRA places none) and the trained parameters. Last
+line: one JSON object.
 """
 from __future__ import annotations
 
@@ -53,12 +62,84 @@ def run(name: str, config: str, overrides: list[str], root: str) -> dict:
             "final_kl": next((r["kl"] for r in reversed(rows) if "kl" in r), float("nan")), "wall_s": wall}
 
 
+def _peak_rss_mb(actor) -> float:
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(
+        lambda self: __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def _optimizer_state_mb(actor) -> float:
+    """The bytes of the optimizer's state tensors (AdamW's moments; DeepSpeed's ZeRO optimizer
+    wraps a torch optimizer, whose state holds its flat partitions)."""
+    import ray
+
+    def measure(self):
+        import torch
+
+        opt, seen = self.backend.optimizer, 0
+        while opt is not None and not getattr(opt, "state", None):
+            opt = getattr(opt, "optimizer", None)
+        for state in (opt.state.values() if opt is not None else ()):
+            seen += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
+        return seen / 1e6
+
+    return ray.get(actor.__ray_call__.remote(measure))
+
+
+def size_run(size: str, variant: list[str], overrides: list[str]) -> dict:
+    """One in-process run at a SIZES model; the actors' memory is read just before they stop."""
+    import grpo_ray.driver.train as train_mod
+    from common import SIZES, model_dir, run_ours, steady
+
+    memory, stop = {}, train_mod.stop_roles
+
+    def measure_then_stop(roles):
+        learners = roles.learners.actors
+        memory.update(learner_peak_mb=max(_peak_rss_mb(a) for a in learners),
+                      optimizer_state_mb=sum(_optimizer_state_mb(a) for a in learners),
+                      reference_peak_mb=_peak_rss_mb(roles.reference) if roles.reference is not None else 0.0,
+                      trained=roles.learners.parameter_counts()[0])
+        stop(roles)
+
+    train_mod.stop_roles = measure_then_stop
+    try:
+        spec = SIZES[size]
+        got = run_ours(model_dir(size), spec["new_tokens"], spec["steps"], tempfile.mkdtemp(prefix="bench-lora-"),
+                       *spec.get("overrides", []), *variant, *overrides)
+    finally:
+        train_mod.stop_roles = stop
+    sync_bytes = statistics.median(got["sync_bytes"]) if got.get("sync_bytes") else float("nan")
+    return {"step_s": steady(got["step_s"]), "sync_s": steady(got["phases"]["sync"]), "sync_bytes": sync_bytes,
+            **memory}
+
+
+def sizes_table(sizes: list[str], rank: int, overrides: list[str]) -> None:
+    lora = [f"model.lora.rank={rank}", f"model.lora.alpha={2 * rank}", "learner.lr=5e-4"]
+    variants = {"full": [], "lora merged": [*lora, "model.lora.sync=merged"],
+                "lora adapter": [*lora, "model.lora.sync=adapter"]}
+    results = {size: {name: size_run(size, v, overrides) for name, v in variants.items()} for size in sizes}
+    print(f"\n{'size':<8}{'run':<14}{'step s':>8}{'sync s':>8}{'sync MB':>9}{'% full':>8}{'learner MB':>11}"
+          f"{'optim MB':>10}{'ref MB':>8}{'trained M':>10}")
+    for size, runs in results.items():
+        full = runs["full"]["sync_bytes"]
+        for name, r in runs.items():
+            print(f"{size:<8}{name:<14}{r['step_s']:>8.3f}{r['sync_s']:>8.3f}{r['sync_bytes'] / 1e6:>9.2f}"
+                  f"{100 * r['sync_bytes'] / full:>7.1f}%{r['learner_peak_mb']:>11.0f}{r['optimizer_state_mb']:>10.1f}"
+                  f"{r['reference_peak_mb']:>8.0f}{r['trained'] / 1e6:>10.3f}")
+    print(json.dumps({"sizes": results, "rank": rank, "machine": machine()}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip-full", action="store_true", help="only the two LoRA syncs")
+    ap.add_argument("--sizes", default="", help="e.g. small,medium: full vs LoRA at the bigger SIZES models")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank with --sizes (alpha: 2 x rank)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.sizes:
+        return sizes_table(args.sizes.split(","), args.rank, args.overrides)
     root = tempfile.mkdtemp(prefix="bench-lora-")
     extra = [f"train.steps={args.steps}", *args.overrides]
     runs = {"lora merged": ("configs/default_lora.yaml", ["model.lora.sync=merged", *extra]),

@@ -93,14 +93,17 @@ def run_ours(model: str, new_tokens: int, steps: int, out_dir: str, *overrides: 
         f"rollout.max_new_tokens={new_tokens}", f"rollout.kv_cache_mb={KV_CACHE_MB}", f"train.steps={steps}",
         f"learner.lr={LR}", "learner.warmup_steps=0",
         "train.eval_every=0", "train.checkpoint_every=0", "eval.num_prompts=8", "eval.samples=1", "eval.ks=[1]",
-        "run.plots=false", "run.tensorboard=false", f"run.output_dir={out_dir}", *overrides])
+        "run.plots=false", "run.tensorboard=false", f"run.output_dir={out_dir}",
+        "eval.sets=[]",  # default.yaml's retention set: the same workload as before it, and as TRL's
+        *overrides])
     t0 = time.perf_counter()
     run_dir = train(cfg)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"reward/mean"' in line]
     return {"wall_s": time.perf_counter() - t0, "step_s": [r["time/step"] for r in rows],
             "rewards": [r["reward/mean"] for r in rows], "kl": [r.get("kl") for r in rows],
             "phases": {k[5:]: [r[k] for r in rows] for k in rows[0] if k.startswith("time/")},
-            "tokens": [r["response_length/mean"] * PROMPTS * GROUP for r in rows]}
+            "tokens": [r["response_length/mean"] * PROMPTS * GROUP for r in rows],
+            "sync_bytes": [r["sync/bytes"] for r in rows if "sync/bytes" in r]}
 
 
 def steady(values: list[float]) -> float:
