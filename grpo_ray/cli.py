@@ -34,7 +34,9 @@ def _eval(args) -> None:
     # folder is checked before the first model samples
     models = [(name, merged_from_adapter(path, cache_dir(), log=say) if is_adapter_dir(path) else path)
               for name, path in models]
-    for _, path in models if args.model else []:  # (one model: eval_model checks it before it samples)
+    # before any of them samples, or its tokenizer is read for the config's sets (one model with DATA:
+    # eval_model checks it before it samples)
+    for _, path in models if args.model or args.data is None else []:
         check_model_dir(path, max_model_len=cfg.rollout.max_model_len, tensor_parallel=cfg.rollout.tensor_parallel)
     if args.data is None:
         tables = _eval_config_sets(args, cfg, models, say)
@@ -100,17 +102,24 @@ def eval_models(args) -> list[tuple[str, str]]:
     Sorts the positional arguments first: argparse fills MODEL_DIR and DATA in order, whatever
     they are (with --model the first is DATA; a dotted override may come anywhere)."""
     given = [a for a in (args.model_dir, args.data) if a is not None] + list(args.overrides)
-    args.overrides = [a for a in given if OVERRIDE.match(a)]
-    paths = [a for a in given if not OVERRIDE.match(a)]
+    override = lambda a: OVERRIDE.match(a) and not os.path.exists(a)  # noqa: E731
+    args.overrides = [a for a in given if override(a)]
+    paths = [a for a in given if not override(a)]
+    both = "grpo-ray eval: give one model folder, or several as --model NAME=PATH (not both)"
     if len(paths) > (1 if args.model else 2):
-        raise ConfigError(f"grpo-ray eval: unexpected argument(s) {paths[1 if args.model else 2:]}: give "
-                          + ("DATA once after --model NAME=PATH" if args.model else "MODEL_DIR and DATA"))
+        raise ConfigError(both if args.model and len(paths) == 2 else
+                          f"grpo-ray eval: unexpected argument(s) {paths[1 if args.model else 2:]}: give MODEL_DIR and "
+                          "DATA, or --model NAME=PATH ... and DATA")
     args.model_dir, args.data = (([None] if args.model else []) + paths + [None, None])[:2]
     if bool(args.model) == bool(args.model_dir):
-        raise ConfigError("grpo-ray eval: give one model folder, or several as --model NAME=PATH (not both)")
+        raise ConfigError(both)
     if args.data is None and args.config is None:
         raise ConfigError("grpo-ray eval: give DATA (a JSONL file of prompts), or --config CONFIG to evaluate the "
                           "sets its training run evaluates (the held-out prompts and eval.sets)")
+    if args.data is None and (flags := [f for f, v in (("--train-data", args.train_data), ("--prompt-key",
+                                        args.prompt_key), ("--answer-key", args.answer_key)) if v]):
+        raise ConfigError(f"grpo-ray eval: {', '.join(flags)} apply to DATA; without it the config's data.* keys "
+                          "choose the sets' prompts (set them as overrides, e.g. data.prompt_key=question)")
     if not args.model:
         return [("model", args.model_dir)]
     models = []

@@ -215,7 +215,7 @@ def _config_with_a_set(tmp_path, model_dir):
     return config
 
 
-def test_eval_without_data_takes_the_configs_sets(tiny_model_dir, tmp_path, monkeypatch):
+def test_eval_without_data_takes_the_configs_sets(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from grpo_ray import cli
     from grpo_ray.driver import evaluation
 
@@ -236,8 +236,13 @@ def test_eval_without_data_takes_the_configs_sets(tiny_model_dir, tmp_path, monk
     table = open(out / "compare.md").read()
     assert "| held-out | b | 2 |" in table and "| keep | b | 3 |" in table
     assert {"compare_held-out.png", "compare_keep.png"} <= set(os.listdir(out))
-    with pytest.raises(SystemExit):  # no DATA and no --config: nothing to evaluate
-        cli.main(["eval", "--model", f"a={tiny_model_dir}", "eval.samples=4"])
+    for argv, said in ((["--model", f"a={tiny_model_dir}", "eval.samples=4"], "give DATA"),  # nothing to evaluate
+                       (["--model", f"a={tiny_model_dir}", "--config", str(config), "--train-data", "t.jsonl"],
+                        "--train-data apply to DATA"),  # DATA's options without DATA: said, not ignored
+                       ([tiny_model_dir, "--model", f"a={tiny_model_dir}", "d.jsonl"], "(not both)")):
+        with pytest.raises(SystemExit):
+            cli.main(["eval", *argv])
+        assert said in capsys.readouterr().err
 
 
 @pytest.mark.slow

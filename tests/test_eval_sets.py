@@ -11,6 +11,7 @@ import pytest
 
 from grpo_ray.config import ConfigError, load_config
 from grpo_ray.data.datasets import DataError
+from grpo_ray.data.tasks import arithmetic_response, arithmetic_work
 from grpo_ray.driver.evaluation import EvalSet, Retention
 
 
@@ -57,7 +58,27 @@ def test_retention_actions_need_a_retention_set_and_checkpoints():
         load_config(None, ["eval.retention_action=stop", "eval.sets=[{name: keep, path: keep.jsonl}]"])
     with pytest.raises(ConfigError, match="train.checkpoint_every=0 saves none"):
         load_config(None, ["eval.retention_action=rollback", keep, "train.checkpoint_every=0"])
+    with pytest.raises(ConfigError, match="train.eval_every=0 evaluates at the start and the end alone"):
+        load_config(None, ["eval.retention_action=rollback", keep, "train.eval_every=0"])
     assert load_config(None, ["eval.retention_action=rollback", keep]).eval.retention_action == "rollback"
+    with pytest.raises(ConfigError, match="name='held-out' is the main held-out set's"):
+        load_config(None, ["eval.sets=[{name: held-out, path: keep.jsonl}]"])
+
+
+def test_a_rollback_discards_the_abandoned_steps_checkpoints_and_reference_resets(tmp_path):
+    """Left on disk, the abandoned run's checkpoints would fill pruning's slots (the rerun's own
+    deleted as soon as saved) and be what a resume or a later rollback picks."""
+    from grpo_ray.driver.checkpoint import REFERENCES, checkpoint_path, discard_after, list_checkpoints, write_state
+
+    run = str(tmp_path)
+    for step in (3, 4, 5, 7):
+        os.makedirs(checkpoint_path(run, step))
+        write_state(checkpoint_path(run, step), step, {})
+    for step in (2, 5):
+        os.makedirs(os.path.join(run, REFERENCES, f"step_{step:06d}"))
+    discard_after(run, 4)
+    assert [s for s, _ in list_checkpoints(run)] == [3, 4]
+    assert sorted(os.listdir(os.path.join(run, REFERENCES))) == ["step_000002"]
 
 
 def test_eval_sets_bad_input_is_named_before_any_actor(tmp_path, tiny_model_dir, monkeypatch):
@@ -216,3 +237,45 @@ def test_built_in_sets_cost_no_tokenizer_before_the_actors_start(tiny_model_dir,
         "grpo_ray.models.modeling", fromlist=["x"]).load_tokenizer(path))
     train_mod.preflight(load_config("configs/default.yaml", base + [f"eval.sets=[{{name: k, path: {keep}}}]"]), print)
     assert loaded == [tiny_model_dir]  # a file's rows are fitted to the model
+
+
+# the default job's retention set: subtraction, taught by the warm start, evaluated as a set
+
+def test_subtraction_records_split_by_pair_verify_and_show_their_work():
+    """The retention skill of the default job (eval.sets task subtract, warmstart.subtract)."""
+    from grpo_ray.data.tasks import subtract_records
+    from grpo_ray.verifiers import verify
+
+    train, held = subtract_records(9, 0, 0.2)
+    assert len(train) + len(held) == 55 and len(held) == 11  # 0 <= b <= a <= 9
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert subtract_records(9, 0, 0.2) == (train, held) and subtract_records(9, 1, 0.2)[1] != held
+    r = next(r for r in train if r["a"] == 7 and r["b"] == 3) if any(r["a"] == 7 and r["b"] == 3 for r in train) \
+        else next(r for r in held if r["a"] == 7 and r["b"] == 3)
+    assert (r["prompt"], r["answer"]) == ("Q: 7-3=?\nA:", "4")
+    assert arithmetic_response(4, arithmetic_work(r)) == " 7-3=4 #### 4"
+    assert all(int(r["answer"]) >= 0 and verify(r, arithmetic_response(int(r["answer"]))).reward == 1.0 for r in held)
+
+
+def test_warmstart_subtract_changes_only_its_own_cache_key(tmp_path, monkeypatch):
+    """warmstart.subtract=0 (the default) leaves the cache key as it was, so bases cached before
+    it existed stay valid; any other share is another base. The eval set task subtract is the
+    held-out side of the same split."""
+    from grpo_ray.config import load_config
+    from grpo_ray.data.tasks import subtract_records
+    from grpo_ray.driver.evaluation import eval_sets
+    from grpo_ray.models import warmstart
+
+    monkeypatch.setattr(warmstart, "build_tiny_model", lambda path, *a, **k: __import__("os").makedirs(path))
+    built = []
+    monkeypatch.setattr(warmstart, "supervised_warm_start", lambda *a, **k: built.append(a[-1] if len(a) > 7 else
+                                                                                          k.get("subtractions")))
+    paths = [warmstart.builtin_model(load_config(None, extra), [], str(tmp_path)) for extra in
+             ([], ["warmstart.subtract=0.0"], ["warmstart.subtract=0.25"])]
+    assert paths[0] == paths[1] != paths[2]
+    assert built[0] == [] and built[1] == subtract_records(49, 0, 0.1)[0]  # the second: cached
+    with pytest.raises(Exception, match="needs a path .* or a task"):
+        load_config(None, ["eval.sets=[{name: s, task: subtract, path: x.jsonl}]"])
+    cfg = load_config(None, ["eval.sets=[{name: s, task: subtract, num_prompts: 5, retention: true}]"])
+    sets = eval_sets(cfg, [{"prompt": "h"}], [], lambda rows, name: rows)
+    assert sets[1].records == subtract_records(49, 0, 0.1)[1][:5] and sets[1].retention

@@ -303,6 +303,26 @@ def test_adapter_sync_for_a_model_vllm_serves_no_lora_for_is_refused_before_any_
     assert train_mod.preflight(load_config("configs/default.yaml", base + ["model.lora.sync=merged"]), print)
 
 
+def test_the_source_reading_fails_open_on_what_it_cannot_read(monkeypatch):
+    """Only a class whose whole base chain was read and never brings LoRA is refused."""
+    import ast
+
+    from grpo_ray.models import vllm_support
+
+    sources = {"m": "from .interfaces import SupportsLoRA\nfrom .other import Other\nfrom ext import Ext\n"
+                    "class Generic_(Base[int]): pass\nclass Flagged(nn.Module): supports_lora = True\n"
+                    "class Later(nn.Module): pass\nLater.supports_lora = True\nclass Plain(nn.Module): pass\n"
+                    "class FromSibling(Other): pass\nclass FromElsewhere(Ext): pass\n"
+                    "class Off(nn.Module, SupportsLoRA): supports_lora = False\n",
+               "other": "class Other(nn.Module, SupportsPP): pass\nfrom .interfaces import SupportsPP\n",
+               "interfaces": "class SupportsPP(Protocol): supports_pp = True\n"}
+    monkeypatch.setattr(vllm_support, "_parse", lambda m: ast.parse(sources[m]) if m in sources else None)
+    got = {c: vllm_support.class_supports_lora("m", c) for c in
+           ("Generic_", "Flagged", "Later", "Plain", "FromSibling", "FromElsewhere", "Off", "Missing")}
+    assert got == {"Generic_": None, "Flagged": True, "Later": True, "Plain": False, "FromSibling": False,
+                   "FromElsewhere": None, "Off": False, "Missing": None}
+
+
 @pytest.mark.slow
 def test_the_lora_support_read_from_vllms_source_is_vllms_own_answer():
     """Every text-generation architecture of the installed vLLM whose class the source reading

@@ -48,6 +48,10 @@ def _check_retention(cfg: Config) -> None:
         raise fail(f"eval.retention_action={action} acts when a retention set falls, but no set in eval.sets is "
                    "marked retention: true; mark the capability to keep, e.g. eval.sets=[{name: keep, path: "
                    "keep.jsonl, retention: true}]", "eval.retention_action", "eval.sets")
+    if action == "rollback" and not cfg.train.eval_every:
+        raise fail("eval.retention_action=rollback goes back to a checkpoint saved while every retention set held, "
+                   "known only from evaluations during the run, but train.eval_every=0 evaluates at the start and "
+                   "the end alone; set train.eval_every", "eval.retention_action", "train.eval_every")
     if action == "rollback" and not cfg.train.checkpoint_every:
         raise fail("eval.retention_action=rollback goes back to a checkpoint saved while every retention set held, "
                    "but train.checkpoint_every=0 saves none before the end; set train.checkpoint_every (e.g. the "

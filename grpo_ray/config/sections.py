@@ -331,6 +331,8 @@ class EvalSetConfig(Section):
     def _named(self) -> EvalSetConfig:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise fail(f"eval.sets: name={self.name!r}: give each set a folder-safe name", "eval.sets")
+        if self.name == "held-out":  # the main set's name in grpo-ray eval's folders and the retention lines
+            raise fail("eval.sets: name='held-out' is the main held-out set's; give this set another name", "eval.sets")
         if bool(self.path) == bool(self.task):
             raise fail(f"eval.sets: set {self.name!r} needs a path (a JSONL file of prompts) or a task (a built-in "
                        "set: subtract), one of the two", "eval.sets")

@@ -158,6 +158,20 @@ def prune(run_dir: str, keep: int, protect: tuple[int, ...] = ()) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def discard_after(run_dir: str, step: int) -> None:
+    """A rollback to the checkpoint of `step`: the checkpoints and reference resets of the steps
+    after it belong to the run that was abandoned. Left on disk they would be what pruning keeps
+    (pushing out the rerun's own), what a later rollback or a resume picks, and a reference no
+    checkpoint of the rerun names."""
+    for found, path in list_checkpoints(run_dir):
+        if found > step:
+            shutil.rmtree(path, ignore_errors=True)
+    root = os.path.join(run_dir, REFERENCES)
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        if (m := _NAME.match(name)) and int(m.group(1)) > step:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def remove_partial_saves(run_dir: str) -> None:
     """A save that crashed mid-write leaves its temp folder (.step_N.tmp); list_checkpoints
     never returns it, so it would only take disk space for good."""

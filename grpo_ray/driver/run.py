@@ -19,8 +19,8 @@ from ..roles.actors import Roles, replace_reference
 from ..roles.startup import Timeline
 from ..roles.waiting import Stalled
 from .best import Best, write_best_model
-from .checkpoint import (REFERENCES, checkpoint_path, list_checkpoints, load_state, lora_state, newest_good, prune,
-                         write_state, writing)
+from .checkpoint import (REFERENCES, checkpoint_path, discard_after, list_checkpoints, load_state, lora_state,
+                         newest_good, prune, write_state, writing)
 from .evaluation import EvalSet, Retention, RetentionStop, evaluate_sets
 from .outputs import summary_line, write_samples
 from .parity import PARITY, ParityStop, describe, threshold, verdict
@@ -185,8 +185,11 @@ class Run:
         why = "eval.retention_action=stop"
         if self.cfg.eval.retention_action == "rollback":
             back = self.rollback(step, "retention guard", newest_good(self.run_dir, at_most=self.retention.held_at))
-            if back is not None:
+            if back is not None:  # chosen as retention-good: protected from pruning, the target of a next fall
+                self.retention.held_at = max(self.retention.held_at or 0, back)
                 return back
+            if step == self.cfg.train.steps:  # as with stop, the last evaluation ends the run as usual (LOST)
+                return None
             why = "eval.retention_action=rollback, and no rollback could be made"
         self.checkpoint(step)
         raise RetentionStop(f"{fell[0]} ({why}: checkpoint of step {step} saved in "
@@ -285,6 +288,7 @@ class Run:
         state = load_state(path)
         if (state.get("reference") or self.model_path) != self.reference:
             self.use_reference(state.get("reference") or self.model_path)
+        discard_after(self.run_dir, state["step"])  # the abandoned steps' checkpoints and reference resets
         self.rollbacks += 1
         scale = a.kl_rollback_lr_factor ** self.rollbacks
         self.roles.learners.load_state(os.path.join(path, "learner"))
@@ -295,7 +299,8 @@ class Run:
         self.ahead = None  # sampled by the rolled-back policy
         self.roles.fleet.resync(version=state["step"])
         self.load_guards(state)
-        self.saved = self.evaluated = None  # the steps after it run again
+        self.saved = self.evaluated = self.nonfinite_run = None  # the steps after it run again
+        self.last_eval = {}  # its newest evaluation was of the abandoned policy
         msg = (f"{guard}: rolled back from step {step} to the checkpoint of step {state['step']} ({path}); "
                f"learning rate now {lr:.3g} (x{scale:g}), rollback {self.rollbacks} of {a.kl_max_rollbacks}")
         self.log(msg)
@@ -393,10 +398,9 @@ class Run:
         for w in fell:
             self.log(f"warning: {w}")
             self.metrics.write({"step": step, "event": "retention", "message": w})
-        self.evaluated = step
+        self.evaluated, self.last_eval = step, m
         if fell and not final and c.eval.retention_action != "warn":
             return fell  # the loop stops or rolls back (retention_guard): this policy is no best one
-        self.last_eval = m
         if self.best and self.best.offer(step, m):  # saved now: the next checkpoint may be steps away
             if step == self.saved:  # the loop saved this step before its evaluation: update its record
                 path = checkpoint_path(self.run_dir, step)

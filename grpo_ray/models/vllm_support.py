@@ -59,6 +59,9 @@ def _base_name(node: ast.expr) -> str | None:
     return None
 
 
+TERMINAL = {"Module", "object", "Protocol", "Generic", "ABC"}  # bases that are known not to bring LoRA
+
+
 def class_supports_lora(module: str, name: str, depth: int = 0) -> bool | None:
     """True / False when the source settles it, UNKNOWN otherwise."""
     tree = _parse(module)
@@ -67,13 +70,19 @@ def class_supports_lora(module: str, name: str, depth: int = 0) -> bool | None:
     cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
     if cls is None:
         return UNKNOWN
-    if any(isinstance(n, ast.AnnAssign | ast.Assign) and "supports_lora" in ast.dump(n) for n in cls.body):
-        return True  # set on the class itself
+    on_module = _flag(tree.body, lambda t: isinstance(t, ast.Attribute) and _base_name(t.value) == name)
+    flag = on_module if on_module is not None else _flag(cls.body, lambda t: isinstance(t, ast.Name))
+    if flag is not None:  # supports_lora = True/False on the class, or on it at module level
+        return flag
     answer = False
-    for base in filter(None, map(_base_name, cls.bases)):
+    for node in cls.bases:
+        base = _base_name(node)
+        if base is None:  # Base[T], a call, *bases: not read
+            answer = UNKNOWN
+            continue
         if base == "SupportsLoRA":
             return True
-        if base in ("Module", "object") or base.startswith("Supports"):
+        if base in TERMINAL:
             continue
         where = _defined_in(tree, module, base)
         got = class_supports_lora(where, base, depth + 1) if where else UNKNOWN
@@ -82,6 +91,17 @@ def class_supports_lora(module: str, name: str, depth: int = 0) -> bool | None:
         if got is UNKNOWN:
             answer = UNKNOWN
     return answer
+
+
+def _flag(body: list[ast.stmt], is_target) -> bool | None:
+    """The constant a `supports_lora = ...` assignment in `body` sets (targets chosen by is_target)."""
+    for n in body:
+        targets = n.targets if isinstance(n, ast.Assign) else [n.target] if isinstance(n, ast.AnnAssign) else []
+        for t in targets:
+            named = t.id if isinstance(t, ast.Name) else t.attr if isinstance(t, ast.Attribute) else None
+            if named == "supports_lora" and is_target(t) and isinstance(n.value, ast.Constant):
+                return bool(n.value.value)
+    return None
 
 
 def _defined_in(tree: ast.Module, module: str, name: str) -> str | None:
