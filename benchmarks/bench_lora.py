@@ -10,7 +10,7 @@ sent to each generator per sync (sync/bytes), generation tokens/s (sampled token
 sampling's own time), wall time. Each run is its own `grpo-ray train` process; the built-in base
 is warm-started once before (the user's cache). Last line: one JSON object.
 
-    .venv/bin/python benchmarks/bench_lora.py --sizes small,medium [--rank 8] [key=value ...]
+    .venv/bin/python benchmarks/bench_lora.py --sizes small,medium [--rank 8] [--size-steps N] [key=value ...]
 
 The bigger models of benchmarks/common.py (SIZES: the step benchmark's workload, 8 prompts x 16
 samples, 128 new tokens), full fine-tuning against LoRA (rank --rank on every linear layer) with
@@ -87,7 +87,7 @@ def _optimizer_state_mb(actor) -> float:
     return ray.get(actor.__ray_call__.remote(measure))
 
 
-def size_run(size: str, variant: list[str], overrides: list[str]) -> dict:
+def size_run(size: str, variant: list[str], overrides: list[str], steps: int = 0) -> dict:
     """One in-process run at a SIZES model; the actors' memory is read just before they stop."""
     import grpo_ray.driver.train as train_mod
     from common import SIZES, model_dir, run_ours, steady
@@ -105,8 +105,8 @@ def size_run(size: str, variant: list[str], overrides: list[str]) -> dict:
     train_mod.stop_roles = measure_then_stop
     try:
         spec = SIZES[size]
-        got = run_ours(model_dir(size), spec["new_tokens"], spec["steps"], tempfile.mkdtemp(prefix="bench-lora-"),
-                       *spec.get("overrides", []), *variant, *overrides)
+        got = run_ours(model_dir(size), spec["new_tokens"], steps or spec["steps"],
+                       tempfile.mkdtemp(prefix="bench-lora-"), *spec.get("overrides", []), *variant, *overrides)
     finally:
         train_mod.stop_roles = stop
     sync_bytes = statistics.median(got["sync_bytes"]) if got.get("sync_bytes") else float("nan")
@@ -114,11 +114,11 @@ def size_run(size: str, variant: list[str], overrides: list[str]) -> dict:
             **memory}
 
 
-def sizes_table(sizes: list[str], rank: int, overrides: list[str]) -> None:
+def sizes_table(sizes: list[str], rank: int, overrides: list[str], steps: int = 0) -> None:
     lora = [f"model.lora.rank={rank}", f"model.lora.alpha={2 * rank}", "learner.lr=5e-4"]
     variants = {"full": [], "lora merged": [*lora, "model.lora.sync=merged"],
                 "lora adapter": [*lora, "model.lora.sync=adapter"]}
-    results = {size: {name: size_run(size, v, overrides) for name, v in variants.items()} for size in sizes}
+    results = {size: {name: size_run(size, v, overrides, steps) for name, v in variants.items()} for size in sizes}
     print(f"\n{'size':<8}{'run':<14}{'step s':>8}{'sync s':>8}{'sync MB':>9}{'% full':>8}{'learner MB':>11}"
           f"{'optim MB':>10}{'ref MB':>8}{'trained M':>10}")
     for size, runs in results.items():
@@ -136,10 +136,11 @@ def main() -> None:
     ap.add_argument("--skip-full", action="store_true", help="only the two LoRA syncs")
     ap.add_argument("--sizes", default="", help="e.g. small,medium: full vs LoRA at the bigger SIZES models")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank with --sizes (alpha: 2 x rank)")
+    ap.add_argument("--size-steps", type=int, default=0, help="steps per run with --sizes (default: SIZES' own)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.sizes:
-        return sizes_table(args.sizes.split(","), args.rank, args.overrides)
+        return sizes_table(args.sizes.split(","), args.rank, args.overrides, args.size_steps)
     root = tempfile.mkdtemp(prefix="bench-lora-")
     extra = [f"train.steps={args.steps}", *args.overrides]
     runs = {"lora merged": ("configs/default_lora.yaml", ["model.lora.sync=merged", *extra]),
