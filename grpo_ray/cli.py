@@ -107,7 +107,7 @@ def eval_models(args) -> list[tuple[str, str]]:
     paths = [a for a in given if not override(a)]
     both = "grpo-ray eval: give one model folder, or several as --model NAME=PATH (not both)"
     if len(paths) > (1 if args.model else 2):
-        raise ConfigError(both if args.model and len(paths) == 2 else
+        raise ConfigError(f"{both}, and DATA once" if args.model and len(paths) == 2 else
                           f"grpo-ray eval: unexpected argument(s) {paths[1 if args.model else 2:]}: give MODEL_DIR and "
                           "DATA, or --model NAME=PATH ... and DATA")
     args.model_dir, args.data = (([None] if args.model else []) + paths + [None, None])[:2]

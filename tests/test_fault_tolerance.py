@@ -53,7 +53,8 @@ def _overrides(tmp_path, model_dir, name: str, steps: int) -> list[str]:
                                         "task": "reward_fns:digit_fraction"}) + "\n" for i in range(12)))
     return [f"run.output_dir={tmp_path}", f"run.name={name}", f"model.path={model_dir}", "data.task=jsonl",
             f"data.train_path={data}", "data.eval_fraction=0.25", "rollout.prompts_per_step=4", "algo.group_size=4",
-            f"train.steps={steps}", "train.eval_every=0", "eval.num_prompts=3", "eval.samples=10", "learner.lr=1e-3"]
+            f"train.steps={steps}", "train.eval_every=0", "eval.num_prompts=3", "eval.samples=10", "learner.lr=1e-3",
+            "eval.sets=[]"]  # one set: an evaluation is one fleet.sample call (the kill counters rely on it)
 
 
 def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_path, monkeypatch):

@@ -59,11 +59,6 @@ def test_n_steps_then_resume_equals_2n_steps(ray_local, tiny_model_dir, tmp_path
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
     assert max(float((wa[k] - _weights(tiny_model_dir)[k]).abs().max()) for k in wa) > 1e-4  # it trained
     assert [s for s, _ in list_checkpoints(full)] == [2, 4]  # keep_checkpoints=2
-    if lora:  # the learner state holds the adapter and its moments, not a copy of the frozen base
-        def size(folder):
-            return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
-        model = os.path.getsize(os.path.join(tiny_model_dir, "model.safetensors"))
-        assert size(os.path.join(list_checkpoints(half)[-1][1], "learner")) < 0.5 * model
     # a resumed run whose last session was cut short after its last checkpoint (during the final
     # evaluation, say) finishes the run: the evaluation and final_model/, and no step again
     shutil.rmtree(os.path.join(half, "final_model"))

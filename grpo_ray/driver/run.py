@@ -185,8 +185,7 @@ class Run:
         why = "eval.retention_action=stop"
         if self.cfg.eval.retention_action == "rollback":
             back = self.rollback(step, "retention guard", newest_good(self.run_dir, at_most=self.retention.held_at))
-            if back is not None:  # chosen as retention-good: protected from pruning, the target of a next fall
-                self.retention.held_at = max(self.retention.held_at or 0, back)
+            if back is not None:
                 return back
             if step == self.cfg.train.steps:  # as with stop, the last evaluation ends the run as usual (LOST)
                 return None
@@ -301,6 +300,11 @@ class Run:
         self.load_guards(state)
         self.saved = self.evaluated = self.nonfinite_run = None  # the steps after it run again
         self.last_eval = {}  # its newest evaluation was of the abandoned policy
+        if guard.startswith("retention"):  # the target is retention-good: protected, the next fall's target
+            self.retention.held_at = max(self.retention.held_at or 0, state["step"])
+        # saved again with the rollback counted and the lower lr: a crash in the rerun resumes from
+        # here, not from a state that would refund the rollback and repeat the fall
+        self.checkpoint(state["step"])
         msg = (f"{guard}: rolled back from step {step} to the checkpoint of step {state['step']} ({path}); "
                f"learning rate now {lr:.3g} (x{scale:g}), rollback {self.rollbacks} of {a.kl_max_rollbacks}")
         self.log(msg)

@@ -163,20 +163,13 @@ class DeepSpeedBackend(TrainingBackend):
         else:
             yield self.engine.module
 
-    def _has_frozen(self) -> bool:
-        """A LoRA policy: its frozen base never changes, and is rebuilt from model.path on load."""
-        return any(not p.requires_grad for p in self.engine.module.parameters())
-
     def save_state(self, out_dir: str, client_state: dict) -> None:
-        """A DeepSpeed checkpoint, tag "state" (every rank writes its own ZeRO shard); without a
-        LoRA policy's frozen base, which would make every checkpoint a copy of the model."""
-        self.engine.save_checkpoint(out_dir, tag="state", client_state=client_state,
-                                    exclude_frozen_parameters=self._has_frozen())
+        """A DeepSpeed checkpoint, tag "state" (every rank writes its own ZeRO shard)."""
+        self.engine.save_checkpoint(out_dir, tag="state", client_state=client_state)
 
     def load_state(self, in_dir: str) -> dict:
         path, client = self.engine.load_checkpoint(in_dir, tag="state", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True,
-                                                   load_module_strict=not self._has_frozen())
+                                                   load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint 'state' in {in_dir}")
         return client or {}
