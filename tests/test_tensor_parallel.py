@@ -67,6 +67,29 @@ def test_each_worker_of_a_sharded_engine_gets_its_own_cores():
     assert shard_cpus("1", 2) == "1|1"  # fewer cores than workers: they share it
 
 
+def test_rendezvous_ports_come_from_outside_the_ephemeral_and_ray_worker_ranges(ray_local, monkeypatch):
+    """A port bind(0) picked could be handed to another process's connection before rank 0 bound
+    it (EADDRINUSE at the learners' init in a CI run); free_address draws from 20000-32767, and a
+    taken port is skipped."""
+    import random
+    import socket
+
+    from grpo_ray.roles import collective
+
+    ports = {collective.free_address()[1] for _ in range(20)}
+    assert all(20000 <= p <= 32767 for p in ports) and len(ports) > 10
+    with socket.socket() as taken:
+        taken.bind(("", min(ports)))
+        draws = iter([min(ports), min(ports) + 1])
+
+        class Draws:
+            def randint(self, low, high):
+                return next(draws)
+
+        monkeypatch.setattr(random, "Random", Draws)
+        assert collective.free_address()[1] == min(ports) + 1  # the one in use is skipped
+
+
 # ------------------------------------------------------------------ real engines (slow)
 def _batch(ro) -> TrainBatch:
     return TrainBatch.from_rollout(ro, torch.randn(len(ro), generator=torch.Generator().manual_seed(0)), pad_id=0)

@@ -87,11 +87,28 @@ class SyncGroup:
                              lay.entries) for lay in layouts]
 
 
+# Below Linux's ephemeral range (32768-60999) and above Ray's worker ports (10002-19999): a port the
+# kernel hands out to bind(0) may be given to another process's connection before rank 0 binds it
+# seconds later (EADDRINUSE at the learners' init, seen in CI while Ray workers were starting).
+PORT_RANGE = (20000, 32767)
+
+
 def free_address() -> tuple[str, int]:
     """This node's IP and a free port, for a group whose rank 0 runs here."""
+    import random
+
     import ray
 
-    with socket.socket() as s:
+    rng = random.Random()  # not the run's seeded streams
+    for _ in range(64):
+        port = rng.randint(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return ray.util.get_node_ip_address(), port
+    with socket.socket() as s:  # a crowded range: any port
         s.bind(("", 0))
         return ray.util.get_node_ip_address(), s.getsockname()[1]
 
