@@ -29,6 +29,11 @@ class EvalSet:
         """"pass@1" -> eval/pass@1 or eval/<name>/pass@1."""
         return f"eval/{self.name}/{metric}" if self.name else f"eval/{metric}"
 
+    @property
+    def pass_key(self) -> str:
+        """Its pass@ at the smallest k: what the step line shows and retention watches."""
+        return self.key(f"pass@{min(self.ks)}")
+
 
 def eval_sets(cfg, held_out: list[dict], train_records: list[dict], fit) -> list[EvalSet]:
     """The main held-out set, then eval.sets, each read from its file (DataError naming the file
@@ -76,7 +81,7 @@ class Retention:
     to, at the latest)."""
 
     def __init__(self, sets: list[EvalSet], drop: float):
-        self.keys = {s.name or "held-out": s.key(f"pass@{min(s.ks)}") for s in sets if s.retention}
+        self.keys = {s.name or "held-out": s.pass_key for s in sets if s.retention}
         self.drop, self.start, self.held_at = drop, {}, None
 
     def check(self, m: dict, step: int) -> list[str]:

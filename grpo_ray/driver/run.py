@@ -60,7 +60,7 @@ class Run:
         self.cfg, self.roles, self.run_dir, self.sampler, self.eval_sets, self.log = (
             cfg, roles, run_dir, sampler, eval_sets, log)
         self.retention = Retention(eval_sets, cfg.eval.retention_drop)  # eval.sets marked retention
-        self.pass_keys = [s.key(f"pass@{min(s.ks)}") for s in eval_sets]  # each set's, in the step line
+        self.pass_keys = [s.pass_key for s in eval_sets]  # each set's, in the step line
         self.timeline = timeline  # start-up and shut-down phases (timings.json)
         self.model_path, self.reference = model_path, reference  # the reference actor's folder
         self.tokenizer, self.metrics = tokenizer, metrics
@@ -395,7 +395,7 @@ class Run:
             raise RuntimeError(self.died(step, e)) from None
         self.metrics.write({"step": step, **m})
         self.log(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.3f}" for k, v in m.items()))
-        for w in self.monitor.check_eval(m[f"eval/pass@{min(c.eval.ks)}"]):
+        for w in self.monitor.check_eval(m[self.pass_keys[0]]):  # the main held-out set's
             self.log(f"warning: {w}")
             self.metrics.write({"step": step, "event": "warning", "message": w})
         fell = self.retention.check(m, step)
