@@ -23,7 +23,7 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    from .driver.outputs import cache_dir
+    from .models.cache import cache_dir
     from .models.lora import is_adapter_dir, merged_from_adapter
     from .models.modeling import check_model_dir
 

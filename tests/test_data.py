@@ -453,7 +453,8 @@ def test_the_warm_started_base_is_cached_for_every_output_dir(tmp_path, monkeypa
     kept in the user's cache (GRPO_RAY_CACHE_DIR, XDG_CACHE_HOME/grpo-ray or ~/.cache/grpo-ray)."""
     from grpo_ray.config import load_config
     from grpo_ray.data.datasets import load_datasets
-    from grpo_ray.driver.outputs import cache_dir, prepare_model, resolve_run_dir
+    from grpo_ray.driver.outputs import prepare_model, resolve_run_dir
+    from grpo_ray.models.cache import cache_dir
 
     monkeypatch.setenv("GRPO_RAY_CACHE_DIR", str(tmp_path / "cache"))
     logs, paths = [], []

@@ -6,6 +6,7 @@ Ray on the machine."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -127,3 +128,40 @@ def test_a_run_writes_its_start_up_and_shut_down_phases(tiny_model_dir, tmp_path
     assert ("first evaluation" in phases) == eval_at_start
     if eval_at_start:
         assert phases["first evaluation"]["start_s"] >= phases["generator 0: vllm engine"]["start_s"]
+
+
+def test_deepspeed_ops_are_built_per_python_environment(tmp_path, monkeypatch):
+    """torch's default build folder for JIT ops is per Python version, and DeepSpeed's build.ninja
+    names the environment's include paths: a checkout's venv and a fresh clone's rebuilt the
+    shared-memory op in turn (~35 s at a learner's start). Each environment now has its own."""
+    from grpo_ray.models.cache import torch_extensions_dir
+
+    monkeypatch.setenv("GRPO_RAY_CACHE_DIR", str(tmp_path))
+    here = torch_extensions_dir()
+    assert here.startswith(str(tmp_path / "torch_extensions")) and here == torch_extensions_dir(sys.prefix)
+    assert torch_extensions_dir("/opt/other-venv") != here
+    assert torch_extensions_dir(torch_version="0.0.1") != here
+
+
+@pytest.mark.slow
+def test_a_learner_rank_loads_its_ops_from_its_environments_folder(tiny_model_dir, tmp_path):
+    """A DeepSpeed learner (its own process, as under Ray) builds or finds the shared-memory op in
+    torch_extensions_dir(); a folder the user set is kept."""
+    from grpo_ray.models.cache import torch_extensions_dir
+
+    code = ("import os, sys; from grpo_ray.roles.learner import Learner; "
+            "Learner(sys.argv[1], lr=1e-3, loss_kwargs=dict(eps_low=0.2, eps_high=0.2, beta=0.0), "
+            "micro_batch_size=2, zero_stage=0, master_port=int(sys.argv[2])); "
+            "print('DIR', os.environ['TORCH_EXTENSIONS_DIR'])")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    mine = tmp_path / "mine"  # the user's folder: a link to the same build, so it is not built twice
+    for port, user_dir in ((29861, None), (29862, str(mine))):
+        if user_dir:
+            mine.symlink_to(torch_extensions_dir(), target_is_directory=True)
+        run_env = {**env, **({"TORCH_EXTENSIONS_DIR": user_dir} if user_dir else {})}
+        out = subprocess.run([sys.executable, "-c", code, tiny_model_dir, str(port)], env=run_env, cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        used = out.stdout.strip().splitlines()[-1].removeprefix("DIR ")
+        assert used == (user_dir or torch_extensions_dir())
+    assert (Path(torch_extensions_dir()) / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file()

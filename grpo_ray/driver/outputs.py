@@ -8,6 +8,7 @@ import time
 
 import yaml
 
+from ..models.cache import cache_dir
 from ..roles.actors import in_ray_job
 from ..config import Config
 
@@ -47,17 +48,6 @@ def prepare_model(cfg: Config, train_records: list[dict], run_dir: str, log) -> 
     from ..models.warmstart import builtin_model
 
     return builtin_model(cfg, train_records, cache_dir(), log)
-
-
-def cache_dir() -> str:
-    """Where the warm-started builtin:tiny base is kept: GRPO_RAY_CACHE_DIR, else
-    $XDG_CACHE_HOME/grpo-ray, else ~/.cache/grpo-ray. Not beside the run directories: every
-    run with another run.output_dir (each `ray job submit` with a fresh path, each benchmark)
-    redid the ~2 minute warm start. The entry is keyed by everything that determines it and
-    written atomically (warmstart.builtin_model)."""
-    root = os.environ.get("GRPO_RAY_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "grpo-ray")
-    return os.path.abspath(root)
 
 
 def fit_to_model(cfg: Config, model_path: str, train: list[dict], held_out: list[dict],

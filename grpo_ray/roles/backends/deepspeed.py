@@ -34,6 +34,7 @@ import os
 
 import torch
 
+from ...models.cache import torch_extensions_dir
 from .base import BackendSettings, TrainingBackend, all_finite, make_optimizer, scale_lr
 
 
@@ -52,6 +53,9 @@ class DeepSpeedBackend(TrainingBackend):
             os.environ[key] = value
         if not torch.cuda.is_available():  # else DeepSpeed probes every accelerator it knows
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # its JIT-built ops in a folder of this Python environment's own (models/cache.py), unless
+        # the user chose one
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
         import deepspeed
 
         # on CPU it loads its shared-memory op and prints that it was "built successfully" (it was
