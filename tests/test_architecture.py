@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,3 +334,11 @@ def test_size_allow_lists_are_current():
     assert not stale, ("these allow-list entries are within the limits now (or gone): delete them "
                        "from FILE_ALLOW / FUNCTION_ALLOW in tests/test_architecture.py:\n  "
                        + "\n  ".join(stale))
+
+
+def test_a_verifier_replica_imports_no_torch():
+    """The verifier pool's replicas (roles/verifier_pool.py, what Serve imports in each) score text:
+    importing torch cost each ~1 CPU-s at start-up, beside the roles that need it."""
+    code = "import sys, grpo_ray.roles.verifier_pool; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

@@ -101,15 +101,30 @@ def test_a_run_stopped_during_start_up_leaves_no_actors_or_placement_groups(ray_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("eval_at_start", [True, False])
-def test_a_run_writes_its_start_up_and_shut_down_phases(tiny_model_dir, tmp_path, eval_at_start):
+def test_a_run_writes_its_start_up_and_shut_down_phases(tiny_model_dir, tmp_path, eval_at_start, monkeypatch):
     """timings.json: every phase from the process start to the actors' stop, time to first step;
-    train.eval_at_start=false: no evaluation before step 1."""
-    cmd = [sys.executable, "-m", "grpo_ray", "train", "--address", "local", f"model.path={tiny_model_dir}",
-           f"run.output_dir={tmp_path}", "run.name=t", "train.steps=2", f"train.eval_at_start={eval_at_start}",
-           *SMALL]
-    env = {**__import__("os").environ, "RAY_ADDRESS": "", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    train.eval_at_start=false: no evaluation before step 1. Without eval_at_start the run is of
+    the built-in base (cached first, as a user's second run finds it): its driver never imports
+    transformers (~3 CPU-s at start-up; the generators give the pad id, the learner saves the
+    tokenizer with the policy)."""
+    model = [f"model.path={tiny_model_dir}"] if eval_at_start else ["model.path=builtin:tiny", "warmstart.steps=2"]
+    args = ["train", "--address", "local", *model, f"run.output_dir={tmp_path}", "run.name=t", "train.steps=2",
+            f"train.eval_at_start={eval_at_start}", *SMALL]
+    monkeypatch.setenv("GRPO_RAY_CACHE_DIR", str(tmp_path / "cache"))
+    if not eval_at_start:
+        _cache_builtin_base(args)
+    # the CLI as `grpo-ray` runs it, saying at exit whether its process imported transformers
+    code = ("import atexit, runpy, sys; atexit.register(lambda: print('transformers imported:', "
+            "'transformers' in sys.modules)); sys.argv = ['grpo-ray', *sys.argv[1:]]; "
+            "runpy.run_module('grpo_ray', run_name='__main__')")
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a user's folder has its tokenizer checked before any actor starts (transformers): not the built-in base
+    assert f"transformers imported: {eval_at_start}" in proc.stdout, proc.stdout[-2000:]
+    saved = tmp_path / "t" / "final_model"
+    assert (saved / "tokenizer.json").is_file() and (saved / "config.json").is_file()
     assert "Token authentication is enabled" not in proc.stderr  # a Ray the run owns: nothing to act on
     for noise in ("built successfully", "Loading weights", "Triton is installed", "reduce_op", "NUMA binding"):
         assert noise not in proc.stderr + proc.stdout, noise
@@ -128,6 +143,16 @@ def test_a_run_writes_its_start_up_and_shut_down_phases(tiny_model_dir, tmp_path
     assert ("first evaluation" in phases) == eval_at_start
     if eval_at_start:
         assert phases["first evaluation"]["start_s"] >= phases["generator 0: vllm engine"]["start_s"]
+
+
+def _cache_builtin_base(args: list[str]) -> None:
+    """The built-in base the run of `args` asks for, built into GRPO_RAY_CACHE_DIR."""
+    from grpo_ray.config import load_config
+    from grpo_ray.data.datasets import load_datasets
+    from grpo_ray.driver.outputs import prepare_model
+
+    cfg = load_config(str(REPO / "configs" / "default.yaml"), [a for a in args if "=" in a])  # the CLI's default
+    prepare_model(cfg, load_datasets(cfg.data, cfg.run.seed)[0], "", lambda *_: None)
 
 
 def test_deepspeed_ops_are_built_per_python_environment(tmp_path, monkeypatch):

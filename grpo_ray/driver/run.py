@@ -29,12 +29,12 @@ from .step import REWARD_ERRORS, RewardFunctionError, ref_reset_due, reward_erro
 from .tracking import Tracker
 
 
-def save_policy(roles: Roles, run_dir: str, tokenizer, name: str) -> str:
+def save_policy(roles: Roles, run_dir: str, name: str) -> str:
     """Policy in Hugging Face format (loadable by transformers and vLLM), written atomically to
     run_dir/name (name may be a/b: the temp folder is a/.b.tmp)."""
     final = os.path.join(run_dir, name)
     with writing(final) as tmp:
-        roles.learners.save_policy(tmp, tokenizer)
+        roles.learners.save_policy(tmp)
     return final
 
 
@@ -56,14 +56,15 @@ class Run:
     monitor and the metrics file; and what it does besides steps: evaluate and checkpoint."""
 
     def __init__(self, cfg: Config, roles: Roles, run_dir: str, model_path: str, sampler: PromptSampler,
-                 eval_sets: list[EvalSet], log, reference: str, timeline: Timeline, tokenizer, metrics: Tracker):
+                 eval_sets: list[EvalSet], log, reference: str, timeline: Timeline, metrics: Tracker):
         self.cfg, self.roles, self.run_dir, self.sampler, self.eval_sets, self.log = (
             cfg, roles, run_dir, sampler, eval_sets, log)
         self.retention = Retention(eval_sets, cfg.eval.retention_drop)  # eval.sets marked retention
         self.pass_keys = [s.pass_key for s in eval_sets]  # each set's, in the step line
         self.timeline = timeline  # start-up and shut-down phases (timings.json)
         self.model_path, self.reference = model_path, reference  # the reference actor's folder
-        self.tokenizer, self.metrics = tokenizer, metrics
+        self.metrics = metrics
+        self.pad_id = roles.fleet.pad_id()  # the padding of the batches built from rollouts
         self.monitor = Monitor(cfg.algo.kl_stop, cfg.algo.kl_window)
         self.plotting: Future | None = None  # the plots, drawn in a thread at the end
         self.best = Best(cfg.train.keep_best) if cfg.train.keep_best else None  # train.keep_best
@@ -110,7 +111,7 @@ class Run:
                 begun = time.time()
                 try:
                     m, samples, self.ahead = train_step(step, cfg, self.roles, self.sampler,
-                                                        self.tokenizer.pad_token_id, self.ahead, started=mark)
+                                                        self.pad_id, self.ahead, started=mark)
                 except (ray.exceptions.RayActorError, Stalled) as e:  # a learner (no restarts), a role out of restarts
                     raise RuntimeError(self.died(step, e)) from None
                 if step == start:
@@ -226,7 +227,7 @@ class Run:
             with phase("final checkpoint"):
                 self.checkpoint(last)
         with phase("final model"):
-            self.log(f"final policy: {save_policy(self.roles, self.run_dir, self.tokenizer, 'final_model')}")
+            self.log(f"final policy: {save_policy(self.roles, self.run_dir, 'final_model')}")
             if cfg.lora:  # final_model/ is merged; the adapter alone, for PEFT and vLLM's LoRA serving
                 with writing(os.path.join(self.run_dir, "final_adapter")) as tmp:
                     self.roles.learners.save_adapter(tmp)
@@ -254,7 +255,7 @@ class Run:
         policy. It is saved to reference_policy/step_N (one folder per reset, so a checkpoint names
         the reference it had: a resume or a rollback loads that one) and the reference actor is
         started from there, so a crash restart of that actor loads the reset policy too."""
-        self.use_reference(save_policy(self.roles, self.run_dir, self.tokenizer,
+        self.use_reference(save_policy(self.roles, self.run_dir,
                                        os.path.join(REFERENCES, f"step_{step:06d}")))
         self.metrics.write({"step": step, "event": "ref_reset", "message": f"reference := policy of step {step}"})
 
@@ -435,7 +436,7 @@ class Run:
                  "kl_stopped": kl_stopped}
         path = checkpoint_path(self.run_dir, step)
         with writing(path) as tmp:  # the same step saved again (a KL stop right after a save) replaces it
-            self.roles.learners.checkpoint_into(tmp, self.tokenizer)
+            self.roles.learners.checkpoint_into(tmp)
             write_state(tmp, step, state)
         prune(self.run_dir, self.cfg.train.keep_checkpoints, self.protected())
         self.saved = step

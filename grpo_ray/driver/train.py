@@ -112,9 +112,9 @@ def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Tim
     model_path, resume = prepared.model_path, prepared.resume
     reference = (resume[1].get("reference") if resume else None) or model_path
     t0 = time.perf_counter()
-    # the driver's own set-up (tokenizer, TensorBoard's imports) runs while the actors start
+    # the driver's own set-up (TensorBoard's imports) runs while the actors start
     side = ThreadPoolExecutor(1)
-    outputs = side.submit(open_outputs, cfg, run_dir, model_path)
+    outputs = side.submit(open_outputs, cfg, run_dir)
     side.shutdown(wait=False)  # its thread ends with that one task
     run: Run | None = None
     with contextlib.ExitStack() as cleanup:  # in reverse order, on any exit: an error, a stop (SIGTERM)
@@ -132,9 +132,9 @@ def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Tim
         log(f"policy: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3g}M trained" + (
             f" (LoRA rank {lora.rank} on {', '.join(lora.target_modules)}; the base with the adapter off is the "
             "reference)" if cfg.lora else ""))
-        tokenizer, metrics = outputs.result()
+        metrics = outputs.result()
         run = Run(cfg, roles, run_dir, model_path, PromptSampler(prepared.train_records, cfg.run.seed),
-                  prepared.eval_sets, log, reference, timeline, tokenizer, metrics)
+                  prepared.eval_sets, log, reference, timeline, metrics)
         run.loop(run.restore(*resume) if resume else 1, tqdm)
 
 
@@ -147,11 +147,12 @@ def close_outputs(outputs: Future) -> None:
     """Close the metrics sinks open_outputs opened (none when it failed; its error is raised
     where its result was asked for)."""
     if outputs.exception() is None:
-        outputs.result()[1].close()
+        outputs.result().close()
 
 
-def open_outputs(cfg: Config, run_dir: str, model_path: str) -> tuple:
-    """(tokenizer, metrics sinks): metrics.jsonl appends on resume."""
-    return load_tokenizer(model_path), Tracker(
+def open_outputs(cfg: Config, run_dir: str) -> Tracker:
+    """The metrics sinks: metrics.jsonl appends on resume. No tokenizer: the driver pads with the
+    generators' pad id (GeneratorFleet.pad_id) and the learner saves the tokenizer with a policy."""
+    return Tracker(
         run_dir, tensorboard=cfg.run.tensorboard, wandb_project=cfg.run.wandb_project or None,
         run_name=cfg.run.name, config=cfg.to_dict(), resumed=bool(list_checkpoints(run_dir)))

@@ -66,7 +66,6 @@ def actor_env() -> dict:
 def _placed(cfg: Config, placement: Placement | None, role: str, index: int = 0, **kw) -> tuple[dict, str, int]:
     """The role instance's actor options (its bundle and share when placed, plus the actor env),
     and its resolved (vLLM CPU ids, torch threads) from role_threads."""
-    res = cfg.resources
     cpus, gpus = instance_resources(cfg, role)
     where = placement.options(role, index) if placement else dict(num_cpus=cpus, num_gpus=gpus)
     # Ray sets OMP_NUM_THREADS to the actor's CPU count (1 for a fraction), which slowed vLLM's

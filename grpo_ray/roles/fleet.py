@@ -322,6 +322,10 @@ class GeneratorFleet:
         ray.get([g.ready.remote() for g in self.actors])
         self.locate()
 
+    def pad_id(self) -> int:
+        """The model's padding id (Generator.pad_token_id), for the batches built from its rollouts."""
+        return ray.get(self.actors[0].pad_token_id.remote())
+
     def locate(self) -> None:
         """Note where each generator runs, for the stall messages (the engines are up)."""
         self.names = [f"generator {i} ({at})" for i, at in enumerate(locations(self.actors))]

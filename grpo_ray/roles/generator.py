@@ -401,6 +401,13 @@ class Generator:
     def ready(self) -> bool:
         return True
 
+    def pad_token_id(self) -> int:
+        """The id padded batches fill with: the tokenizer's pad token, else its end of sequence
+        (what models.modeling.load_tokenizer sets). Asked of a generator, whose tokenizer is
+        loaded anyway: the driver then never imports transformers (~3 CPU-s at start-up)."""
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
     def startup(self) -> dict[str, float]:
         """This actor's start-up marks (roles/startup.py)."""
         return self.clock.marks

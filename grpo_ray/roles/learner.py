@@ -34,7 +34,7 @@ from ..core.metrics import ROW_MISMATCH, SUMMED, combine_parts, row_mismatch
 from ..models.lora import LoraSettings, adapter_files, merged_state_dict, save_merged, trainable_parameters, write_adapter
 from ..models.lora import base_only as lora_base_only
 from ..models.lora import wrap as lora_wrap
-from ..models.modeling import batched_logprobs, disable_dropout, load_causal_lm, response_logprobs
+from ..models.modeling import batched_logprobs, disable_dropout, load_causal_lm, load_tokenizer, response_logprobs
 from ..core.records import TrainBatch
 from .backends import BackendSettings, get_backend
 from .startup import StartupClock
@@ -56,6 +56,7 @@ class Learner:
         reference: no reference actor runs); sync_adapter: the generators get the adapter alone
         (model.lora.sync=adapter), not merged weights."""
         self.clock = StartupClock()
+        self.model_path, self.tokenizer = model_path, None  # its tokenizer goes with every saved policy
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         self.rank, self.world_size = rank, world_size
@@ -269,13 +270,16 @@ class Learner:
         return self.backend.scale_lr(factor)
 
     def save_pretrained(self, out_dir: str) -> None:
-        """The policy as a Hugging Face folder, written by rank 0 (every rank must call this when
-        backends.full_params_need_all_ranks)."""
+        """The policy as a Hugging Face folder with the model's tokenizer, written by rank 0 (every
+        rank must call this when backends.full_params_need_all_ranks)."""
         with self.backend.full_parameters() as module:
             if self.rank == 0 and self.lora:
                 save_merged(module, out_dir)  # a plain Hugging Face model: no PEFT needed to load it
             elif self.rank == 0:
                 module.save_pretrained(out_dir)
+        if self.rank == 0:
+            self.tokenizer = self.tokenizer or load_tokenizer(self.model_path)  # with a pad token (eos) if it had none
+            self.tokenizer.save_pretrained(out_dir)
 
     def save_adapter(self, out_dir: str) -> None:
         """A LoRA policy's adapter in PEFT's format (PeftModel.from_pretrained loads it), by rank 0

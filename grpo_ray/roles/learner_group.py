@@ -125,12 +125,10 @@ class LearnerGroup:
         """Those weights as buckets, for a push through the object store instead."""
         return self.actors[0].kept_buckets.remote()
 
-    def save_policy(self, out_dir: str, tokenizer=None) -> None:
-        """The policy in Hugging Face format (transformers and vLLM load it as is), with the
-        tokenizer when given; not atomic (the caller writes into a temp folder)."""
+    def save_policy(self, out_dir: str) -> None:
+        """The policy in Hugging Face format with its tokenizer (transformers and vLLM load it as
+        is); not atomic (the caller writes into a temp folder)."""
         self.wait([lr.save_pretrained.remote(out_dir) for lr in self._gathering], "save_pretrained")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
 
     def save_adapter(self, out_dir: str) -> None:
         """A LoRA policy's adapter in PEFT's format; not atomic (the caller writes into a temp folder)."""
@@ -153,10 +151,10 @@ class LearnerGroup:
         """Multiply every rank's learning rate; returns the new one."""
         return self.wait([lr.scale_lr.remote(factor) for lr in self.actors], "scale_lr")[0]
 
-    def checkpoint_into(self, folder: str, tokenizer) -> None:
+    def checkpoint_into(self, folder: str) -> None:
         """A checkpoint's learner part: policy/ (Hugging Face; a LoRA policy merged), adapter/ (a
         LoRA policy's adapter, PEFT's format) and learner/ (backend state)."""
-        self.save_policy(os.path.join(folder, "policy"), tokenizer)
+        self.save_policy(os.path.join(folder, "policy"))
         if self.lora:
             self.save_adapter(os.path.join(folder, "adapter"))
         self.save_state(os.path.join(folder, "learner"))

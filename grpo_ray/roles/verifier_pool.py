@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import ray
 
-from ..core.records import Score
+from ..core.score import Score  # not core.records: the replicas would import torch (~1 CPU-s each)
 from ..verifiers import Verifier, options as verifier_options, registry
 
 if TYPE_CHECKING:
