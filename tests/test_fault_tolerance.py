@@ -60,7 +60,9 @@ def _overrides(tmp_path, model_dir, name: str, steps: int) -> list[str]:
 def test_generator_and_reference_killed_mid_run(ray_local, tiny_model_dir, tmp_path, monkeypatch):
     from grpo_ray.driver.train import train
 
-    cfg = load_config("configs/default.yaml", _overrides(tmp_path, tiny_model_dir, "ft", 6))
+    # the reference in an actor of its own (on CPUs it runs in the learner ranks by default)
+    cfg = load_config("configs/default.yaml", _overrides(tmp_path, tiny_model_dir, "ft", 6)
+                      + ["resources.reference_host=actor"])
     metrics = tmp_path / "ft" / "metrics.jsonl"
     killed = []
     # step 3's rollout goes to a dead generator; step 5's queued reference pass to a dead reference

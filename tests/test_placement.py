@@ -47,7 +47,17 @@ def test_plan_without_a_reference_has_no_reference_bundle():
     bundles, slots = plan(_cfg("algo.beta=0", "algo.kl_stop=null", "resources.colocate=learner_reference"))
     assert bundles == [{"CPU": 0.25}, {"CPU": 0.25}] and "reference" not in {s.role for s in slots}
     # beta 0 with the KL guard on still measures the KL, against a reference
-    assert "reference" in {s.role for s in plan(_cfg("algo.beta=0"))[1]}
+    assert "reference" in {s.role for s in plan(_cfg("algo.beta=0", "resources.reference_host=actor"))[1]}
+
+
+@pytest.mark.parametrize("host,gpus,own", [("auto", 0, False), ("auto", 1, True), ("actor", 0, True),
+                                           ("learner", 1, False)])
+def test_a_reference_in_the_learner_ranks_has_no_bundle(host, gpus, own):
+    """resources.reference_host: an actor has a bundle; in the learner ranks, nothing is reserved
+    for it. auto: in the learner ranks on CPUs only (no device to keep apart)."""
+    cfg = _cfg(f"resources.reference_host={host}", f"resources.learner_gpus={gpus}")
+    assert cfg.uses_reference and cfg.reference_actor == own
+    assert ("reference" in {s.role for s in plan(cfg)[1]}) == own
 
 
 def test_diagnose_names_the_role_and_the_missing_resource():
@@ -58,12 +68,13 @@ def test_diagnose_names_the_role_and_the_missing_resource():
     assert "GPU 3" in why and "learner 2 (resources.learner_gpus)" in why and "generator 1" in why
     assert "the cluster has GPU 1" in why
     # enough CPUs in all, but the co-located bundle (8.25 CPUs) fits on no 4-CPU node
-    cfg = _cfg("resources.colocate=all", "resources.learner_cpus=4", "resources.generator_cpus=4")
+    cfg = _cfg("resources.colocate=all", "resources.learner_cpus=4", "resources.generator_cpus=4",
+               "resources.reference_host=actor")
     bundles, slots = plan(cfg)
     small = [{"CPU": 4.0}, {"CPU": 4.0}, {"CPU": 4.0}]
     why = diagnose(bundles, slots, {"CPU": 12.0}, small, {"CPU": 12.0}, "PACK")
     assert "learner 0 + reference 0 + generator 0" in why and "fits on no node" in why
-    bundles, slots = plan(_cfg())
+    bundles, slots = plan(_cfg("resources.reference_host=actor"))
     why = diagnose(bundles, slots, {"CPU": 2.0}, [{"CPU": 2.0}], {"CPU": 0.1}, "STRICT_SPREAD")
     assert "STRICT_SPREAD needs 3 nodes" in why
     why = diagnose(bundles, slots, {"CPU": 2.0}, [{"CPU": 2.0}], {"CPU": 0.1}, "PACK")
@@ -98,7 +109,7 @@ def test_auto_threads_follow_where_the_bundles_landed(ray_local):
     from grpo_ray.config import cpu_list
     from grpo_ray.roles.placement import reserve
 
-    cfg = _cfg("rollout.num_generators=2", "learner.num_ranks=2")
+    cfg = _cfg("rollout.num_generators=2", "learner.num_ranks=2", "resources.reference_host=actor")
     placement, cpus = reserve(cfg), len(os.sched_getaffinity(0))
     try:
         gens = [cpu_list(role_threads(cfg, placement, "generator", i)[0]) for i in range(2)]

@@ -36,7 +36,7 @@ def test_separate_roles_get_their_own_gpus(ray_gpus, tiny_model_dir):
     roles = start_roles(cfg, tiny_model_dir)
     try:
         (gen_gpus, gen_pg), (lrn_gpus, lrn_pg), (ref_gpus, ref_pg) = (
-            _where(ray, a) for a in (roles.fleet.actors[0], roles.learners.actors[0], roles.reference))
+            _where(ray, a) for a in (roles.fleet.actors[0], roles.learners.actors[0], roles.reference.actor))
         assert len(gen_gpus) == len(lrn_gpus) == 1 and gen_gpus != lrn_gpus and ref_gpus == []
         assert gen_pg == lrn_pg == ref_pg == roles.placement.group.id.hex()
     finally:
@@ -62,7 +62,7 @@ def test_colocated_roles_share_one_gpu_and_train(ray_gpus, tiny_model_dir, tmp_p
 
     def start_and_look(*args, **kwargs):  # the real start_roles, then where Ray put each actor
         roles = original(*args, **kwargs)
-        seen.extend(_where(ray, a) for a in roles.fleet.actors + roles.learners.actors + [roles.reference])
+        seen.extend(_where(ray, a) for a in roles.fleet.actors + roles.learners.actors + [roles.reference.actor])
         return roles
 
     monkeypatch.setattr(train_mod, "start_roles", start_and_look)

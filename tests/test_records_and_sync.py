@@ -214,3 +214,33 @@ def test_prompt_groups_map_rows_to_a_row_with_the_same_prompt():
         j = int(first[inverse[i]])
         assert torch.equal(b.input_ids[j, :P], b.input_ids[i, :P])
         assert torch.equal(b.attention_mask[j, :P], b.attention_mask[i, :P])
+
+
+@pytest.mark.parametrize("rows,count,group", [(512, 2, 16), (48, 3, 16), (20, 2, 4), (10, 4, 3), (5, 8, 1)])
+def test_row_shares_cover_every_row_once_and_keep_groups_whole(rows, count, group):
+    """The reference in the learner ranks: rank i scores share i of the rows; the shares tile the
+    batch in order, cut between a prompt's completions only when the group size does not divide
+    the batch, and differ by at most one group."""
+    from grpo_ray.core.records import row_share
+
+    shares = [row_share(rows, i, count, group) for i in range(count)]
+    assert [r for s in shares for r in range(rows)[s]] == list(range(rows))
+    unit = group if rows % group == 0 else 1
+    sizes = [s.stop - s.start for s in shares]
+    assert all(s.start % unit == 0 for s in shares) and max(sizes) - min(sizes) <= unit
+
+
+def test_a_share_of_the_reference_pass_is_those_rows_of_the_whole_pass(tiny_model_dir):
+    """Reference.logprobs over a share of the rows (trimmed padding, padded back to [rows, T])
+    gives those rows of the pass over the whole batch."""
+    from grpo_ray.roles.reference import Reference
+
+    # 3 prompts x 2 completions of uneven lengths: the last share's padding is trimmed away
+    prompts = [[5, 6, 7], [5, 6, 7], [8], [8], [9, 10], [9, 10]]
+    responses = [[11, 12], [13], [14, 15, 16, 17, 18], [19, 20], [21], [22, 23]]
+    ro = Rollout(prompts, responses, [[-1.0] * len(r) for r in responses], ["x"] * 6, [False] * 6)
+    ref, b = Reference(tiny_model_dir, micro_batch_size=4), TrainBatch.from_rollout(ro, torch.zeros(6), pad_id=0)
+    whole = ref.logprobs(b)
+    parts = [ref.logprobs(b, (i, 3, 2)) for i in range(3)]
+    assert all(p.shape[1] == whole.shape[1] for p in parts)
+    assert float((torch.cat(parts) - whole).abs().max()) < 1e-5

@@ -132,7 +132,7 @@ def test_a_run_writes_its_start_up_and_shut_down_phases(tiny_model_dir, tmp_path
     phases = {p["phase"]: p for p in timings["phases"]}
     for name in ("interpreter, imports, config", "ray start or connect", "placement group", "verifier pool (Serve)",
                  "generator 0: vllm import", "generator 0: vllm engine", "learner 0: deepspeed init",
-                 "reference: model load", "first step", "final evaluation", "final model", "stop actors"):
+                 "learner 0: reference model load", "first step", "final evaluation", "final model", "stop actors"):
         assert name in phases and phases[name]["seconds"] >= 0, name
     first = phases["first step"]
     assert timings["time_to_first_step_s"] == pytest.approx(first["start_s"] + first["seconds"], abs=0.01)

@@ -385,6 +385,12 @@ class ResourcesConfig(Section):
     colocate: Literal["none", "learner_reference", "all"] = _f(
         "none", "none: a bundle per actor; learner_reference: the reference shares learner rank 0's bundle; "
                 "all: generators and the reference share the learner ranks' bundles (and their GPUs)")
+    reference_host: Literal["auto", "actor", "learner"] = _f(
+        "auto", "where the frozen reference runs. actor: an actor of its own (its bundle: reference_cpus, "
+                "reference_gpus); learner: inside the learner ranks' processes, each rank scoring a share of the "
+                "rows with a copy of the reference in its memory (one process fewer to start, no device of its "
+                "own; not restarted on a stall, as the ranks are not); auto: learner when neither the learner "
+                "ranks nor the reference have a GPU, else actor")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = _f(
         "PACK", "Ray placement-group strategy over the bundles: PACK fills few nodes, SPREAD keeps them apart")
     placement_timeout_s: Float = _f(120.0, "how long to wait for the cluster (or its autoscaler) to fit every role",
@@ -444,6 +450,17 @@ class Config(Section):
         """Whether a reference actor runs: a LoRA run's reference is its own base with the adapter
         off, computed in the learner (as TRL does), so no second copy of the model is started."""
         return self.needs_reference and not self.model.lora.rank
+
+    @property
+    def reference_actor(self) -> bool:
+        """Whether the reference runs in an actor of its own, else in the learner ranks
+        (resources.reference_host). On CPUs there is no device to keep apart, and its own process
+        cost ~5 CPU-s of a 2-core box's start-up (benchmarks/RESULTS.md)."""
+        res = self.resources
+        host = res.reference_host
+        if host == "auto":
+            host = "learner" if res.learner_gpus == 0 and res.reference_gpus == 0 else "actor"
+        return self.uses_reference and host == "actor"
 
     @property
     def lora(self) -> bool:

@@ -197,3 +197,12 @@ def padded_batch(parts: list[Rollout], pad_id: int, advantages: torch.Tensor | N
     (zeros when only logprobs are wanted)."""
     rollout = parts[0] if len(parts) == 1 else Rollout.concat(parts)
     return TrainBatch.from_rollout(rollout, torch.zeros(len(rollout)) if advantages is None else advantages, pad_id)
+
+
+def row_share(rows: int, index: int, count: int, group: int = 1) -> slice:
+    """Share `index` of `count` of a batch's rows: contiguous, cut between whole groups of
+    `group` rows (a prompt's completions stay together, so each share still runs each prompt
+    once) when group divides rows, else between rows. Shares differ by at most one group."""
+    unit = group if group > 0 and rows % group == 0 else 1
+    units = rows // unit
+    return slice(index * units // count * unit, (index + 1) * units // count * unit)

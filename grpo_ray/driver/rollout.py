@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import ray
 import torch
 
 from ..config import Config
@@ -21,6 +20,7 @@ from ..core.records import Rollout, Score
 from ..data.datasets import PromptSampler
 from ..roles.fleet import Arrived, Launch, Sampled, Sampling, split
 from ..roles.multiturn import EnvRollout
+from ..roles.reference_host import ReferencePass
 from ..roles.verifier_pool import Pending, Scores
 
 
@@ -30,9 +30,9 @@ class Collected:
     records: list[dict]     # [P] the prompts' rows
     rollout: Rollout        # [P*G] completions, group p at rows p*G:(p+1)*G
     scores: list[Score]     # [P*G] the verifier's
-    # the reference pass queued behind the sampling (ObjectRef[Tensor [P*G, T]]), or None: run it
-    # now (dynamic sampling, a resampled async rollout) or no reference at all
-    ref_logprobs: object = None
+    # the reference pass queued behind the sampling ([P*G, T] once done), or None: run it now
+    # (dynamic sampling, a resampled async rollout) or no reference at all
+    ref_logprobs: ReferencePass | None = None
     stats: dict = field(default_factory=dict)  # dynamic sampling's
     retries: int = 0        # requests the verifier pool sent again (a replica died or timed out)
 
@@ -45,19 +45,19 @@ class InFlight:
     records: list[dict]
     launch: Launch          # the fleet's launch: the parts (ObjectRefs) and the weights they sample with
     sampler_state: dict     # the prompt sampler before these records were drawn: what a checkpoint saves
-    ref_logprobs: object = None  # ObjectRef[Tensor [B, T]]: its reference pass, once queued
+    ref_logprobs: ReferencePass | None = None  # its reference pass, once queued
 
-    def queue_reference(self, reference, pad_id: int) -> None:
+    def queue_reference(self, reference, pad_id: int, group: int) -> None:
         """Queue this rollout's reference pass behind its sampling (after the pass of the step
-        being trained, which the reference actor runs first)."""
+        being trained, which the reference runs first). group: algo.group_size."""
         if reference is not None:
-            self.ref_logprobs = reference.rollout_logprobs.remote(pad_id, *self.launch.refs)
+            self.ref_logprobs = reference.rollout_pass(pad_id, self.launch.refs, group)
 
     def drop_reference(self) -> None:
         """Cancel the queued reference pass (its samples are thrown away): left running, it
         would delay the reference pass the step then waits for."""
         if self.ref_logprobs is not None:
-            ray.cancel(self.ref_logprobs)
+            self.ref_logprobs.cancel()
         self.ref_logprobs = None
 
 
@@ -130,9 +130,9 @@ def sample_and_score(roles, cfg: Config, records: list[dict], seed: int, pad_id:
         if isinstance(event, Launch):
             roles.verifier.cancel([p.pending for p in pending.values() if p.pending is not None])
             if ref_pass is not None:
-                ray.cancel(ref_pass)
+                ref_pass.cancel()
             if pad_id is not None and roles.reference is not None:
-                ref_pass = roles.reference.rollout_logprobs.remote(pad_id, *event.refs)
+                ref_pass = roles.reference.rollout_pass(pad_id, event.refs, G)
             pending, by_part = {}, split(records, len(event.refs))
         elif isinstance(event, Arrived):
             pending[event.index] = submit_part(roles.verifier, by_part[event.index], event.part, G)

@@ -15,7 +15,6 @@ import sys
 import time
 from contextlib import contextmanager
 
-import ray
 import torch
 
 from ..config import Config, ConfigError, overlong_buffer
@@ -24,7 +23,8 @@ from ..core.metrics import advantage_variance, mismatch_by_generator, reward_sta
 from ..core.records import Rollout, TrainBatch, padded_batch
 from ..data.datasets import PromptSampler
 from ..roles.actors import Roles, restart_reference
-from ..roles.waiting import Stalled, wait_all
+from ..roles.reference_host import ReferencePass
+from ..roles.waiting import Stalled
 from .evaluation import correctness
 from .parity import PARITY
 from .rollout import ENV_ERROR, Collected, InFlight, collect_ahead, collect_rollout
@@ -64,9 +64,9 @@ def train_step(step: int, cfg: Config, roles: Roles, sampler: PromptSampler, pad
     advantages = group_advantages(rewards, G, estimator=cfg.algo.estimator)
     batch = training_batch(cfg, got.rollout, advantages, pad_id)
     with timer("reference"):
-        batch.ref_logprobs = reference_logprobs(roles, batch, got.ref_logprobs)
+        batch.ref_logprobs = reference_logprobs(roles, batch, got.ref_logprobs, cfg.algo.group_size)
         if ahead is not None and not ref_reset_due(cfg, step):  # a reset replaces the reference actor
-            ahead.queue_reference(roles.reference, pad_id)
+            ahead.queue_reference(roles.reference, pad_id, cfg.algo.group_size)
     with timer("learner"):  # the generators' weight load is queued behind the update, not awaited
         update = roles.learners.update(batch, mini_batches=cfg.algo.mini_batches, aggregation=cfg.algo.aggregation,
                                        max_tokens=cfg.rollout.max_new_tokens, epochs=cfg.algo.ppo_epochs)
@@ -96,20 +96,22 @@ def training_batch(cfg: Config, rollout: Rollout, advantages: torch.Tensor, pad_
     return batch
 
 
-def reference_logprobs(roles: Roles, batch: TrainBatch, queued: ray.ObjectRef | None) -> torch.Tensor | None:
+def reference_logprobs(roles: Roles, batch: TrainBatch, queued: ReferencePass | None,
+                       group: int) -> torch.Tensor | None:
     """ref_logprobs [B, T]: the pass queued behind the rollout's sampling, or run now; None
     without a reference (the loss then has no KL term and the learner logs no kl).
     The queued pass saw the response mask before overlong masking, hence the product. A
-    reference that stalls (run.stall_timeout_s) is restarted and the pass run again."""
+    reference actor that stalls (run.stall_timeout_s) is restarted and the pass run again
+    (one in the learner ranks is not: the run stops, as for a stalled learner)."""
     if roles.reference is None:
         return None
     for attempt in range(2):
-        ref = roles.reference.logprobs.remote(batch) if queued is None else queued
+        running = roles.reference.batch_pass(batch, group) if queued is None else queued
         try:
-            out = wait_all([ref], ["the reference"], "logprobs", roles.bound)[0]
+            out = running.result(roles.bound)
             return out if queued is None else out * batch.response_mask
         except Stalled as e:
-            if attempt:
+            if attempt or not roles.reference.restartable:
                 raise
             print(f"{e}; restarting it and running the pass again", file=sys.stderr)
             restart_reference(roles)

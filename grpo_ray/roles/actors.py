@@ -20,6 +20,7 @@ from .fleet import CollectiveSync, GeneratorFleet
 from .learner_group import LearnerGroup
 from .multiturn import EnvRollout
 from .placement import Placement, instance_resources, reserve
+from .reference_host import GROUP, LearnerReference, ReferenceActor
 from .startup import Timeline
 from .waiting import Bound
 
@@ -111,7 +112,8 @@ class Roles:
     """The driver's handles on the roles (one owner each: the fleet owns the weight version)."""
     fleet: GeneratorFleet
     verifier: object  # VerifierPool: a Ray Serve deployment, not an actor
-    reference: object  # the Reference actor; None when nothing needs one (Config.uses_reference)
+    # where the frozen reference runs (reference_host.py); None when nothing needs one (Config.uses_reference)
+    reference: ReferenceActor | LearnerReference | None
     learners: LearnerGroup
     placement: Placement | None = None
     bound: Bound = field(default_factory=lambda: Bound(None))  # run.stall_timeout_s: how long a call may stall
@@ -158,14 +160,19 @@ def env_rollout(cfg: Config, hosts: tuple) -> EnvRollout:
                       call_timeout_s=e.call_timeout_s)
 
 
-def start_reference(cfg: Config, model_path: str, placement: Placement | None = None):
+def reference_options(cfg: Config) -> dict:
+    """The Reference's keyword arguments besides its folder and threads (roles/reference.py)."""
+    return dict(dtype=cfg.model.dtype, share_prompts=cfg.model.share_prompts,
+                micro_batch_size=cfg.learner.micro_batch_size, temperature=cfg.rollout.temperature)
+
+
+def start_reference(cfg: Config, model_path: str, placement: Placement | None = None) -> ReferenceActor:
     """The reference actor (not waited for). Stateless: a crash restart reloads model_path."""
     from .reference import Reference
 
     options, _, threads = _placed(cfg, placement, "reference", **_restarts(cfg))
-    return ray.remote(Reference).options(**options).remote(
-        model_path, dtype=cfg.model.dtype, threads=threads, share_prompts=cfg.model.share_prompts,
-        micro_batch_size=cfg.learner.micro_batch_size, temperature=cfg.rollout.temperature)
+    return ReferenceActor(ray.remote(Reference).options(**options).remote(model_path, threads=threads,
+                                                                           **reference_options(cfg)))
 
 
 def _rendezvous(placement: Placement) -> tuple[str, int]:
@@ -178,15 +185,18 @@ def _rendezvous(placement: Placement) -> tuple[str, int]:
     return ray.get(ray.remote(free_address).options(**where).remote())
 
 
-def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:
-    """learner.num_ranks DeepSpeed ranks, one process group (not waited for)."""
+def start_learners(cfg: Config, model_path: str, placement: Placement, reference: str | None = None) -> list:
+    """learner.num_ranks DeepSpeed ranks, one process group (not waited for). reference: the
+    folder of the reference each rank hosts (resources.reference_host=learner), in a concurrency
+    group of its own (reference_host.py)."""
     from .learner import Learner
 
     a = cfg.algo
     loss_kwargs = dict(eps_low=a.epsilon, eps_high=cfg.epsilon_high, beta=a.beta, aggregation=a.aggregation,
                        clip_ratio_c=a.clip_ratio_c, entropy_coef=a.entropy_coef)
     master_addr, master_port = _rendezvous(placement)
-    learner_cls, actors = ray.remote(Learner), []
+    hosted = dict(model_path=reference, **reference_options(cfg)) if reference else None
+    learner_cls, actors = ray.remote(concurrency_groups={GROUP: 1})(Learner) if hosted else ray.remote(Learner), []
     for rank in range(cfg.learner.num_ranks):
         options, _, threads = _placed(cfg, placement, "learner", rank, max_restarts=0)
         actors.append(learner_cls.options(**options).remote(
@@ -197,7 +207,7 @@ def start_learners(cfg: Config, model_path: str, placement: Placement) -> list:
             threads=threads, seed=cfg.run.seed, recompute_old_logprobs=a.recompute_old_logprobs, tis=a.tis,
             tis_cap=a.tis_cap, share_prompts=cfg.model.share_prompts, temperature=cfg.rollout.temperature,
             lora=cfg.model.lora.model_dump(exclude={"sync"}) if cfg.lora else None, base_reference=cfg.needs_reference,
-            sync_adapter=cfg.lora and cfg.model.lora.sync == "adapter"))
+            sync_adapter=cfg.lora and cfg.model.lora.sync == "adapter", reference=hosted))
     return actors
 
 
@@ -226,8 +236,14 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
     try:
         created = time.time()
         generators = start_generators(cfg, model_path, placement)
-        reference = start_reference(cfg, reference or model_path, placement) if cfg.uses_reference else None
-        learners = start_learners(cfg, model_path, placement)
+        reference_dir, reference = reference or model_path, None
+        if cfg.reference_actor:
+            reference = start_reference(cfg, reference_dir, placement)
+        learners = start_learners(cfg, model_path, placement,
+                                  reference_dir if cfg.uses_reference and not cfg.reference_actor else None)
+        if cfg.uses_reference and not cfg.reference_actor:
+            reference = LearnerReference(learners)
+        own = [reference.actor] if isinstance(reference, ReferenceActor) else []  # the reference's own actor
         # blocks until its replicas run, while the actors start
         with timeline.phase("verifier pool (Serve)"):
             verifier = VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
@@ -235,9 +251,9 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
         restored = [lr.load_state.remote(os.path.join(resume_from, "learner")) for lr in learners] if resume_from else []
         with timeline.phase("waiting for the actors"):
             ray.get([g.ready.remote() for g in generators] + [lr.__ray_ready__.remote() for lr in learners]
-                    + ([reference.__ray_ready__.remote()] if reference else []) + restored
+                    + [a.__ray_ready__.remote() for a in own] + restored
                     + [h.__ray_ready__.remote() for h in (env.hosts if env else ())])
-        named = ([(f"generator {i}", g) for i, g in enumerate(generators)] + [("reference", reference)] * bool(reference)
+        named = ([(f"generator {i}", g) for i, g in enumerate(generators)] + [("reference", a) for a in own]
                  + [(f"learner {r}", lr) for r, lr in enumerate(learners)])
         for (name, _), marks in zip(named, ray.get([a.startup.remote() for _, a in named])):
             timeline.add_role(name, created, marks)
@@ -274,25 +290,31 @@ def collective_sync(cfg: Config) -> CollectiveSync | None:
 
 
 def replace_reference(roles: Roles, cfg: Config, model_path: str) -> None:
-    """Restart the reference actor from the model folder `model_path` (a reference reset, or a
-    rollback to a checkpoint that names another one), and wait until it is ready."""
+    """The reference from the model folder `model_path` (a reference reset, or a rollback to a
+    checkpoint that names another one): its actor restarted, or the learner ranks' copies
+    reloaded; awaited."""
+    if isinstance(roles.reference, LearnerReference):
+        roles.reference.reload(model_path, reference_options(cfg))
+        return
     # the old actor goes first: the new one takes its place in the placement group
-    ray.kill(roles.reference)
+    ray.kill(roles.reference.actor)
     roles.reference = start_reference(cfg, model_path, roles.placement)
-    ray.get(roles.reference.__ray_ready__.remote())
+    ray.get(roles.reference.actor.__ray_ready__.remote())
 
 
 def restart_reference(roles: Roles) -> None:
     """Kill a stalled reference actor; Ray starts it again from its model folder
-    (resources.actor_restarts), and the next call waits for it to be ready."""
-    ray.kill(roles.reference, no_restart=False)
-    ray.get(roles.reference.__ray_ready__.remote())
+    (resources.actor_restarts), and the next call waits for it to be ready (a reference in the
+    learner ranks is not restartable: they have no restarts)."""
+    ray.kill(roles.reference.actor, no_restart=False)
+    ray.get(roles.reference.actor.__ray_ready__.remote())
 
 
 def stop_roles(roles: Roles) -> None:
     roles.verifier.shutdown()
     roles.fleet.close()  # the generators' own files (a LoRA adapter's folder), before they are killed
-    for actor in roles.fleet.actors + [roles.reference] + roles.learners.actors + list(roles.env.hosts if roles.env else ()):
+    own = [roles.reference.actor] if isinstance(roles.reference, ReferenceActor) else []
+    for actor in roles.fleet.actors + own + roles.learners.actors + list(roles.env.hosts if roles.env else ()):
         if actor is not None:
             ray.kill(actor)
     if roles.placement is not None:

@@ -35,8 +35,9 @@ from ..models.lora import LoraSettings, adapter_files, merged_state_dict, save_m
 from ..models.lora import base_only as lora_base_only
 from ..models.lora import wrap as lora_wrap
 from ..models.modeling import batched_logprobs, disable_dropout, load_causal_lm, load_tokenizer, response_logprobs
-from ..core.records import TrainBatch
+from ..core.records import Rollout, TrainBatch
 from .backends import BackendSettings, get_backend
+from .reference import Reference
 from .startup import StartupClock
 from .collective import GroupAddress, SyncGroup, free_address
 from .weight_sync import AdapterWeights, WeightBucket, layouts, pack_state_dict, payload_bytes
@@ -49,12 +50,14 @@ class Learner:
                  master_addr: str = "127.0.0.1", master_port: int = 29500, threads: int = 2, seed: int = 0,
                  recompute_old_logprobs: bool = False, tis: str = "none", tis_cap: float = 2.0,
                  share_prompts: bool = True, temperature: float = 1.0, backend: str = "deepspeed",
-                 lora: dict | None = None, base_reference: bool = False, sync_adapter: bool = False):
+                 lora: dict | None = None, base_reference: bool = False, sync_adapter: bool = False,
+                 reference: dict | None = None):
         """backend: a name in roles.backends.BACKENDS; zero_stage is DeepSpeed's option.
         lora: model.lora's keys (rank > 0: train a PEFT adapter, the base frozen); base_reference:
         fill in the batches' ref_logprobs from the base with the adapter off (a LoRA run's
         reference: no reference actor runs); sync_adapter: the generators get the adapter alone
-        (model.lora.sync=adapter), not merged weights."""
+        (model.lora.sync=adapter), not merged weights. reference: the frozen reference's Reference
+        keyword arguments when it runs in this rank's process (resources.reference_host=learner)."""
         self.clock = StartupClock()
         self.model_path, self.tokenizer = model_path, None  # its tokenizer goes with every saved policy
         torch.set_num_threads(threads)
@@ -79,6 +82,10 @@ class Learner:
                                    master_port=master_port)
         self.backend = get_backend(backend)(build_model, settings, zero_stage=zero_stage)
         self.clock.mark(f"{backend} init")
+        self.frozen = None  # the hosted reference (roles/reference_host.py)
+        if reference is not None:
+            self.load_frozen(**reference)
+            self.clock.mark("reference model load")
         # updates done (saved with the state): a count, not a weight version, which only the
         # generator fleet keeps
         self.updates = 0
@@ -192,6 +199,21 @@ class Learner:
         """ref_logprobs [B, T] of a LoRA run: the frozen base's, with the adapter off."""
         with lora_base_only(self.backend.module):
             return self.logprobs(batch)
+
+    # The frozen reference hosted in this process (resources.reference_host=learner): a model of its
+    # own beside the policy. The driver calls these in a Ray concurrency group of their own
+    # (roles/reference_host.py), so that an async step's queued pass does not hold up update().
+    def load_frozen(self, model_path: str, **options) -> None:
+        """(Re)load the hosted reference from a model folder (a reference reset, a rollback)."""
+        self.frozen = Reference(model_path, threads=0, **options)
+
+    def frozen_logprobs(self, batch: TrainBatch, share: tuple[int, int, int]) -> torch.Tensor:
+        """The hosted reference's logprobs of this rank's share of the batch (Reference.logprobs)."""
+        return self.frozen.logprobs(batch, share)
+
+    def frozen_rollout_logprobs(self, pad_id: int, share: tuple[int, int, int], *parts: Rollout) -> torch.Tensor:
+        """The same over a rollout's parts (Reference.rollout_logprobs)."""
+        return self.frozen.rollout_logprobs(pad_id, *parts, share=share)
 
     def weight_buckets(self, dtype: str = "float32", bucket_mb: int = 256) -> list[WeightBucket]:
         """The current weights as buckets for the generators (rank 0's are the ones sent); a LoRA

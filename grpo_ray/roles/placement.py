@@ -43,7 +43,7 @@ def plan(cfg: Config) -> tuple[list[dict[str, float]], list[Slot]]:
     groups: list[list[tuple[str, int, float, float]]] = [
         [("learner", r, *instance_resources(cfg, "learner"))] for r in range(cfg.learner.num_ranks)]
     gens = [("generator", i, *instance_resources(cfg, "generator")) for i in range(cfg.rollout.num_generators)]
-    ref = [("reference", 0, *instance_resources(cfg, "reference"))] if cfg.uses_reference else []
+    ref = [("reference", 0, *instance_resources(cfg, "reference"))] if cfg.reference_actor else []
     if res.colocate == "none":
         groups += [[m] for m in gens + ref]
     else:
