@@ -16,7 +16,8 @@ The bigger models of benchmarks/common.py (SIZES: the step benchmark's workload,
 samples, 128 new tokens), full fine-tuning against LoRA (rank --rank on every linear layer) with
 merged and with adapter sync, in this process: per run the steady step and sync times, the bytes
 per sync, the learner's peak memory (peak RSS on CPU, the most of its ranks), its optimizer
-state, the reference actor's peak memory (LoRA places none) and the trained parameters. Last
+state, the reference actor's peak memory (full fine-tuning runs it as an actor here,
+resources.reference_host=actor; LoRA places none) and the trained parameters. Last
 line: one JSON object.
 """
 from __future__ import annotations
@@ -116,7 +117,9 @@ def size_run(size: str, variant: list[str], overrides: list[str], steps: int = 0
 
 def sizes_table(sizes: list[str], rank: int, overrides: list[str], steps: int = 0) -> None:
     lora = [f"model.lora.rank={rank}", f"model.lora.alpha={2 * rank}", "learner.lr=5e-4"]
-    variants = {"full": [], "lora merged": [*lora, "model.lora.sync=merged"],
+    # full fine-tuning keeps its reference in an actor of its own, whose memory the table shows
+    # apart (on CPUs it would otherwise be a copy inside each learner rank: resources.reference_host)
+    variants = {"full": ["resources.reference_host=actor"], "lora merged": [*lora, "model.lora.sync=merged"],
                 "lora adapter": [*lora, "model.lora.sync=adapter"]}
     results = {size: {name: size_run(size, v, overrides, steps) for name, v in variants.items()} for size in sizes}
     print(f"\n{'size':<8}{'run':<14}{'step s':>8}{'sync s':>8}{'sync MB':>9}{'% full':>8}{'learner MB':>11}"

@@ -160,6 +160,10 @@ def test_the_reference_runs_while_the_kl_term_or_the_kl_guard_needs_it():
     for key in ("algo.ref_reset_every=10", "algo.kl_action=rollback"):
         with pytest.raises(ConfigError, match=f"{key} needs a reference policy.*set algo.kl_stop"):
             load_config(None, ["algo.beta=0", "algo.kl_stop=null", key])
+    # a reference inside the learner ranks has no device of its own to use
+    with pytest.raises(ConfigError, match="resources.reference_host=learner.*reference_gpus=1.0 would be unused"):
+        load_config(None, ["resources.reference_host=learner", "resources.reference_gpus=1"])
+    assert load_config(None, ["resources.reference_gpus=1"]).reference_actor  # auto: then an actor
 
 
 def test_parse_override_without_equals():

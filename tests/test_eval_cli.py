@@ -268,3 +268,22 @@ def test_eval_compares_models_over_a_configs_sets(tiny_model_dir, tmp_path):
         assert float(rows[rows.model == "b"]["diff"].iloc[0]) == 0.0  # the same model, the same seeds
     assert (tmp_path / "ev" / "a" / "keep" / "results.csv").is_file()
     assert len(pd.read_csv(tmp_path / "ev" / "a" / "keep" / "results.csv")) == 5
+
+
+@pytest.mark.slow
+def test_eval_runs_the_configs_environment(tiny_model_dir, tmp_path):
+    """Issue 23: `grpo-ray eval` samples multi-turn trajectories when the config names an
+    environment, as training does: a user env that answers twice before it ends gives every
+    trajectory 2 tool calls, in pass_at_k.json."""
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i),
+                                        "task": "reward_fns:has_digit"}) + "\n" for i in range(4)))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = f"{REPO}:{REPO / 'tests'}"
+    proc = subprocess.run([sys.executable, "-m", "grpo_ray.cli", "eval", tiny_model_dir, str(data), "--k", "1,2",
+                           "--samples", "2", "--max-new-tokens", "48", "--out", str(tmp_path / "ev"),
+                           "env.name=env_fns:Echo", "env.options={turns: 3}", "env.turn_tokens=4"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ev" / "pass_at_k.json").read_text())
+    assert metrics["eval/tool_calls/mean"] == 2.0 and metrics["problems"] == 4

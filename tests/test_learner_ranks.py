@@ -127,7 +127,7 @@ def test_the_reference_in_two_learner_ranks_equals_its_own_actor(ray_local, tiny
         norm = loss_normalizer(b.response_mask, "seq_mean")
         ray.get([r.update.remote([b.select(slice(10 * i, 10 * i + 10))], [norm]) for i, r in enumerate(ranks)])
         ray.get([r.save_pretrained.remote(str(tmp_path / "policy")) for r in ranks])
-        hosted.reload(str(tmp_path / "policy"), options)
+        hosted.reload(str(tmp_path / "policy"), options, Bound(None))
         reset = hosted.batch_pass(b, 4).result(Bound(None))
         policy = ray.get(ranks[0].logprobs.remote(b))
         assert float((reset - policy).abs().max()) < 1e-5 < float((reset - expected).abs().max())

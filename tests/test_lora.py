@@ -10,6 +10,7 @@ from grpo_ray.core.algorithm import loss_normalizer
 from grpo_ray.models.modeling import batched_logprobs, load_causal_lm
 from test_learner_backend import plain_learner  # noqa: F401 - the fixture
 from test_learner_options import _batch
+from test_train_loop import _hosted_reference
 
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                      "gate_proj", "up_proj", "down_proj"]}
@@ -226,7 +227,8 @@ def test_the_loop_with_lora_on_two_zero3_ranks(ray_local, tiny_model_dir, tmp_pa
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["kl"] > 0  # against the base
     assert all(abs(r["sampler_kl"]) < 1e-4 for r in rows)  # the generators sample the learner's policy
-    assert references() == before  # none was ever created
+    assert references() == before  # none was ever created: no actor,
+    assert not _hosted_reference(run_dir)  # and no copy in the learner ranks (resources.reference_host)
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "step_000002", "adapter", "adapter_config.json"))
     b = _batch(seed=9)
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final_model")).eval()

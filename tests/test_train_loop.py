@@ -81,8 +81,15 @@ def test_without_kl_term_or_guard_no_reference_actor_runs(ray_local, tiny_model_
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all("kl" not in r and r["time/reference"] < 0.01 and math.isfinite(r["loss"]) for r in rows)
     assert all(r["grad_norm"] > 0 for r in rows)
-    assert references() == before  # none was ever created
+    assert references() == before  # none was ever created: no actor,
+    assert not _hosted_reference(run_dir)  # and no copy in the learner ranks (resources.reference_host)
     assert not os.path.exists(os.path.join(run_dir, "plots", "kl.png"))
+
+
+def _hosted_reference(run_dir: str) -> bool:
+    """Whether a learner rank loaded a copy of the reference (its start-up marks, timings.json)."""
+    phases = json.load(open(os.path.join(run_dir, "timings.json")))["phases"]
+    return any(p["phase"].startswith("learner") and "reference" in p["phase"] for p in phases)
 
 
 @pytest.mark.slow

@@ -71,6 +71,12 @@ def _check_reference(cfg: Config) -> None:
         raise fail(f"{shown} needs a reference policy, but algo.beta=0 with algo.kl_stop=null runs none; "
                    "set algo.kl_stop (e.g. 0.1) to keep the KL guard and its reference",
                    key, "algo.beta", "algo.kl_stop")
+    res = cfg.resources
+    if res.reference_host == "learner" and res.reference_gpus > 0:
+        raise fail(f"resources.reference_host=learner runs the reference inside the learner ranks, on their devices, "
+                   f"so resources.reference_gpus={res.reference_gpus} would be unused; set reference_gpus=0, or "
+                   "reference_host=actor to give the reference a GPU of its own", "resources.reference_host",
+                   "resources.reference_gpus")
 
 
 def _check_model_and_batches(cfg: Config) -> None:

@@ -29,8 +29,9 @@ class RunConfig(Section):
                              "and a process more; it goes with the run); a running cluster keeps its own")
     stall_timeout_s: Optional[Float] = _f(
         1800.0, "the longest a remote call (sampling, a weight load, the reference pass, an update, a save) may go "
-        "without progress before its role is named as stalled: a generator or the reference is restarted and "
-        "the phase redone, a stalled learner stops the run with the last checkpoint named; a restarted engine "
+        "without progress before its role is named as stalled: a generator or a reference actor is restarted and "
+        "the phase redone, a stalled learner (or the reference inside it: resources.reference_host) stops the run "
+        "with the last checkpoint named; a restarted engine "
         "gets its start-up time on top; null = wait forever", gt=0.0)
 
     @field_validator("name")
@@ -447,8 +448,9 @@ class Config(Section):
 
     @property
     def uses_reference(self) -> bool:
-        """Whether a reference actor runs: a LoRA run's reference is its own base with the adapter
-        off, computed in the learner (as TRL does), so no second copy of the model is started."""
+        """Whether a frozen reference model runs (an actor, or a copy in the learner ranks:
+        reference_actor). A LoRA run's reference is its own base with the adapter off, computed in
+        the learner (as TRL does), so no second copy of the model is loaded."""
         return self.needs_reference and not self.model.lora.rank
 
     @property

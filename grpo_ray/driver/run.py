@@ -260,7 +260,8 @@ class Run:
         self.metrics.write({"step": step, "event": "ref_reset", "message": f"reference := policy of step {step}"})
 
     def use_reference(self, path: str) -> None:
-        """Restart the reference actor from the model folder `path`."""
+        """The reference from the model folder `path` (its actor restarted, or the learner ranks'
+        copies reloaded: called when no learner call runs)."""
         replace_reference(self.roles, self.cfg, path)
         self.reference = path
 
@@ -286,16 +287,16 @@ class Run:
             return None
         path = good[1]
         state = load_state(path)
-        if (state.get("reference") or self.model_path) != self.reference:
-            self.use_reference(state.get("reference") or self.model_path)
+        if self.ahead is not None:  # before a reference reload, which would wait behind its pass
+            self.ahead.drop_reference()
         discard_after(self.run_dir, state["step"])  # the abandoned steps' checkpoints and reference resets
         self.rollbacks += 1
         scale = a.kl_rollback_lr_factor ** self.rollbacks
-        self.roles.learners.load_state(os.path.join(path, "learner"))
+        self.roles.learners.load_state(os.path.join(path, "learner"))  # awaits every rank's calls before it
+        if (state.get("reference") or self.model_path) != self.reference:
+            self.use_reference(state.get("reference") or self.model_path)
         lr = self.roles.learners.scale_lr(scale / state.get("lr_scale", 1.0))
         self.lr_scale = scale
-        if self.ahead is not None:
-            self.ahead.drop_reference()
         self.ahead = None  # sampled by the rolled-back policy
         self.roles.fleet.resync(version=state["step"])
         self.load_guards(state)

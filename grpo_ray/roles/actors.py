@@ -241,8 +241,6 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
             reference = start_reference(cfg, reference_dir, placement)
         learners = start_learners(cfg, model_path, placement,
                                   reference_dir if cfg.uses_reference and not cfg.reference_actor else None)
-        if cfg.uses_reference and not cfg.reference_actor:
-            reference = LearnerReference(learners)
         own = [reference.actor] if isinstance(reference, ReferenceActor) else []  # the reference's own actor
         # blocks until its replicas run, while the actors start
         with timeline.phase("verifier pool (Serve)"):
@@ -262,6 +260,8 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
                                                                                     cfg.learner.zero_stage),
                              dtype=cfg.model.dtype, bound=bound, lora=cfg.lora,
                              collective=cfg.sync.method == "collective")
+        if cfg.uses_reference and not cfg.reference_actor:
+            reference = LearnerReference(learners, group.names)
         fleet = GeneratorFleet(generators, group, bound, start_s=time.perf_counter() - t0,
                                collective=collective_sync(cfg))
         fleet.locate()  # the engines are up (awaited above): where each runs, for the stall messages
@@ -294,7 +294,7 @@ def replace_reference(roles: Roles, cfg: Config, model_path: str) -> None:
     checkpoint that names another one): its actor restarted, or the learner ranks' copies
     reloaded; awaited."""
     if isinstance(roles.reference, LearnerReference):
-        roles.reference.reload(model_path, reference_options(cfg))
+        roles.reference.reload(model_path, reference_options(cfg), roles.bound)
         return
     # the old actor goes first: the new one takes its place in the placement group
     ray.kill(roles.reference.actor)

@@ -58,9 +58,10 @@ class LearnerReference:
     between whole prompt groups: records.row_share)."""
     restartable = False  # the learner ranks have no restarts: a stall stops the run
 
-    def __init__(self, learners: list):
+    def __init__(self, learners: list, names: list[str] | None = None):
+        """names: each rank's, as the learner group names it in stall messages (node, pid)."""
         self.learners = learners
-        self.owners = [f"the reference in learner rank {r}" for r in range(len(learners))]
+        self.owners = [f"the reference in {n}" for n in names or [f"learner rank {r}" for r in range(len(learners))]]
 
     def _share(self, rank: int, group: int) -> tuple[int, int, int]:
         return rank, len(self.learners), group
@@ -74,7 +75,10 @@ class LearnerReference:
         return ReferencePass([lr.frozen_logprobs.options(concurrency_group=GROUP).remote(ref, self._share(r, group))
                               for r, lr in enumerate(self.learners)], self.owners)
 
-    def reload(self, model_path: str, options: dict) -> None:
-        """Every rank's copy from another folder (a reference reset, a rollback), awaited."""
-        ray.get([lr.load_frozen.options(concurrency_group=GROUP).remote(model_path, **options)
-                 for lr in self.learners])
+    def reload(self, model_path: str, options: dict, bound: Bound) -> None:
+        """Every rank's copy from another folder (a reference reset, a rollback), awaited within
+        the stall bound. The load runs in the reference's thread, and transformers' loading
+        touches process-wide state (the default dtype): the driver calls it only when no other
+        call of the ranks runs (after a save or a load_state it awaited)."""
+        wait_all([lr.load_frozen.options(concurrency_group=GROUP).remote(model_path, **options)
+                  for lr in self.learners], self.owners, "load_frozen", bound)
