@@ -59,6 +59,29 @@ def test_few_steps_move_weights_and_log_every_field(ray_local, tiny_model_dir, t
 
 
 @pytest.mark.slow
+def test_local_verifiers_train_without_a_serve_deployment(ray_local, tiny_model_dir, tmp_path):
+    """reward.pool.mode=local: a run scores in the driver's process (a user function, in its own
+    worker process as on a replica) and starts no Serve replica or application."""
+    from ray._private import state
+
+    from grpo_ray.driver.train import train
+
+    def serve_replicas():
+        return sum(a["ActorClassName"].startswith("ServeReplica") for a in state.actors().values())
+
+    before = serve_replicas()
+    cfg = load_config("configs/default.yaml", SMALL + [
+        f"run.output_dir={tmp_path}", "run.name=local", f"model.path={tiny_model_dir}", "data.task=jsonl",
+        f"data.train_path={_dataset(tmp_path / 'train.jsonl')}", "data.eval_fraction=0.5", "reward.pool.mode=local"])
+    run_dir = train(cfg)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"reward/mean"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 3] and any(r["reward/mean"] > 0 for r in rows)
+    assert serve_replicas() == before
+    phases = [p["phase"] for p in json.load(open(os.path.join(run_dir, "timings.json")))["phases"]]
+    assert "verifiers (local)" in phases and "verifier pool (Serve)" not in phases
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_without_kl_term_or_guard_no_reference_actor_runs(ray_local, tiny_model_dir, tmp_path, asynchronous):
     """algo.beta=0, algo.kl_stop=null (DAPO's and Dr. GRPO's recipe): no reference actor is

@@ -306,3 +306,41 @@ def test_each_generator_part_is_scored_the_moment_it_arrives(ray_local, tmp_path
         assert [type(e) for e in events] == [Launch] and not any(isinstance(e, Arrived) for e in events)
     finally:
         pool.shutdown()
+
+def test_the_local_pool_scores_in_process_as_the_replicas_do():
+    """reward.pool.mode=local: the same verifiers in the driver's process (no Ray, no Serve):
+    scores in order with groups; checks that hold the verifier's thread past
+    reward.pool.request_timeout_s fail the step naming the key (nothing to resend them to)."""
+    import time
+
+    from grpo_ray.config import load_config
+    from grpo_ray.roles.local_verifier import LocalVerifierPool, start_verifier
+
+    cfg = load_config(None, ["reward.pool.mode=local"])
+    pool = start_verifier(cfg.reward, {}, task=cfg.data.verifier, name="t")
+    try:
+        assert isinstance(pool, LocalVerifierPool) and pool.app is None
+        records = [{"prompt": "1+1", "answer": "2"}, {"prompt": "2+2", "answer": "4"}]
+        scores = pool.score(records, ["#### 2", "#### 3", "The answer is 4", "5"], group_size=2)
+        assert [s.reward for s in scores] == [1.0, 0.0, 1.0, 0.0] and scores.retries == 0
+        with pytest.raises(ValueError, match="2 records x group_size 3 != 4 responses"):
+            pool.submit(records, ["a"] * 4, group_size=3)
+    finally:
+        pool.shutdown()
+    cfg = load_config(None, ["reward.pool.mode=local", "reward.pool.request_timeout_s=1",
+                             "reward.components={correct: 0, 'reward_fns:hang_always': 1.0}"])
+    pool = start_verifier(cfg.reward, {}, task=cfg.data.verifier, name="t")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"no answer within 1s \(reward.pool.request_timeout_s\)"):
+            pool.score([{"prompt": "p", "answer": "1"}], ["1"])
+        assert time.monotonic() - t0 < 5
+    finally:
+        pool.shutdown()
+
+
+def test_a_local_pool_is_refused_with_an_environment():
+    from grpo_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="reward.pool.mode=local with env.name='python'"):
+        load_config(None, ["reward.pool.mode=local", "env.name=python"])

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 def across_sections(cfg: Config) -> None:
     _check_reference(cfg)
+    _check_local_verifier(cfg)
     _check_model_and_batches(cfg)
     _check_sampler_logprobs(cfg)
     _check_lengths(cfg)
@@ -56,6 +57,12 @@ def _check_retention(cfg: Config) -> None:
         raise fail("eval.retention_action=rollback goes back to a checkpoint saved while every retention set held, "
                    "but train.checkpoint_every=0 saves none before the end; set train.checkpoint_every (e.g. the "
                    "same as train.eval_every)", "eval.retention_action", "train.checkpoint_every")
+
+
+def _check_local_verifier(cfg: Config) -> None:
+    if cfg.reward.pool.mode == "local" and cfg.env.name:
+        raise fail(f"reward.pool.mode=local with env.name={cfg.env.name!r}: an environment's tool calls run on the "
+                   "Serve pool's sandboxed replicas; set reward.pool.mode=serve", "reward.pool.mode", "env.name")
 
 
 def _check_reference(cfg: Config) -> None:

@@ -209,6 +209,11 @@ class UserRewardConfig(Section):
 
 class VerifierPoolConfig(Section):
     """The Ray Serve deployment that scores completions (autoscaling_config comes from here)."""
+    mode: Literal["serve", "local"] = _f(
+        "serve", "serve: an autoscaling Ray Serve deployment (replicas on `verifier` nodes, restarted and resent "
+                 "to when they die); local: the same verifiers in the driver's process on max_ongoing_requests "
+                 "threads, for quick runs on one machine (no Serve to start: ~5 CPU-s of a 2-core start-up; no "
+                 "autoscaling; user reward functions still run in worker processes of their own); not with env.name")
     min_replicas: int = _f(1, "fewest verifier replicas", ge=1)
     max_replicas: int = _f(4, "most verifier replicas", ge=1)
     target_ongoing_requests: Float = _f(2.0, "per replica; more in flight scales up", gt=0.0)

@@ -233,11 +233,11 @@ def eval_model_sets(cfg, model_dir: str, sets: list[EvalSet], out_dirs: list[str
             raise OSError(f"--out {out_dir!r} is not writable ({e.strerror})") from None
 
     from ..roles.actors import actor_env, init_ray, start_env_hosts, start_generators
-    from ..roles.verifier_pool import VerifierPool
+    from ..roles.local_verifier import start_verifier
 
     init_ray(None)
     fleet = GeneratorFleet(start_generators(cfg, model_dir))
-    pool = VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
+    pool = start_verifier(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
     env = start_env_hosts(cfg, pool.app)
     try:
         fleet.ready()

@@ -125,7 +125,8 @@ def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Tim
         cleanup.callback(lambda: run is not None and run.plotted())  # drawn while the actors stop
         cleanup.callback(stop_actors, roles, timeline)
         log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
-            f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), "
+            + (f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), "
+               if cfg.reward.pool.mode == "serve" else "verifiers in this process, ")
             + ("reference, " if cfg.reference_actor else "") + f"{cfg.learner.num_ranks} learner rank(s)"
             + (" (the reference in them)" if cfg.uses_reference and not cfg.reference_actor else ""))
         trainable, total = roles.learners.parameter_counts()

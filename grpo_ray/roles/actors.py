@@ -111,7 +111,7 @@ def _restarts(cfg: Config) -> dict:
 class Roles:
     """The driver's handles on the roles (one owner each: the fleet owns the weight version)."""
     fleet: GeneratorFleet
-    verifier: object  # VerifierPool: a Ray Serve deployment, not an actor
+    verifier: object  # VerifierPool (a Ray Serve deployment, not an actor) or LocalVerifierPool (reward.pool.mode)
     # where the frozen reference runs (reference_host.py); None when nothing needs one (Config.uses_reference)
     reference: ReferenceActor | LearnerReference | None
     learners: LearnerGroup
@@ -227,7 +227,7 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
     reference: the reference policy's folder (the initial model unless algo.ref_reset_every has
     replaced it). timeline: gets each phase and each actor's own start-up marks.
     Raises placement.PlacementError when the cluster cannot hold the roles."""
-    from .verifier_pool import VerifierPool
+    from .local_verifier import start_verifier
 
     timeline = timeline or Timeline()
     with timeline.phase("placement group"):
@@ -243,8 +243,8 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
                                   reference_dir if cfg.uses_reference and not cfg.reference_actor else None)
         own = [reference.actor] if isinstance(reference, ReferenceActor) else []  # the reference's own actor
         # blocks until its replicas run, while the actors start
-        with timeline.phase("verifier pool (Serve)"):
-            verifier = VerifierPool(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
+        with timeline.phase("verifier pool (Serve)" if cfg.reward.pool.mode == "serve" else "verifiers (local)"):
+            verifier = start_verifier(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
         env = start_env_hosts(cfg, verifier.app)
         restored = [lr.load_state.remote(os.path.join(resume_from, "learner")) for lr in learners] if resume_from else []
         with timeline.phase("waiting for the actors"):
