@@ -99,7 +99,7 @@ def size_run(size: str, variant: list[str], overrides: list[str], steps: int = 0
         learners = roles.learners.actors
         memory.update(learner_peak_mb=max(_peak_rss_mb(a) for a in learners),
                       optimizer_state_mb=sum(_optimizer_state_mb(a) for a in learners),
-                      reference_peak_mb=_peak_rss_mb(roles.reference.actor) if getattr(roles.reference, "actor", None) else 0.0,
+                      reference_peak_mb=_peak_rss_mb(roles.reference.actors[0]) if roles.reference and roles.reference.actors else 0.0,
                       trained=roles.learners.parameter_counts()[0])
         stop(roles)
 

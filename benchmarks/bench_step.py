@@ -45,7 +45,7 @@ def run(asynchronous: bool, overrides: list[str]) -> dict:
     def measure_then_stop(roles):
         memory.update({f"generator {i}": peak_rss_mb(g) for i, g in enumerate(roles.fleet.actors)})
         memory.update({f"learner {i}": peak_rss_mb(lr) for i, lr in enumerate(roles.learners.actors)})
-        if getattr(roles.reference, "actor", None) is not None:  # none with algo.beta=0 algo.kl_stop=null or in the learners
+        if roles.reference is not None and roles.reference.actors:  # none with algo.beta=0 algo.kl_stop=null or in the learners
             memory["reference"] = peak_rss_mb(roles.reference.actor)
         stop(roles)
 

@@ -470,6 +470,11 @@ class Config(Section):
         return self.uses_reference and host == "actor"
 
     @property
+    def reference_in_learners(self) -> bool:
+        """Whether each learner rank hosts a copy of the reference (resources.reference_host)."""
+        return self.uses_reference and not self.reference_actor
+
+    @property
     def lora(self) -> bool:
         return self.model.lora.rank > 0
 

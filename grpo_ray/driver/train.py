@@ -128,7 +128,7 @@ def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Tim
             + (f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), "
                if cfg.reward.pool.mode == "serve" else "verifiers in this process, ")
             + ("reference, " if cfg.reference_actor else "") + f"{cfg.learner.num_ranks} learner rank(s)"
-            + (" (the reference in them)" if cfg.uses_reference and not cfg.reference_actor else ""))
+            + (" (the reference in them)" if cfg.reference_in_learners else ""))
         trainable, total = roles.learners.parameter_counts()
         lora = cfg.model.lora
         log(f"policy: {total / 1e6:.2f}M parameters, {trainable / 1e6:.3g}M trained" + (

@@ -240,8 +240,8 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
         if cfg.reference_actor:
             reference = start_reference(cfg, reference_dir, placement)
         learners = start_learners(cfg, model_path, placement,
-                                  reference_dir if cfg.uses_reference and not cfg.reference_actor else None)
-        own = [reference.actor] if isinstance(reference, ReferenceActor) else []  # the reference's own actor
+                                  reference_dir if cfg.reference_in_learners else None)
+        own = reference.actors if reference else []  # the reference's own actor, if it has one
         # blocks until its replicas run, while the actors start
         with timeline.phase("verifier pool (Serve)" if cfg.reward.pool.mode == "serve" else "verifiers (local)"):
             verifier = start_verifier(cfg.reward, actor_env(), task=cfg.data.verifier, name=cfg.run.name)
@@ -260,7 +260,7 @@ def start_roles(cfg: Config, model_path: str, resume_from: str | None = None, re
                                                                                     cfg.learner.zero_stage),
                              dtype=cfg.model.dtype, bound=bound, lora=cfg.lora,
                              collective=cfg.sync.method == "collective")
-        if cfg.uses_reference and not cfg.reference_actor:
+        if cfg.reference_in_learners:
             reference = LearnerReference(learners, group.names)
         fleet = GeneratorFleet(generators, group, bound, start_s=time.perf_counter() - t0,
                                collective=collective_sync(cfg))
@@ -313,7 +313,7 @@ def restart_reference(roles: Roles) -> None:
 def stop_roles(roles: Roles) -> None:
     roles.verifier.shutdown()
     roles.fleet.close()  # the generators' own files (a LoRA adapter's folder), before they are killed
-    own = [roles.reference.actor] if isinstance(roles.reference, ReferenceActor) else []
+    own = roles.reference.actors if roles.reference else []
     for actor in roles.fleet.actors + own + roles.learners.actors + list(roles.env.hosts if roles.env else ()):
         if actor is not None:
             ray.kill(actor)

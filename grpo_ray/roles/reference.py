@@ -29,12 +29,12 @@ class Reference:
     def logprobs(self, batch: TrainBatch, share: tuple[int, int, int] | None = None) -> torch.Tensor:
         """ref_logprobs [B, T] for the batch's responses (0 on padding); with share (index, count,
         group), only that share of the rows (records.row_share), [rows of the share, T]."""
+        full = batch.response_mask.shape[1]
         if share is not None:
-            full = batch.response_mask.shape[1]
             batch = batch.select(row_share(batch.size, *share))
-            out = batched_logprobs(self.model, batch, self.micro_batch_size, self.share_prompts, self.temperature)
-            return torch.nn.functional.pad(out, (0, full - out.shape[1]))  # select() trimmed the padding
-        return batched_logprobs(self.model, batch, self.micro_batch_size, self.share_prompts, self.temperature)
+        out = batched_logprobs(self.model, batch, self.micro_batch_size, self.share_prompts, self.temperature)
+        # a share's select() trimmed the padding columns: back to the batch's width
+        return out if out.shape[1] == full else torch.nn.functional.pad(out, (0, full - out.shape[1]))
 
     def rollout_logprobs(self, pad_id: int, *parts: Rollout, share: tuple[int, int, int] | None = None) -> torch.Tensor:
         """ref_logprobs [B, T] of a rollout given as its generators' parts, laid out as the

@@ -44,6 +44,7 @@ class ReferenceActor:
 
     def __init__(self, actor):
         self.actor = actor
+        self.actors = [actor]  # its own actors: waited for at start, killed at the end
 
     def rollout_pass(self, pad_id: int, parts: list, group: int) -> ReferencePass:
         """The pass over a rollout's parts (ObjectRefs still sampling: it runs once they are done)."""
@@ -61,6 +62,7 @@ class LearnerReference:
     def __init__(self, learners: list, names: list[str] | None = None):
         """names: each rank's, as the learner group names it in stall messages (node, pid)."""
         self.learners = learners
+        self.actors: list = []  # none of its own: the learner ranks' processes
         self.owners = [f"the reference in {n}" for n in names or [f"learner rank {r}" for r in range(len(learners))]]
 
     def _share(self, rank: int, group: int) -> tuple[int, int, int]:
