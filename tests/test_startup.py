@@ -41,6 +41,53 @@ def test_a_timeline_lays_out_phases_and_role_marks():
     assert clock.marks["process"] <= clock.marks["init"] <= clock.marks["x"]
 
 
+GC_SCRIPT = """
+import gc, weakref
+from grpo_ray.roles.startup import gc_paused, starts_without_gc
+
+class Node:
+    pass
+
+kept, frozen = [], gc.get_freeze_count()
+with gc_paused():
+    assert not gc.isenabled()
+    cycle = Node(); cycle.me = cycle; dead = weakref.ref(cycle); del cycle  # garbage only a collection finds
+    kept.append([Node() for _ in range(1000)])
+assert gc.isenabled() and dead() is None, "the start-up's garbage is collected at its end"
+assert gc.get_freeze_count() >= frozen + 1000, "what the start-up built is frozen"
+gc.disable()
+with gc_paused():
+    pass
+assert not gc.isenabled(), "a collector the caller had turned off stays off"
+gc.enable()
+
+class Role:
+    @starts_without_gc
+    def __init__(self, x):
+        self.enabled, self.x = gc.isenabled(), x
+
+role = Role(3)
+assert (role.enabled, role.x, gc.isenabled()) == (False, 3, True)
+print("ok")
+"""
+
+
+def test_a_start_up_runs_without_the_collector_then_freezes_what_it_built():
+    """gc_paused / starts_without_gc (a role's constructor) in a process of their own: they set
+    process-wide collector state."""
+    out = subprocess.run([sys.executable, "-c", GC_SCRIPT], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_roles_start_without_the_collector():
+    from grpo_ray.roles.generator import Generator
+    from grpo_ray.roles.learner import Learner
+    from grpo_ray.roles.reference import Reference
+
+    for role in (Generator, Learner, Reference):
+        assert getattr(role.__init__, "__wrapped__", None) is not None, role
+
+
 def _live(dashboard: str) -> tuple[list[str], list[str]]:
     """(actor classes not dead and Serve applications, placement groups not removed) on the
     cluster. An application counts from when it is asked for: Serve's controller deploys it

@@ -19,7 +19,7 @@ from ..data.datasets import PromptSampler, drop_training_prompts, load_datasets,
 from ..models.lora import check_serving, check_targets
 from ..models.modeling import check_model_dir, load_tokenizer
 from ..roles.actors import Roles, check_backend, init_ray, start_roles, stop_roles
-from ..roles.startup import Timeline
+from ..roles.startup import Timeline, gc_paused
 from .checkpoint import check_resume_mode, find_resume, list_checkpoints, lora_state, remove_partial_saves
 from .evaluation import EvalSet, eval_sets
 from .outputs import create_run_dir, fit_records, fit_to_model, prepare_model, resolve_run_dir, stopped_where
@@ -90,7 +90,7 @@ def train(cfg: Config, address: str | None = None) -> str:
     if prepared.dropped:
         log(f"warning: {prepared.dropped}")
     remove_partial_saves(run_dir)
-    with timeline.phase("ray start or connect"):
+    with timeline.phase("ray start or connect"), gc_paused():  # mostly imports (see gc_paused)
         joined = init_ray(address, dashboard=cfg.run.ray_dashboard)
     if joined:  # its actors, dashboard and logs are there, and outlive this run
         log(f"joined the running Ray cluster at {joined}")
@@ -119,7 +119,7 @@ def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Tim
     run: Run | None = None
     with contextlib.ExitStack() as cleanup:  # in reverse order, on any exit: an error, a stop (SIGTERM)
         cleanup.callback(close_outputs, outputs)
-        with timeline.phase("actors"):
+        with timeline.phase("actors"), gc_paused():
             roles = start_roles(cfg, model_path, resume_from=resume[0] if resume else None,
                                 reference=reference, timeline=timeline)
         cleanup.callback(lambda: run is not None and run.plotted())  # drawn while the actors stop

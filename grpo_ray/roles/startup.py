@@ -7,7 +7,10 @@ up; the zero of a timeline is when the driver's process started.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
+import gc
 import json
 import os
 import time
@@ -21,6 +24,37 @@ def process_started() -> float:
         return psutil.Process().create_time()
     except Exception:  # noqa: BLE001 - no /proc: count from now
         return time.time()
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic collector off for a start-up: imports and engine builds allocate millions of
+    objects that live as long as the process, and each automatic collection rescans them (about a
+    fifth of a generator's start-up CPU; benchmarks/RESULTS.md, sixteenth session). At the end:
+    one collection for what the start-up left as garbage, then the survivors frozen (later
+    collections skip them; vLLM freezes its engine the same way) and the collector back on."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.collect()
+        gc.freeze()
+        # back in reach at exit, so the interpreter's last collection finalises them (nanobind
+        # otherwise reports vLLM's objects as leaked when a process that built an engine exits)
+        atexit.unregister(gc.unfreeze)
+        atexit.register(gc.unfreeze)
+        if enabled:
+            gc.enable()
+
+
+def starts_without_gc(init):
+    """A role's constructor run under gc_paused()."""
+    @functools.wraps(init)
+    def wrapped(*args, **kwargs):
+        with gc_paused():
+            return init(*args, **kwargs)
+    return wrapped
 
 
 class StartupClock:
