@@ -68,6 +68,8 @@ def test_load_default_yaml():
     for section, values in defaults.items():
         for key, default in values.items():
             expected = data.get(section, {}).get(key, default)
+            if isinstance(default, dict) and key in data.get(section, {}):  # a subsection: the file's keys over its defaults
+                expected = {**default, **expected}
             if section == "eval" and key == "sets":  # each set's keys not in the file keep their defaults
                 expected = [{**EvalSetConfig(**s).model_dump(), **s} for s in expected]
             assert got[section][key] == expected, f"{section}.{key}"

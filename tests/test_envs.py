@@ -28,7 +28,7 @@ def test_a_bad_env_name_fails_at_load_naming_the_key_and_value(name, says):
 
 def test_env_limits_are_checked_across_sections():
     with pytest.raises(ConfigError, match="env.turn_tokens=40 is more than rollout.max_new_tokens=16"):
-        load_config("configs/default.yaml", ["env.name=python", "env.turn_tokens=40"])
+        load_config("configs/default.yaml", ["env.name=python", "env.turn_tokens=40", "reward.pool.mode=serve"])
     with pytest.raises(ConfigError, match="env.options=.*without env.name"):
         load_config("configs/default.yaml", ["env.options={a: 1}"])
     with pytest.raises(ConfigError, match="set env.name=python"):

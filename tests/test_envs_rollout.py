@@ -98,6 +98,7 @@ def test_a_user_environment_trains_under_ray_and_logs_its_turns(ray_local, tmp_p
         f"run.output_dir={tmp_path}", "run.name=env", "train.steps=2", "train.eval_every=0", "eval.num_prompts=4",
         "eval.samples=4", "eval.ks=[1]", "rollout.prompts_per_step=4", "algo.group_size=4", "rollout.max_new_tokens=40",
         "env.name=env_fns:Echo", "env.options={turns: 3}", "env.max_turns=3", "env.turn_tokens=12",
+        "reward.pool.mode=serve",
         "train.spot_check_every=1", "train.checkpoint_every=0", "learner.num_ranks=1", "rollout.num_generators=1"])
     run_dir = train(cfg)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]

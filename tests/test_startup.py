@@ -114,7 +114,7 @@ def test_a_run_stopped_during_start_up_leaves_no_actors_or_placement_groups(ray_
     """SIGTERM once the roles' actors exist (Generator: before the verifier pool; app: while the
     driver deploys the pool; ServeReplica: the pool is up and the driver waits for the engines)."""
     cmd = [sys.executable, "-m", "grpo_ray", "train", f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}",
-           "run.name=stop", "train.steps=5", *SMALL]
+           "run.name=stop", "train.steps=5", "reward.pool.mode=serve", *SMALL]  # default.yaml's is local
     env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     log = open(tmp_path / "log.txt", "w+")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -155,8 +155,9 @@ def test_a_run_writes_its_start_up_and_shut_down_phases(tiny_model_dir, tmp_path
     transformers (~3 CPU-s at start-up; the generators give the pad id, the learner saves the
     tokenizer with the policy)."""
     model = [f"model.path={tiny_model_dir}"] if eval_at_start else ["model.path=builtin:tiny", "warmstart.steps=2"]
+    pool = "serve" if eval_at_start else "local"  # local: configs/default.yaml's
     args = ["train", "--address", "local", *model, f"run.output_dir={tmp_path}", "run.name=t", "train.steps=2",
-            f"train.eval_at_start={eval_at_start}", *SMALL]
+            f"train.eval_at_start={eval_at_start}", *([] if pool == "local" else ["reward.pool.mode=serve"]), *SMALL]
     monkeypatch.setenv("GRPO_RAY_CACHE_DIR", str(tmp_path / "cache"))
     if not eval_at_start:
         _cache_builtin_base(args)
@@ -177,7 +178,8 @@ def test_a_run_writes_its_start_up_and_shut_down_phases(tiny_model_dir, tmp_path
         assert noise not in proc.stderr + proc.stdout, noise
     timings = json.loads((tmp_path / "t" / "timings.json").read_text())
     phases = {p["phase"]: p for p in timings["phases"]}
-    for name in ("interpreter, imports, config", "ray start or connect", "placement group", "verifier pool (Serve)",
+    verifiers = "verifier pool (Serve)" if pool == "serve" else "verifiers (local)"
+    for name in ("interpreter, imports, config", "ray start or connect", "placement group", verifiers,
                  "generator 0: vllm import", "generator 0: vllm engine", "learner 0: deepspeed init",
                  "learner 0: reference model load", "first step", "final evaluation", "final model", "stop actors"):
         assert name in phases and phases[name]["seconds"] >= 0, name
