@@ -78,7 +78,7 @@ def report(mode: str, r: dict) -> None:
     print(f"{'phase':<52}{'from s':>8}{'took s':>8}")
     for p in r["phases"]:
         print(f"{p['phase'][:51]:<52}{p['start_s']:>8.2f}{p['seconds']:>8.2f}")
-    print(f"{'after train(): Ray shut-down, interpreter exit':<52}{r['until_exit_s']:>8.2f}"
+    print(f"{'after train(): interpreter exit':<52}{r['until_exit_s']:>8.2f}"
           f"{r['wall_s'] - r['until_exit_s']:>8.2f}")
 
 

@@ -183,6 +183,9 @@ def test_a_run_writes_its_start_up_and_shut_down_phases(tiny_model_dir, tmp_path
                  "generator 0: vllm import", "generator 0: vllm engine", "learner 0: deepspeed init",
                  "learner 0: reference model load", "first step", "final evaluation", "final model", "stop actors"):
         assert name in phases and phases[name]["seconds"] >= 0, name
+    # its own Ray (--address local), stopped by train() while the plots are drawn, not by Ray's exit hook
+    stopped = phases["stop actors"]["start_s"] + phases["stop actors"]["seconds"]
+    assert phases["ray shut-down"]["start_s"] >= stopped - 0.002  # (each rounded to the ms)
     first = phases["first step"]
     assert timings["time_to_first_step_s"] == pytest.approx(first["start_s"] + first["seconds"], abs=0.01)
     assert 0 < timings["time_to_first_step_s"] < timings["until_exit_s"]

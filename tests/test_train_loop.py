@@ -4,6 +4,7 @@ import math
 import os
 
 import pytest
+import ray
 
 from grpo_ray.config import load_config
 
@@ -79,6 +80,8 @@ def test_local_verifiers_train_without_a_serve_deployment(ray_local, tiny_model_
     assert serve_replicas() == before
     phases = [p["phase"] for p in json.load(open(os.path.join(run_dir, "timings.json")))["phases"]]
     assert "verifiers (local)" in phases and "verifier pool (Serve)" not in phases
+    # the caller's Ray (here the tests'): left running; train() stops only a Ray it started itself
+    assert ray.is_initialized() and "ray shut-down" not in phases
 
 
 @pytest.mark.slow

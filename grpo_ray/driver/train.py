@@ -18,7 +18,7 @@ from ..config import Config, ConfigError
 from ..data.datasets import PromptSampler, drop_training_prompts, load_datasets, source_of, task_problem
 from ..models.lora import check_serving, check_targets
 from ..models.modeling import check_model_dir, load_tokenizer
-from ..roles.actors import Roles, check_backend, init_ray, start_roles, stop_roles
+from ..roles.actors import Roles, check_backend, init_ray, ray_running, release_ray, start_roles, stop_roles
 from ..roles.startup import Timeline, gc_paused
 from .checkpoint import check_resume_mode, find_resume, list_checkpoints, lora_state, remove_partial_saves
 from .evaluation import EvalSet, eval_sets
@@ -90,13 +90,14 @@ def train(cfg: Config, address: str | None = None) -> str:
     if prepared.dropped:
         log(f"warning: {prepared.dropped}")
     remove_partial_saves(run_dir)
+    own_ray = not ray_running()  # else the caller's (a test's, a notebook's): left as it is
     with timeline.phase("ray start or connect"), gc_paused():  # mostly imports (see gc_paused)
         joined = init_ray(address, dashboard=cfg.run.ray_dashboard)
     if joined:  # its actors, dashboard and logs are there, and outlive this run
         log(f"joined the running Ray cluster at {joined}")
     try:
         with stop_on_signals():
-            _run(cfg, run_dir, prepared, log, tqdm, timeline)
+            _run(cfg, run_dir, prepared, log, tqdm, timeline, own_ray)
     except Stopped as e:
         e.where = stopped_where(run_dir, cfg.train.steps)
         raise
@@ -107,8 +108,11 @@ def train(cfg: Config, address: str | None = None) -> str:
     return run_dir
 
 
-def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Timeline) -> None:
-    """Start the actors, run the steps, release the actors (also on an error or a stop)."""
+def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Timeline, own_ray: bool) -> None:
+    """Start the actors, run the steps, release the actors (also on an error or a stop). own_ray:
+    train() started Ray or joined a cluster; after a run that ended well, that is stopped or left
+    while the plots are drawn (after an error, Ray's exit hook does it once the actors' last lines
+    are printed)."""
     model_path, resume = prepared.model_path, prepared.resume
     reference = (resume[1].get("reference") if resume else None) or model_path
     t0 = time.perf_counter()
@@ -122,7 +126,9 @@ def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Tim
         with timeline.phase("actors"), gc_paused():
             roles = start_roles(cfg, model_path, resume_from=resume[0] if resume else None,
                                 reference=reference, timeline=timeline)
-        cleanup.callback(lambda: run is not None and run.plotted())  # drawn while the actors stop
+        cleanup.callback(lambda: run is not None and run.plotted())  # drawn while the actors and Ray stop
+        if own_ray:
+            cleanup.push(ray_released(timeline))
         cleanup.callback(stop_actors, roles, timeline)
         log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
             + (f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), "
@@ -138,6 +144,16 @@ def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Tim
         run = Run(cfg, roles, run_dir, model_path, PromptSampler(prepared.train_records, cfg.run.seed),
                   prepared.eval_sets, log, reference, timeline, metrics)
         run.loop(run.restore(*resume) if resume else 1, tqdm)
+
+
+def ray_released(timeline: Timeline):
+    """An exit callback (ExitStack.push) that stops or leaves Ray after a run that ended well."""
+    def release(error_type, *_) -> bool:
+        if error_type is None:
+            with timeline.phase("ray shut-down"):
+                release_ray()
+        return False  # an error goes on
+    return release
 
 
 def stop_actors(roles: Roles, timeline: Timeline) -> None:

@@ -60,6 +60,17 @@ def init_ray(address: str | None = None, dashboard: bool = False) -> str | None:
     return None if getattr(node, "head", False) else ray.get_runtime_context().gcs_address
 
 
+def ray_running() -> bool:
+    return ray.is_initialized()
+
+
+def release_ray() -> None:
+    """Leave the cluster this process joined, or stop the Ray it started (raylet, GCS, workers).
+    Ray's exit hook does the same but first sleeps 0.5 s for actors' last log lines: called once
+    the actors are stopped, it need not."""
+    ray.shutdown()
+
+
 def actor_env() -> dict:
     return dict(ACTOR_ENV)
 
