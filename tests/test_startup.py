@@ -43,7 +43,8 @@ def test_a_timeline_lays_out_phases_and_role_marks():
 
 GC_SCRIPT = """
 import gc, weakref
-from grpo_ray.roles.startup import gc_paused, starts_without_gc
+import cloudpickle
+from grpo_ray.roles.startup import gc_paused, in_own_process
 
 class Node:
     pass
@@ -55,6 +56,14 @@ with gc_paused():
     kept.append([Node() for _ in range(1000)])
 assert gc.isenabled() and dead() is None, "the start-up's garbage is collected at its end"
 assert gc.get_freeze_count() >= frozen + 1000, "what the start-up built is frozen"
+frozen = gc.get_freeze_count()
+try:
+    with gc_paused():
+        more = [Node() for _ in range(1000)]
+        raise KeyError("the start-up failed")
+except KeyError:
+    pass
+assert gc.isenabled() and gc.get_freeze_count() == frozen, "after an error: the collector back on, nothing frozen"
 gc.disable()
 with gc_paused():
     pass
@@ -62,30 +71,22 @@ assert not gc.isenabled(), "a collector the caller had turned off stays off"
 gc.enable()
 
 class Role:
-    @starts_without_gc
     def __init__(self, x):
         self.enabled, self.x = gc.isenabled(), x
 
-role = Role(3)
-assert (role.enabled, role.x, gc.isenabled()) == (False, 3, True)
+assert Role(1).enabled, "the role class itself leaves the collector alone"
+Actor = cloudpickle.loads(cloudpickle.dumps(in_own_process(Role)))  # as Ray ships an actor class
+role = Actor(3)
+assert (Actor.__name__, isinstance(role, Role), role.enabled, role.x, gc.isenabled()) == ("Role", True, False, 3, True)
 print("ok")
 """
 
 
-def test_a_start_up_runs_without_the_collector_then_freezes_what_it_built():
-    """gc_paused / starts_without_gc (a role's constructor) in a process of their own: they set
-    process-wide collector state."""
+def test_an_actors_start_up_runs_without_the_collector_then_freezes_what_it_built():
+    """gc_paused / in_own_process (the role classes as Ray actor classes) in a process of their
+    own: they set process-wide collector state."""
     out = subprocess.run([sys.executable, "-c", GC_SCRIPT], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
-
-
-def test_the_roles_start_without_the_collector():
-    from grpo_ray.roles.generator import Generator
-    from grpo_ray.roles.learner import Learner
-    from grpo_ray.roles.reference import Reference
-
-    for role in (Generator, Learner, Reference):
-        assert getattr(role.__init__, "__wrapped__", None) is not None, role
 
 
 def _live(dashboard: str) -> tuple[list[str], list[str]]:

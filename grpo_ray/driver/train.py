@@ -19,7 +19,7 @@ from ..data.datasets import PromptSampler, drop_training_prompts, load_datasets,
 from ..models.lora import check_serving, check_targets
 from ..models.modeling import check_model_dir, load_tokenizer
 from ..roles.actors import Roles, check_backend, init_ray, ray_running, release_ray, start_roles, stop_roles
-from ..roles.startup import Timeline, gc_paused
+from ..roles.startup import Timeline
 from .checkpoint import check_resume_mode, find_resume, list_checkpoints, lora_state, remove_partial_saves
 from .evaluation import EvalSet, eval_sets
 from .outputs import create_run_dir, fit_records, fit_to_model, prepare_model, resolve_run_dir, stopped_where
@@ -76,7 +76,9 @@ def preflight(cfg: Config, log) -> Prepared:
 def train(cfg: Config, address: str | None = None) -> str:
     """Run GRPO as configured (resuming from the run's last checkpoint when there is one and
     run.resume allows); returns the run directory. SIGTERM and SIGINT raise Stopped (its
-    `where` says how to resume) after the actors are released."""
+    `where` says how to resume) after the actors are released. Ray: joined at `address` (or
+    RAY_ADDRESS, or a head this machine started), else started for the run; either is stopped
+    (left) at the end of a run that ended well. A Ray the caller had initialised is left as it is."""
     from tqdm import tqdm
 
     log, timeline = tqdm.write, Timeline()
@@ -90,14 +92,14 @@ def train(cfg: Config, address: str | None = None) -> str:
     if prepared.dropped:
         log(f"warning: {prepared.dropped}")
     remove_partial_saves(run_dir)
-    own_ray = not ray_running()  # else the caller's (a test's, a notebook's): left as it is
-    with timeline.phase("ray start or connect"), gc_paused():  # mostly imports (see gc_paused)
+    stop_ray = not ray_running()  # else the caller's (a test's, a notebook's): left as it is
+    with timeline.phase("ray start or connect"):
         joined = init_ray(address, dashboard=cfg.run.ray_dashboard)
     if joined:  # its actors, dashboard and logs are there, and outlive this run
         log(f"joined the running Ray cluster at {joined}")
     try:
         with stop_on_signals():
-            _run(cfg, run_dir, prepared, log, tqdm, timeline, own_ray)
+            _run(cfg, run_dir, prepared, log, tqdm, timeline, stop_ray)
     except Stopped as e:
         e.where = stopped_where(run_dir, cfg.train.steps)
         raise
@@ -108,11 +110,11 @@ def train(cfg: Config, address: str | None = None) -> str:
     return run_dir
 
 
-def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Timeline, own_ray: bool) -> None:
-    """Start the actors, run the steps, release the actors (also on an error or a stop). own_ray:
-    train() started Ray or joined a cluster; after a run that ended well, that is stopped or left
-    while the plots are drawn (after an error, Ray's exit hook does it once the actors' last lines
-    are printed)."""
+def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Timeline, stop_ray: bool) -> None:
+    """Start the actors, run the steps, release the actors (also on an error or a stop). stop_ray:
+    the Ray that train() started, or the cluster it joined, is stopped (left) after a run that
+    ended well, while the plots are drawn (after an error, Ray's exit hook does it once the
+    actors' last lines are printed)."""
     model_path, resume = prepared.model_path, prepared.resume
     reference = (resume[1].get("reference") if resume else None) or model_path
     t0 = time.perf_counter()
@@ -123,12 +125,12 @@ def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Tim
     run: Run | None = None
     with contextlib.ExitStack() as cleanup:  # in reverse order, on any exit: an error, a stop (SIGTERM)
         cleanup.callback(close_outputs, outputs)
-        with timeline.phase("actors"), gc_paused():
+        with timeline.phase("actors"):
             roles = start_roles(cfg, model_path, resume_from=resume[0] if resume else None,
                                 reference=reference, timeline=timeline)
         cleanup.callback(lambda: run is not None and run.plotted())  # drawn while the actors and Ray stop
-        if own_ray:
-            cleanup.push(ray_released(timeline))
+        if stop_ray:
+            cleanup.push(ray_released(timeline, log))
         cleanup.callback(stop_actors, roles, timeline)
         log(f"actors ready in {time.perf_counter() - t0:.1f}s: {cfg.rollout.num_generators} generator(s), "
             + (f"verifier pool ({cfg.reward.pool.min_replicas}-{cfg.reward.pool.max_replicas} replicas), "
@@ -146,12 +148,15 @@ def _run(cfg: Config, run_dir: str, prepared: Prepared, log, tqdm, timeline: Tim
         run.loop(run.restore(*resume) if resume else 1, tqdm)
 
 
-def ray_released(timeline: Timeline):
+def ray_released(timeline: Timeline, log):
     """An exit callback (ExitStack.push) that stops or leaves Ray after a run that ended well."""
     def release(error_type, *_) -> bool:
         if error_type is None:
             with timeline.phase("ray shut-down"):
-                release_ray()
+                try:
+                    release_ray()
+                except Exception as e:  # noqa: BLE001 - the run is done and saved; its exit hook tries again
+                    log(f"warning: Ray did not shut down cleanly ({type(e).__name__}: {e})")
         return False  # an error goes on
     return release
 

@@ -21,7 +21,7 @@ from .learner_group import LearnerGroup
 from .multiturn import EnvRollout
 from .placement import Placement, instance_resources, reserve
 from .reference_host import GROUP, LearnerReference, ReferenceActor
-from .startup import Timeline
+from .startup import Timeline, in_own_process
 from .waiting import Bound
 
 # Every actor process: quiet, offline, one tokenizer thread pool fewer.
@@ -135,7 +135,7 @@ def start_generators(cfg: Config, model_path: str, placement: Placement | None =
     """rollout.num_generators vLLM actors (not waited for: call .ready())."""
     from .generator import Generator
 
-    gen_cls, actors = ray.remote(Generator), []
+    gen_cls, actors = ray.remote(in_own_process(Generator)), []
     for i in range(cfg.rollout.num_generators):
         # restarted after a crash (the fleet then pushes the current weights: GeneratorFleet.stream)
         options, cpus, _ = _placed(cfg, placement, "generator", i, **_restarts(cfg))
@@ -182,7 +182,7 @@ def start_reference(cfg: Config, model_path: str, placement: Placement | None = 
     from .reference import Reference
 
     options, _, threads = _placed(cfg, placement, "reference", **_restarts(cfg))
-    return ReferenceActor(ray.remote(Reference).options(**options).remote(model_path, threads=threads,
+    return ReferenceActor(ray.remote(in_own_process(Reference)).options(**options).remote(model_path, threads=threads,
                                                                            **reference_options(cfg)))
 
 
@@ -207,7 +207,8 @@ def start_learners(cfg: Config, model_path: str, placement: Placement, reference
                        clip_ratio_c=a.clip_ratio_c, entropy_coef=a.entropy_coef)
     master_addr, master_port = _rendezvous(placement)
     hosted = dict(model_path=reference, **reference_options(cfg)) if reference else None
-    learner_cls, actors = ray.remote(concurrency_groups={GROUP: 1})(Learner) if hosted else ray.remote(Learner), []
+    learner = in_own_process(Learner)
+    learner_cls, actors = ray.remote(concurrency_groups={GROUP: 1})(learner) if hosted else ray.remote(learner), []
     for rank in range(cfg.learner.num_ranks):
         options, _, threads = _placed(cfg, placement, "learner", rank, max_restarts=0)
         actors.append(learner_cls.options(**options).remote(

@@ -26,7 +26,7 @@ from ..models.lora import write_adapter
 from .collective import GroupAddress, join_worker
 from .engine_weights import load_in_worker
 from .multiturn import EnvRollout, TurnLoop
-from .startup import StartupClock, starts_without_gc
+from .startup import StartupClock
 from .weight_sync import AdapterWeights, BucketLayout, WeightBucket
 
 
@@ -201,7 +201,6 @@ def _lora_options(rank: int) -> dict:
 
 
 class Generator:
-    @starts_without_gc
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512,
                  kv_cache_mb: int = 256, seed: int = 0, cpu_threads: str | None = None,
                  max_num_seqs: int = 256, enforce_eager: bool = True, gpu_share: float = 1.0, lora_rank: int = 0,

@@ -38,13 +38,12 @@ from ..models.modeling import batched_logprobs, disable_dropout, load_causal_lm,
 from ..core.records import Rollout, TrainBatch
 from .backends import BackendSettings, get_backend
 from .reference import Reference
-from .startup import StartupClock, starts_without_gc
+from .startup import StartupClock
 from .collective import GroupAddress, SyncGroup, free_address
 from .weight_sync import AdapterWeights, WeightBucket, layouts, pack_state_dict, payload_bytes
 
 
 class Learner:
-    @starts_without_gc
     def __init__(self, model_path: str, *, lr: float, weight_decay: float = 0.0, grad_clip: float = 1.0,
                  zero_stage: int = 0, warmup_steps: int = 0, dtype: str = "float32", loss_kwargs: dict | None = None,
                  micro_batch_size: int = 64, rank: int = 0, world_size: int = 1,
@@ -206,6 +205,7 @@ class Learner:
     # (roles/reference_host.py), so that an async step's queued pass does not hold up update().
     def load_frozen(self, model_path: str, **options) -> None:
         """(Re)load the hosted reference from a model folder (a reference reset, a rollback)."""
+        self.frozen = None  # the old copy freed before the new one loads: one copy at a time
         self.frozen = Reference(model_path, threads=0, **options)
 
     def frozen_logprobs(self, batch: TrainBatch, share: tuple[int, int, int]) -> torch.Tensor:

@@ -6,11 +6,10 @@ import torch
 
 from ..models.modeling import batched_logprobs, device, load_causal_lm
 from ..core.records import Rollout, TrainBatch, padded_batch, row_share
-from .startup import StartupClock, starts_without_gc
+from .startup import StartupClock
 
 
 class Reference:
-    @starts_without_gc
     def __init__(self, model_path: str, *, dtype: str = "float32", threads: int = 2, micro_batch_size: int = 64,
                  share_prompts: bool = True, temperature: float = 1.0):
         """threads: torch's intra-op threads for this process; 0 leaves them as they are (hosted in
@@ -44,3 +43,4 @@ class Reference:
         mode the pass runs while the driver scores the rollout, in async mode the frozen
         reference pass of step n+1 runs beside the learner of step n."""
         return self.logprobs(padded_batch(list(parts), pad_id), share)
+

@@ -28,33 +28,43 @@ def process_started() -> float:
 
 @contextlib.contextmanager
 def gc_paused():
-    """Python's cyclic collector off for a start-up: imports and engine builds allocate millions of
-    objects that live as long as the process, and each automatic collection rescans them (about a
-    fifth of a generator's start-up CPU; benchmarks/RESULTS.md, sixteenth session). At the end:
-    one collection for what the start-up left as garbage, then the survivors frozen (later
-    collections skip them; vLLM freezes its engine the same way) and the collector back on."""
+    """Python's cyclic collector off for a role's start-up: its imports and engine build allocate
+    objects that live as long as the process, and each automatic collection would rescan them
+    (benchmarks/RESULTS.md, sixteenth session). At a good end: one collection for what the
+    start-up left as garbage, then the survivors frozen (later collections skip them; vLLM freezes
+    its engine the same way). After an error nothing is frozen. Either way the collector's state
+    is restored."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
-    finally:
         gc.collect()
         gc.freeze()
         # back in reach at exit, so the interpreter's last collection finalises them (nanobind
         # otherwise reports vLLM's objects as leaked when a process that built an engine exits)
         atexit.unregister(gc.unfreeze)
         atexit.register(gc.unfreeze)
+    finally:
         if enabled:
             gc.enable()
 
 
 def starts_without_gc(init):
-    """A role's constructor run under gc_paused()."""
+    """A constructor run under gc_paused()."""
     @functools.wraps(init)
     def wrapped(*args, **kwargs):
         with gc_paused():
             return init(*args, **kwargs)
     return wrapped
+
+
+def in_own_process(cls: type) -> type:
+    """cls as a Ray actor class (an actor has a process of its own): a subclass of the same name
+    whose constructor runs under gc_paused(). The role classes themselves leave the collector
+    alone: built in a caller's process (a test, a notebook, a learner rank's hosted reference
+    reloaded mid-run), freezing that process's heap is not theirs to do."""
+    return type(cls.__name__, (cls,), {"__init__": starts_without_gc(cls.__init__), "__doc__": cls.__doc__,
+                                       "__module__": cls.__module__})
 
 
 class StartupClock:
