@@ -46,7 +46,7 @@ def run(asynchronous: bool, overrides: list[str]) -> dict:
         memory.update({f"generator {i}": peak_rss_mb(g) for i, g in enumerate(roles.fleet.actors)})
         memory.update({f"learner {i}": peak_rss_mb(lr) for i, lr in enumerate(roles.learners.actors)})
         if roles.reference is not None and roles.reference.actors:  # none with algo.beta=0 algo.kl_stop=null or in the learners
-            memory["reference"] = peak_rss_mb(roles.reference.actor)
+            memory["reference"] = peak_rss_mb(roles.reference.actors[0])
         stop(roles)
 
     train_mod.stop_roles = measure_then_stop

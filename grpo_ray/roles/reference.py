@@ -43,4 +43,3 @@ class Reference:
         mode the pass runs while the driver scores the rollout, in async mode the frozen
         reference pass of step n+1 runs beside the learner of step n."""
         return self.logprobs(padded_batch(list(parts), pad_id), share)
-

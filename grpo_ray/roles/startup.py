@@ -49,22 +49,16 @@ def gc_paused():
             gc.enable()
 
 
-def starts_without_gc(init):
-    """A constructor run under gc_paused()."""
-    @functools.wraps(init)
-    def wrapped(*args, **kwargs):
-        with gc_paused():
-            return init(*args, **kwargs)
-    return wrapped
-
-
 def in_own_process(cls: type) -> type:
     """cls as a Ray actor class (an actor has a process of its own): a subclass of the same name
     whose constructor runs under gc_paused(). The role classes themselves leave the collector
     alone: built in a caller's process (a test, a notebook, a learner rank's hosted reference
     reloaded mid-run), freezing that process's heap is not theirs to do."""
-    return type(cls.__name__, (cls,), {"__init__": starts_without_gc(cls.__init__), "__doc__": cls.__doc__,
-                                       "__module__": cls.__module__})
+    @functools.wraps(cls.__init__)
+    def __init__(self, *args, **kwargs):
+        with gc_paused():
+            cls.__init__(self, *args, **kwargs)
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__doc__": cls.__doc__, "__module__": cls.__module__})
 
 
 class StartupClock:
