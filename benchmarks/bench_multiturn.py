@@ -2,16 +2,19 @@
 second, and what the tools cost a step of the tool task.
 
     .venv/bin/python benchmarks/bench_multiturn.py [--replicas 1,2,4] [--calls 256] [--prompts 16]
+        [--sandboxes warm,fresh]
 
 1. Per-call cost (median, p99) of the python tool's call ("print(347*86)"): in this process
    (the sandbox alone), and from an env host through the verifier pool (the path a rollout's
-   call takes: host actor -> Serve -> replica thread -> sandbox).
+   call takes: host actor -> Serve -> replica thread -> sandbox); for each kind of sandbox
+   (env.options.warm: a fork of a warm sandbox, or a fresh one per call).
 2. Calls/s of the pool at 1, 2 and 4 replicas: `--calls` calls sent at once through one env host.
 3. The tool task (configs/tool_default.yaml's warm-started model, data.task=multiply): one
    generate call of --prompts x group_size trajectories with the python tool on the pool,
    against one single-turn call that samples the same number of model tokens per completion
    (min_tokens = max_tokens = the multi-turn mean); and the generator's wait on tool calls with
-   nothing left to sample (Rollout.env_s) as a share of the multi-turn call.
+   nothing left to sample (Rollout.env_s) as a share of the multi-turn call (the first kind of
+   sandbox in --sandboxes).
 Prints tables and, last, one JSON line with every figure.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 CALL = "```python\nprint(347*86)\n```\n```output"
 LIMITS = dict(timeout_s=5.0, memory_mb=256, max_output_bytes=8192, allow_unsandboxed=False)
+KINDS = {"warm": True, "fresh": False}
 
 
 def pct(times: list[float], q: float) -> float:
@@ -35,14 +39,15 @@ def pct(times: list[float], q: float) -> float:
     return 1000 * times[min(len(times) - 1, int(q * len(times)))]
 
 
-def local_cost(n: int) -> dict:
+def local_cost(n: int, kind: str) -> dict:
     from grpo_ray.envs.tools import execute
 
-    execute("pass", LIMITS)
+    limits = {**LIMITS, "warm": KINDS[kind]}
+    execute("pass", limits)
     times = []
     for _ in range(n):
         t = time.perf_counter()
-        execute("print(347*86)", LIMITS)
+        assert execute("print(347*86)", limits).output == "29842\n"
         times.append(time.perf_counter() - t)
     return {"median_ms": round(1000 * statistics.median(times), 1), "p99_ms": round(pct(times, 0.99), 1)}
 
@@ -65,7 +70,7 @@ def host_for(pool, concurrency: int = 64):
     return ray.remote(EnvHost).options(num_cpus=0.1, max_concurrency=concurrency).remote(pool.app, 4)
 
 
-def pool_figures(replicas: int, serial: int, burst: int, ongoing: int) -> dict:
+def pool_figures(replicas: int, serial: int, burst: int, ongoing: int, kind: str) -> dict:
     import ray
 
     from grpo_ray.envs import EnvSpec
@@ -74,7 +79,7 @@ def pool_figures(replicas: int, serial: int, burst: int, ongoing: int) -> dict:
     try:
         host = host_for(pool)
         keys = [f"k{i}" for i in range(burst)]
-        ray.get(host.reset.remote([(k, EnvSpec("python"), {}) for k in keys]))
+        ray.get(host.reset.remote([(k, EnvSpec("python", {"warm": KINDS[kind]}), {}) for k in keys]))
         for k in keys[:8]:  # warm-up: each replica's thread pool and the handle
             ray.get(host.step.remote(k, CALL))
         times = []
@@ -93,7 +98,7 @@ def pool_figures(replicas: int, serial: int, burst: int, ongoing: int) -> dict:
         pool.shutdown()
 
 
-def tool_task(prompts: int, model: str | None = None) -> dict:
+def tool_task(prompts: int, model: str | None, kind: str) -> dict:
     """The tool task's generate call, multi-turn against single-turn of the same length. model:
     the policy to sample (default: the warm-started base; a trained tool_default run's
     final_model calls the tool on nearly every prompt)."""
@@ -107,7 +112,7 @@ def tool_task(prompts: int, model: str | None = None) -> dict:
     from grpo_ray.roles.actors import env_rollout
     from grpo_ray.roles.generator import Generator
 
-    cfg = load_config("configs/tool_default.yaml")
+    cfg = load_config("configs/tool_default.yaml", [f"env.options.warm={str(KINDS[kind]).lower()}"])
     train, _ = load_datasets(cfg.data, cfg.run.seed)
     model = model or builtin_model(cfg, train, cache_dir(), log=lambda *_: None)
     records, G = train[:prompts], cfg.algo.group_size
@@ -146,6 +151,7 @@ def main() -> None:
     ap.add_argument("--serial", type=int, default=100)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--ongoing", type=int, default=8, help="reward.pool.max_ongoing_requests")
+    ap.add_argument("--sandboxes", default="warm,fresh", help="kinds of sandbox to measure: warm, fresh")
     ap.add_argument("--skip-task", action="store_true")
     ap.add_argument("--model", default=None, help="the tool task's policy (default: the warm-started base)")
     args = ap.parse_args()
@@ -153,19 +159,23 @@ def main() -> None:
 
     from benchmarks.common import machine
 
-    out = {"machine": machine(), "local": local_cost(args.serial)}
+    kinds = args.sandboxes.split(",")
+    out = {"machine": machine(), "local": {k: local_cost(args.serial, k) for k in kinds}}
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-    out["pool"] = {n: pool_figures(n, args.serial, args.calls, args.ongoing) for n in map(int, args.replicas.split(","))}
+    out["pool"] = {k: {n: pool_figures(n, args.serial, args.calls, args.ongoing, k)
+                       for n in map(int, args.replicas.split(","))} for k in kinds}
     print(f"\npython tool call ({out['machine']})")
-    print(f"{'path':<34}{'median ms':>10}{'p99 ms':>9}{'calls/s':>9}")
-    print(f"{'sandbox, in process':<34}{out['local']['median_ms']:>10}{out['local']['p99_ms']:>9}{'':>9}")
-    for n, f in out["pool"].items():
-        print(f"{f'env host -> pool, {n} replica(s)':<34}{f['median_ms']:>10}{f['p99_ms']:>9}{f['calls_per_s']:>9}")
+    print(f"{'path':<46}{'median ms':>10}{'p99 ms':>9}{'calls/s':>9}")
+    for k in kinds:
+        print(f"{f'{k} sandbox, in process':<46}{out['local'][k]['median_ms']:>10}{out['local'][k]['p99_ms']:>9}")
+        for n, f in out["pool"][k].items():
+            print(f"{f'{k} sandbox, env host -> pool, {n} replica(s)':<46}{f['median_ms']:>10}{f['p99_ms']:>9}"
+                  f"{f['calls_per_s']:>9}")
     if args.skip_task:
         print(json.dumps(out))
         return
-    out["tool_task"] = t = tool_task(args.prompts, args.model)
-    print(f"\ntool task: {t['trajectories']} trajectories, {t['turns_per_trajectory']} turns and "
+    out["tool_task"] = t = tool_task(args.prompts, args.model, kinds[0])
+    print(f"\ntool task ({kinds[0]} sandbox): {t['trajectories']} trajectories, {t['turns_per_trajectory']} turns and "
           f"{t['tool_calls_per_trajectory']} tool calls each, {t['model_tokens_per_trajectory']} model tokens")
     print(f"{'multi-turn generate s':<34}{t['multi_turn_s']:>10}")
     print(f"{'single turn, same tokens s':<34}{t['single_turn_s']:>10}")

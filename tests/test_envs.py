@@ -209,10 +209,11 @@ def test_python_tool_runs_the_block_and_returns_its_output():
     ("x = bytearray(10**10)", "error: memory limit", 6.0),                          # memory bomb
     ("while True:\n    print('x' * 10000)", "error: the output passed its size limit", 6.0),  # output flood
 ])
-def test_hostile_tool_calls_end_with_an_error_observation_within_their_limit(code, says, within_s):
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "fresh"])
+def test_hostile_tool_calls_end_with_an_error_observation_within_their_limit(code, says, within_s, warm):
     import time
 
-    tool = PythonTool(timeout_s=2.0, memory_mb=256)
+    tool = PythonTool(timeout_s=2.0, memory_mb=256, warm=warm)
     start = time.monotonic()
     step = tool.step(f"```python\n{code}\n```\n```output")
     assert time.monotonic() - start < within_s

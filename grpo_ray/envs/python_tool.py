@@ -36,12 +36,14 @@ class PythonTool:
     stop = (OUTPUT_FENCE,)
 
     def __init__(self, timeout_s: float = 5.0, memory_mb: int = 256, max_output_chars: int = 256,
-                 allow_unsandboxed: bool = False):
+                 allow_unsandboxed: bool = False, warm: bool = True):
         """timeout_s, memory_mb: a call's limits (the sandbox's wall clock and address space);
         max_output_chars: what of its output the model sees; allow_unsandboxed: run without
-        bubblewrap (NOT isolated) where it is missing."""
+        bubblewrap (NOT isolated) where it is missing; warm: run each call in a fork of a warm
+        sandbox (verifiers/warm_sandbox.py: the same isolation per call, a fraction of the
+        cost), false: in a fresh sandbox per call."""
         self.limits = dict(timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max(4 * max_output_chars, 4096),
-                           allow_unsandboxed=allow_unsandboxed)
+                           allow_unsandboxed=allow_unsandboxed, warm=warm)
         self.max_output_chars = max_output_chars
 
     def reset(self, record: dict) -> str:

@@ -47,10 +47,11 @@ def _handle():
 
 
 def run_python(code: str, *, timeout_s: float = 5.0, memory_mb: int = 256, max_output_bytes: int = 8192,
-               allow_unsandboxed: bool = False) -> ToolResult:
-    """Run `code` as a Python program in the sandbox; its stdout, or why it failed."""
+               allow_unsandboxed: bool = False, warm: bool = True) -> ToolResult:
+    """Run `code` as a Python program in the sandbox; its stdout, or why it failed. warm: in a
+    fork of a warm sandbox (verifiers/warm_sandbox.py), else in a fresh sandbox per call."""
     limits = dict(timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
-                  allow_unsandboxed=allow_unsandboxed)
+                  allow_unsandboxed=allow_unsandboxed, warm=warm)
     if _POOL["app"] is None:
         return execute(code, limits)
     # the batch the call goes in answers it, with an error when the pool fails or passes the
@@ -122,15 +123,16 @@ def check_code(record: dict, response: str) -> tuple[float, str]:
 
 def execute(code: str, limits: dict) -> ToolResult:
     """Run the code here, in the sandbox (what a pool replica does with a tool call)."""
-    from ..verifiers import sandbox
+    from ..verifiers import sandbox, warm_sandbox
     from ..verifiers.code import NOT_ISOLATED
 
     start = time.monotonic()
     if not limits.get("allow_unsandboxed") and not sandbox.bwrap_works():
         return ToolResult("", NOT_ISOLATED.replace("reward.code.allow_unsandboxed", "env.options.allow_unsandboxed"))
     try:
-        res = sandbox.run_python(code, timeout_s=limits["timeout_s"], memory_mb=limits["memory_mb"],
-                                 max_output_bytes=limits["max_output_bytes"])
+        run = warm_sandbox.run_python if limits.get("warm", True) else sandbox.run_python
+        res = run(code, timeout_s=limits["timeout_s"], memory_mb=limits["memory_mb"],
+                  max_output_bytes=limits["max_output_bytes"])
     except ValueError as e:  # source too long
         return ToolResult("", str(e), time.monotonic() - start)
     return ToolResult(res.stdout if res.returncode == 0 and not res.killed_reason else "", _error(res), res.wall_s)

@@ -1,0 +1,183 @@
+"""Python in a warm sandbox: `run_python(source) -> SandboxResult`, as sandbox.run_python, for
+short programs that come often (environments' tool calls).
+
+A fresh sandbox per call (sandbox.py) pays a bubblewrap launch and an interpreter start each
+time. Here one bubblewrap sandbox (the same mounts, no network, uid 65534, new session) runs a
+server that forks per call, and the kernel gives each fork namespaces of its own (user, mount,
+pid, net, ipc, uts), fresh /tmp, /dev/shm and /proc, no capabilities, no user namespaces of its
+own, and the call's rlimits: warm_server.py says how, and why no call can see another's files,
+processes or memory. Costs per call: benchmarks/RESULTS.md ("the warm sandbox").
+
+What it needs beyond the fresh sandbox: bubblewrap without --disable-userns for the server
+(each call's user namespace then sets that limit to 0 for the code), and the kernel letting an
+unprivileged process nest user namespaces. Where the first call's self-test fails, calls go to
+the fresh sandbox, with a one-time warning naming the reason.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import subprocess
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+
+from . import sandbox
+from .sandbox import SandboxResult
+from .warm_server import CHUNK, HEADER, SETUP_FAILED
+
+log = logging.getLogger(__name__)
+SERVER_SOURCE = Path(__file__).with_name("warm_server.py").read_text()
+_HOST_SLACK_S = 10.0  # past the call's own wall clock, the server itself counts as hung
+
+
+class ServerGone(RuntimeError):
+    """The server exited or stopped answering: its calls fail, and the next call starts another."""
+
+
+class WarmSandbox:
+    """One server process and the calls in flight to it; thread-safe."""
+
+    def __init__(self):
+        python, drop = sandbox._interpreter()
+        prefix, ids = sandbox._as_nobody(drop)
+        cmd = [*prefix, *sandbox._bwrap_prefix(python, 1, disable_userns=False),
+               python, "-I", "-S", "-c", SERVER_SOURCE]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=sandbox._ENV, **ids)
+        self.lock = threading.Lock()  # one request at a time on the pipe
+        self.ids = itertools.count(1)
+        self.pending: dict[int, Future] = {}
+        self.gone: str | None = None
+        threading.Thread(target=self._read, daemon=True, name="warm-sandbox").start()
+
+    def submit(self, source: str, limits: dict) -> Future:
+        body_limits, body_code = json.dumps(limits).encode(), source.encode()
+        done: Future = Future()
+        with self.lock:
+            if self.gone:
+                raise ServerGone(self.gone)
+            call_id = next(self.ids)
+            self.pending[call_id] = done
+            try:
+                self.proc.stdin.write(HEADER.pack(call_id, len(body_limits), len(body_code)) + body_limits + body_code)
+                self.proc.stdin.flush()
+            except OSError as e:
+                self.pending.pop(call_id)
+                raise ServerGone(f"the warm sandbox's server does not take requests: {e}") from e
+        return done
+
+    def run(self, source: str, limits: dict) -> SandboxResult:
+        done = self.submit(source, limits)
+        try:
+            out = done.result(timeout=limits["timeout_s"] + _HOST_SLACK_S)
+        except FutureTimeout:
+            self.close(f"the warm sandbox's server did not answer within {limits['timeout_s'] + _HOST_SLACK_S:g} s")
+            raise ServerGone(self.gone) from None
+        if "error" in out:
+            raise ServerGone(f"the warm sandbox's server failed a call: {out['error']}")
+        timed_out, stderr = out["timed_out"], out["stderr"]
+        reason = sandbox._reason(out["rc"], stderr, timed_out, out["overflow"], limits["timeout_s"])
+        if out["rc"] == SETUP_FAILED and stderr.startswith("sandbox setup failed"):
+            reason = stderr.strip()
+        return SandboxResult(returncode=None if timed_out else out["rc"], stdout=out["stdout"], stderr=stderr,
+                             timed_out=timed_out, killed_reason=reason, wall_s=out["wall_s"], isolated=True)
+
+    def _read(self) -> None:
+        """Reassemble each call's chunks (they interleave between calls) and answer its future."""
+        fd, parts = self.proc.stdout.fileno(), {}
+        try:
+            while True:
+                call_id, n, last = CHUNK.unpack(_read_exact(fd, CHUNK.size))
+                parts.setdefault(call_id, bytearray()).extend(_read_exact(fd, n))
+                if last:
+                    done = self.pending.pop(call_id, None)
+                    if done is not None:
+                        done.set_result(json.loads(parts.pop(call_id)))
+        except (EOFError, OSError, ValueError) as e:
+            self.close(f"the warm sandbox's server exited ({type(e).__name__})")
+
+    def close(self, why: str = "closed") -> None:
+        with self.lock:
+            if not self.gone:
+                self.gone = why
+            pending, self.pending = self.pending, {}
+        for done in pending.values():
+            if not done.done():
+                done.set_exception(ServerGone(self.gone))
+        if self.proc.poll() is None:
+            self.proc.kill()  # bubblewrap: its sandbox, the server and every call in it go too
+            self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+_STATE: dict = {"server": None, "usable": None, "why": None}
+_LOCK = threading.Lock()
+
+
+def _server() -> WarmSandbox | None:
+    """This process's server, started (and self-tested) on first use and again after it exits;
+    None where the warm sandbox cannot work here."""
+    with _LOCK:
+        if _STATE["usable"] is False:
+            return None
+        server = _STATE["server"]
+        if server is not None and not server.gone:
+            return server
+        try:
+            server = WarmSandbox()
+            probe = server.run("print(6 * 7)", _limits(5.0, 64, 1024, 8, 1))
+            if probe.stdout != "42\n" or probe.returncode != 0:
+                raise ServerGone(f"its self-test printed {probe.stdout!r}, rc {probe.returncode}: "
+                                 f"{(probe.killed_reason or probe.stderr)[-300:]}")
+        except (ServerGone, OSError) as e:
+            if server is not None:
+                server.close()
+            if _STATE["usable"] is None:  # never worked here: stay with the fresh sandbox
+                _STATE.update(usable=False, why=str(e))
+                log.warning("sandbox: the warm sandbox does not work here (%s); every call starts a "
+                            "fresh sandbox instead (isolated the same, slower)", e)
+                return None
+            raise
+        _STATE.update(server=server, usable=True)
+        return server
+
+
+def _limits(timeout_s: float, memory_mb: int, max_output_bytes: int, nproc: int, tmp_mb: int) -> dict:
+    return dict(timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
+                nproc=nproc, tmp_mb=tmp_mb)
+
+
+def run_python(source: str, *, timeout_s: float = 2.0, memory_mb: int = 512,
+               max_output_bytes: int = 65536, nproc: int = 64, tmp_mb: int = 64) -> SandboxResult:
+    """Run `source` as a Python program in a fork of the warm sandbox (a fresh sandbox where the
+    warm one cannot work, or has no bubblewrap to start in). The arguments are
+    sandbox.run_python's, less stdin and the side channel."""
+    if len(source.encode()) > sandbox.MAX_SOURCE_BYTES:
+        raise ValueError(f"source is over {sandbox.MAX_SOURCE_BYTES} bytes")
+    server = _server() if sandbox.bwrap_works() else None
+    if server is None:
+        return sandbox.run_python(source, timeout_s=timeout_s, memory_mb=memory_mb,
+                                  max_output_bytes=max_output_bytes, nproc=nproc, tmp_mb=tmp_mb)
+    try:
+        return server.run(source, _limits(timeout_s, memory_mb, max_output_bytes, nproc, tmp_mb))
+    except ServerGone as e:  # this call fails with the reason; the next one starts a fresh server
+        return SandboxResult(returncode=None, stdout="", stderr="", timed_out=False,
+                             killed_reason=f"sandbox failed: {e}", wall_s=0.0, isolated=True)
