@@ -32,6 +32,8 @@ def _server():
     "x = (",
     "import random\nprint(random.random() < 2)",
     "print(__name__, __import__('sys').argv)",
+    "import os, signal\nprint(os.getpid())\nos.kill(os.getpid(), signal.SIGTERM)",
+    "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
 ])
 def test_a_warm_call_answers_what_a_fresh_sandbox_answers(code):
     warm, fresh = run_python(code), sandbox.run_python(code)
@@ -69,7 +71,7 @@ def test_calls_share_no_files_processes_or_memory():
         "    found += [i for i, m in enumerate(marks) if m.search(chunk)]\n"
         "print(found)\n", memory_mb=1024, timeout_s=10.0)
     assert second.returncode == 0, second
-    assert second.stdout == "[] []\n['1']\n[2]\n", second.stdout
+    assert second.stdout == "[] []\n['1', '2']\n[2]\n", second.stdout  # its init and itself
     time.sleep(0.2)
     leftover = subprocess.run(["pgrep", "-f", "sleep 77"], capture_output=True, text=True).stdout
     assert not leftover, "the first call's background process outlived it"
@@ -95,7 +97,7 @@ def test_a_call_has_no_capabilities_namespaces_or_network():
     assert lines[0] == "0000000000000000 0000000000000000 0000000000000000 1"
     assert lines[1] == "-1 -1 -1"  # no user namespace, no mount namespace, no mount
     uid, pid, ppid = lines[2].split()
-    assert (pid, ppid) == ("1", "0") and (os.geteuid() != 0 or uid == str(sandbox.NOBODY))
+    assert (pid, ppid) == ("2", "1") and (os.geteuid() != 0 or uid == str(sandbox.NOBODY))
     assert lines[3].startswith("no network")
 
 
@@ -119,11 +121,14 @@ def test_a_call_cannot_signal_the_server_or_other_calls():
     other = ThreadPoolExecutor(1).submit(run_python, "import time\ntime.sleep(1.5)\nprint('other')", timeout_s=5.0)
     time.sleep(0.3)
     r = run_python("import os, signal\n"
-                   "for pid in (os.getppid(), 0, -1, 1):\n"
+                   "for pid in (os.getppid(), -1, 1):\n"
                    "    try:\n        os.kill(pid, signal.SIGKILL)\n"
                    "    except OSError as e:\n        print(pid, e.errno)\n"
                    "print('alive')")
-    assert r.stdout.endswith("alive\n"), r  # pid 1 of its namespace ignores its own SIGKILL
+    assert r.stdout.endswith("alive\n"), r  # its init ignores it; nothing else is in sight
+    # its own process group is itself alone: as in a fresh sandbox, it dies, and nothing else
+    r = run_python("import os\nos.kill(0, 9)\nprint('alive')")
+    assert r.returncode == 128 + 9 and r.stdout == "", r
     assert other.result(timeout=10).stdout == "other\n"
     assert run_python("print(6 * 7)").stdout == "42\n" and warm_sandbox._STATE["server"] is server
 

@@ -8,9 +8,11 @@ kernel per call instead of by a fresh bubblewrap and interpreter:
     server (the sandbox's program, uid 65534, no capabilities)
       `- A, a fork: new user, mount, pid, net, ipc and uts namespaces; enforces the wall clock
          and the output cap, then reports
-           `- B, pid 1 of A's pid namespace: its own /tmp, /dev/shm and /proc; the user
-              namespace limit set to 0, every capability dropped, no_new_privs, rlimits; then
-              runs the call's code. When B exits the kernel kills whatever it left behind.
+           `- B, pid 1 of A's pid namespace: its own /tmp, /dev/shm and /proc, the user
+              namespace limit set to 0; then the call's init. When B exits the kernel kills
+              whatever the call left behind.
+                `- C: a session and keyring of its own, rlimits, every capability dropped,
+                   no_new_privs; then runs the call's code.
 
 What calls could share, and why they do not: memory (a fork is a copy, and the server never
 holds a call's code or output: A reads the code from the request pipe itself, and writes the
@@ -84,9 +86,8 @@ def _drop_capabilities() -> None:
     _ok(libc.capset(header, data), "capset")
 
 
-def _isolate(limits: dict) -> None:
-    """B, as pid 1 of the call's namespaces, before the code: its own mounts, then nothing it
-    could use to leave them."""
+def _own_mounts(limits: dict) -> None:
+    """B, pid 1 of the call's namespaces: mounts of its own, and no user namespaces below."""
     mount = libc.mount
     _ok(mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
     tmp = limits["tmp_mb"]
@@ -95,15 +96,20 @@ def _isolate(limits: dict) -> None:
               f"size={max(tmp // 4, 1)}m,mode=1777".encode()), "/dev/shm")
     _ok(mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "/proc")
     _write_file("/proc/sys/user/max_user_namespaces", "0")  # what bwrap's --disable-userns does
+    os.chdir("/tmp")
+
+
+def _confine(limits: dict) -> None:
+    """C, before the code: nothing it could use to leave the call's namespaces or limits."""
     os.setsid()  # else kill(0, ...) would reach the server's process group, across namespaces
     libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None)  # not the server's (refused where seccomp bans keyctl)
-    os.chdir("/tmp")
     cpu = math.ceil(limits["timeout_s"]) + 1  # the wall clock is the real limit; CPU a backstop
     for name, value in (("RLIMIT_AS", limits["memory_mb"] << 20), ("RLIMIT_CPU", cpu),
                         ("RLIMIT_FSIZE", 16 << 20), ("RLIMIT_NOFILE", 64), ("RLIMIT_CORE", 0),
                         ("RLIMIT_NPROC", limits["nproc"])):
         resource.setrlimit(getattr(resource, name), (value, value))
     _drop_capabilities()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # B ignores it; the code gets Python's
 
 
 def _run_code(code: str) -> int:
@@ -130,18 +136,38 @@ def _run_code(code: str) -> int:
 
 
 def _child(limits: dict, code: str, out_w: int, err_w: int) -> None:
-    """B: never returns."""
+    """B: sets up the call's mounts, then stands as its init (pid 1, as bubblewrap's own init
+    does for a fresh sandbox) while its child C runs the code. Never returns."""
     try:
-        _isolate(limits)
+        _own_mounts(limits)
         null = os.open("/dev/null", os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
+        for fd, to in ((null, 0), (out_w, 1), (err_w, 2)):
+            os.dup2(fd, to)
         os.closerange(3, 1 << 16)  # the server's request and response pipes included
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the code cannot interrupt its init
+        code_pid = os.fork()
     except BaseException as e:  # noqa: BLE001
-        os.write(err_w, f"sandbox setup failed: {e}\n".encode())
+        for fd in (err_w, 2):  # err_w is closed once it is on fd 2
+            try:
+                os.write(fd, f"sandbox setup failed: {e}\n".encode())
+                break
+            except OSError:
+                pass
         os._exit(SETUP_FAILED)
-    os._exit(_run_code(code))
+    if code_pid == 0:
+        try:
+            _confine(limits)
+        except BaseException as e:  # noqa: BLE001
+            os.write(2, f"sandbox setup failed: {e}\n".encode())
+            os._exit(SETUP_FAILED)
+        os._exit(_run_code(code))
+    os.dup2(0, 1)  # the pipes close when C and what it started are gone, not with us
+    os.dup2(0, 2)
+    while True:  # reap what the code orphans too, until the code itself is done
+        pid, status = os.wait()
+        if pid == code_pid:
+            rc = os.waitstatus_to_exitcode(status)
+            os._exit(rc if rc >= 0 else 128 - rc)  # killed by a signal: 128 + its number, as bwrap says
 
 
 def _collect(pid: int, out_r: int, err_r: int, limits: dict, deadline: float) -> dict:
@@ -190,6 +216,7 @@ def _call(req: int, resp: int, consumed: int, call_id: int, sizes: tuple[int, in
         code = _read_exact(req, sizes[1]).decode(errors="replace")
         os.write(consumed, b"1")
         os.close(consumed)
+        os.close(req)
         start = time.monotonic()
         uid, gid = os.geteuid(), os.getegid()
         _ok(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
