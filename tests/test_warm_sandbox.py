@@ -34,6 +34,9 @@ def _server():
     "print(__name__, __import__('sys').argv)",
     "import os, signal\nprint(os.getpid())\nos.kill(os.getpid(), signal.SIGTERM)",
     "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
+    "import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.2), print('late'))).start()",
+    "import atexit\natexit.register(print, 'at exit')\nprint('main')",
+    "import sys\nsys.stderr.write('sandbox setup failed: forged')\nsys.exit(125)",  # not a set-up failure
 ])
 def test_a_warm_call_answers_what_a_fresh_sandbox_answers(code):
     warm, fresh = run_python(code), sandbox.run_python(code)
@@ -77,6 +80,23 @@ def test_calls_share_no_files_processes_or_memory():
     assert not leftover, "the first call's background process outlived it"
 
 
+def test_a_call_that_closes_its_outputs_still_ends_at_its_wall_clock_and_others_go_on():
+    other = ThreadPoolExecutor(1).submit(run_python, "import time\ntime.sleep(1)\nprint('other')", timeout_s=5.0)
+    start = time.monotonic()
+    r = run_python("import os, time\nos.close(1)\nos.close(2)\ntime.sleep(1000)", timeout_s=1.0)
+    assert r.timed_out and r.killed_reason == "timeout after 1.0s" and time.monotonic() - start < 3.0, r
+    assert other.result(timeout=10).stdout == "other\n"
+
+
+def test_calls_do_not_share_terminals():
+    holder = ThreadPoolExecutor(1).submit(run_python, "import os, time\nm, s = os.openpty()\n"
+                                          "print(os.ttyname(s))\ntime.sleep(1.5)", timeout_s=5.0)
+    time.sleep(0.5)
+    r = run_python("import os\nprint(sorted(os.listdir('/dev/pts')))")
+    assert r.stdout == "['ptmx']\n", r  # not the other call's pty
+    assert holder.result(timeout=10).stdout == "/dev/pts/0\n"
+
+
 def test_a_call_has_no_capabilities_namespaces_or_network():
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -86,6 +106,8 @@ def test_a_call_has_no_capabilities_namespaces_or_network():
         "import ctypes, os, socket\n"
         "status = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
         "print(status['CapEff'].strip(), status['CapPrm'].strip(), status['CapBnd'].strip(), status['NoNewPrivs'].strip())\n"
+        "init = dict(l.split(':', 1) for l in open('/proc/1/status'))\n"
+        "print(init['CapEff'].strip(), init['CapPrm'].strip())\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
         "print(libc.unshare(0x10000000), libc.unshare(0x00020000), libc.mount(b'none', b'/tmp', b'tmpfs', 0, None))\n"
         "print(os.getuid(), os.getpid(), os.getppid())\n"
@@ -93,12 +115,13 @@ def test_a_call_has_no_capabilities_namespaces_or_network():
         "except OSError as e:\n    print('no network', e.errno)\n")
     listener.close()
     lines = r.stdout.splitlines()
-    assert r.returncode == 0 and len(lines) == 4, r
+    assert r.returncode == 0 and len(lines) == 5, r
     assert lines[0] == "0000000000000000 0000000000000000 0000000000000000 1"
-    assert lines[1] == "-1 -1 -1"  # no user namespace, no mount namespace, no mount
-    uid, pid, ppid = lines[2].split()
+    assert lines[1] == "0000000000000000 0000000000000000"  # its init holds none either
+    assert lines[2] == "-1 -1 -1"  # no user namespace, no mount namespace, no mount
+    uid, pid, ppid = lines[3].split()
     assert (pid, ppid) == ("2", "1") and (os.geteuid() != 0 or uid == str(sandbox.NOBODY))
-    assert lines[3].startswith("no network")
+    assert lines[4].startswith("no network")
 
 
 @pytest.mark.parametrize("code, reason", [
@@ -142,15 +165,16 @@ def test_concurrent_calls_each_get_their_own_answer_whole():
             assert r.returncode == 0 and r.stdout == str(i) * (1000 + 997 * i), (i, len(r.stdout))
 
 
-def test_a_dead_server_fails_its_calls_with_the_reason_and_the_next_call_starts_another():
+def test_a_dead_servers_calls_rerun_in_a_fresh_sandbox_and_the_next_call_starts_another(caplog):
     server = _server()
-    slow = ThreadPoolExecutor(1).submit(run_python, "import time\ntime.sleep(3)", timeout_s=5.0)
+    slow = ThreadPoolExecutor(1).submit(run_python, "import os, time\ntime.sleep(1)\nprint(os.getpid())", timeout_s=5.0)
     time.sleep(0.5)
     server.proc.kill()
     r = slow.result(timeout=20)
-    assert r.killed_reason.startswith("sandbox failed: the warm sandbox's server exited"), r
+    assert r.returncode == 0 and r.stdout == "2\n", r
+    assert "the warm sandbox's server exited" in caplog.text and "runs in a fresh sandbox" in caplog.text
     assert run_python("print(1)").stdout == "1\n"
-    assert warm_sandbox._STATE["server"] is not server
+    assert warm_sandbox._STATE["server"] is not server and not warm_sandbox._STATE["server"].gone
 
 
 def test_where_the_kernel_refuses_nested_namespaces_calls_go_to_a_fresh_sandbox(monkeypatch, caplog):

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import subprocess
 import threading
 from concurrent.futures import Future
@@ -65,9 +66,13 @@ class WarmSandbox:
             try:
                 self.proc.stdin.write(HEADER.pack(call_id, len(body_limits), len(body_code)) + body_limits + body_code)
                 self.proc.stdin.flush()
-            except OSError as e:
+            except BaseException as e:  # half a request would put the stream out of step
                 self.pending.pop(call_id)
-                raise ServerGone(f"the warm sandbox's server does not take requests: {e}") from e
+                self.gone = f"the warm sandbox's server does not take requests: {type(e).__name__}: {e}"
+                self.proc.kill()
+                if isinstance(e, OSError):
+                    raise ServerGone(self.gone) from e
+                raise
         return done
 
     def run(self, source: str, limits: dict) -> SandboxResult:
@@ -77,12 +82,13 @@ class WarmSandbox:
         except FutureTimeout:
             self.close(f"the warm sandbox's server did not answer within {limits['timeout_s'] + _HOST_SLACK_S:g} s")
             raise ServerGone(self.gone) from None
-        if "error" in out:
-            raise ServerGone(f"the warm sandbox's server failed a call: {out['error']}")
+        if "error" in out:  # this call only: the server goes on
+            return SandboxResult(returncode=None, stdout="", stderr="", timed_out=False,
+                                 killed_reason=f"sandbox failed: {out['error']}", wall_s=0.0, isolated=True)
         timed_out, stderr = out["timed_out"], out["stderr"]
         reason = sandbox._reason(out["rc"], stderr, timed_out, out["overflow"], limits["timeout_s"])
-        if out["rc"] == SETUP_FAILED and stderr.startswith("sandbox setup failed"):
-            reason = stderr.strip()
+        if out["rc"] == SETUP_FAILED and out["setup_error"]:  # its own pipe: the code cannot fake it
+            reason = f"sandbox setup failed: {out['setup_error']}"
         return SandboxResult(returncode=None if timed_out else out["rc"], stdout=out["stdout"], stderr=stderr,
                              timed_out=timed_out, killed_reason=reason, wall_s=out["wall_s"], isolated=True)
 
@@ -94,28 +100,30 @@ class WarmSandbox:
                 call_id, n, last = CHUNK.unpack(_read_exact(fd, CHUNK.size))
                 parts.setdefault(call_id, bytearray()).extend(_read_exact(fd, n))
                 if last:
-                    done = self.pending.pop(call_id, None)
+                    with self.lock:
+                        done = self.pending.pop(call_id, None)
                     if done is not None:
                         done.set_result(json.loads(parts.pop(call_id)))
         except (EOFError, OSError, ValueError) as e:
             self.close(f"the warm sandbox's server exited ({type(e).__name__})")
+        finally:
+            self.proc.stdout.close()  # here only: closed elsewhere, its fd could be reused and read here
 
     def close(self, why: str = "closed") -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # bubblewrap: its sandbox, the server and every call in it go too
         with self.lock:
             if not self.gone:
                 self.gone = why
             pending, self.pending = self.pending, {}
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
         for done in pending.values():
             if not done.done():
                 done.set_exception(ServerGone(self.gone))
-        if self.proc.poll() is None:
-            self.proc.kill()  # bubblewrap: its sandbox, the server and every call in it go too
-            self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
+        self.proc.wait()
 
 
 def _read_exact(fd: int, n: int) -> bytes:
@@ -130,6 +138,33 @@ def _read_exact(fd: int, n: int) -> bytes:
 
 _STATE: dict = {"server": None, "usable": None, "why": None}
 _LOCK = threading.Lock()
+_LAUNCHES: queue.Queue = queue.Queue()
+
+
+def _launcher() -> None:
+    while True:
+        done = _LAUNCHES.get()
+        try:
+            done.set_result(WarmSandbox())
+        except BaseException as e:  # noqa: BLE001 - the caller gets it
+            done.set_exception(e)
+
+
+def _start() -> WarmSandbox:
+    """A server started from a thread that lives as long as this process: bubblewrap's
+    --die-with-parent follows the thread that started it, and a pool's short-lived thread
+    would take the server down with it."""
+    with _LOCK_LAUNCHER:
+        if _LAUNCHER["thread"] is None:
+            _LAUNCHER["thread"] = threading.Thread(target=_launcher, daemon=True, name="warm-sandbox-launcher")
+            _LAUNCHER["thread"].start()
+    done: Future = Future()
+    _LAUNCHES.put(done)
+    return done.result()
+
+
+_LOCK_LAUNCHER = threading.Lock()
+_LAUNCHER: dict = {"thread": None}
 
 
 def _server() -> WarmSandbox | None:
@@ -141,8 +176,9 @@ def _server() -> WarmSandbox | None:
         server = _STATE["server"]
         if server is not None and not server.gone:
             return server
+        server = None
         try:
-            server = WarmSandbox()
+            server = _start()
             probe = server.run("print(6 * 7)", _limits(5.0, 64, 1024, 8, 1))
             if probe.stdout != "42\n" or probe.returncode != 0:
                 raise ServerGone(f"its self-test printed {probe.stdout!r}, rc {probe.returncode}: "
@@ -172,12 +208,11 @@ def run_python(source: str, *, timeout_s: float = 2.0, memory_mb: int = 512,
     sandbox.run_python's, less stdin and the side channel."""
     if len(source.encode()) > sandbox.MAX_SOURCE_BYTES:
         raise ValueError(f"source is over {sandbox.MAX_SOURCE_BYTES} bytes")
-    server = _server() if sandbox.bwrap_works() else None
-    if server is None:
-        return sandbox.run_python(source, timeout_s=timeout_s, memory_mb=memory_mb,
-                                  max_output_bytes=max_output_bytes, nproc=nproc, tmp_mb=tmp_mb)
     try:
-        return server.run(source, _limits(timeout_s, memory_mb, max_output_bytes, nproc, tmp_mb))
-    except ServerGone as e:  # this call fails with the reason; the next one starts a fresh server
-        return SandboxResult(returncode=None, stdout="", stderr="", timed_out=False,
-                             killed_reason=f"sandbox failed: {e}", wall_s=0.0, isolated=True)
+        server = _server() if sandbox.bwrap_works() else None
+        if server is not None:
+            return server.run(source, _limits(timeout_s, memory_mb, max_output_bytes, nproc, tmp_mb))
+    except (ServerGone, OSError) as e:  # this call goes to a fresh sandbox; the next one, a fresh server
+        log.warning("sandbox: %s; the call runs in a fresh sandbox", e)
+    return sandbox.run_python(source, timeout_s=timeout_s, memory_mb=memory_mb,
+                              max_output_bytes=max_output_bytes, nproc=nproc, tmp_mb=tmp_mb)

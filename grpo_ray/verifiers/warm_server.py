@@ -26,7 +26,9 @@ before it reads the next header. Responses on fd 1: chunks of at most PIPE_BUF b
 writes of concurrent calls never interleave within a chunk: (id u64, length u16, last u8) and
 a slice of the result's JSON.
 """
+import atexit
 import ctypes
+import errno
 import json
 import math
 import os
@@ -45,9 +47,10 @@ PIPE_BUF = 4096
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
-PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING = 250, 1  # x86-64
-SETUP_FAILED = 125  # B's exit code when its isolation could not be set up: the code never ran
+SETUP_FAILED = 125  # the exit code when a call's isolation could not be set up: the code never ran
+SETUP_FD = 3  # B and C report a failed set-up here, a pipe the code never holds
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -76,10 +79,9 @@ def _read_exact(fd: int, n: int) -> bytes:
     return bytes(buf)
 
 
-def _drop_capabilities() -> None:
-    cap = 0
-    while libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0:
-        cap += 1
+def _drop_capabilities(last_cap: int) -> None:
+    for cap in range(last_cap + 1):
+        _ok(libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"drop capability {cap}")
     _ok(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
     data = (ctypes.c_uint32 * 6)()                  # effective, permitted, inheritable: all 0
@@ -95,20 +97,26 @@ def _own_mounts(limits: dict) -> None:
     _ok(mount(b"tmpfs", b"/dev/shm", b"tmpfs", MS_NOSUID | MS_NODEV,
               f"size={max(tmp // 4, 1)}m,mode=1777".encode()), "/dev/shm")
     _ok(mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "/proc")
+    # bwrap's /dev/pts is one instance for the whole sandbox: calls could open each other's ptys
+    _ok(mount(b"devpts", b"/dev/pts", b"devpts", MS_NOSUID | MS_NOEXEC, b"newinstance,ptmxmode=0666,mode=620"),
+        "/dev/pts")
     _write_file("/proc/sys/user/max_user_namespaces", "0")  # what bwrap's --disable-userns does
     os.chdir("/tmp")
 
 
 def _confine(limits: dict) -> None:
-    """C, before the code: nothing it could use to leave the call's namespaces or limits."""
+    """C (no capabilities: B dropped them), before the code: a session, keyring and limits of
+    its own."""
     os.setsid()  # else kill(0, ...) would reach the server's process group, across namespaces
-    libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None)  # not the server's (refused where seccomp bans keyctl)
+    if libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EPERM, errno.ENOSYS):  # those: keyctl is banned, for the code too
+            raise OSError(err, f"a session keyring of its own: {os.strerror(err)}")
     cpu = math.ceil(limits["timeout_s"]) + 1  # the wall clock is the real limit; CPU a backstop
     for name, value in (("RLIMIT_AS", limits["memory_mb"] << 20), ("RLIMIT_CPU", cpu),
                         ("RLIMIT_FSIZE", 16 << 20), ("RLIMIT_NOFILE", 64), ("RLIMIT_CORE", 0),
                         ("RLIMIT_NPROC", limits["nproc"])):
         resource.setrlimit(getattr(resource, name), (value, value))
-    _drop_capabilities()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # B ignores it; the code gets Python's
 
 
@@ -127,6 +135,12 @@ def _run_code(code: str) -> int:
     except BaseException as e:  # noqa: BLE001 - the code's own error, reported as python would
         traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # not this function's frame
         rc = 1
+    try:  # what the interpreter does at exit: wait for the code's threads, run its atexit hooks
+        if "threading" in sys.modules:
+            sys.modules["threading"]._shutdown()
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001 - as at exit, a failing hook loses only itself
+        pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -135,34 +149,40 @@ def _run_code(code: str) -> int:
     return rc & 0xFF
 
 
-def _child(limits: dict, code: str, out_w: int, err_w: int) -> None:
-    """B: sets up the call's mounts, then stands as its init (pid 1, as bubblewrap's own init
-    does for a fresh sandbox) while its child C runs the code. Never returns."""
+def _fail_setup(fd: int, e: BaseException) -> None:
     try:
+        os.write(fd, f"{type(e).__name__}: {e}".encode()[:2000])
+    finally:
+        os._exit(SETUP_FAILED)
+
+
+def _child(limits: dict, code: str, fds: tuple[int, int, int], last_cap: int) -> None:
+    """B: sets up the call's mounts, drops every capability, then stands as the call's init (pid
+    1, as bubblewrap's own init does for a fresh sandbox) while its child C runs the code.
+    fds: the write ends of stdout, stderr and the set-up pipe. Never returns."""
+    out_w, err_w, report = fds
+    try:
+        _ok(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "die with A")  # A enforces the wall clock
         _own_mounts(limits)
+        _drop_capabilities(last_cap)
         null = os.open("/dev/null", os.O_RDONLY)
-        for fd, to in ((null, 0), (out_w, 1), (err_w, 2)):
-            os.dup2(fd, to)
-        os.closerange(3, 1 << 16)  # the server's request and response pipes included
+        for fd, to in ((null, 0), (out_w, 1), (err_w, 2), (report, SETUP_FD)):  # in this order:
+            os.dup2(fd, to)  # out_w or err_w may be fd 3, none of them 0-2
+        report = SETUP_FD
+        os.closerange(SETUP_FD + 1, 1 << 16)  # the server's request and response pipes included
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the code cannot interrupt its init
         code_pid = os.fork()
     except BaseException as e:  # noqa: BLE001
-        for fd in (err_w, 2):  # err_w is closed once it is on fd 2
-            try:
-                os.write(fd, f"sandbox setup failed: {e}\n".encode())
-                break
-            except OSError:
-                pass
-        os._exit(SETUP_FAILED)
+        _fail_setup(report, e)
     if code_pid == 0:
         try:
             _confine(limits)
         except BaseException as e:  # noqa: BLE001
-            os.write(2, f"sandbox setup failed: {e}\n".encode())
-            os._exit(SETUP_FAILED)
+            _fail_setup(SETUP_FD, e)
+        os.close(SETUP_FD)
         os._exit(_run_code(code))
-    os.dup2(0, 1)  # the pipes close when C and what it started are gone, not with us
-    os.dup2(0, 2)
+    for fd in (1, 2, SETUP_FD):  # the pipes close when C and what it started are gone, not with us
+        os.dup2(0, fd)
     while True:  # reap what the code orphans too, until the code itself is done
         pid, status = os.wait()
         if pid == code_pid:
@@ -171,18 +191,17 @@ def _child(limits: dict, code: str, out_w: int, err_w: int) -> None:
 
 
 def _collect(pid: int, out_r: int, err_r: int, limits: dict, deadline: float) -> dict:
-    """A: read B's output until both pipes close (B's namespace is gone), the wall clock runs
-    out, or the output passes its cap; then kill and reap B."""
+    """A: read B's output until B has exited and both pipes are closed (B's namespace is gone),
+    the wall clock runs out, or the output passes its cap; then kill and reap B. Closed pipes
+    alone do not end a call: the code may close its stdout and stderr and go on."""
     cap = limits["max_output_bytes"]
     bufs = {out_r: bytearray(), err_r: bytearray()}
-    open_fds, timed_out, overflow = [out_r, err_r], False, False
-    while open_fds:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            timed_out = True
-            break
-        ready, _, _ = select.select(open_fds, [], [], left)
-        for fd in ready:
+    pidfd = os.pidfd_open(pid)
+    open_fds, exited, timed_out, overflow = [out_r, err_r], False, False, False
+
+    def read(fds: list[int]) -> None:
+        nonlocal overflow
+        for fd in fds:
             chunk = os.read(fd, 65536)
             if not chunk:
                 open_fds.remove(fd)
@@ -190,10 +209,21 @@ def _collect(pid: int, out_r: int, err_r: int, limits: dict, deadline: float) ->
             buf = bufs[fd]
             buf += chunk[: max(0, cap - len(buf))]
             overflow = overflow or len(buf) >= cap
-        if overflow:
+
+    while (open_fds or not exited) and not overflow:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
             break
-    if open_fds:
+        ready, _, _ = select.select(open_fds + ([] if exited else [pidfd]), [], [], left)
+        exited = exited or pidfd in ready
+        read([fd for fd in ready if fd != pidfd])
+    if timed_out or overflow:
         os.kill(pid, signal.SIGKILL)  # pid 1 of the call's namespace: everything in it dies
+        end = time.monotonic() + 0.2  # what is already in the pipes still counts, as in a fresh sandbox
+        while open_fds and not overflow and (left := end - time.monotonic()) > 0:
+            read(select.select(open_fds, [], [], left)[0])
+    os.close(pidfd)
     status = os.waitpid(pid, 0)[1]
     return {"rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out, "overflow": overflow,
             "stdout": bufs[out_r].decode(errors="replace"), "stderr": bufs[err_r].decode(errors="replace")}
@@ -207,7 +237,7 @@ def _respond(resp: int, call_id: int, result: dict) -> None:
         os.write(resp, CHUNK.pack(call_id, len(payload[i:i + step]), last) + payload[i:i + step])
 
 
-def _call(req: int, resp: int, consumed: int, call_id: int, sizes: tuple[int, int]) -> None:
+def _call(req: int, resp: int, consumed: int, call_id: int, sizes: tuple[int, int], last_cap: int) -> None:
     """A: never returns."""
     status = 0
     try:
@@ -224,17 +254,21 @@ def _call(req: int, resp: int, consumed: int, call_id: int, sizes: tuple[int, in
         _write_file("/proc/self/setgroups", "deny")
         _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
         _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        (out_r, out_w), (err_r, err_w), (setup_r, setup_w) = os.pipe(), os.pipe(), os.pipe()
         pid = os.fork()
         if pid == 0:
-            os.close(out_r)
-            os.close(err_r)
-            _child(limits, code, out_w, err_w)
-        os.close(out_w)
-        os.close(err_w)
+            for fd in (out_r, err_r, setup_r):
+                os.close(fd)
+            _child(limits, code, (out_w, err_w, setup_w), last_cap)
+        for fd in (out_w, err_w, setup_w):
+            os.close(fd)
         result = _collect(pid, out_r, err_r, limits, start + limits["timeout_s"])
         result["wall_s"] = time.monotonic() - start
+        os.set_blocking(setup_r, False)  # B is gone: what its set-up said is all there
+        try:
+            result["setup_error"] = os.read(setup_r, 4096).decode(errors="replace")
+        except BlockingIOError:
+            result["setup_error"] = ""
     except BaseException as e:  # noqa: BLE001 - reported to the host as this call's failure
         result, status = {"error": f"{type(e).__name__}: {e}"}, 1
     try:
@@ -243,21 +277,49 @@ def _call(req: int, resp: int, consumed: int, call_id: int, sizes: tuple[int, in
         os._exit(status)
 
 
+def _refuse(resp: int, req: int, call_id: int, n: int, e: OSError) -> None:
+    """A call the server could not start (fork or pipe failed: EAGAIN, EMFILE): answered with
+    the reason, its body passed to /dev/null without entering our memory."""
+    null = os.open("/dev/null", os.O_WRONLY)
+    try:
+        while n:
+            moved = os.splice(req, null, n)
+            if not moved:
+                raise EOFError
+            n -= moved
+    finally:
+        os.close(null)
+    _respond(resp, call_id, {"error": f"the call could not start: {type(e).__name__}: {e}"})
+
+
 def main() -> None:
     req, resp = os.dup(0), os.dup(1)
     null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)  # nothing of ours may reach the response pipe but whole chunks
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished calls are reaped by the kernel
+    libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None)  # not the host's, should a call's own fail
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last_cap = int(f.read())
     while True:
         try:
             call_id, n_limits, n_code = HEADER.unpack(_read_exact(req, HEADER.size))
         except EOFError:
             return  # the host closed the pipe: it is gone or done with us
-        got, consumed = os.pipe()
-        if os.fork() == 0:
+        try:
+            got, consumed = os.pipe()
+            try:
+                a = os.fork()
+            except OSError:
+                os.close(got)
+                os.close(consumed)
+                raise
+        except OSError as e:
+            _refuse(resp, req, call_id, n_limits + n_code, e)
+            continue
+        if a == 0:
             os.close(got)
-            _call(req, resp, consumed, call_id, (n_limits, n_code))
+            _call(req, resp, consumed, call_id, (n_limits, n_code), last_cap)
         os.close(consumed)
         took = os.read(got, 1)  # b"" when A died before reading the request's body
         os.close(got)
