@@ -26,6 +26,15 @@ def tiny_model_dir(tmp_path_factory) -> str:
 sys.path.insert(0, str(REPO / "tests"))  # reward_fns, for user-verifier tests
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_warm_sandbox_left():
+    """A module's tool calls leave this process a warm sandbox (uid 65534 processes, alive as
+    long as the process); stop it, so that the next module starts with none."""
+    yield
+    if "grpo_ray.verifiers.warm_sandbox" in sys.modules:
+        sys.modules["grpo_ray.verifiers.warm_sandbox"].shutdown()
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance per test module (never joins another cluster). Module scope, not

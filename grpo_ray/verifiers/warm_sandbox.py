@@ -196,6 +196,15 @@ def _server() -> WarmSandbox | None:
         return server
 
 
+def shutdown() -> None:
+    """Stop this process's server, if any (the next call starts another). It stops by itself
+    when this process exits."""
+    with _LOCK:
+        server, _STATE["server"] = _STATE["server"], None
+    if server is not None:
+        server.close("shut down")
+
+
 def _limits(timeout_s: float, memory_mb: int, max_output_bytes: int, nproc: int, tmp_mb: int) -> dict:
     return dict(timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
                 nproc=nproc, tmp_mb=tmp_mb)
