@@ -129,7 +129,9 @@ def test_hostile_tool_calls_through_the_pool_leave_it_and_the_host_alive(ray_loc
         start = time.monotonic()
         replies = ray.get([host.step.remote(k, f"```python\n{c}\n```\n```output") for k, c in calls.items()])
         assert time.monotonic() - start < 15
-        assert all(r.error is None and r.step.tool_errors == 1 and "error" in r.step.observation for r in replies)
+        assert all(r.error is None and r.step.tool_errors == 1 for r in replies), replies
+        # the fork bomb's own error may be its EAGAIN (BlockingIOError); the others hit a limit
+        assert all("error:" in r.step.observation for r in replies[1:]), replies
         ok = ray.get(host.step.remote("e", "```python\nprint(2**10)\n```\n```output"))
         assert ok.step.observation == "\n1024\n```\n" and ok.step.tool_errors == 0
         assert pool.running() >= 1
