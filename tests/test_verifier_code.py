@@ -23,14 +23,35 @@ REC = {"task": "code", "tests": ADD_TESTS, "entry_point": "add", "timeout_s": 1.
 GOOD = "def add(a, b):\n    return a + b\n"
 
 
-def score(response, **kw):
-    return verify({**REC, **kw}, response)
+def score(response, warm=True, **kw):
+    """warm: in a fork of the warm sandbox (the default), else a fresh sandbox per check."""
+    return verify({**REC, **kw}, response, code={"warm_sandbox": warm})
+
+
+WARM = pytest.mark.parametrize("warm", [True, False], ids=["warm", "fresh"])
+
+
+def _warm_server_pids() -> set[str]:
+    """The warm sandbox's own processes, which live as long as this process: its bubblewrap,
+    bubblewrap's init and the server (each call's processes are the server's children)."""
+    from grpo_ray.verifiers import warm_sandbox
+
+    server = warm_sandbox._STATE["server"]
+    if server is None or server.proc.poll() is not None:
+        return set()
+    pids = [str(server.proc.pid)]
+    for _ in range(2):
+        try:
+            pids += Path(f"/proc/{pids[-1]}/task/{pids[-1]}/children").read_text().split()[:1]
+        except OSError:
+            break
+    return set(pids)
 
 
 def live_nobody_processes(zombies: bool = False) -> list[str]:
-    """Processes of uid 65534, by default not zombies (zombies hold no memory or CPU; the host's
-    init reaps those a sandbox leaves behind)."""
-    out = []
+    """Processes of uid 65534 but the warm sandbox's own, by default not zombies (zombies hold no
+    memory or CPU; the host's init reaps those a sandbox leaves behind)."""
+    out, server = [], _warm_server_pids()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
@@ -39,7 +60,7 @@ def live_nobody_processes(zombies: bool = False) -> list[str]:
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         if fields["Uid"].split()[0] == str(NOBODY) and (zombies or not fields["State"].strip().startswith("Z")):
             out.append(pid)
-    return out
+    return [pid for pid in out if pid not in server]
 
 
 def wait_no_nobody(limit_s: float = 3.0, zombies: bool = False) -> list[str]:
@@ -224,26 +245,29 @@ def test_extract_code_and_build_program():
     ("walk frames", "import sys\nf = sys._getframe()\nwhile f.f_back:\n    f = f.f_back\n"
                     "f.f_globals['passed'] = True\ndef add(a, b):\n    return 0\n", "wrong answer"),
 ])
-def test_hostile_program_scores_zero(name, response, reason):
+@WARM
+def test_hostile_program_scores_zero(name, response, reason, warm):
     if name == "kill everything" and not bwrap_works():
         pytest.skip("kill(-1) outside a pid namespace reaches every process of the sandbox uid")
-    s = score(response)
+    s = score(response, warm)
     assert s.reward == 0.0, (name, s)
     assert re.search(reason, s.reason), (name, s.reason)
 
 
 @pytest.mark.skipif(not bwrap_works(), reason="pid 1 is the sandbox's init only under bubblewrap")
-def test_side_channel_through_sandbox_init_cannot_forge_or_hide_verdict():
+@WARM
+def test_side_channel_through_sandbox_init_cannot_forge_or_hide_verdict(warm):
     """bwrap's init (pid 1, same uid, dumpable) holds a copy of the verdict fd. Run by root, the
     pipe is root's and W cannot open it; run by another user it could, so: without the nonce a
     forged verdict is ignored, and a partial line does not hide T's."""
     def spam(data: bytes) -> str:
-        return ("import os\nfor fd in os.listdir('/proc/1/fd'):\n    try:\n"
+        return ("import os\ntry:\n    fds = os.listdir('/proc/1/fd')\nexcept OSError:\n    fds = []  # the warm sandbox's init\n"
+                "for fd in fds:\n    try:\n"
                 "        f = os.open(f'/proc/1/fd/{fd}', os.O_WRONLY)\n"
                 f"        os.write(f, {data!r})\n    except OSError:\n        pass\n")
-    assert score(spam(b'{"nonce": "') + GOOD).reward == 1.0
+    assert score(spam(b'{"nonce": "') + GOOD, warm).reward == 1.0
     forged = b'{"nonce": "' + b"0" * 32 + b'", "passed": true, "reason": "ok"}\n'
-    s = score(spam(forged) + "os._exit(0)\n")
+    s = score(spam(forged) + "os._exit(0)\n", warm)
     assert s.reward == 0.0 and "tests did not run" in s.reason
 
 
@@ -255,8 +279,9 @@ def test_builtin_shadowing_cannot_fool_tests():
     assert s.reward == 0.0 and s.reason.startswith("wrong answer")
 
 
-def test_fork_bomb_contained():
-    s = score("import os\nwhile True:\n    os.fork()\n")
+@WARM
+def test_fork_bomb_contained(warm):
+    s = score("import os\nwhile True:\n    os.fork()\n", warm)
     assert s.reward == 0.0 and s.reason
     if os.geteuid() == 0:
         assert wait_no_nobody() == []
@@ -264,10 +289,11 @@ def test_fork_bomb_contained():
             # without a user namespace per run, the bomb's zombies count against uid 65534's
             # NPROC until the host's init reaps them: later checks fail (never pass) meanwhile
             wait_no_nobody(10.0, zombies=True)
-    assert score(GOOD).reward == 1.0  # the next check is unaffected
+    assert score(GOOD, warm).reward == 1.0  # the next check is unaffected
 
 
-def test_files_outside_are_neither_changed_nor_read(tmp_path):
+@WARM
+def test_files_outside_are_neither_changed_nor_read(tmp_path, warm):
     canary = tmp_path / "canary.txt"
     canary.write_text("SECRET-4242")
     tmp_path.chmod(0o755)  # readable by anyone: only the sandbox's mount view protects it
@@ -276,7 +302,7 @@ def test_files_outside_are_neither_changed_nor_read(tmp_path):
                     f"open({str(canary)!r}, 'w').write('pwned')\n",
                     f"print(open({str(canary)!r}).read())\n",
                     f"print(open({str(GSM8K_TEST)!r}).read()[:200])\n"):
-        s = score(hostile)
+        s = score(hostile, warm)
         assert s.reward == 0.0 and "SECRET" not in s.reason and "question" not in s.reason
     assert canary.read_text() == "SECRET-4242"
     r = run_python(f"print(open({str(canary)!r}).read())")
@@ -287,14 +313,15 @@ def test_files_outside_are_neither_changed_nor_read(tmp_path):
 
 
 @pytest.mark.skipif(not bwrap_works(), reason="no network namespace without bubblewrap")
-def test_no_network_to_host():
+@WARM
+def test_no_network_to_host(warm):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     server.setblocking(False)
     port = server.getsockname()[1]
     try:
-        s = score(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=0.5)\n" + GOOD)
+        s = score(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=0.5)\n" + GOOD, warm)
         assert s.reward == 0.0 and ("Connection" in s.reason or "Errno" in s.reason), s.reason
         with pytest.raises(BlockingIOError):
             server.accept()  # nobody got through

@@ -198,6 +198,7 @@ class CodeRewardConfig(Section):
     allow_unsandboxed: bool = _f(False, "without a working bubblewrap (user namespaces allowed) code checks refuse "
                                         "to run; true runs them with rlimits and uid 65534 only: NOT isolated "
                                         "(network, world-readable files)")
+    warm_sandbox: bool = _f(True, "each check in a fork of a warm sandbox (README); false: a fresh sandbox each")
 
 
 class UserRewardConfig(Section):

@@ -29,9 +29,10 @@ Residual risk, honestly:
 - Only plain data crosses: a solution returning a custom class, or tests relying on a solution
   mutating its argument in place, or on module-level values (not callables) of the solution,
   cannot be checked and fail. Tests that rely on W's stdout are not supported.
-- W can kill or stop T (same uid): that only ever fails the check. It may also reach the
-  verdict pipe through bwrap's init (/proc/1/fd) when the pipe is not root's: without the nonce
-  that can only hide a verdict (a fail), never forge a pass.
+- W can kill or stop T (same uid): that only ever fails the check. In a fresh sandbox it may
+  also reach the verdict pipe through bwrap's init (/proc/1/fd) when the pipe is not root's:
+  without the nonce that can only hide a verdict (a fail), never forge a pass. (The warm
+  sandbox's init holds no copy of it, and is not dumpable.)
 - A fork bomb's zombies are reaped by the host's init; without bubblewrap they count against
   uid 65534's NPROC until then, so checks right after one can fail (never pass) spuriously.
 """
@@ -43,8 +44,7 @@ import re
 import secrets
 
 from ..core.score import Score
-from . import sandbox
-from .sandbox import run_python
+from . import sandbox, warm_sandbox as warm
 
 NOT_ISOLATED = ("not run: bubblewrap is not usable on this node (see the 'sandbox:' warning in its log), so "
                 "the check would run unisolated (network, world-readable files); install bubblewrap "
@@ -377,11 +377,12 @@ def _verdict(side: bytes, nonce: str) -> dict | None:
 
 
 def score_code(record: dict, response: str, *, timeout_s: float = 2.0, memory_mb: int = 512,
-               partial_credit: bool = False, allow_unsandboxed: bool = False) -> Score:
+               partial_credit: bool = False, allow_unsandboxed: bool = False, warm_sandbox: bool = True) -> Score:
     """1.0 when every test passes. partial_credit: the fraction of assertions that hold instead
     (plain asserts and HumanEval's check(); a timeout or crash still scores 0). The record's own
     `timeout_s` overrides the argument. Without a working bubblewrap nothing runs (0, with the
-    reason) unless allow_unsandboxed: isolation fails closed."""
+    reason) unless allow_unsandboxed: isolation fails closed. warm_sandbox: run the check in a
+    fork of a warm sandbox (warm_sandbox.py), else in a fresh one."""
     if not allow_unsandboxed and not sandbox.bwrap_works():
         return Score(0.0, NOT_ISOLATED)
     tests = record.get("tests")
@@ -398,8 +399,8 @@ def score_code(record: dict, response: str, *, timeout_s: float = 2.0, memory_mb
     job = {"nonce": nonce, "program": build_program(record, response), "tests": tests,
            "entry_point": entry, "prompt": _source_prompt(record), "worker": _WORKER,
            "partial": bool(partial_credit)}
-    res = run_python(_HARNESS, stdin=json.dumps(job).encode(), side_channel=True,
-                     timeout_s=timeout, memory_mb=memory_mb)
+    run = warm.run_python if warm_sandbox else sandbox.run_python
+    res = run(_HARNESS, stdin=json.dumps(job).encode(), side_channel=True, timeout_s=timeout, memory_mb=memory_mb)
     if res.killed_reason and res.killed_reason != "memory limit":
         return Score(0.0, res.killed_reason)
     v = _verdict(res.side, nonce)

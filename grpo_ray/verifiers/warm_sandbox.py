@@ -55,7 +55,7 @@ class WarmSandbox:
         self.gone: str | None = None
         threading.Thread(target=self._read, daemon=True, name="warm-sandbox").start()
 
-    def submit(self, source: str, limits: dict) -> Future:
+    def submit(self, source: str, limits: dict, stdin: bytes = b"") -> Future:
         body_limits, body_code = json.dumps(limits).encode(), source.encode()
         done: Future = Future()
         with self.lock:
@@ -64,7 +64,8 @@ class WarmSandbox:
             call_id = next(self.ids)
             self.pending[call_id] = done
             try:
-                self.proc.stdin.write(HEADER.pack(call_id, len(body_limits), len(body_code)) + body_limits + body_code)
+                self.proc.stdin.write(HEADER.pack(call_id, len(body_limits), len(body_code), len(stdin))
+                                      + body_limits + body_code + stdin)
                 self.proc.stdin.flush()
             except BaseException as e:  # half a request would put the stream out of step
                 self.pending.pop(call_id)
@@ -75,8 +76,8 @@ class WarmSandbox:
                 raise
         return done
 
-    def run(self, source: str, limits: dict) -> SandboxResult:
-        done = self.submit(source, limits)
+    def run(self, source: str, limits: dict, stdin: bytes = b"") -> SandboxResult:
+        done = self.submit(source, limits, stdin)
         try:
             out = done.result(timeout=limits["timeout_s"] + _HOST_SLACK_S)
         except FutureTimeout:
@@ -90,7 +91,8 @@ class WarmSandbox:
         if out["rc"] == SETUP_FAILED and out["setup_error"]:  # its own pipe: the code cannot fake it
             reason = f"sandbox setup failed: {out['setup_error']}"
         return SandboxResult(returncode=None if timed_out else out["rc"], stdout=out["stdout"], stderr=stderr,
-                             timed_out=timed_out, killed_reason=reason, wall_s=out["wall_s"], isolated=True)
+                             timed_out=timed_out, killed_reason=reason, wall_s=out["wall_s"], isolated=True,
+                             side=out["side"].encode("latin-1"))
 
     def _read(self) -> None:
         """Reassemble each call's chunks (they interleave between calls) and answer its future."""
@@ -205,23 +207,26 @@ def shutdown() -> None:
         server.close("shut down")
 
 
-def _limits(timeout_s: float, memory_mb: int, max_output_bytes: int, nproc: int, tmp_mb: int) -> dict:
+def _limits(timeout_s: float, memory_mb: int, max_output_bytes: int, nproc: int, tmp_mb: int,
+            side_channel: bool = False) -> dict:
     return dict(timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
-                nproc=nproc, tmp_mb=tmp_mb)
+                nproc=nproc, tmp_mb=tmp_mb, side_channel=side_channel)
 
 
 def run_python(source: str, *, timeout_s: float = 2.0, memory_mb: int = 512,
-               max_output_bytes: int = 65536, nproc: int = 64, tmp_mb: int = 64) -> SandboxResult:
+               max_output_bytes: int = 65536, stdin: bytes = b"", side_channel: bool = False,
+               nproc: int = 64, tmp_mb: int = 64) -> SandboxResult:
     """Run `source` as a Python program in a fork of the warm sandbox (a fresh sandbox where the
-    warm one cannot work, or has no bubblewrap to start in). The arguments are
-    sandbox.run_python's, less stdin and the side channel."""
+    warm one cannot work, or has no bubblewrap to start in). The arguments and the result are
+    sandbox.run_python's."""
     if len(source.encode()) > sandbox.MAX_SOURCE_BYTES:
         raise ValueError(f"source is over {sandbox.MAX_SOURCE_BYTES} bytes")
     try:
         server = _server() if sandbox.bwrap_works() else None
         if server is not None:
-            return server.run(source, _limits(timeout_s, memory_mb, max_output_bytes, nproc, tmp_mb))
+            return server.run(source, _limits(timeout_s, memory_mb, max_output_bytes, nproc, tmp_mb, side_channel),
+                              stdin)
     except (ServerGone, OSError) as e:  # this call goes to a fresh sandbox; the next one, a fresh server
         log.warning("sandbox: %s; the call runs in a fresh sandbox", e)
-    return sandbox.run_python(source, timeout_s=timeout_s, memory_mb=memory_mb,
-                              max_output_bytes=max_output_bytes, nproc=nproc, tmp_mb=tmp_mb)
+    return sandbox.run_python(source, timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
+                              stdin=stdin, side_channel=side_channel, nproc=nproc, tmp_mb=tmp_mb)

@@ -20,8 +20,8 @@ result straight to the response pipe), files (per-call tmpfs mounts over a read-
 processes (per-call pid namespaces; /proc shows only the call's own), the network and IPC
 (per-call namespaces).
 
-Protocol. Requests on fd 0: a header (id u64, limits length u32, code length u32), then the
-limits' JSON and the code, which A reads; the server waits for A's byte saying it has them
+Protocol. Requests on fd 0: a header (id u64, then the lengths (u32) of the limits' JSON, the
+code and its stdin), then those three, which A reads; the server waits for A's byte saying it has them
 before it reads the next header. Responses on fd 1: chunks of at most PIPE_BUF bytes, so the
 writes of concurrent calls never interleave within a chunk: (id u64, length u16, last u8) and
 a slice of the result's JSON.
@@ -29,6 +29,7 @@ a slice of the result's JSON.
 import atexit
 import ctypes
 import errno
+import fcntl
 import json
 import math
 import os
@@ -41,16 +42,18 @@ import time
 import traceback
 import types
 
-HEADER = struct.Struct(">QII")
+HEADER = struct.Struct(">QIII")  # call id; lengths of the limits, the code, its stdin
 CHUNK = struct.Struct(">QHB")
 PIPE_BUF = 4096
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
 SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING = 250, 1  # x86-64
 SETUP_FAILED = 125  # the exit code when a call's isolation could not be set up: the code never ran
 SETUP_FD = 3  # B and C report a failed set-up here, a pipe the code never holds
+SIDE_FD = 4  # the side channel's write end in C, when the call asks for one (its global SIDE_FD)
+SIDE_CAP = 16_384
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -108,6 +111,7 @@ def _confine(limits: dict) -> None:
     """C (no capabilities: B dropped them), before the code: a session, keyring and limits of
     its own."""
     os.setsid()  # else kill(0, ...) would reach the server's process group, across namespaces
+    _ok(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")  # as any program: B's 0 is B's own
     if libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
         err = ctypes.get_errno()
         if err not in (errno.EPERM, errno.ENOSYS):  # those: keyctl is banned, for the code too
@@ -120,9 +124,12 @@ def _confine(limits: dict) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # B ignores it; the code gets Python's
 
 
-def _run_code(code: str) -> int:
-    """What `python -c` does with the code, in this already started interpreter."""
+def _run_code(code: str, side: bool) -> int:
+    """What `python -c` does with the code, in this already started interpreter; with a side
+    channel, its fd is the global SIDE_FD (as in a fresh sandbox)."""
     main = types.ModuleType("__main__")
+    if side:
+        main.SIDE_FD = SIDE_FD
     sys.modules["__main__"] = main
     sys.argv[:] = ["-c"]
     try:
@@ -156,20 +163,22 @@ def _fail_setup(fd: int, e: BaseException) -> None:
         os._exit(SETUP_FAILED)
 
 
-def _child(limits: dict, code: str, fds: tuple[int, int, int], last_cap: int) -> None:
+def _child(limits: dict, code: str, fds: dict[int, int], last_cap: int) -> None:
     """B: sets up the call's mounts, drops every capability, then stands as the call's init (pid
     1, as bubblewrap's own init does for a fresh sandbox) while its child C runs the code.
-    fds: the write ends of stdout, stderr and the set-up pipe. Never returns."""
-    out_w, err_w, report = fds
+    fds: C's fd number -> B's fd for it (stdin, stdout, stderr, the set-up pipe, the side
+    channel when asked for). Never returns."""
+    report = fds[SETUP_FD]
     try:
         _ok(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "die with A")  # A enforces the wall clock
+        _ok(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "not dumpable")  # the code cannot ptrace its init
         _own_mounts(limits)
         _drop_capabilities(last_cap)
-        null = os.open("/dev/null", os.O_RDONLY)
-        for fd, to in ((null, 0), (out_w, 1), (err_w, 2), (report, SETUP_FD)):  # in this order:
-            os.dup2(fd, to)  # out_w or err_w may be fd 3, none of them 0-2
+        high = {to: fcntl.fcntl(fd, fcntl.F_DUPFD, 64) for to, fd in fds.items()}  # no target clobbers a source
+        for to, fd in high.items():
+            os.dup2(fd, to)
         report = SETUP_FD
-        os.closerange(SETUP_FD + 1, 1 << 16)  # the server's request and response pipes included
+        os.closerange(max(fds) + 1, 1 << 16)  # the server's request and response pipes included
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the code cannot interrupt its init
         code_pid = os.fork()
     except BaseException as e:  # noqa: BLE001
@@ -180,9 +189,10 @@ def _child(limits: dict, code: str, fds: tuple[int, int, int], last_cap: int) ->
         except BaseException as e:  # noqa: BLE001
             _fail_setup(SETUP_FD, e)
         os.close(SETUP_FD)
-        os._exit(_run_code(code))
-    for fd in (1, 2, SETUP_FD):  # the pipes close when C and what it started are gone, not with us
-        os.dup2(0, fd)
+        os._exit(_run_code(code, SIDE_FD in fds))
+    null = os.open("/dev/null", os.O_RDONLY)
+    for fd in fds:  # the pipes close when C and what it started are gone, not with us; and the
+        os.dup2(null, fd)  # code cannot reach the side channel or stdin through /proc/1/fd
     while True:  # reap what the code orphans too, until the code itself is done
         pid, status = os.wait()
         if pid == code_pid:
@@ -190,43 +200,76 @@ def _child(limits: dict, code: str, fds: tuple[int, int, int], last_cap: int) ->
             os._exit(rc if rc >= 0 else 128 - rc)  # killed by a signal: 128 + its number, as bwrap says
 
 
-def _collect(pid: int, out_r: int, err_r: int, limits: dict, deadline: float) -> dict:
-    """A: read B's output until B has exited and both pipes are closed (B's namespace is gone),
-    the wall clock runs out, or the output passes its cap; then kill and reap B. Closed pipes
-    alone do not end a call: the code may close its stdout and stderr and go on."""
-    cap = limits["max_output_bytes"]
-    bufs = {out_r: bytearray(), err_r: bytearray()}
-    pidfd = os.pidfd_open(pid)
-    open_fds, exited, timed_out, overflow = [out_r, err_r], False, False, False
+class _Pipes:
+    """A's ends of a call's pipes: stdin to write, stdout, stderr and the side channel to read,
+    each output up to its cap (stdout or stderr at the cap is an overflow)."""
 
-    def read(fds: list[int]) -> None:
-        nonlocal overflow
-        for fd in fds:
-            chunk = os.read(fd, 65536)
+    def __init__(self, reads: dict[str, int], cap: int, stdin_w: int | None, stdin: bytes):
+        self.fds = {fd: name for name, fd in reads.items()}
+        self.bufs = {name: bytearray() for name in reads}
+        self.caps = {name: SIDE_CAP if name == "side" else cap for name in reads}
+        self.stdin_w, self.pending, self.overflow = stdin_w, memoryview(stdin), False
+        if stdin_w is not None:
+            os.set_blocking(stdin_w, False)
+            if not stdin:
+                self._close_stdin()
+
+    def reading(self) -> list[int]:
+        return list(self.fds)
+
+    def writing(self) -> list[int]:
+        return [] if self.stdin_w is None else [self.stdin_w]
+
+    def _close_stdin(self) -> None:
+        os.close(self.stdin_w)
+        self.stdin_w = None
+
+    def write(self) -> None:
+        try:
+            self.pending = self.pending[os.write(self.stdin_w, self.pending[:65536]):]
+        except BrokenPipeError:  # the code closed its stdin
+            self.pending = self.pending[:0]
+        if not self.pending:
+            self._close_stdin()
+
+    def read(self, ready: list[int]) -> None:
+        for fd in ready:
+            chunk, name = os.read(fd, 65536), self.fds[fd]
             if not chunk:
-                open_fds.remove(fd)
+                del self.fds[fd]
                 continue
-            buf = bufs[fd]
+            buf, cap = self.bufs[name], self.caps[name]
             buf += chunk[: max(0, cap - len(buf))]
-            overflow = overflow or len(buf) >= cap
+            self.overflow = self.overflow or (len(buf) >= cap and name != "side")
 
-    while (open_fds or not exited) and not overflow:
+
+def _collect(pid: int, pipes: _Pipes, deadline: float) -> dict:
+    """A: feed B's stdin and read its outputs until B has exited and every output is closed
+    (B's namespace is gone), the wall clock runs out, or the output passes its cap; then kill
+    and reap B. Closed outputs alone do not end a call: the code may close them and go on."""
+    pidfd = os.pidfd_open(pid)
+    exited, timed_out = False, False
+    while (pipes.fds or not exited) and not pipes.overflow:
         left = deadline - time.monotonic()
         if left <= 0:
             timed_out = True
             break
-        ready, _, _ = select.select(open_fds + ([] if exited else [pidfd]), [], [], left)
+        ready, writable, _ = select.select(pipes.reading() + ([] if exited else [pidfd]), pipes.writing(), [], left)
         exited = exited or pidfd in ready
-        read([fd for fd in ready if fd != pidfd])
-    if timed_out or overflow:
+        pipes.read([fd for fd in ready if fd != pidfd])
+        if writable:
+            pipes.write()
+    if timed_out or pipes.overflow:
         os.kill(pid, signal.SIGKILL)  # pid 1 of the call's namespace: everything in it dies
         end = time.monotonic() + 0.2  # what is already in the pipes still counts, as in a fresh sandbox
-        while open_fds and not overflow and (left := end - time.monotonic()) > 0:
-            read(select.select(open_fds, [], [], left)[0])
+        while pipes.fds and not pipes.overflow and (left := end - time.monotonic()) > 0:
+            pipes.read(select.select(pipes.reading(), [], [], left)[0])
     os.close(pidfd)
     status = os.waitpid(pid, 0)[1]
-    return {"rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out, "overflow": overflow,
-            "stdout": bufs[out_r].decode(errors="replace"), "stderr": bufs[err_r].decode(errors="replace")}
+    out = {name: bytes(buf) for name, buf in pipes.bufs.items()}
+    return {"rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out, "overflow": pipes.overflow,
+            "stdout": out["stdout"].decode(errors="replace"), "stderr": out["stderr"].decode(errors="replace"),
+            "side": out.get("side", b"").decode("latin-1")}  # bytes, through JSON
 
 
 def _respond(resp: int, call_id: int, result: dict) -> None:
@@ -237,13 +280,14 @@ def _respond(resp: int, call_id: int, result: dict) -> None:
         os.write(resp, CHUNK.pack(call_id, len(payload[i:i + step]), last) + payload[i:i + step])
 
 
-def _call(req: int, resp: int, consumed: int, call_id: int, sizes: tuple[int, int], last_cap: int) -> None:
+def _call(req: int, resp: int, consumed: int, call_id: int, sizes: tuple[int, int, int], last_cap: int) -> None:
     """A: never returns."""
     status = 0
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server's SIG_IGN would reap B for us
         limits = json.loads(_read_exact(req, sizes[0]))
         code = _read_exact(req, sizes[1]).decode(errors="replace")
+        stdin = _read_exact(req, sizes[2])
         os.write(consumed, b"1")
         os.close(consumed)
         os.close(req)
@@ -254,15 +298,20 @@ def _call(req: int, resp: int, consumed: int, call_id: int, sizes: tuple[int, in
         _write_file("/proc/self/setgroups", "deny")
         _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
         _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
-        (out_r, out_w), (err_r, err_w), (setup_r, setup_w) = os.pipe(), os.pipe(), os.pipe()
+        names = ["stdin", "stdout", "stderr", "setup"] + (["side"] if limits.get("side_channel") else [])
+        pairs = {name: os.pipe() for name in names}  # (read end, write end)
+        theirs = {"stdin": 0, "stdout": 1, "stderr": 2, "setup": SETUP_FD, "side": SIDE_FD}
         pid = os.fork()
         if pid == 0:
-            for fd in (out_r, err_r, setup_r):
-                os.close(fd)
-            _child(limits, code, (out_w, err_w, setup_w), last_cap)
-        for fd in (out_w, err_w, setup_w):
-            os.close(fd)
-        result = _collect(pid, out_r, err_r, limits, start + limits["timeout_s"])
+            for name, (r, w) in pairs.items():
+                os.close(w if name == "stdin" else r)
+            _child(limits, code, {theirs[n]: (r if n == "stdin" else w) for n, (r, w) in pairs.items()}, last_cap)
+        for name, (r, w) in pairs.items():
+            os.close(r if name == "stdin" else w)
+        setup_r = pairs["setup"][0]
+        reads = {n: r for n, (r, _) in pairs.items() if n not in ("stdin", "setup")}
+        result = _collect(pid, _Pipes(reads, limits["max_output_bytes"], pairs["stdin"][1], stdin),
+                          start + limits["timeout_s"])
         result["wall_s"] = time.monotonic() - start
         os.set_blocking(setup_r, False)  # B is gone: what its set-up said is all there
         try:
@@ -305,7 +354,7 @@ def main() -> None:
     compile("import sys\nprint(f'{sys.argv!r}', [x for x in range(3)], file=sys.stderr)\n", "<warm-up>", "exec")
     while True:
         try:
-            call_id, n_limits, n_code = HEADER.unpack(_read_exact(req, HEADER.size))
+            call_id, *sizes = HEADER.unpack(_read_exact(req, HEADER.size))
         except EOFError:
             return  # the host closed the pipe: it is gone or done with us
         try:
@@ -317,11 +366,11 @@ def main() -> None:
                 os.close(consumed)
                 raise
         except OSError as e:
-            _refuse(resp, req, call_id, n_limits + n_code, e)
+            _refuse(resp, req, call_id, sum(sizes), e)
             continue
         if a == 0:
             os.close(got)
-            _call(req, resp, consumed, call_id, (n_limits, n_code), last_cap)
+            _call(req, resp, consumed, call_id, tuple(sizes), last_cap)
         os.close(consumed)
         took = os.read(got, 1)  # b"" when A died before reading the request's body
         os.close(got)
