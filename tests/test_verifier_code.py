@@ -257,9 +257,11 @@ def test_hostile_program_scores_zero(name, response, reason, warm):
 @pytest.mark.skipif(not bwrap_works(), reason="pid 1 is the sandbox's init only under bubblewrap")
 @WARM
 def test_side_channel_through_sandbox_init_cannot_forge_or_hide_verdict(warm):
-    """bwrap's init (pid 1, same uid, dumpable) holds a copy of the verdict fd. Run by root, the
-    pipe is root's and W cannot open it; run by another user it could, so: without the nonce a
-    forged verdict is ignored, and a partial line does not hide T's."""
+    """A fresh sandbox's init (bwrap's: pid 1, same uid, dumpable) holds a copy of the verdict fd.
+    Run by root, the pipe is root's and W cannot open it; run by another user it could, so:
+    without the nonce a forged verdict is ignored, and a partial line does not hide T's. The warm
+    sandbox's init holds no copy and is not dumpable (test_warm_sandbox checks that W's view of
+    /proc/1 is closed); this checks the verdicts come through all the same."""
     def spam(data: bytes) -> str:
         return ("import os\ntry:\n    fds = os.listdir('/proc/1/fd')\nexcept OSError:\n    fds = []  # the warm sandbox's init\n"
                 "for fd in fds:\n    try:\n"

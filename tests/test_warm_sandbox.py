@@ -3,6 +3,7 @@ Each call must get what a fresh sandbox gives it (see test_verifier_code.py for 
 tests hold the calls apart from each other and from the server, and check the answers match."""
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -193,3 +194,33 @@ def test_where_the_kernel_refuses_nested_namespaces_calls_go_to_a_fresh_sandbox(
 def test_source_too_long_is_refused():
     with pytest.raises(ValueError, match="over"):
         run_python("#" * (sandbox.MAX_SOURCE_BYTES + 1))
+
+
+def test_a_call_holds_only_its_own_fds_and_cannot_look_into_its_init():
+    code = ("import os\n"
+            "print(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))\n"
+            "for path in ('/proc/1/fd', '/proc/1/mem'):\n"
+            "    try:\n        os.listdir(path) if path.endswith('fd') else open(path, 'rb')\n        print('opened', path)\n"
+            "    except PermissionError:\n        print('denied', path)\n")
+    plain, side = run_python(code), run_python(code, side_channel=True)
+    # 0-2, and the fd of the listdir itself (3); with a side channel, also SIDE_FD (4)
+    assert plain.stdout == "[0, 1, 2, 3]\ndenied /proc/1/fd\ndenied /proc/1/mem\n", plain
+    assert side.stdout.splitlines()[0] == "[0, 1, 2, 3, 4]", side
+
+
+def test_stdin_and_the_side_channel_carry_bytes_whole():
+    data = bytes(range(256)) * 600  # 150 KiB: more than a pipe holds
+    r = run_python("import hashlib, os, sys\nbody = sys.stdin.buffer.read()\n"
+                   "os.write(SIDE_FD, bytes(range(256)))\nprint(len(body), hashlib.sha256(body).hexdigest())",
+                   stdin=data, side_channel=True)
+    assert r.returncode == 0 and r.side == bytes(range(256)), r
+    assert r.stdout == f"{len(data)} {hashlib.sha256(data).hexdigest()}\n"
+    big = run_python("import os\nfor _ in range(10):\n    os.write(SIDE_FD, b'v' * 4096)\nprint('done')",
+                     side_channel=True)
+    assert big.returncode == 0 and big.side == b"v" * 16384 and big.killed_reason is None, big  # capped, not an overflow
+
+
+def test_stdin_the_code_never_reads_does_not_hold_up_the_wall_clock():
+    start = time.monotonic()
+    r = run_python("import time\ntime.sleep(100)", stdin=b"x" * (1 << 20), timeout_s=1.0)
+    assert r.timed_out and time.monotonic() - start < 3.0, r

@@ -32,6 +32,7 @@ from .warm_server import CHUNK, HEADER, SETUP_FAILED
 
 log = logging.getLogger(__name__)
 SERVER_SOURCE = Path(__file__).with_name("warm_server.py").read_text()
+MAX_STDIN_BYTES = 1 << 30
 _HOST_SLACK_S = 10.0  # past the call's own wall clock, the server itself counts as hung
 
 
@@ -50,6 +51,7 @@ class WarmSandbox:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=sandbox._ENV, **ids)
         self.lock = threading.Lock()  # one request at a time on the pipe
+        self.pending_lock = threading.Lock()
         self.ids = itertools.count(1)
         self.pending: dict[int, Future] = {}
         self.gone: str | None = None
@@ -57,18 +59,24 @@ class WarmSandbox:
 
     def submit(self, source: str, limits: dict, stdin: bytes = b"") -> Future:
         body_limits, body_code = json.dumps(limits).encode(), source.encode()
+        if len(stdin) > MAX_STDIN_BYTES:
+            raise ValueError(f"stdin is over {MAX_STDIN_BYTES} bytes")
         done: Future = Future()
-        with self.lock:
+        with self.lock:  # the pipe's writer; `pending` has its own lock, so answers never wait on a write
             if self.gone:
                 raise ServerGone(self.gone)
             call_id = next(self.ids)
-            self.pending[call_id] = done
+            request = HEADER.pack(call_id, len(body_limits), len(body_code), len(stdin)) + body_limits + body_code + stdin
+            with self.pending_lock:
+                if self.gone:  # closed by the reader meanwhile: nobody would answer
+                    raise ServerGone(self.gone)
+                self.pending[call_id] = done
             try:
-                self.proc.stdin.write(HEADER.pack(call_id, len(body_limits), len(body_code), len(stdin))
-                                      + body_limits + body_code + stdin)
+                self.proc.stdin.write(request)
                 self.proc.stdin.flush()
             except BaseException as e:  # half a request would put the stream out of step
-                self.pending.pop(call_id)
+                with self.pending_lock:
+                    self.pending.pop(call_id)
                 self.gone = f"the warm sandbox's server does not take requests: {type(e).__name__}: {e}"
                 self.proc.kill()
                 if isinstance(e, OSError):
@@ -102,7 +110,7 @@ class WarmSandbox:
                 call_id, n, last = CHUNK.unpack(_read_exact(fd, CHUNK.size))
                 parts.setdefault(call_id, bytearray()).extend(_read_exact(fd, n))
                 if last:
-                    with self.lock:
+                    with self.pending_lock:
                         done = self.pending.pop(call_id, None)
                     if done is not None:
                         done.set_result(json.loads(parts.pop(call_id)))
@@ -114,10 +122,11 @@ class WarmSandbox:
     def close(self, why: str = "closed") -> None:
         if self.proc.poll() is None:
             self.proc.kill()  # bubblewrap: its sandbox, the server and every call in it go too
-        with self.lock:
+        with self.pending_lock:
             if not self.gone:
                 self.gone = why
             pending, self.pending = self.pending, {}
+        with self.lock:
             try:
                 self.proc.stdin.close()
             except OSError:

@@ -128,8 +128,7 @@ def _run_code(code: str, side: bool) -> int:
     """What `python -c` does with the code, in this already started interpreter; with a side
     channel, its fd is the global SIDE_FD (as in a fresh sandbox)."""
     main = types.ModuleType("__main__")
-    if side:
-        main.SIDE_FD = SIDE_FD
+    main.SIDE_FD = SIDE_FD if side else -1  # as in a fresh sandbox
     sys.modules["__main__"] = main
     sys.argv[:] = ["-c"]
     try:
@@ -178,7 +177,7 @@ def _child(limits: dict, code: str, fds: dict[int, int], last_cap: int) -> None:
         for to, fd in high.items():
             os.dup2(fd, to)
         report = SETUP_FD
-        os.closerange(max(fds) + 1, 1 << 16)  # the server's request and response pipes included
+        os.closerange(max(fds) + 1, 2**31 - 1)  # the server's request and response pipes included
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the code cannot interrupt its init
         code_pid = os.fork()
     except BaseException as e:  # noqa: BLE001
@@ -227,6 +226,8 @@ class _Pipes:
     def write(self) -> None:
         try:
             self.pending = self.pending[os.write(self.stdin_w, self.pending[:65536]):]
+        except BlockingIOError:
+            return
         except BrokenPipeError:  # the code closed its stdin
             self.pending = self.pending[:0]
         if not self.pending:
@@ -285,19 +286,23 @@ def _call(req: int, resp: int, consumed: int, call_id: int, sizes: tuple[int, in
     status = 0
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the server's SIG_IGN would reap B for us
+        start = time.monotonic()
+        uid, gid = os.geteuid(), os.getegid()
+        _ok(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
+                         | CLONE_NEWUTS), "unshare")
+        # writing one's own id maps needs a dumpable process; before the request is read, so
+        # that nothing of it is in our memory while another process could read it
+        _ok(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "dumpable")
+        _write_file("/proc/self/setgroups", "deny")
+        _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
+        _ok(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "not dumpable")
         limits = json.loads(_read_exact(req, sizes[0]))
         code = _read_exact(req, sizes[1]).decode(errors="replace")
         stdin = _read_exact(req, sizes[2])
         os.write(consumed, b"1")
         os.close(consumed)
         os.close(req)
-        start = time.monotonic()
-        uid, gid = os.geteuid(), os.getegid()
-        _ok(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
-                         | CLONE_NEWUTS), "unshare")
-        _write_file("/proc/self/setgroups", "deny")
-        _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
-        _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
         names = ["stdin", "stdout", "stderr", "setup"] + (["side"] if limits.get("side_channel") else [])
         pairs = {name: os.pipe() for name in names}  # (read end, write end)
         theirs = {"stdin": 0, "stdout": 1, "stderr": 2, "setup": SETUP_FD, "side": SIDE_FD}
@@ -342,6 +347,9 @@ def _refuse(resp: int, req: int, call_id: int, n: int, e: OSError) -> None:
 
 
 def main() -> None:
+    # not dumpable: another process of our uid on the host could otherwise open our response pipe
+    # through /proc/<pid>/fd and write answers; A and B inherit it
+    _ok(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "not dumpable")
     req, resp = os.dup(0), os.dup(1)
     null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
