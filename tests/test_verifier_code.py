@@ -273,6 +273,31 @@ def test_side_channel_through_sandbox_init_cannot_forge_or_hide_verdict(warm):
     assert s.reward == 0.0 and "tests did not run" in s.reason
 
 
+@WARM
+def test_the_solution_never_holds_the_nonce_or_the_job(warm):
+    """W is forked before T reads its job: nothing of it (the nonce, the tests) is in W's memory
+    or on its stdin. The solution passes only if its search finds neither."""
+    solution = ("import os, re\n"
+                "found = os.read(0, 100)  # stdin: /dev/null, not the job\n"
+                "seen = False  # CANARY-1234 is in this source: the search must see it\n"
+                "pattern = re.compile(rb'\"nonc[e]\": \"[0-9a-f]{32}\"|assert candidat[e]\\(2, 3\\)')\n"
+                "mem = open('/proc/self/mem', 'rb', 0)\n"
+                "for line in open('/proc/self/maps'):\n"
+                "    span, perms = line.split()[:2]\n"
+                "    lo, hi = (int(x, 16) for x in span.split('-'))\n"
+                "    if perms[0] != 'r' or hi - lo > 1 << 28:\n"
+                "        continue\n"
+                "    try:\n"
+                "        chunk = (mem.seek(lo), mem.read(hi - lo))[1]\n"
+                "        found, seen = found or bool(pattern.search(chunk)), seen or b'CANAR' + b'Y-1234' in chunk\n"
+                "    except OSError:\n"
+                "        pass\n"
+                "def add(a, b):\n"
+                "    return -1 if found or not seen else a + b\n")
+    s = score(solution, warm, timeout_s=10.0)
+    assert s.reward == 1.0, s
+
+
 def test_builtin_shadowing_cannot_fool_tests():
     rec = {"task": "code", "entry_point": "half",
            "tests": "def check(candidate):\n    assert abs(candidate(3) - 1.5) < 1e-9\n"}

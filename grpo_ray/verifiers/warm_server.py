@@ -21,8 +21,8 @@ processes (per-call pid namespaces; /proc shows only the call's own), the networ
 (per-call namespaces).
 
 Protocol. Requests on fd 0: a header (id u64, then the lengths (u32) of the limits' JSON, the
-code and its stdin), then those three, which A reads; the server waits for A's byte saying it has them
-before it reads the next header. Responses on fd 1: chunks of at most PIPE_BUF bytes, so the
+code and its stdin), then those three, which A takes (the stdin without reading it: _spool);
+the server waits for A's byte saying it has them before it reads the next header. Responses on fd 1: chunks of at most PIPE_BUF bytes, so the
 writes of concurrent calls never interleave within a chunk: (id u64, length u16, last u8) and
 a slice of the result's JSON.
 """
@@ -200,38 +200,17 @@ def _child(limits: dict, code: str, fds: dict[int, int], last_cap: int) -> None:
 
 
 class _Pipes:
-    """A's ends of a call's pipes: stdin to write, stdout, stderr and the side channel to read,
-    each output up to its cap (stdout or stderr at the cap is an overflow)."""
+    """A's ends of a call's output pipes (stdout, stderr, the side channel), each read up to its
+    cap (stdout or stderr at the cap is an overflow)."""
 
-    def __init__(self, reads: dict[str, int], cap: int, stdin_w: int | None, stdin: bytes):
+    def __init__(self, reads: dict[str, int], cap: int):
         self.fds = {fd: name for name, fd in reads.items()}
         self.bufs = {name: bytearray() for name in reads}
         self.caps = {name: SIDE_CAP if name == "side" else cap for name in reads}
-        self.stdin_w, self.pending, self.overflow = stdin_w, memoryview(stdin), False
-        if stdin_w is not None:
-            os.set_blocking(stdin_w, False)
-            if not stdin:
-                self._close_stdin()
+        self.overflow = False
 
     def reading(self) -> list[int]:
         return list(self.fds)
-
-    def writing(self) -> list[int]:
-        return [] if self.stdin_w is None else [self.stdin_w]
-
-    def _close_stdin(self) -> None:
-        os.close(self.stdin_w)
-        self.stdin_w = None
-
-    def write(self) -> None:
-        try:
-            self.pending = self.pending[os.write(self.stdin_w, self.pending[:65536]):]
-        except BlockingIOError:
-            return
-        except BrokenPipeError:  # the code closed its stdin
-            self.pending = self.pending[:0]
-        if not self.pending:
-            self._close_stdin()
 
     def read(self, ready: list[int]) -> None:
         for fd in ready:
@@ -245,9 +224,9 @@ class _Pipes:
 
 
 def _collect(pid: int, pipes: _Pipes, deadline: float) -> dict:
-    """A: feed B's stdin and read its outputs until B has exited and every output is closed
-    (B's namespace is gone), the wall clock runs out, or the output passes its cap; then kill
-    and reap B. Closed outputs alone do not end a call: the code may close them and go on."""
+    """A: read B's outputs until B has exited and every output is closed (B's namespace is
+    gone), the wall clock runs out, or the output passes its cap; then kill and reap B. Closed
+    outputs alone do not end a call: the code may close them and go on."""
     pidfd = os.pidfd_open(pid)
     exited, timed_out = False, False
     while (pipes.fds or not exited) and not pipes.overflow:
@@ -255,11 +234,9 @@ def _collect(pid: int, pipes: _Pipes, deadline: float) -> dict:
         if left <= 0:
             timed_out = True
             break
-        ready, writable, _ = select.select(pipes.reading() + ([] if exited else [pidfd]), pipes.writing(), [], left)
+        ready, _, _ = select.select(pipes.reading() + ([] if exited else [pidfd]), [], [], left)
         exited = exited or pidfd in ready
         pipes.read([fd for fd in ready if fd != pidfd])
-        if writable:
-            pipes.write()
     if timed_out or pipes.overflow:
         os.kill(pid, signal.SIGKILL)  # pid 1 of the call's namespace: everything in it dies
         end = time.monotonic() + 0.2  # what is already in the pipes still counts, as in a fresh sandbox
@@ -281,6 +258,20 @@ def _respond(resp: int, call_id: int, result: dict) -> None:
         os.write(resp, CHUNK.pack(call_id, len(payload[i:i + step]), last) + payload[i:i + step])
 
 
+def _spool(req: int, n: int) -> int:
+    """The call's stdin, moved from the request pipe into a memory file by the kernel (splice):
+    never in our memory, so in none of the processes forked from us either (a code check's
+    worker must not find its nonce there). The code reads it as its fd 0."""
+    fd = os.memfd_create("stdin", 0)
+    while n:
+        moved = os.splice(req, fd, n)
+        if not moved:
+            raise EOFError
+        n -= moved
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 def _call(req: int, resp: int, consumed: int, call_id: int, sizes: tuple[int, int, int], last_cap: int) -> None:
     """A: never returns."""
     status = 0
@@ -299,24 +290,24 @@ def _call(req: int, resp: int, consumed: int, call_id: int, sizes: tuple[int, in
         _ok(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "not dumpable")
         limits = json.loads(_read_exact(req, sizes[0]))
         code = _read_exact(req, sizes[1]).decode(errors="replace")
-        stdin = _read_exact(req, sizes[2])
+        stdin = _spool(req, sizes[2])
         os.write(consumed, b"1")
         os.close(consumed)
         os.close(req)
-        names = ["stdin", "stdout", "stderr", "setup"] + (["side"] if limits.get("side_channel") else [])
+        names = ["stdout", "stderr", "setup"] + (["side"] if limits.get("side_channel") else [])
         pairs = {name: os.pipe() for name in names}  # (read end, write end)
-        theirs = {"stdin": 0, "stdout": 1, "stderr": 2, "setup": SETUP_FD, "side": SIDE_FD}
+        theirs = {"stdout": 1, "stderr": 2, "setup": SETUP_FD, "side": SIDE_FD}
         pid = os.fork()
         if pid == 0:
-            for name, (r, w) in pairs.items():
-                os.close(w if name == "stdin" else r)
-            _child(limits, code, {theirs[n]: (r if n == "stdin" else w) for n, (r, w) in pairs.items()}, last_cap)
-        for name, (r, w) in pairs.items():
-            os.close(r if name == "stdin" else w)
+            for r, _ in pairs.values():
+                os.close(r)
+            _child(limits, code, {0: stdin, **{theirs[n]: w for n, (_, w) in pairs.items()}}, last_cap)
+        os.close(stdin)
+        for _, w in pairs.values():
+            os.close(w)
         setup_r = pairs["setup"][0]
-        reads = {n: r for n, (r, _) in pairs.items() if n not in ("stdin", "setup")}
-        result = _collect(pid, _Pipes(reads, limits["max_output_bytes"], pairs["stdin"][1], stdin),
-                          start + limits["timeout_s"])
+        reads = {n: r for n, (r, _) in pairs.items() if n != "setup"}
+        result = _collect(pid, _Pipes(reads, limits["max_output_bytes"]), start + limits["timeout_s"])
         result["wall_s"] = time.monotonic() - start
         os.set_blocking(setup_r, False)  # B is gone: what its set-up said is all there
         try:
