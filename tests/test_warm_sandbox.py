@@ -224,3 +224,10 @@ def test_stdin_the_code_never_reads_does_not_hold_up_the_wall_clock():
     start = time.monotonic()
     r = run_python("import time\ntime.sleep(100)", stdin=b"x" * (1 << 20), timeout_s=1.0)
     assert r.timed_out and time.monotonic() - start < 3.0, r
+
+
+def test_a_calls_stdin_is_read_only():
+    r = run_python("import os, sys\nprint(sys.stdin.read())\n"
+                   "try:\n    os.write(0, b'x')\nexcept OSError as e:\n    print('refused', e.errno)\n",
+                   stdin=b"the job")
+    assert r.returncode == 0 and r.stdout.startswith("the job\nrefused "), r

@@ -10,11 +10,9 @@ Why two processes. Anything the untrusted program can reach, it can forge: in on
 walk frames to a nonce, patch the checker, call sys.exit(0) or os._exit(0), or return an object
 whose __eq__ is always True. So inside the sandbox a trusted harness (T) and the solution's worker
 (W) are separate processes:
-- W is forked from T before T reads its job, so the nonce, the tests and the prompt are never
-  in its memory (a fork: starting a new interpreter was much of a check's cost). It execs the
-  program (with __name__ "__solution__", as HumanEval's harness does) and then only answers
-  calls: ("call", name, args, kwargs) -> ("ok", value) | ("err", type name, message), framed
-  with marshal over two private pipes.
+- W execs the program (with __name__ "__solution__", as HumanEval's harness does) and then only
+  answers calls: ("call", name, args, kwargs) -> ("ok", value) | ("err", type name, message),
+  framed with marshal over two private pipes.
 - T execs the trusted prompt (its helpers, e.g. HumanEval/32's poly) and the tests, with every
   function W defines replaced by a proxy to W. Values come back through marshal, which cannot
   build user classes, and T rejects anything but plain data (no code objects, no custom __eq__).
@@ -91,13 +89,13 @@ def _main(rfd, wfd):
         except ValueError:  # marshal refuses anything but plain data, e.g. a class with __eq__
             send(("err", "TypeError", f"solution returned a {type(value).__name__}; "
                                       "only plain data can be checked"))
+
+_main(int(sys.argv[1]), int(sys.argv[2]))
 '''
 
 # Runs as T. Never execs solution code; see the module docstring.
 _HARNESS = r'''
 import ast, builtins, ctypes, json, marshal, os, sys
-
-WORKER = __WORKER__  # W's source (_WORKER), put in below
 
 _PLAIN = {type(None), bool, int, float, complex, str, bytes, tuple, list, dict, set, frozenset}
 
@@ -122,24 +120,16 @@ def plain(value):
 
 
 class Worker:
-    def __init__(self):
-        """W, forked before T has read its job (a fork of this interpreter, not a new one): it
-        never holds the nonce, the tests or the prompt, nor our stdin or the side channel."""
+    def __init__(self, source):
         a_r, a_w = os.pipe()  # T -> W
         b_r, b_w = os.pipe()  # W -> T
-        self.pid = os.fork()
-        if self.pid == 0:
-            try:
-                null = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(null, 0)  # our stdin is the job
-                for fd in (null, a_w, b_r) + ((SIDE_FD,) if SIDE_FD >= 0 else ()):
-                    os.close(fd)
-                ns = {"__name__": "__worker__", "__builtins__": builtins}
-                exec(compile(WORKER, "<worker>", "exec"), ns)
-                ns["_main"](a_r, b_w)
-            finally:
-                os._exit(0)
-        for fd in (a_r, b_w):
+        os.set_inheritable(a_r, True)
+        os.set_inheritable(b_w, True)
+        null = os.open(os.devnull, os.O_RDONLY)  # W must not inherit our stdin (the job)
+        self.pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", source,
+                                  str(a_r), str(b_w)], dict(os.environ),
+                                  file_actions=[(os.POSIX_SPAWN_DUP2, null, 0)])
+        for fd in (a_r, b_w, null):
             os.close(fd)
         self.w, self.r = a_w, b_r
 
@@ -242,7 +232,7 @@ def compile_tests(job):
     return compile(tree, "<tests>", "exec"), soft.count
 
 
-def run(job, worker):
+def run(job):
     try:
         compile(job["program"], "<solution>", "exec")
     except (SyntaxError, ValueError) as e:
@@ -251,6 +241,7 @@ def run(job, worker):
         tests = compile_tests(job)
     except (SyntaxError, ValueError) as e:
         return False, f"tests did not run: the tests do not compile ({e})"
+    worker = Worker(job["worker"])
     worker.send(job["program"])
     try:
         msg = worker.recv()
@@ -301,7 +292,6 @@ def partial(tally, asserts, crashed=False):
 
 
 def main():
-    worker = Worker()  # first: see Worker
     job = json.loads(sys.stdin.buffer.read())
     side = SIDE_FD
     os.set_inheritable(side, False)
@@ -319,13 +309,13 @@ def main():
         # PR_SET_DUMPABLE=0: W runs as our uid; this stops it ptracing us or reading /proc/T/*
         if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
-        verdict(*run(job, worker))
+        verdict(*run(job))
     except BaseException as e:
         verdict(False, f"harness error: {type(e).__name__}: {e}")
 
 
 main()
-'''.replace("__WORKER__", repr(_WORKER), 1)
+'''
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
@@ -407,7 +397,7 @@ def score_code(record: dict, response: str, *, timeout_s: float = 2.0, memory_mb
         return Score(0.0, f"bad timeout_s {record.get('timeout_s')!r}")
     nonce = secrets.token_hex(16)
     job = {"nonce": nonce, "program": build_program(record, response), "tests": tests,
-           "entry_point": entry, "prompt": _source_prompt(record),
+           "entry_point": entry, "prompt": _source_prompt(record), "worker": _WORKER,
            "partial": bool(partial_credit)}
     run = warm.run_python if warm_sandbox else sandbox.run_python
     res = run(_HARNESS, stdin=json.dumps(job).encode(), side_channel=True, timeout_s=timeout, memory_mb=memory_mb)

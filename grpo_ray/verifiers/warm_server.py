@@ -261,13 +261,15 @@ def _respond(resp: int, call_id: int, result: dict) -> None:
 def _spool(req: int, n: int) -> int:
     """The call's stdin, moved from the request pipe into a memory file by the kernel (splice):
     never in our memory, so in none of the processes forked from us either (a code check's
-    worker must not find its nonce there). The code reads it as its fd 0."""
-    fd = os.memfd_create("stdin", 0)
+    worker must not find its nonce there). The code reads it as its fd 0, sealed: it cannot
+    write to it, as it cannot to a pipe's read end."""
+    fd = os.memfd_create("stdin", os.MFD_ALLOW_SEALING)
     while n:
         moved = os.splice(req, fd, n)
         if not moved:
             raise EOFError
         n -= moved
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
