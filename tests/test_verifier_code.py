@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from memscan import SCAN
 
 from grpo_ray.verifiers import verify
 from grpo_ray.verifiers.code import build_program, extract_code
@@ -275,25 +276,16 @@ def test_side_channel_through_sandbox_init_cannot_forge_or_hide_verdict(warm):
 
 @WARM
 def test_the_solution_never_holds_the_nonce_or_the_job(warm):
-    """W is forked before T reads its job: nothing of it (the nonce, the tests) is in W's memory
-    or on its stdin. The solution passes only if its search finds neither."""
-    solution = ("import os, re\n"
-                "found = os.read(0, 100)  # stdin: /dev/null, not the job\n"
-                "seen = False  # CANARY-1234 is in this source: the search must see it\n"
-                "pattern = re.compile(rb'\"nonc[e]\": \"[0-9a-f]{32}\"|assert candidat[e]\\(2, 3\\)')\n"
-                "mem = open('/proc/self/mem', 'rb', 0)\n"
-                "for line in open('/proc/self/maps'):\n"
-                "    span, perms = line.split()[:2]\n"
-                "    lo, hi = (int(x, 16) for x in span.split('-'))\n"
-                "    if perms[0] != 'r' or hi - lo > 1 << 28:\n"
-                "        continue\n"
-                "    try:\n"
-                "        chunk = (mem.seek(lo), mem.read(hi - lo))[1]\n"
-                "        found, seen = found or bool(pattern.search(chunk)), seen or b'CANAR' + b'Y-1234' in chunk\n"
-                "    except OSError:\n"
-                "        pass\n"
+    """W is a new interpreter and T reads the job itself: nothing of it (the nonce, the tests)
+    is in W's memory or on its stdin (in the warm sandbox, not even in the forks' memory: A
+    moves stdin with splice). The solution passes only if its search finds neither."""
+    solution = (SCAN + "import os\n"
+                "stdin = os.read(0, 100)  # /dev/null, not the job\n"
+                "alive = 'CANARY-1234'  # a constant in memory: the search must see it\n"
+                "nonce, tests, canary = memory_has([rb'\"nonc[e]\": \"[0-9a-f]{32}\"', rb'assert candidat[e]\\(2, 3\\)',\n"
+                "                                   rb'CANAR[Y]-1234'])\n"
                 "def add(a, b):\n"
-                "    return -1 if found or not seen else a + b\n")
+                "    return -1 if stdin or nonce or tests or not canary else a + b\n")
     s = score(solution, warm, timeout_s=10.0)
     assert s.reward == 1.0, s
 

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from memscan import SCAN
 
 from grpo_ray.verifiers import sandbox, warm_sandbox
 from grpo_ray.verifiers.warm_sandbox import run_python
@@ -56,26 +57,14 @@ def test_calls_share_no_files_processes_or_memory():
     # the next call looks for what the first left: files, processes, and both secrets anywhere in
     # its own memory (a fork of the server, which must never have held them)
     second = run_python(
-        "import os, re\n"
+        SCAN + "import os\n"
         "print(sorted(os.listdir('/tmp')), sorted(os.listdir('/dev/shm')))\n"
         "print([p for p in os.listdir('/proc') if p.isdigit()])\n"
         "# CANARY-5150: in this call's own memory, so the search must find it\n"
-        "marks = [re.compile(rb'SECRE[T]-7391'), re.compile(rb'SECRE[T]-8214'), re.compile(rb'CANAR[Y]-5150')]\n"
-        "found = []\n"
-        "mem = open('/proc/self/mem', 'rb', 0)\n"
-        "for line in open('/proc/self/maps'):\n"
-        "    span, perms = line.split()[:2]\n"
-        "    lo, hi = (int(x, 16) for x in span.split('-'))\n"
-        "    if perms[0] != 'r' or hi - lo > 1 << 28:\n"
-        "        continue\n"
-        "    try:\n"
-        "        mem.seek(lo); chunk = mem.read(hi - lo)\n"
-        "    except OSError:\n"
-        "        continue\n"
-        "    found += [i for i, m in enumerate(marks) if m.search(chunk)]\n"
-        "print(found)\n", memory_mb=1024, timeout_s=10.0)
+        "print(memory_has([rb'SECRE[T]-7391', rb'SECRE[T]-8214', rb'CANAR[Y]-5150']))\n",
+        memory_mb=1024, timeout_s=10.0)
     assert second.returncode == 0, second
-    assert second.stdout == "[] []\n['1', '2']\n[2]\n", second.stdout  # its init and itself
+    assert second.stdout == "[] []\n['1', '2']\n[False, False, True]\n", second.stdout  # its init and itself
     time.sleep(0.2)
     leftover = subprocess.run(["pgrep", "-f", "sleep 77"], capture_output=True, text=True).stdout
     assert not leftover, "the first call's background process outlived it"

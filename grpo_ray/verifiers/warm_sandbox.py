@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import queue
 import subprocess
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from . import sandbox
 from .sandbox import SandboxResult
-from .warm_server import CHUNK, HEADER, SETUP_FAILED
+from .warm_server import CHUNK, HEADER, SETUP_FAILED, read_exact
 
 log = logging.getLogger(__name__)
 SERVER_SOURCE = Path(__file__).with_name("warm_server.py").read_text()
@@ -107,8 +106,8 @@ class WarmSandbox:
         fd, parts = self.proc.stdout.fileno(), {}
         try:
             while True:
-                call_id, n, last = CHUNK.unpack(_read_exact(fd, CHUNK.size))
-                parts.setdefault(call_id, bytearray()).extend(_read_exact(fd, n))
+                call_id, n, last = CHUNK.unpack(read_exact(fd, CHUNK.size))
+                parts.setdefault(call_id, bytearray()).extend(read_exact(fd, n))
                 if last:
                     with self.pending_lock:
                         done = self.pending.pop(call_id, None)
@@ -135,16 +134,6 @@ class WarmSandbox:
             if not done.done():
                 done.set_exception(ServerGone(self.gone))
         self.proc.wait()
-
-
-def _read_exact(fd: int, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return bytes(buf)
 
 
 _STATE: dict = {"server": None, "usable": None, "why": None}

@@ -72,7 +72,7 @@ def _write_file(path: str, text: str) -> None:
         os.close(fd)
 
 
-def _read_exact(fd: int, n: int) -> bytes:
+def read_exact(fd: int, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
         chunk = os.read(fd, n - len(buf))
@@ -290,8 +290,8 @@ def _call(req: int, resp: int, consumed: int, call_id: int, sizes: tuple[int, in
         _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
         _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
         _ok(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "not dumpable")
-        limits = json.loads(_read_exact(req, sizes[0]))
-        code = _read_exact(req, sizes[1]).decode(errors="replace")
+        limits = json.loads(read_exact(req, sizes[0]))
+        code = read_exact(req, sizes[1]).decode(errors="replace")
         stdin = _spool(req, sizes[2])
         os.write(consumed, b"1")
         os.close(consumed)
@@ -355,7 +355,7 @@ def main() -> None:
     compile("import sys\nprint(f'{sys.argv!r}', [x for x in range(3)], file=sys.stderr)\n", "<warm-up>", "exec")
     while True:
         try:
-            call_id, *sizes = HEADER.unpack(_read_exact(req, HEADER.size))
+            call_id, *sizes = HEADER.unpack(read_exact(req, HEADER.size))
         except EOFError:
             return  # the host closed the pipe: it is gone or done with us
         try:
