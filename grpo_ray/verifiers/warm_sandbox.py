@@ -1,11 +1,11 @@
 """Python in a warm sandbox: `run_python(source) -> SandboxResult`, as sandbox.run_python, for
-short programs that come often (environments' tool calls).
+short programs that come often (environments' tool calls, code checks).
 
 A fresh sandbox per call (sandbox.py) pays a bubblewrap launch and an interpreter start each
 time. Here one bubblewrap sandbox (the same mounts, no network, uid 65534, new session) runs a
 server that forks per call, and the kernel gives each fork namespaces of its own (user, mount,
-pid, net, ipc, uts), fresh /tmp, /dev/shm and /proc, no capabilities, no user namespaces of its
-own, and the call's rlimits: warm_server.py says how, and why no call can see another's files,
+pid, net, ipc, uts), fresh /tmp, /dev/shm, /proc and /dev/pts, no capabilities, no user
+namespaces of its own, and the call's rlimits: warm_server.py says how, and why no call can see another's files,
 processes or memory. Costs per call: benchmarks/RESULTS.md ("the warm sandbox").
 
 What it needs beyond the fresh sandbox: bubblewrap without --disable-userns for the server
@@ -139,6 +139,8 @@ class WarmSandbox:
 _STATE: dict = {"server": None, "usable": None, "why": None}
 _LOCK = threading.Lock()
 _LAUNCHES: queue.Queue = queue.Queue()
+_LOCK_LAUNCHER = threading.Lock()
+_LAUNCHER: dict = {"thread": None}
 
 
 def _launcher() -> None:
@@ -161,10 +163,6 @@ def _start() -> WarmSandbox:
     done: Future = Future()
     _LAUNCHES.put(done)
     return done.result()
-
-
-_LOCK_LAUNCHER = threading.Lock()
-_LAUNCHER: dict = {"thread": None}
 
 
 def _server() -> WarmSandbox | None:

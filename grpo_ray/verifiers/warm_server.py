@@ -8,23 +8,23 @@ kernel per call instead of by a fresh bubblewrap and interpreter:
     server (the sandbox's program, uid 65534, no capabilities)
       `- A, a fork: new user, mount, pid, net, ipc and uts namespaces; enforces the wall clock
          and the output cap, then reports
-           `- B, pid 1 of A's pid namespace: its own /tmp, /dev/shm and /proc, the user
-              namespace limit set to 0; then the call's init. When B exits the kernel kills
-              whatever the call left behind.
-                `- C: a session and keyring of its own, rlimits, every capability dropped,
-                   no_new_privs; then runs the call's code.
+           `- B, pid 1 of A's pid namespace: its own /tmp, /dev/shm, /proc and /dev/pts, the
+              user namespace limit set to 0, every capability dropped, no_new_privs, not
+              dumpable; then the call's init. When B exits the kernel kills whatever the call
+              left behind.
+                `- C: a session and keyring of its own, rlimits; then runs the call's code.
 
 What calls could share, and why they do not: memory (a fork is a copy, and the server never
-holds a call's code or output: A reads the code from the request pipe itself, and writes the
+holds a call's code, stdin or output: A takes them from the request pipe itself, and writes the
 result straight to the response pipe), files (per-call tmpfs mounts over a read-only root),
 processes (per-call pid namespaces; /proc shows only the call's own), the network and IPC
 (per-call namespaces).
 
 Protocol. Requests on fd 0: a header (id u64, then the lengths (u32) of the limits' JSON, the
 code and its stdin), then those three, which A takes (the stdin without reading it: _spool);
-the server waits for A's byte saying it has them before it reads the next header. Responses on fd 1: chunks of at most PIPE_BUF bytes, so the
-writes of concurrent calls never interleave within a chunk: (id u64, length u16, last u8) and
-a slice of the result's JSON.
+the server waits for A's byte saying it has them before it reads the next header. Responses
+on fd 1: chunks of at most PIPE_BUF bytes, so the writes of concurrent calls never interleave
+within a chunk: (id u64, length u16, last u8) and a slice of the result's JSON.
 """
 import atexit
 import ctypes
@@ -258,17 +258,22 @@ def _respond(resp: int, call_id: int, result: dict) -> None:
         os.write(resp, CHUNK.pack(call_id, len(payload[i:i + step]), last) + payload[i:i + step])
 
 
+def _splice_exact(src: int, dst: int, n: int) -> None:
+    """Move n bytes from the pipe src to dst in the kernel, never through our memory."""
+    while n:
+        moved = os.splice(src, dst, n)
+        if not moved:
+            raise EOFError
+        n -= moved
+
+
 def _spool(req: int, n: int) -> int:
     """The call's stdin, moved from the request pipe into a memory file by the kernel (splice):
     never in our memory, so in none of the processes forked from us either (a code check's
     worker must not find its nonce there). The code reads it as its fd 0, sealed: it cannot
     write to it, as it cannot to a pipe's read end."""
     fd = os.memfd_create("stdin", os.MFD_ALLOW_SEALING)
-    while n:
-        moved = os.splice(req, fd, n)
-        if not moved:
-            raise EOFError
-        n -= moved
+    _splice_exact(req, fd, n)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
@@ -329,11 +334,7 @@ def _refuse(resp: int, req: int, call_id: int, n: int, e: OSError) -> None:
     the reason, its body passed to /dev/null without entering our memory."""
     null = os.open("/dev/null", os.O_WRONLY)
     try:
-        while n:
-            moved = os.splice(req, null, n)
-            if not moved:
-                raise EOFError
-            n -= moved
+        _splice_exact(req, null, n)
     finally:
         os.close(null)
     _respond(resp, call_id, {"error": f"the call could not start: {type(e).__name__}: {e}"})
