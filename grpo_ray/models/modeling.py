@@ -1,6 +1,7 @@
 """Loading a Hugging Face causal LM and the one forward pass the reference and learner share."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -43,7 +44,7 @@ def check_model_dir(path: str, max_model_len: int | None = None, tokenizer: bool
                 f"({limit} positions, max_position_embeddings in its config.json); set rollout.max_model_len={limit} "
                 "or lower")
     if tokenizer:
-        load_tokenizer(path)
+        check_tokenizer(path)
 
 
 def check_tensor_parallel(path: str, tp: int, config: dict | None = None) -> None:
@@ -156,21 +157,65 @@ def load_tokenizer(path: str):
     """The folder's tokenizer, checked to encode a prompt to at least one token (ModelDirError)."""
     from transformers import AutoTokenizer
 
-    read_model_config(path)
-    fix = f"save the tokenizer there with tokenizer.save_pretrained({path!r})"
-    if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
-        raise ModelDirError(f"model folder {path} has no tokenizer ({' / '.join(TOKENIZER_FILES[:3])} ...): {fix}")
+    _has_tokenizer_files(path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # the files are the user's: say which folder, and why it failed
-        raise ModelDirError(f"model folder {path}: its tokenizer does not load ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); {fix}") from e
-    if not tok(PROBE_PROMPT)["input_ids"]:
-        raise ModelDirError(f"model folder {path}: its tokenizer encodes {PROBE_PROMPT!r} to no tokens (no vocabulary "
-                            f"in its tokenizer files?); {fix}")
+        raise _tokenizer_error(path, e) from e
+    _check_encodes(path, tok(PROBE_PROMPT)["input_ids"])
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_tokenizer(path: str) -> None:
+    """load_tokenizer's checks without loading transformers where the folder has a tokenizer.json
+    (a fast tokenizer, which transformers loads with the `tokenizers` library): transformers'
+    import costs ~2 s of every run's start-up, and the actors load the tokenizer anyway. A folder
+    without one, or whose tokenizer_config.json asks for remote code (auto_map), gets the full
+    load_tokenizer."""
+    _has_tokenizer_files(path)
+    tokenizer_json, config_json = (os.path.join(path, n) for n in ("tokenizer.json", "tokenizer_config.json"))
+    try:
+        with open(config_json) if os.path.isfile(config_json) else contextlib.nullcontext(None) as f:
+            config = json.load(f) if f else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirError(f"model folder {path}: tokenizer_config.json is not JSON ({e}); "
+                            f"{_tokenizer_fix(path)}") from None
+    if not os.path.isfile(tokenizer_json) or not isinstance(config, dict) or "auto_map" in config:
+        load_tokenizer(path)
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        ids = Tokenizer.from_file(tokenizer_json).encode(PROBE_PROMPT).ids
+    except Exception as e:
+        raise _tokenizer_error(path, e) from e
+    _check_encodes(path, ids)
+
+
+def _tokenizer_fix(path: str) -> str:
+    return f"save the tokenizer there with tokenizer.save_pretrained({path!r})"
+
+
+def _has_tokenizer_files(path: str) -> None:
+    read_model_config(path)
+    if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        raise ModelDirError(f"model folder {path} has no tokenizer ({' / '.join(TOKENIZER_FILES[:3])} ...): "
+                            f"{_tokenizer_fix(path)}")
+
+
+def _tokenizer_error(path: str, e: Exception) -> ModelDirError:
+    """The files are the user's: say which folder, and why its tokenizer failed to load."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ModelDirError(f"model folder {path}: its tokenizer does not load ({type(e).__name__}: {first}); "
+                         f"{_tokenizer_fix(path)}")
+
+
+def _check_encodes(path: str, ids: list[int]) -> None:
+    if not ids:
+        raise ModelDirError(f"model folder {path}: its tokenizer encodes {PROBE_PROMPT!r} to no tokens (no vocabulary "
+                            f"in its tokenizer files?); {_tokenizer_fix(path)}")
 
 
 def _prompt_groups(batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
