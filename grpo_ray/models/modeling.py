@@ -169,11 +169,11 @@ def load_tokenizer(path: str):
 
 
 def check_tokenizer(path: str) -> None:
-    """load_tokenizer's checks without loading transformers where the folder has a tokenizer.json
-    (a fast tokenizer, which transformers loads with the `tokenizers` library): transformers'
-    import costs ~2 s of every run's start-up, and the actors load the tokenizer anyway. A folder
-    without one, or whose tokenizer_config.json asks for remote code (auto_map), gets the full
-    load_tokenizer."""
+    """load_tokenizer's checks without transformers where the folder has a tokenizer.json (a
+    fast tokenizer, which transformers loads with the `tokenizers` library): transformers' import
+    was a large part of the driver's start-up (benchmarks/RESULTS.md, eighteenth session), and
+    the actors load the tokenizer anyway. A folder without one, or whose tokenizer_config.json
+    asks for remote code (auto_map), gets the full load_tokenizer."""
     _has_tokenizer_files(path)
     tokenizer_json, config_json = (os.path.join(path, n) for n in ("tokenizer.json", "tokenizer_config.json"))
     try:

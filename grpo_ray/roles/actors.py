@@ -71,8 +71,8 @@ def release_ray() -> None:
     node = getattr(ray._private.worker, "_global_node", None)
     if node is not None and getattr(node, "head", False):
         # The local cluster's autoscaler monitor answers SIGTERM by reporting its failure to the
-        # GCS, which ray.shutdown stops first: it hung until Ray's SIGKILL 1 s later (1.0 of
-        # shut-down's 1.4 s). It keeps no state and has nothing to scale here: killed first.
+        # GCS, which ray.shutdown stops first, and hangs until Ray's SIGKILL a second later. It
+        # keeps no state and has nothing to scale here: killed first.
         for info in list(getattr(node, "all_processes", {}).get("monitor", [])):
             info.process.kill()
             info.process.wait()
