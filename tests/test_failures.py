@@ -165,9 +165,42 @@ def test_a_broken_tokenizer_json_is_refused_naming_the_folder(tiny_model_dir, tm
         check_model_dir(folder)
     msg = str(e.value)
     assert folder in msg and "save_pretrained" in msg and "\n" not in msg
-    assert {"tokenizer.json": "its tokenizer does not load (Exception: ",
+    assert {"tokenizer.json": "its tokenizer does not load (",
             "tokenizer_config.json": "tokenizer_config.json is not JSON",
             "empty vocabulary": "to no tokens"}[broken] in msg
+
+
+@pytest.mark.parametrize("case, full", [
+    ("plain", False), ("added tokens as save_pretrained writes them", False), ("auto_map", True),
+    ("tekken.json", True), ("a WordLevel tokenizer.json", True), ("added tokens of another shape", True)])
+def test_transformers_checks_the_tokenizers_it_would_build_otherwise(tiny_model_dir, tmp_path, monkeypatch, case, full):
+    """Where transformers does not just load tokenizer.json with the tokenizers library (remote
+    code, Mistral's tekken.json, added tokens it parses, a tokenizer model it rebuilds as a BPE
+    for qwen2), the check is its own full load."""
+    from tokenizers import Tokenizer, models
+
+    from grpo_ray.models import modeling
+
+    folder = _copy(tiny_model_dir, tmp_path / "m", MODEL_FILES + TOKENIZER_FILES)
+    config_path = tmp_path / "m" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if case == "added tokens as save_pretrained writes them":
+        config["added_tokens_decoder"] = {"0": {"content": "<|endoftext|>", "special": True}}
+    elif case == "added tokens of another shape":
+        config["added_tokens_decoder"] = {"<|endoftext|>": 0}
+    elif case == "auto_map":
+        config["auto_map"] = {"AutoTokenizer": ["tok.MyTokenizer", None]}
+    elif case == "tekken.json":
+        (tmp_path / "m" / "tekken.json").write_text("{}")
+    elif case == "a WordLevel tokenizer.json":
+        Tokenizer(models.WordLevel(vocab={"What": 0, "[UNK]": 1}, unk_token="[UNK]")).save(
+            os.path.join(folder, "tokenizer.json"))
+    config_path.write_text(json.dumps(config))
+    loaded = []
+    monkeypatch.setattr(modeling, "load_tokenizer", lambda path: loaded.append(path))
+    modeling.check_model_dir(folder)
+    assert loaded == ([folder] if full else [])
+
 
 def test_a_model_folder_without_weights_is_refused(tiny_model_dir, tmp_path):
     from grpo_ray.models.modeling import ModelDirError, check_model_dir

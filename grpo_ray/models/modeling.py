@@ -169,29 +169,42 @@ def load_tokenizer(path: str):
 
 
 def check_tokenizer(path: str) -> None:
-    """load_tokenizer's checks without transformers where the folder has a tokenizer.json (a
-    fast tokenizer, which transformers loads with the `tokenizers` library): transformers' import
-    was a large part of the driver's start-up (benchmarks/RESULTS.md, eighteenth session), and
-    the actors load the tokenizer anyway. A folder without one, or whose tokenizer_config.json
-    asks for remote code (auto_map), gets the full load_tokenizer."""
+    """load_tokenizer's checks without transformers where the folder has a BPE tokenizer.json
+    (a fast tokenizer, which transformers loads with the `tokenizers` library): transformers'
+    import was a large part of the driver's start-up (benchmarks/RESULTS.md, eighteenth session),
+    and the actors load the tokenizer anyway. Where transformers would decide otherwise, its own
+    load_tokenizer checks: a folder without tokenizer.json, remote code (auto_map), Mistral's
+    tekken.json, added tokens it parses itself, and tokenizer models other than BPE (for some
+    model types, e.g. qwen2, it rebuilds the tokenizer as a BPE from the file's vocabulary)."""
     _has_tokenizer_files(path)
     tokenizer_json, config_json = (os.path.join(path, n) for n in ("tokenizer.json", "tokenizer_config.json"))
     try:
-        with open(config_json) if os.path.isfile(config_json) else contextlib.nullcontext(None) as f:
+        with open(config_json, encoding="utf-8") if os.path.isfile(config_json) else contextlib.nullcontext() as f:
             config = json.load(f) if f else {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelDirError(f"model folder {path}: tokenizer_config.json is not JSON ({e}); "
                             f"{_tokenizer_fix(path)}") from None
-    if not os.path.isfile(tokenizer_json) or not isinstance(config, dict) or "auto_map" in config:
+    if (not os.path.isfile(tokenizer_json) or not isinstance(config, dict) or "auto_map" in config
+            or os.path.isfile(os.path.join(path, "tekken.json")) or not _plain_added_tokens(config)):
         load_tokenizer(path)
         return
     from tokenizers import Tokenizer
 
     try:
-        ids = Tokenizer.from_file(tokenizer_json).encode(PROBE_PROMPT).ids
+        tok = Tokenizer.from_file(tokenizer_json)
     except Exception as e:
         raise _tokenizer_error(path, e) from e
-    _check_encodes(path, ids)
+    if type(tok.model).__name__ != "BPE":
+        load_tokenizer(path)
+        return
+    _check_encodes(path, tok.encode(PROBE_PROMPT).ids)
+
+
+def _plain_added_tokens(config: dict) -> bool:
+    """tokenizer_config.json's added_tokens_decoder as save_pretrained writes it: {"<id>": {"content": ...}}."""
+    added = config.get("added_tokens_decoder", {})
+    return isinstance(added, dict) and all(k.isdigit() and isinstance(v, dict) and isinstance(v.get("content"), str)
+                                           for k, v in added.items())
 
 
 def _tokenizer_fix(path: str) -> str:

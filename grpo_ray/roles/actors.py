@@ -69,13 +69,16 @@ def release_ray() -> None:
     Ray's exit hook does the same but first sleeps 0.5 s for actors' last log lines: called once
     the actors are stopped, it need not."""
     node = getattr(ray._private.worker, "_global_node", None)
-    if node is not None and getattr(node, "head", False):
+    if node is not None and getattr(node, "head", False):  # a Ray this process started, not one it joined
         # The local cluster's autoscaler monitor answers SIGTERM by reporting its failure to the
         # GCS, which ray.shutdown stops first, and hangs until Ray's SIGKILL a second later. It
         # keeps no state and has nothing to scale here: killed first.
-        for info in list(getattr(node, "all_processes", {}).get("monitor", [])):
-            info.process.kill()
-            info.process.wait()
+        try:
+            for info in list(node.all_processes.get("monitor", [])):
+                info.process.kill()
+                info.process.wait(timeout=1)  # as Ray's own bound: a process stuck in the kernel
+        except Exception:  # noqa: BLE001 - another Ray's internals, or a stuck monitor: Ray's own way
+            pass
     ray.shutdown()
 
 
