@@ -44,7 +44,7 @@ def check_model_dir(path: str, max_model_len: int | None = None, tokenizer: bool
                 f"({limit} positions, max_position_embeddings in its config.json); set rollout.max_model_len={limit} "
                 "or lower")
     if tokenizer:
-        check_tokenizer(path)
+        _check_tokenizer(path)
 
 
 def check_tensor_parallel(path: str, tp: int, config: dict | None = None) -> None:
@@ -157,7 +157,10 @@ def load_tokenizer(path: str):
     """The folder's tokenizer, checked to encode a prompt to at least one token (ModelDirError)."""
     from transformers import AutoTokenizer
 
-    _has_tokenizer_files(path)
+    read_model_config(path)
+    if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
+        raise ModelDirError(f"model folder {path} has no tokenizer ({' / '.join(TOKENIZER_FILES[:3])} ...): "
+                            f"{_tokenizer_fix(path)}")
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # the files are the user's: say which folder, and why it failed
@@ -168,15 +171,15 @@ def load_tokenizer(path: str):
     return tok
 
 
-def check_tokenizer(path: str) -> None:
-    """load_tokenizer's checks without transformers where the folder has a BPE tokenizer.json
-    (a fast tokenizer, which transformers loads with the `tokenizers` library): transformers'
-    import was a large part of the driver's start-up (benchmarks/RESULTS.md, eighteenth session),
-    and the actors load the tokenizer anyway. Where transformers would decide otherwise, its own
-    load_tokenizer checks: a folder without tokenizer.json, remote code (auto_map), Mistral's
-    tekken.json, added tokens it parses itself, and tokenizer models other than BPE (for some
-    model types, e.g. qwen2, it rebuilds the tokenizer as a BPE from the file's vocabulary)."""
-    _has_tokenizer_files(path)
+def _check_tokenizer(path: str) -> None:
+    """check_model_dir's tokenizer check, once it has read config.json: load_tokenizer's checks
+    without transformers where the folder has a BPE tokenizer.json (a fast tokenizer, which
+    transformers loads with the `tokenizers` library): transformers' import was a large part of
+    the driver's start-up (benchmarks/RESULTS.md, eighteenth session), and the actors load the
+    tokenizer anyway. Where transformers would decide otherwise, its own load_tokenizer checks: a
+    folder without tokenizer.json, remote code (auto_map), Mistral's tekken.json, added tokens it
+    parses itself, and tokenizer models other than BPE (for some model types, e.g. qwen2, it
+    rebuilds the tokenizer as a BPE from the file's vocabulary)."""
     tokenizer_json, config_json = (os.path.join(path, n) for n in ("tokenizer.json", "tokenizer_config.json"))
     try:
         with open(config_json, encoding="utf-8") if os.path.isfile(config_json) else contextlib.nullcontext() as f:
@@ -209,13 +212,6 @@ def _plain_added_tokens(config: dict) -> bool:
 
 def _tokenizer_fix(path: str) -> str:
     return f"save the tokenizer there with tokenizer.save_pretrained({path!r})"
-
-
-def _has_tokenizer_files(path: str) -> None:
-    read_model_config(path)
-    if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
-        raise ModelDirError(f"model folder {path} has no tokenizer ({' / '.join(TOKENIZER_FILES[:3])} ...): "
-                            f"{_tokenizer_fix(path)}")
 
 
 def _tokenizer_error(path: str, e: Exception) -> ModelDirError:

@@ -5,8 +5,8 @@ A fresh sandbox per call (sandbox.py) pays a bubblewrap launch and an interprete
 time. Here one bubblewrap sandbox (the same mounts, no network, uid 65534, new session) runs a
 server that forks per call, and the kernel gives each fork namespaces of its own (user, mount,
 pid, net, ipc, uts), fresh /tmp, /dev/shm, /proc and /dev/pts, no capabilities, no user
-namespaces of its own, and the call's rlimits: warm_server.py says how, and why no call can see another's files,
-processes or memory. Costs per call: benchmarks/RESULTS.md ("the warm sandbox").
+namespaces of its own, and the call's rlimits: warm_server.py says how, and why no call can see
+another's files, processes or memory. Costs per call: benchmarks/RESULTS.md ("the warm sandbox").
 
 What it needs beyond the fresh sandbox: bubblewrap without --disable-userns for the server
 (each call's user namespace then sets that limit to 0 for the code), and the kernel letting an
