@@ -2,7 +2,7 @@
 second, and what the tools cost a step of the tool task.
 
     .venv/bin/python benchmarks/bench_multiturn.py [--replicas 1,2,4] [--calls 256] [--prompts 16]
-        [--sandboxes warm,fresh]
+        [--sandboxes warm,fresh] [--rounds 5] [--model DIR]
 
 1. Per-call cost (median, p99) of the python tool's call ("print(347*86)"): in this process
    (the sandbox alone), and from an env host through the verifier pool (the path a rollout's
@@ -14,7 +14,7 @@ second, and what the tools cost a step of the tool task.
    against one single-turn call that samples the same number of model tokens per completion
    (min_tokens = max_tokens = the multi-turn mean); and the generator's wait on tool calls with
    nothing left to sample (Rollout.env_s) as a share of the multi-turn call (the first kind of
-   sandbox in --sandboxes).
+   sandbox in --sandboxes); medians over --rounds calls of each.
 Prints tables and, last, one JSON line with every figure.
 """
 from __future__ import annotations
@@ -28,6 +28,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+# The tool task's generator runs here on one core ("0"), and a generator actor on one core gets
+# one OpenMP thread (actors._placed). Left at the machine's count, OpenMP's second thread spins
+# between the engine's steps on the core the tools need: before torch loads, or it is too late.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CALL = "```python\nprint(347*86)\n```\n```output"
 LIMITS = dict(timeout_s=5.0, memory_mb=256, max_output_bytes=8192, allow_unsandboxed=False)
@@ -98,7 +102,7 @@ def pool_figures(replicas: int, serial: int, burst: int, ongoing: int, kind: str
         pool.shutdown()
 
 
-def tool_task(prompts: int, model: str | None, kind: str) -> dict:
+def tool_task(prompts: int, model: str | None, kind: str, rounds: int = 5) -> dict:
     """The tool task's generate call, multi-turn against single-turn of the same length. model:
     the policy to sample (default: the warm-started base; a trained tool_default run's
     final_model calls the tool on nearly every prompt)."""
@@ -123,22 +127,30 @@ def tool_task(prompts: int, model: str | None, kind: str) -> dict:
                         kv_cache_mb=cfg.rollout.kv_cache_mb)
         kw = dict(n=G, temperature=1.0, max_new_tokens=cfg.rollout.max_new_tokens, records=records, env=env)
         gen.generate([r["prompt"] for r in records], seed=0, **kw)  # warm-up
-        t = time.perf_counter()
-        ro = gen.generate([r["prompt"] for r in records], seed=1, **kw)
-        multi = time.perf_counter() - t
-        model_tokens = sum(len(r) for r in ro.response_ids) - sum(t.observation_tokens for t in ro.trajectories)
-        per = max(1, round(model_tokens / len(ro)))
-        params = SamplingParams(n=G, temperature=1.0, max_tokens=per, min_tokens=per, logprobs=0, seed=1,
-                                detokenize=False)
-        t = time.perf_counter()
-        gen.llm.generate([r["prompt"] for r in records], params, use_tqdm=False)
-        single = time.perf_counter() - t
-        return {"trajectories": len(ro), "model_tokens_per_trajectory": per,
-                "tool_calls_per_trajectory": round(sum(t.tool_calls for t in ro.trajectories) / len(ro), 2),
-                "turns_per_trajectory": round(sum(t.turns for t in ro.trajectories) / len(ro), 2),
-                "multi_turn_s": round(multi, 3), "single_turn_s": round(single, 3),
-                "ratio": round(multi / single, 2), "tool_wait_s": round(ro.env_s, 3),
-                "tool_share": round(ro.env_s / multi, 3)}
+        multi, waits, runs = [], [], []
+        for seed in range(1, rounds + 1):
+            t = time.perf_counter()
+            ro = gen.generate([r["prompt"] for r in records], seed=seed, **kw)
+            multi.append(time.perf_counter() - t)
+            waits.append(ro.env_s)
+            runs.append(ro)
+        calls = [t for ro in runs for t in ro.trajectories]
+        model_tokens = sum(len(r) for ro in runs for r in ro.response_ids) - sum(t.observation_tokens for t in calls)
+        per = max(1, round(model_tokens / len(calls)))
+        single = []
+        for seed in range(1, rounds + 1):
+            params = SamplingParams(n=G, temperature=1.0, max_tokens=per, min_tokens=per, logprobs=0, seed=seed,
+                                    detokenize=False)
+            t = time.perf_counter()
+            gen.llm.generate([r["prompt"] for r in records], params, use_tqdm=False)
+            single.append(time.perf_counter() - t)
+        m, s, w = (statistics.median(x) for x in (multi, single, waits))
+        return {"trajectories": len(runs[0]), "rounds": rounds, "model_tokens_per_trajectory": per,
+                "tool_calls_per_trajectory": round(sum(t.tool_calls for t in calls) / len(calls), 2),
+                "turns_per_trajectory": round(sum(t.turns for t in calls) / len(calls), 2),
+                "multi_turn_s": round(m, 3), "single_turn_s": round(s, 3), "ratio": round(m / s, 2),
+                "tool_wait_s": round(w, 3),
+                "tool_share": round(statistics.median(a / b for a, b in zip(waits, multi)), 3)}
     finally:
         pool.shutdown()
         ray.shutdown()
@@ -154,6 +166,7 @@ def main() -> None:
     ap.add_argument("--sandboxes", default="warm,fresh", help="kinds of sandbox to measure: warm, fresh")
     ap.add_argument("--skip-task", action="store_true")
     ap.add_argument("--model", default=None, help="the tool task's policy (default: the warm-started base)")
+    ap.add_argument("--rounds", type=int, default=5, help="the tool task's calls of each kind (medians)")
     args = ap.parse_args()
     import ray
 
@@ -174,9 +187,10 @@ def main() -> None:
     if args.skip_task:
         print(json.dumps(out))
         return
-    out["tool_task"] = t = tool_task(args.prompts, args.model, kinds[0])
+    out["tool_task"] = t = tool_task(args.prompts, args.model, kinds[0], args.rounds)
     print(f"\ntool task ({kinds[0]} sandbox): {t['trajectories']} trajectories, {t['turns_per_trajectory']} turns and "
-          f"{t['tool_calls_per_trajectory']} tool calls each, {t['model_tokens_per_trajectory']} model tokens")
+          f"{t['tool_calls_per_trajectory']} tool calls each, {t['model_tokens_per_trajectory']} model tokens; "
+          f"medians of {t['rounds']} calls")
     print(f"{'multi-turn generate s':<34}{t['multi_turn_s']:>10}")
     print(f"{'single turn, same tokens s':<34}{t['single_turn_s']:>10}")
     print(f"{'tool wait on the critical path s':<34}{t['tool_wait_s']:>10}  ({100 * t['tool_share']:.0f}% of the call)")
