@@ -134,9 +134,9 @@ def tool_task(prompts: int, model: str | None, kind: str, rounds: int = 5) -> di
             multi.append(time.perf_counter() - t)
             waits.append(ro.env_s)
             runs.append(ro)
-        calls = [t for ro in runs for t in ro.trajectories]
-        model_tokens = sum(len(r) for ro in runs for r in ro.response_ids) - sum(t.observation_tokens for t in calls)
-        per = max(1, round(model_tokens / len(calls)))
+        trajs = [t for ro in runs for t in ro.trajectories]
+        model_tokens = sum(len(r) for ro in runs for r in ro.response_ids) - sum(t.observation_tokens for t in trajs)
+        per = max(1, round(model_tokens / len(trajs)))
         single = []
         for seed in range(1, rounds + 1):
             params = SamplingParams(n=G, temperature=1.0, max_tokens=per, min_tokens=per, logprobs=0, seed=seed,
@@ -146,8 +146,8 @@ def tool_task(prompts: int, model: str | None, kind: str, rounds: int = 5) -> di
             single.append(time.perf_counter() - t)
         m, s, w = (statistics.median(x) for x in (multi, single, waits))
         return {"trajectories": len(runs[0]), "rounds": rounds, "model_tokens_per_trajectory": per,
-                "tool_calls_per_trajectory": round(sum(t.tool_calls for t in calls) / len(calls), 2),
-                "turns_per_trajectory": round(sum(t.turns for t in calls) / len(calls), 2),
+                "tool_calls_per_trajectory": round(sum(t.tool_calls for t in trajs) / len(trajs), 2),
+                "turns_per_trajectory": round(sum(t.turns for t in trajs) / len(trajs), 2),
                 "multi_turn_s": round(m, 3), "single_turn_s": round(s, 3), "ratio": round(m / s, 2),
                 "tool_wait_s": round(w, 3),
                 "tool_share": round(statistics.median(a / b for a, b in zip(waits, multi)), 3)}
